@@ -1,0 +1,30 @@
+# walhook — `make help` lists the targets.
+GO       ?= go
+PGTMP    := $(GO) run ./internal/pgtest/pgtmp --
+TESTARGS ?=
+
+.PHONY: help test fuzz demo build vet clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+build: ## build bin/walhook and bin/receiver
+	CGO_ENABLED=0 $(GO) build -o bin/walhook ./cmd/walhook
+	CGO_ENABLED=0 $(GO) build -o bin/receiver ./examples/receiver
+
+vet: ## gofmt check and go vet
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
+	$(GO) vet ./...
+
+test: vet ## all tests with -race against a throwaway PostgreSQL (started and stopped here)
+	$(PGTMP) $(GO) test -race -count=1 -timeout 15m $(TESTARGS) ./...
+
+fuzz: ## fuzz the pgoutput row and message decoders for a while (FUZZTIME=30s)
+	$(GO) test ./cdc -run '^$$' -fuzz '^FuzzDecodeRow$$' -fuzztime $${FUZZTIME:-30s}
+	$(GO) test ./cdc -run '^$$' -fuzz '^FuzzDecodeMessage$$' -fuzztime $${FUZZTIME:-30s}
+
+demo: build ## throwaway PostgreSQL + walhook + receiver; writes outbox rows; Ctrl-C cleans up (DEMO_ONCE=1 exits when done)
+	$(PGTMP) ./examples/demo/demo.sh
+
+clean: ## remove build output
+	rm -rf bin

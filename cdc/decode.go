@@ -1,0 +1,168 @@
+package cdc
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/walhook/walhook/outbox"
+)
+
+// Columns maps outbox fields to the outbox table's column names. ID and Event are
+// required; an empty ResourceID, Tenant or Payload means the table has no such
+// column.
+type Columns struct {
+	ID         string `yaml:"id"`          // default "id"
+	Event      string `yaml:"event"`       // default "event"
+	ResourceID string `yaml:"resource_id"` // default "resource_id"
+	Tenant     string `yaml:"tenant"`      // default "tenant"
+	Payload    string `yaml:"payload"`     // default "payload"
+}
+
+// DefaultColumns is the layout of the table `walhook setup` creates.
+var DefaultColumns = Columns{ID: "id", Event: "event", ResourceID: "resource_id", Tenant: "tenant", Payload: "payload"}
+
+const (
+	colID = iota
+	colEvent
+	colResourceID
+	colTenant
+	colPayload
+	numCols
+)
+
+func (c Columns) names() [numCols]string {
+	return [numCols]string{c.ID, c.Event, c.ResourceID, c.Tenant, c.Payload}
+}
+
+// relation is the outbox table as the stream last described it: where each
+// outbox field sits in a tuple (-1 when the table has no such column).
+type relation struct {
+	index [numCols]int
+}
+
+// newRelation maps the columns of an outbox table's RelationMessage.
+func newRelation(m *pglogrepl.RelationMessage, c Columns) (*relation, error) {
+	r := &relation{}
+	for i, name := range c.names() {
+		r.index[i] = -1
+		if name == "" {
+			continue
+		}
+		for j, col := range m.Columns {
+			if col.Name == name {
+				r.index[i] = j
+				break
+			}
+		}
+		if r.index[i] < 0 {
+			return nil, fmt.Errorf("outbox table %s.%s has no column %q", m.Namespace, m.RelationName, name)
+		}
+	}
+	return r, nil
+}
+
+var emptyObject = json.RawMessage(`{}`)
+
+// decodeRow turns an inserted outbox row into an event. CommitTime is left for
+// the caller. On error the returned event holds whatever could be read (at least
+// its ID, when the row has one).
+func decodeRow(rel *relation, tuple *pglogrepl.TupleData) (outbox.Event, error) {
+	var e outbox.Event
+	if tuple == nil {
+		return e, errors.New("insert without a tuple")
+	}
+	var vals [numCols][]byte
+	var null [numCols]bool
+	for i, idx := range rel.index {
+		if idx < 0 {
+			null[i] = true
+			continue
+		}
+		if idx >= len(tuple.Columns) || tuple.Columns[idx] == nil {
+			return e, fmt.Errorf("row has %d columns, outbox column %d missing", len(tuple.Columns), idx)
+		}
+		col := tuple.Columns[idx]
+		switch col.DataType {
+		case pglogrepl.TupleDataTypeNull:
+			null[i] = true
+		case pglogrepl.TupleDataTypeText:
+			vals[i] = col.Data
+		default:
+			return e, fmt.Errorf("column %d: unexpected tuple data type %q", idx, col.DataType)
+		}
+	}
+	if null[colID] || len(vals[colID]) == 0 {
+		return e, errors.New("id is null or empty")
+	}
+	e.ID = string(vals[colID])
+	if null[colEvent] || len(vals[colEvent]) == 0 {
+		return e, errors.New("event is null or empty")
+	}
+	e.Type = string(vals[colEvent])
+	e.ResourceID = string(vals[colResourceID])
+	e.Tenant = string(vals[colTenant])
+	switch {
+	case rel.index[colPayload] < 0:
+		e.Payload = emptyObject
+	case null[colPayload]:
+		e.Payload = json.RawMessage("null")
+	case !json.Valid(vals[colPayload]):
+		return e, errors.New("payload is not valid JSON")
+	default:
+		// Tuple data points into the connection's read buffer: copy it.
+		e.Payload = bytes.Clone(vals[colPayload])
+	}
+	return e, nil
+}
+
+// MessagePrefix is the prefix of walhook's logical decoding messages.
+const MessagePrefix = "walhook"
+
+// message is the content walhook.emit writes.
+type message struct {
+	Event      string          `json:"event"`
+	ResourceID *string         `json:"resource_id"`
+	Tenant     *string         `json:"tenant"`
+	Payload    json.RawMessage `json:"payload"`
+}
+
+// decodeMessage turns a walhook logical message into an event; its id is its LSN.
+func decodeMessage(lsn outbox.LSN, content []byte) (outbox.Event, error) {
+	e := outbox.Event{ID: lsn.String()}
+	var m message
+	if err := json.Unmarshal(content, &m); err != nil {
+		return e, fmt.Errorf("message is not a walhook JSON object: %v", err)
+	}
+	if m.Event == "" {
+		return e, errors.New("event is null or empty")
+	}
+	e.Type = m.Event
+	if m.ResourceID != nil {
+		e.ResourceID = *m.ResourceID
+	}
+	if m.Tenant != nil {
+		e.Tenant = *m.Tenant
+	}
+	e.Payload = m.Payload
+	if len(e.Payload) == 0 {
+		e.Payload = emptyObject
+	}
+	return e, nil
+}
+
+// parseWAL parses one pgoutput message. pglogrepl indexes before checking
+// lengths on some malformed inputs; a panic there becomes an error here.
+func parseWAL(wal []byte) (m pglogrepl.Message, err error) {
+	if len(wal) == 0 {
+		return nil, errors.New("empty pgoutput message")
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			m, err = nil, fmt.Errorf("malformed pgoutput message %q: %v", wal[0], r)
+		}
+	}()
+	return pglogrepl.Parse(wal)
+}

@@ -1,0 +1,373 @@
+package cdc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/rs/zerolog"
+	"github.com/walhook/walhook/outbox"
+)
+
+// Config configures a Stream.
+type Config struct {
+	DatabaseURL    string
+	Slot           string        // replication slot; default "walhook"
+	Publication    string        // publication; default "walhook"
+	Table          Table         // outbox table; default walhook.outbox
+	Columns        Columns       // outbox column names; default DefaultColumns
+	StatusInterval time.Duration // how often the flush position is checked and sent when it moved; default 1s
+	StatusMaxAge   time.Duration // a status update is sent at least this often; default 10s, or a third of the server's wal_sender_timeout if less
+}
+
+// WithDefaults fills zero fields.
+func (c Config) WithDefaults() Config {
+	if c.Slot == "" {
+		c.Slot = "walhook"
+	}
+	if c.Publication == "" {
+		c.Publication = "walhook"
+	}
+	if c.Table == (Table{}) {
+		c.Table = DefaultTable
+	}
+	if c.Columns == (Columns{}) {
+		c.Columns = DefaultColumns
+	}
+	if c.StatusInterval == 0 {
+		c.StatusInterval = time.Second
+	}
+	if c.StatusMaxAge == 0 {
+		c.StatusMaxAge = 10 * time.Second
+	}
+	return c
+}
+
+// Stream reads the slot and hands changes to the pipeline.
+type Stream struct {
+	cfg   Config
+	acker *outbox.Acker
+	log   zerolog.Logger
+
+	// Owned by Run's goroutine.
+	conn       *pgconn.PgConn
+	start      outbox.LSN // the slot's confirmed flush position at start
+	received   outbox.LSN // the newest WAL position received
+	sentFlush  outbox.LSN
+	sentAt     time.Time
+	maxAge     time.Duration // StatusMaxAge fitted to the server's wal_sender_timeout
+	relations  map[uint32]*relation
+	commitTime time.Time // of the open transaction
+	inTxn      bool
+	txnEvents  bool            // the open transaction has produced a change
+	pending    []outbox.Change // changes waiting for room in out (at most two)
+}
+
+// NewStream returns a Stream that confirms what acker says is finished.
+func NewStream(cfg Config, acker *outbox.Acker, log zerolog.Logger) *Stream {
+	cfg = cfg.WithDefaults()
+	return &Stream{cfg: cfg, acker: acker, maxAge: cfg.StatusMaxAge, log: log.With().Str("component", "cdc").Logger()}
+}
+
+// Run streams until ctx ends (returning nil) or the stream fails.
+func (s *Stream) Run(ctx context.Context, out chan<- outbox.Change) error {
+	if err := s.connect(ctx); err != nil {
+		return err
+	}
+	defer s.conn.Close(context.Background())
+	s.log.Info().Str("slot", s.cfg.Slot).Stringer("start_lsn", s.start).Msg("streaming")
+
+	tick := time.NewTicker(s.cfg.StatusInterval)
+	defer tick.Stop()
+	for {
+		if ctx.Err() != nil {
+			return s.stop()
+		}
+		var err error
+		if len(s.pending) > 0 {
+			// Backpressure: stop reading, keep answering.
+			select {
+			case out <- s.pending[0]:
+				s.pending = s.pending[1:]
+			case <-tick.C:
+				err = s.sendStatus(ctx, false)
+			case <-ctx.Done():
+			}
+		} else {
+			select {
+			case <-tick.C:
+				err = s.sendStatus(ctx, false)
+			default:
+				err = s.receive(ctx)
+			}
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				return s.stop()
+			}
+			return err
+		}
+	}
+}
+
+func (s *Stream) connect(ctx context.Context) error {
+	pc, err := pgconn.ParseConfig(s.cfg.DatabaseURL)
+	if err != nil {
+		return fmt.Errorf("parse database_url: %w", err)
+	}
+	pc.RuntimeParams["replication"] = "database"
+	pc.RuntimeParams["application_name"] = "walhook"
+	s.conn, err = pgconn.ConnectConfig(ctx, pc)
+	if err != nil {
+		return fmt.Errorf("connect for replication: %w", err)
+	}
+	s.start, err = s.slotPosition(ctx)
+	if err != nil {
+		s.conn.Close(context.Background())
+		return err
+	}
+	if err := s.fitStatusMaxAge(ctx); err != nil {
+		s.conn.Close(context.Background())
+		return err
+	}
+	s.sentFlush, s.received = s.start, s.start
+	s.relations = map[uint32]*relation{}
+	err = pglogrepl.StartReplication(ctx, s.conn, s.cfg.Slot, pglogrepl.LSN(s.start), pglogrepl.StartReplicationOptions{
+		PluginArgs: []string{
+			"proto_version '1'",
+			"publication_names " + quoteLiteral(s.cfg.Publication),
+			"messages 'true'",
+		},
+	})
+	if err != nil {
+		s.conn.Close(context.Background())
+		return fmt.Errorf("start replication on slot %q: %w", s.cfg.Slot, err)
+	}
+	s.sentAt = time.Now()
+	return nil
+}
+
+// fitStatusMaxAge keeps status updates well inside the server's
+// wal_sender_timeout, so that the server never drops walhook while the stream is
+// paused for backpressure and does not see its keepalive requests.
+func (s *Stream) fitStatusMaxAge(ctx context.Context) error {
+	res, err := s.conn.Exec(ctx, "SHOW wal_sender_timeout").ReadAll()
+	if err != nil {
+		return fmt.Errorf("read wal_sender_timeout: %w", err)
+	}
+	if len(res) != 1 || len(res[0].Rows) != 1 {
+		return errors.New("read wal_sender_timeout: no value")
+	}
+	timeout, err := parsePGDuration(string(res[0].Rows[0][0]))
+	if err != nil {
+		return fmt.Errorf("read wal_sender_timeout: %w", err)
+	}
+	if timeout > 0 && timeout/3 < s.maxAge {
+		s.maxAge = timeout / 3
+	}
+	return nil
+}
+
+// parsePGDuration reads a time setting as SHOW prints it: "60s", "500ms", "1min", "0".
+func parsePGDuration(v string) (time.Duration, error) {
+	units := []struct {
+		suffix string
+		unit   time.Duration
+	}{{"ms", time.Millisecond}, {"min", time.Minute}, {"s", time.Second}, {"h", time.Hour}, {"d", 24 * time.Hour}}
+	for _, u := range units {
+		if n, ok := strings.CutSuffix(v, u.suffix); ok {
+			i, err := strconv.Atoi(n)
+			if err != nil {
+				return 0, fmt.Errorf("unexpected duration %q", v)
+			}
+			return time.Duration(i) * u.unit, nil
+		}
+	}
+	i, err := strconv.Atoi(v) // no unit: milliseconds
+	if err != nil {
+		return 0, fmt.Errorf("unexpected duration %q", v)
+	}
+	return time.Duration(i) * time.Millisecond, nil
+}
+
+// slotPosition checks the slot and returns its confirmed flush position.
+func (s *Stream) slotPosition(ctx context.Context) (outbox.LSN, error) {
+	q := "SELECT plugin, confirmed_flush_lsn, active FROM pg_replication_slots WHERE slot_name = " +
+		quoteLiteral(s.cfg.Slot) + " AND database = current_database()"
+	res, err := s.conn.Exec(ctx, q).ReadAll()
+	if err != nil {
+		return 0, fmt.Errorf("look up replication slot: %w", err)
+	}
+	if len(res) != 1 || len(res[0].Rows) == 0 {
+		return 0, fmt.Errorf("replication slot %q does not exist in this database: run `walhook setup`", s.cfg.Slot)
+	}
+	row := res[0].Rows[0]
+	if plugin := string(row[0]); plugin != "pgoutput" {
+		return 0, fmt.Errorf("replication slot %q uses plugin %q, walhook needs pgoutput", s.cfg.Slot, plugin)
+	}
+	if string(row[2]) == "t" {
+		return 0, fmt.Errorf("replication slot %q is in use by another process", s.cfg.Slot)
+	}
+	lsn, err := pglogrepl.ParseLSN(string(row[1]))
+	if err != nil {
+		return 0, fmt.Errorf("replication slot %q: confirmed_flush_lsn: %w", s.cfg.Slot, err)
+	}
+	return outbox.LSN(lsn), nil
+}
+
+// receive reads one message, waiting at most one status interval.
+func (s *Stream) receive(ctx context.Context) error {
+	rctx, cancel := context.WithTimeout(ctx, s.cfg.StatusInterval)
+	msg, err := s.conn.ReceiveMessage(rctx)
+	cancel()
+	if err != nil {
+		if pgconn.Timeout(err) && ctx.Err() == nil {
+			return nil
+		}
+		return fmt.Errorf("receive replication message: %w", err)
+	}
+	switch msg := msg.(type) {
+	case *pgproto3.CopyData:
+		return s.handleCopyData(ctx, msg.Data)
+	case *pgproto3.ErrorResponse:
+		return fmt.Errorf("replication stream: %w", pgconn.ErrorResponseToPgError(msg))
+	case *pgproto3.CopyDone:
+		return errors.New("replication stream ended by the server")
+	default:
+		return nil
+	}
+}
+
+func (s *Stream) handleCopyData(ctx context.Context, data []byte) error {
+	if len(data) == 0 {
+		return nil
+	}
+	switch data[0] {
+	case pglogrepl.PrimaryKeepaliveMessageByteID:
+		k, err := pglogrepl.ParsePrimaryKeepaliveMessage(data[1:])
+		if err != nil {
+			return fmt.Errorf("parse keepalive: %w", err)
+		}
+		s.received = max(s.received, outbox.LSN(k.ServerWALEnd))
+		if !s.inTxn {
+			// Everything before WAL end is in the stream already: once the
+			// pipeline has finished it, that position is safe to confirm.
+			s.pending = append(s.pending, outbox.Change{Kind: outbox.ChangeIdle, LSN: outbox.LSN(k.ServerWALEnd)})
+		}
+		if k.ReplyRequested {
+			return s.sendStatus(ctx, true)
+		}
+	case pglogrepl.XLogDataByteID:
+		x, err := pglogrepl.ParseXLogData(data[1:])
+		if err != nil {
+			return fmt.Errorf("parse xlog data: %w", err)
+		}
+		s.received = max(s.received, outbox.LSN(x.WALStart)+outbox.LSN(len(x.WALData)))
+		return s.handleWAL(outbox.LSN(x.WALStart), x.WALData)
+	}
+	return nil
+}
+
+// handleWAL decodes one pgoutput message and queues the change it makes, if any.
+func (s *Stream) handleWAL(at outbox.LSN, wal []byte) error {
+	m, err := parseWAL(wal)
+	if err != nil {
+		return fmt.Errorf("parse pgoutput message at %s: %w", at, err)
+	}
+	switch m := m.(type) {
+	case *pglogrepl.BeginMessage:
+		// The Begin change waits for the transaction's first event: most
+		// transactions in the stream have none for walhook.
+		s.inTxn, s.txnEvents, s.commitTime = true, false, m.CommitTime
+	case *pglogrepl.CommitMessage:
+		end := outbox.LSN(m.TransactionEndLSN)
+		if s.txnEvents {
+			s.pending = append(s.pending, outbox.Change{Kind: outbox.ChangeCommit, LSN: end})
+		} else {
+			// Nothing for walhook: like a keepalive, safe once all before it is done.
+			s.pending = append(s.pending, outbox.Change{Kind: outbox.ChangeIdle, LSN: end})
+		}
+		s.inTxn, s.txnEvents = false, false
+	case *pglogrepl.RelationMessage:
+		if m.Namespace != s.cfg.Table.Schema || m.RelationName != s.cfg.Table.Name {
+			delete(s.relations, m.RelationID)
+			return nil
+		}
+		rel, err := newRelation(m, s.cfg.Columns)
+		if err != nil {
+			return err // the table no longer has a configured column: stop rather than dead-letter every row
+		}
+		s.relations[m.RelationID] = rel
+	case *pglogrepl.InsertMessage:
+		rel := s.relations[m.RelationID]
+		if rel == nil {
+			return nil // a table of the publication that is not the outbox
+		}
+		e, err := decodeRow(rel, m.Tuple)
+		s.queueEvent(at, e, err)
+	case *pglogrepl.LogicalDecodingMessage:
+		if m.Prefix != MessagePrefix || !m.Transactional {
+			return nil
+		}
+		e, err := decodeMessage(outbox.LSN(m.LSN), m.Content)
+		s.queueEvent(at, e, err)
+	}
+	return nil
+}
+
+func (s *Stream) queueEvent(at outbox.LSN, e outbox.Event, err error) {
+	if !s.txnEvents {
+		s.txnEvents = true
+		s.pending = append(s.pending, outbox.Change{Kind: outbox.ChangeBegin})
+	}
+	e.CommitTime = s.commitTime
+	if err != nil {
+		if e.ID == "" {
+			e.ID = "lsn:" + at.String()
+		}
+		s.pending = append(s.pending, outbox.Change{Kind: outbox.ChangeMalformed, Event: e, Reason: err.Error()})
+		return
+	}
+	s.pending = append(s.pending, outbox.Change{Kind: outbox.ChangeEvent, Event: e})
+}
+
+// sendStatus confirms the finished position. Unless forced, it only sends when the
+// position moved or the last update is StatusMaxAge old.
+func (s *Stream) sendStatus(ctx context.Context, force bool) error {
+	flush := max(s.acker.Flush(), s.start)
+	if !force && flush == s.sentFlush && time.Since(s.sentAt) < s.maxAge {
+		return nil
+	}
+	// Fill every field ourselves: pglogrepl replaces a zero flush with the write position.
+	err := pglogrepl.SendStandbyStatusUpdate(ctx, s.conn, pglogrepl.StandbyStatusUpdate{
+		WALWritePosition: pglogrepl.LSN(max(s.received, flush)),
+		WALFlushPosition: pglogrepl.LSN(flush),
+		WALApplyPosition: pglogrepl.LSN(flush),
+		ClientTime:       time.Now(),
+	})
+	if err != nil {
+		return fmt.Errorf("send standby status: %w", err)
+	}
+	if flush != s.sentFlush {
+		s.log.Debug().Stringer("flush_lsn", flush).Msg("confirmed")
+	}
+	s.sentFlush, s.sentAt = flush, time.Now()
+	return nil
+}
+
+// stop sends a last status update with a fresh deadline, so work finished before
+// shutdown is not redone after it.
+func (s *Stream) stop() error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(context.Background()), 5*time.Second)
+	defer cancel()
+	if err := s.sendStatus(ctx, true); err != nil {
+		s.log.Warn().Err(err).Msg("final status update failed")
+	}
+	return nil
+}

@@ -1,0 +1,284 @@
+package cdc
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/rs/zerolog"
+	"github.com/walhook/walhook/internal/pgtest"
+	"github.com/walhook/walhook/outbox"
+)
+
+func TestMain(m *testing.M) { pgtest.Main(m) }
+
+// setupDB creates a database with walhook's source objects.
+func setupDB(t *testing.T) *pgtest.DB {
+	t.Helper()
+	db := pgtest.New(t)
+	stmts := append([]string{"CREATE SCHEMA walhook"}, SetupSQL(Config{Slot: db.Name})...)
+	for _, s := range stmts {
+		if _, err := db.Pool.Exec(t.Context(), s); err != nil {
+			t.Fatalf("%s: %v", s, err)
+		}
+	}
+	return db
+}
+
+func startStream(t *testing.T, cfg Config, acker *outbox.Acker) (chan outbox.Change, <-chan error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	out := make(chan outbox.Change, 64)
+	done := make(chan error, 1)
+	s := NewStream(cfg, acker, zerolog.Nop())
+	go func() { done <- s.Run(ctx, out) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("stream: %v", err)
+		}
+	})
+	return out, done
+}
+
+func exec(t *testing.T, db *pgtest.DB, sql string) {
+	t.Helper()
+	if _, err := db.Pool.Exec(t.Context(), sql); err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+}
+
+// next returns the next change that is not Idle.
+func next(t *testing.T, out <-chan outbox.Change, done <-chan error) outbox.Change {
+	t.Helper()
+	deadline := time.After(30 * time.Second)
+	for {
+		select {
+		case c := <-out:
+			if c.Kind != outbox.ChangeIdle {
+				return c
+			}
+		case err := <-done:
+			t.Fatalf("stream ended: %v", err)
+		case <-deadline:
+			t.Fatal("no change within 30s")
+		}
+	}
+}
+
+func TestStreamDecodesCommittedTransactions(t *testing.T) {
+	t.Parallel()
+	db := setupDB(t)
+	out, done := startStream(t, Config{DatabaseURL: db.URL, Slot: db.Name, StatusInterval: 100 * time.Millisecond}, outbox.NewAcker(0))
+
+	exec(t, db, "CREATE TABLE other (x int)")
+	exec(t, db, `BEGIN;
+		INSERT INTO walhook.outbox (event, resource_id, tenant, payload) VALUES ('contact.created', 'c1', 'acme', '{"n": 1}');
+		INSERT INTO other VALUES (1);
+		INSERT INTO walhook.outbox (event, resource_id, payload) VALUES ('contact.updated', 'c1', '{"n": 2}');
+		COMMIT`)
+	exec(t, db, `BEGIN; INSERT INTO walhook.outbox (event, payload) VALUES ('never', '{}'); ROLLBACK`)
+	exec(t, db, `INSERT INTO other VALUES (2)`)
+	exec(t, db, `SELECT walhook.emit('contact.deleted', 'c1', '{"gone": true}')`)
+	exec(t, db, `SELECT pg_logical_emit_message(true, 'someone-else', 'ignored')`)
+	exec(t, db, `INSERT INTO walhook.outbox (event, payload) VALUES ('last', '{}')`)
+
+	type want struct {
+		kind outbox.ChangeKind
+		id   string
+		typ  string
+	}
+	wants := []want{
+		{outbox.ChangeBegin, "", ""},
+		{outbox.ChangeEvent, "1", "contact.created"},
+		{outbox.ChangeEvent, "2", "contact.updated"},
+		{outbox.ChangeCommit, "", ""},
+		{outbox.ChangeBegin, "", ""},
+		{outbox.ChangeEvent, "", "contact.deleted"},
+		{outbox.ChangeCommit, "", ""},
+		{outbox.ChangeBegin, "", ""},
+		{outbox.ChangeEvent, "4", "last"}, // id 3 was rolled back
+		{outbox.ChangeCommit, "", ""},
+	}
+	var lastCommit outbox.LSN
+	for i, w := range wants {
+		c := next(t, out, done)
+		if c.Kind != w.kind {
+			t.Fatalf("change %d: kind %v, want %v (%+v)", i, c.Kind, w.kind, c)
+		}
+		switch c.Kind {
+		case outbox.ChangeEvent:
+			if (w.id != "" && c.Event.ID != w.id) || c.Event.Type != w.typ {
+				t.Errorf("change %d: event %s %s, want %s %s", i, c.Event.ID, c.Event.Type, w.id, w.typ)
+			}
+			if c.Event.CommitTime.IsZero() || time.Since(c.Event.CommitTime) > time.Minute {
+				t.Errorf("change %d: commit time %v", i, c.Event.CommitTime)
+			}
+		case outbox.ChangeCommit:
+			if c.LSN <= lastCommit {
+				t.Errorf("commit LSN %v not after %v", c.LSN, lastCommit)
+			}
+			lastCommit = c.LSN
+		}
+		if i == 1 && (c.Event.Tenant != "acme" || c.Event.ResourceID != "c1" || string(c.Event.Payload) != `{"n": 1}`) {
+			t.Errorf("first event = %+v", c.Event)
+		}
+		if i == 5 {
+			if _, err := pglogrepl.ParseLSN(c.Event.ID); err != nil {
+				t.Errorf("message event id %q is not an LSN", c.Event.ID)
+			}
+		}
+	}
+}
+
+// confirmedFlush reads the slot's confirmed_flush_lsn.
+func confirmedFlush(t *testing.T, db *pgtest.DB) outbox.LSN {
+	t.Helper()
+	var lsn pglogrepl.LSN
+	err := db.Pool.QueryRow(t.Context(), `SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1`, db.Name).Scan(&lsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return outbox.LSN(lsn)
+}
+
+func currentLSN(t *testing.T, db *pgtest.DB) outbox.LSN {
+	t.Helper()
+	var lsn pglogrepl.LSN
+	if err := db.Pool.QueryRow(t.Context(), `SELECT pg_current_wal_lsn()`).Scan(&lsn); err != nil {
+		t.Fatal(err)
+	}
+	return outbox.LSN(lsn)
+}
+
+func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		<-tick.C
+	}
+}
+
+func TestStreamConfirmsOnlyFinishedWork(t *testing.T) {
+	t.Parallel()
+	db := setupDB(t)
+	acker := outbox.NewAcker(0)
+	cfg := Config{DatabaseURL: db.URL, Slot: db.Name, StatusInterval: 50 * time.Millisecond, StatusMaxAge: 100 * time.Millisecond}
+	out, done := startStream(t, cfg, acker)
+	start := confirmedFlush(t, db)
+
+	exec(t, db, `INSERT INTO walhook.outbox (event, payload) VALUES ('a', '{}')`)
+	// Play the dispatcher: register the delivery but do not finish it.
+	var tx *outbox.Txn
+	for c := next(t, out, done); ; c = next(t, out, done) {
+		if c.Kind == outbox.ChangeBegin {
+			tx = acker.Begin()
+		}
+		if c.Kind == outbox.ChangeEvent {
+			acker.Add(tx, 1)
+		}
+		if c.Kind == outbox.ChangeCommit {
+			acker.Commit(tx, c.LSN)
+			break
+		}
+	}
+	statusUpdates(t, db, 3)
+	if got := confirmedFlush(t, db); got != start {
+		t.Fatalf("confirmed_flush_lsn moved from %v to %v with the delivery unfinished", start, got)
+	}
+	acker.Done(tx)
+	eventually(t, 10*time.Second, "confirmed_flush_lsn to advance", func() bool { return confirmedFlush(t, db) > start })
+}
+
+// statusUpdates waits until the walsender has seen n more replies from walhook.
+func statusUpdates(t *testing.T, db *pgtest.DB, n int) int {
+	t.Helper()
+	replyTime := func() time.Time {
+		var rt *time.Time
+		err := db.Pool.QueryRow(t.Context(), `
+			SELECT r.reply_time FROM pg_stat_replication r
+			  JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1`, db.Name).Scan(&rt)
+		if err != nil || rt == nil {
+			return time.Time{}
+		}
+		return *rt
+	}
+	seen, last := 0, replyTime()
+	eventually(t, 20*time.Second, "status updates", func() bool {
+		if rt := replyTime(); rt.After(last) {
+			seen, last = seen+1, rt
+		}
+		return seen >= n
+	})
+	return seen
+}
+
+func TestStreamIdleOutboxDoesNotPinWAL(t *testing.T) {
+	t.Parallel()
+	db := setupDB(t)
+	acker := outbox.NewAcker(0)
+	out, _ := startStream(t, Config{DatabaseURL: db.URL, Slot: db.Name, StatusInterval: 50 * time.Millisecond}, acker)
+	go func() { // the dispatcher's part for an idle outbox
+		for c := range out {
+			if c.Kind == outbox.ChangeIdle {
+				acker.Idle(c.LSN)
+			}
+		}
+	}()
+	exec(t, db, "CREATE TABLE busy (x int)")
+	for range 50 {
+		exec(t, db, "INSERT INTO busy SELECT generate_series(1, 100)")
+	}
+	target := currentLSN(t, db)
+	eventually(t, 30*time.Second, "confirmed_flush_lsn to pass the busy table's writes", func() bool {
+		return confirmedFlush(t, db) >= target
+	})
+}
+
+func TestStreamKeepsAnsweringWhileDeliveryIsBlocked(t *testing.T) {
+	t.Parallel()
+	db := setupDB(t)
+	// A short wal_sender_timeout for this connection only: the server drops a
+	// client that stays silent longer than this.
+	url := db.URL + "&options=-c%20wal_sender_timeout%3D1s"
+	ctx, cancel := context.WithCancel(context.Background())
+	out := make(chan outbox.Change) // never read: the pipeline is stuck
+	done := make(chan error, 1)
+	go func() {
+		done <- NewStream(Config{DatabaseURL: url, Slot: db.Name, StatusInterval: 200 * time.Millisecond}, outbox.NewAcker(0), zerolog.Nop()).Run(ctx, out)
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	exec(t, db, `INSERT INTO walhook.outbox (event, payload) SELECT 'bulk', '{}' FROM generate_series(1, 1000)`)
+	eventually(t, 10*time.Second, "walsender to start", func() bool {
+		var n int
+		db.Pool.QueryRow(t.Context(), `SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active`, db.Name).Scan(&n)
+		return n == 1
+	})
+	// Several wal_sender_timeouts pass while the stream cannot hand anything on.
+	statusUpdates(t, db, 10)
+	select {
+	case err := <-done:
+		t.Fatalf("stream ended while blocked: %v", err)
+	default:
+	}
+}
+
+func TestStreamMissingSlotIsAClearError(t *testing.T) {
+	t.Parallel()
+	db := pgtest.New(t)
+	err := NewStream(Config{DatabaseURL: db.URL}, outbox.NewAcker(0), zerolog.Nop()).Run(t.Context(), make(chan outbox.Change))
+	if err == nil || !strings.Contains(err.Error(), "walhook setup") {
+		t.Fatalf("err = %v, want a hint to run walhook setup", err)
+	}
+	if errors.Is(err, context.Canceled) {
+		t.Fatal("unexpected cancel")
+	}
+}

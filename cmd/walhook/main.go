@@ -1,0 +1,157 @@
+// Command walhook turns outbox rows into webhook deliveries. This package only
+// wires: it reads flags, env and files, and runs the parts under one errgroup.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/rs/zerolog"
+	"github.com/walhook/walhook/sender"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	code := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+const usage = `walhook turns rows written to an outbox table into signed webhooks.
+
+Usage:
+  walhook setup    [--config FILE] [--dry-run]      create schema, outbox, emit(), publication, slot
+  walhook run      [--config FILE] [--log-format F] stream the slot and deliver hooks
+  walhook teardown [--config FILE] [--drop-schema]  drop the slot and publication (and the schema)
+  walhook version
+
+The config file may also be given as WALHOOK_CONFIG; top-level keys as
+WALHOOK_<KEY> (for example WALHOOK_DATABASE_URL).
+`
+
+// Exit codes.
+const (
+	exitOK     = 0
+	exitFail   = 1 // a runtime failure
+	exitConfig = 2 // bad usage or config
+)
+
+// run is walhook without the process: tests call it with their own args, env and
+// writers.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return exitConfig
+	}
+	cmd, args := args[0], args[1:]
+	fs := flag.NewFlagSet("walhook "+cmd, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	configPath := fs.String("config", getenv("WALHOOK_CONFIG"), "config file (env WALHOOK_CONFIG)")
+	logFormat := fs.String("log-format", "json", "log format: json or console")
+	dryRun, dropSchema := new(bool), new(bool)
+	switch cmd {
+	case "setup":
+		fs.BoolVar(dryRun, "dry-run", false, "print the SQL instead of running it")
+	case "teardown":
+		fs.BoolVar(dropSchema, "drop-schema", false, "also drop the walhook schema, with the outbox table if it is walhook.outbox")
+	case "run":
+	case "version", "--version":
+		fmt.Fprintln(stdout, "walhook", sender.Version)
+		return exitOK
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return exitOK
+	default:
+		fmt.Fprintf(stderr, "walhook: unknown command %q\n\n%s", cmd, usage)
+		return exitConfig
+	}
+	if err := fs.Parse(args); err != nil {
+		return exitConfig
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "walhook %s: unexpected argument %q\n", cmd, fs.Arg(0))
+		return exitConfig
+	}
+	if *logFormat != "json" && *logFormat != "console" {
+		fmt.Fprintf(stderr, "walhook: --log-format: %q must be json or console\n", *logFormat)
+		return exitConfig
+	}
+
+	cfg, err := loadConfig(*configPath, getenv)
+	if err != nil {
+		fmt.Fprintln(stderr, "walhook:", err)
+		return exitConfig
+	}
+	redact := newRedactor(cfg.secrets())
+	stderr = redact.writer(stderr)
+	if err := cfg.Validate(cmd == "run"); err != nil {
+		fmt.Fprintf(stderr, "walhook: invalid config:\n  %s\n", strings.ReplaceAll(err.Error(), "\n", "\n  "))
+		return exitConfig
+	}
+	log := newLogger(stderr, *logFormat, cfg.LogLevel)
+
+	switch cmd {
+	case "setup":
+		err = setup(ctx, cfg, *dryRun, stdout)
+	case "teardown":
+		err = teardown(ctx, cfg, *dropSchema, stdout)
+	case "run":
+		err = serve(ctx, cfg, log)
+	}
+	if err != nil && !errors.Is(err, context.Canceled) {
+		fmt.Fprintf(stderr, "walhook %s: %v\n", cmd, err)
+		return exitFail
+	}
+	return exitOK
+}
+
+func newLogger(w io.Writer, format, level string) zerolog.Logger {
+	if format == "console" {
+		w = zerolog.ConsoleWriter{Out: w}
+	}
+	lvl, _ := zerolog.ParseLevel(level)
+	return zerolog.New(w).Level(lvl).With().Timestamp().Logger()
+}
+
+// redactor removes secrets from everything written through it: logs and errors
+// can carry a DSN or a header by accident, the output boundary catches them.
+type redactor struct{ r *strings.Replacer }
+
+func newRedactor(secrets []string) redactor {
+	var pairs []string
+	for _, s := range secrets {
+		if s != "" {
+			pairs = append(pairs, s, "[REDACTED]")
+		}
+	}
+	if len(pairs) == 0 {
+		return redactor{}
+	}
+	return redactor{strings.NewReplacer(pairs...)}
+}
+
+func (r redactor) writer(w io.Writer) io.Writer {
+	if r.r == nil {
+		return w
+	}
+	return redactWriter{w: w, r: r.r}
+}
+
+type redactWriter struct {
+	w io.Writer
+	r *strings.Replacer
+}
+
+func (rw redactWriter) Write(p []byte) (int, error) {
+	if _, err := rw.r.WriteString(rw.w, string(p)); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}

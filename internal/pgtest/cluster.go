@@ -1,0 +1,180 @@
+package pgtest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// EnvURL names the environment variable through which a running cluster is shared
+// with every test package of one `go test` run (set by pgtmp, read by New).
+const EnvURL = "WALHOOK_TEST_DATABASE_URL"
+
+// Cluster is a throwaway PostgreSQL server: its own data directory, port and
+// socket directory, wal_level=logical. Stop removes everything it made.
+type Cluster struct {
+	URL     string // superuser URL of the "postgres" database, over TCP on 127.0.0.1
+	BinDir  string
+	dir     string
+	port    int
+	asUser  string // OS user the server runs as when we are root, else ""
+	stopped bool
+}
+
+// Start creates and starts a cluster. logs receives the server's output file path
+// in errors so a failed start can be diagnosed.
+func Start(ctx context.Context) (*Cluster, error) {
+	bin, err := findBinDir()
+	if err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp("", "walhook-pg-")
+	if err != nil {
+		return nil, fmt.Errorf("pgtest: temp dir: %w", err)
+	}
+	c := &Cluster{BinDir: bin, dir: dir}
+	if os.Geteuid() == 0 {
+		// PostgreSQL refuses to run as root: hand the directory to the postgres user.
+		c.asUser = "postgres"
+		if _, err := user.Lookup(c.asUser); err != nil {
+			os.RemoveAll(dir)
+			return nil, fmt.Errorf("pgtest: running as root and there is no %q OS user to run PostgreSQL as (install the postgresql package): %w", c.asUser, err)
+		}
+		if out, err := exec.Command("chown", c.asUser, dir).CombinedOutput(); err != nil {
+			os.RemoveAll(dir)
+			return nil, fmt.Errorf("pgtest: chown %s: %v: %s", dir, err, out)
+		}
+		os.Chmod(dir, 0o755)
+	}
+	if err := c.start(ctx); err != nil {
+		c.Stop()
+		return nil, err
+	}
+	return c, nil
+}
+
+func (c *Cluster) data() string    { return filepath.Join(c.dir, "data") }
+func (c *Cluster) sockets() string { return c.dir }
+func (c *Cluster) logFile() string { return filepath.Join(c.dir, "server.log") }
+
+func (c *Cluster) start(ctx context.Context) error {
+	initdb := []string{filepath.Join(c.BinDir, "initdb"), "-D", c.data(), "-U", "postgres",
+		"--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"}
+	if out, err := c.command(ctx, initdb...).CombinedOutput(); err != nil {
+		return fmt.Errorf("pgtest: initdb: %v: %s", err, out)
+	}
+	var lastErr error
+	for range 5 { // a free port can be taken between probing and binding
+		port, err := freePort()
+		if err != nil {
+			return err
+		}
+		c.port = port
+		opts := strings.Join([]string{
+			"-p", strconv.Itoa(port),
+			"-k", c.sockets(),
+			"-c", "listen_addresses=127.0.0.1",
+			"-c", "wal_level=logical",
+			"-c", "max_replication_slots=100",
+			"-c", "max_wal_senders=100",
+			"-c", "max_connections=300",
+			"-c", "fsync=off",
+			"-c", "synchronous_commit=off",
+			"-c", "full_page_writes=off",
+			"-c", "shared_buffers=64MB",
+			"-c", "wal_sender_timeout=60s",
+		}, " ")
+		cmd := c.command(ctx, filepath.Join(c.BinDir, "pg_ctl"), "-D", c.data(), "-l", c.logFile(),
+			"-o", opts, "-w", "-t", "60", "start")
+		out, err := cmd.CombinedOutput()
+		if err == nil {
+			c.URL = fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", port)
+			return nil
+		}
+		log, _ := os.ReadFile(c.logFile())
+		lastErr = fmt.Errorf("pgtest: pg_ctl start: %v: %s\n%s", err, out, log)
+		if !strings.Contains(string(log), "could not bind") && !strings.Contains(string(log), "in use") {
+			return lastErr
+		}
+	}
+	return lastErr
+}
+
+// Stop shuts the server down immediately and removes its directory. Safe to call twice.
+func (c *Cluster) Stop() error {
+	if c == nil || c.stopped {
+		return nil
+	}
+	c.stopped = true
+	var err error
+	if c.URL != "" {
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		out, e := c.command(ctx, filepath.Join(c.BinDir, "pg_ctl"), "-D", c.data(), "-m", "immediate", "-w", "stop").CombinedOutput()
+		if e != nil {
+			err = fmt.Errorf("pgtest: pg_ctl stop: %v: %s", e, out)
+		}
+	}
+	os.RemoveAll(c.dir)
+	return err
+}
+
+// Restart restarts the server with the given stop mode ("fast" or "immediate").
+func (c *Cluster) Restart(ctx context.Context, mode string) error {
+	out, err := c.command(ctx, filepath.Join(c.BinDir, "pg_ctl"), "-D", c.data(), "-m", mode, "-w", "-l", c.logFile(), "restart").CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("pgtest: pg_ctl restart: %v: %s", err, out)
+	}
+	return nil
+}
+
+func (c *Cluster) command(ctx context.Context, args ...string) *exec.Cmd {
+	if c.asUser != "" {
+		args = append([]string{"runuser", "-u", c.asUser, "--"}, args...)
+	}
+	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
+	cmd.Dir = c.dir
+	return cmd
+}
+
+// findBinDir locates the PostgreSQL server binaries: $PG_BINDIR, then the newest
+// /usr/lib/postgresql/*/bin, then initdb on PATH.
+func findBinDir() (string, error) {
+	if d := os.Getenv("PG_BINDIR"); d != "" {
+		return d, nil
+	}
+	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
+	sort.Slice(dirs, func(i, j int) bool { return versionOf(dirs[i]) > versionOf(dirs[j]) })
+	for _, d := range dirs {
+		if _, err := os.Stat(filepath.Join(d, "initdb")); err == nil {
+			return d, nil
+		}
+	}
+	if p, err := exec.LookPath("initdb"); err == nil {
+		return filepath.Dir(p), nil
+	}
+	return "", errors.New("pgtest: PostgreSQL server binaries not found (looked at $PG_BINDIR, /usr/lib/postgresql/*/bin and PATH); install them with `apt-get install -y postgresql`")
+}
+
+func versionOf(binDir string) int {
+	n, _ := strconv.Atoi(filepath.Base(filepath.Dir(binDir)))
+	return n
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("pgtest: find a free port: %w", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}

@@ -1,0 +1,97 @@
+package outbox
+
+import "sync"
+
+// Acker turns per-delivery completion into the flush LSN: the commit end LSN of
+// the newest transaction with every transaction up to it finished, or the server's
+// WAL end when nothing was open when it arrived.
+//
+// One goroutine (the Dispatcher, in stream order) calls Begin, Add, Commit and
+// Idle; delivery workers call Done; the stream reads Flush. All methods are safe
+// for concurrent use.
+type Acker struct {
+	mu    sync.Mutex
+	open  []*Txn // transactions not yet finished, in stream order
+	flush LSN
+}
+
+// Txn tracks one transaction's outstanding deliveries.
+type Txn struct {
+	pending   int
+	committed bool
+	end       LSN
+}
+
+// NewAcker starts at the slot's confirmed flush position.
+func NewAcker(start LSN) *Acker { return &Acker{flush: start} }
+
+// Begin registers a new transaction, after every earlier one.
+func (a *Acker) Begin() *Txn {
+	t := &Txn{}
+	a.mu.Lock()
+	a.open = append(a.open, t)
+	a.mu.Unlock()
+	return t
+}
+
+// Add records n more deliveries of t that must finish before t is acked.
+func (a *Acker) Add(t *Txn, n int) {
+	a.mu.Lock()
+	t.pending += n
+	a.mu.Unlock()
+}
+
+// Commit records t's end LSN; t finishes once its deliveries are done.
+func (a *Acker) Commit(t *Txn, end LSN) {
+	a.mu.Lock()
+	t.committed, t.end = true, end
+	a.advance()
+	a.mu.Unlock()
+}
+
+// Done records that one delivery of t finished (delivered or dead-lettered).
+func (a *Acker) Done(t *Txn) {
+	a.mu.Lock()
+	t.pending--
+	a.advance()
+	a.mu.Unlock()
+}
+
+// Idle records the server's WAL end, received after everything before it in the
+// stream. It moves the flush position only when no transaction is unfinished.
+func (a *Acker) Idle(walEnd LSN) {
+	a.mu.Lock()
+	if len(a.open) == 0 && walEnd > a.flush {
+		a.flush = walEnd
+	}
+	a.mu.Unlock()
+}
+
+// Flush is the position that is safe to confirm to PostgreSQL.
+func (a *Acker) Flush() LSN {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.flush
+}
+
+// Unfinished counts transactions still open or waiting for deliveries.
+func (a *Acker) Unfinished() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.open)
+}
+
+func (a *Acker) advance() {
+	i := 0
+	for ; i < len(a.open); i++ {
+		t := a.open[i]
+		if !t.committed || t.pending > 0 {
+			break
+		}
+		if t.end > a.flush {
+			a.flush = t.end
+		}
+	}
+	clear(a.open[:i]) // let finished transactions be collected; append reallocates as the slice moves on
+	a.open = a.open[i:]
+}

@@ -1,0 +1,249 @@
+package outbox
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/rs/zerolog"
+	"golang.org/x/sync/errgroup"
+)
+
+// Deliverer sends one batch. A nil error means the receiver accepted it (2xx).
+type Deliverer interface {
+	Deliver(ctx context.Context, b *Batch) error
+}
+
+// Failure is implemented by the errors a Deliverer returns, so the core can
+// classify them without knowing HTTP. An error that does not implement it is
+// treated as retryable with no status (a network error).
+type Failure interface {
+	error
+	Retryable() bool           // false: dead-letter at once
+	RetryAfter() time.Duration // the receiver's requested delay; 0 if none
+	StatusCode() int           // the response status; 0 when there was none
+}
+
+// DeadLetter is an event a subscription gave up on.
+type DeadLetter struct {
+	Subscription string // "" for an outbox row that could not be decoded
+	Event        Event
+	WebhookID    string
+	Status       int // last response status, 0 for none
+	Reason       string
+	Attempts     int
+	FirstAttempt time.Time // zero when no attempt was made
+	LastAttempt  time.Time
+}
+
+// Store keeps what must survive a restart.
+type Store interface {
+	DeadLetter(ctx context.Context, d DeadLetter) error
+}
+
+// DispatcherConfig configures a Dispatcher.
+type DispatcherConfig struct {
+	Subscriptions []*Subscription
+	Acker         *Acker
+	Deliverer     Deliverer
+	Store         Store
+	Logger        zerolog.Logger
+	QueueSize     int // pending deliveries per subscription before the stream pauses; default 1024
+}
+
+// Dispatcher routes the stream's events to subscriptions and delivers them, one
+// worker per subscription, in commit order, with retries.
+type Dispatcher struct {
+	cfg    DispatcherConfig
+	queues []chan delivery // parallel to cfg.Subscriptions
+	txn    *Txn            // the open transaction; owned by Run's goroutine
+}
+
+type delivery struct {
+	event Event
+	txn   *Txn
+}
+
+// NewDispatcher returns a Dispatcher; Run starts it.
+func NewDispatcher(cfg DispatcherConfig) *Dispatcher {
+	if cfg.QueueSize <= 0 {
+		cfg.QueueSize = 1024
+	}
+	d := &Dispatcher{cfg: cfg}
+	for range cfg.Subscriptions {
+		d.queues = append(d.queues, make(chan delivery, cfg.QueueSize))
+	}
+	return d
+}
+
+// Run consumes changes until ctx ends or changes closes. Reading pauses (and so
+// does the stream behind it) while a subscription's queue is full.
+func (d *Dispatcher) Run(ctx context.Context, changes <-chan Change) error {
+	g, ctx := errgroup.WithContext(ctx)
+	for i, s := range d.cfg.Subscriptions {
+		w := &worker{d: d, sub: s, queue: d.queues[i],
+			log: d.cfg.Logger.With().Str("subscription", s.ID).Logger()}
+		g.Go(func() error { return w.run(ctx) })
+	}
+	g.Go(func() error {
+		for {
+			select {
+			case <-ctx.Done():
+				return nil
+			case c, ok := <-changes:
+				if !ok {
+					return nil
+				}
+				if err := d.handleChange(ctx, c); err != nil {
+					return err
+				}
+			}
+		}
+	})
+	err := g.Wait()
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
+	switch c.Kind {
+	case ChangeBegin:
+		d.txn = d.cfg.Acker.Begin()
+	case ChangeEvent:
+		for i, s := range d.cfg.Subscriptions {
+			if !s.Matches(&c.Event) {
+				continue
+			}
+			d.cfg.Acker.Add(d.txn, 1)
+			select {
+			case d.queues[i] <- delivery{event: c.Event, txn: d.txn}:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+	case ChangeMalformed:
+		d.cfg.Logger.Warn().Str("event_id", c.Event.ID).Str("reason", c.Reason).Msg("malformed outbox row dead-lettered")
+		return d.deadLetter(ctx, DeadLetter{Event: c.Event, Reason: c.Reason})
+	case ChangeCommit:
+		d.cfg.Acker.Commit(d.txn, c.LSN)
+		d.txn = nil
+	case ChangeIdle:
+		d.cfg.Acker.Idle(c.LSN)
+	}
+	return nil
+}
+
+// deadLetter writes dl, retrying until it is stored or ctx ends: an event is not
+// finished before its dead letter is durable.
+func (d *Dispatcher) deadLetter(ctx context.Context, dl DeadLetter) error {
+	b := backoff.NewExponentialBackOff(backoff.WithMaxElapsedTime(0), backoff.WithMaxInterval(30*time.Second))
+	logged := false
+	for {
+		err := d.cfg.Store.DeadLetter(ctx, dl)
+		if err == nil {
+			if logged {
+				d.cfg.Logger.Info().Msg("dead letter store recovered")
+			}
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if !logged {
+			d.cfg.Logger.Error().Err(err).Msg("cannot write dead letter; retrying")
+			logged = true
+		}
+		if err := sleep(ctx, b.NextBackOff()); err != nil {
+			return err
+		}
+	}
+}
+
+type worker struct {
+	d     *Dispatcher
+	sub   *Subscription
+	queue chan delivery
+	log   zerolog.Logger
+}
+
+func (w *worker) run(ctx context.Context) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case dv := <-w.queue:
+			if err := w.handleDelivery(ctx, dv); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// handleDelivery sends one event until it is delivered or dead-lettered, then
+// tells the Acker. It returns only ctx's error.
+func (w *worker) handleDelivery(ctx context.Context, dv delivery) error {
+	batch := NewBatch(w.sub, dv.event)
+	opts := w.sub.Delivery
+	b := backoff.NewExponentialBackOff(
+		backoff.WithInitialInterval(opts.RetryInitial),
+		backoff.WithMaxInterval(opts.RetryMaxInterval),
+		backoff.WithMaxElapsedTime(0),
+	)
+	var first time.Time
+	for attempt := 1; ; attempt++ {
+		now := time.Now()
+		if first.IsZero() {
+			first = now
+		}
+		err := w.d.cfg.Deliverer.Deliver(ctx, batch)
+		if err == nil {
+			w.log.Debug().Str("webhook_id", batch.WebhookID).Int("attempts", attempt).Msg("delivered")
+			w.d.cfg.Acker.Done(dv.txn)
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		var f Failure
+		retryable, status, after := true, 0, time.Duration(0)
+		if errors.As(err, &f) {
+			retryable, status, after = f.Retryable(), f.StatusCode(), f.RetryAfter()
+		}
+		if !retryable {
+			w.log.Warn().Str("webhook_id", batch.WebhookID).Int("status", status).Err(err).Msg("dead-lettered")
+			err := w.d.deadLetter(ctx, DeadLetter{
+				Subscription: w.sub.ID, Event: dv.event, WebhookID: batch.WebhookID,
+				Status: status, Reason: err.Error(), Attempts: attempt,
+				FirstAttempt: first, LastAttempt: now,
+			})
+			if err != nil {
+				return err
+			}
+			w.d.cfg.Acker.Done(dv.txn)
+			return nil
+		}
+		wait := b.NextBackOff()
+		if after > wait {
+			wait = min(after, opts.RetryMaxInterval)
+		}
+		w.log.Debug().Str("webhook_id", batch.WebhookID).Int("attempt", attempt).Int("status", status).
+			Err(err).Dur("retry_in", wait).Msg("attempt failed")
+		if err := sleep(ctx, wait); err != nil {
+			return err
+		}
+	}
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}

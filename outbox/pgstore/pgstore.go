@@ -1,0 +1,86 @@
+// Package pgstore keeps walhook's durable state in PostgreSQL, in the walhook
+// schema: dead letters now; parked deliveries and the high-water mark later. It
+// implements outbox.Store. The healthy delivery path never touches it.
+package pgstore
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/walhook/walhook/outbox"
+)
+
+// SchemaSQL creates the walhook schema and walhook's own tables. Idempotent.
+func SchemaSQL() []string {
+	return []string{
+		`CREATE SCHEMA IF NOT EXISTS walhook`,
+		`CREATE TABLE IF NOT EXISTS walhook.dead_letters (
+  id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  subscription     text,
+  event_id         text        NOT NULL,
+  event            text,
+  resource_id      text,
+  tenant           text,
+  payload          jsonb,
+  committed_at     timestamptz,
+  webhook_id       text,
+  status           int,
+  reason           text        NOT NULL,
+  attempts         int         NOT NULL DEFAULT 0,
+  first_attempt_at timestamptz,
+  last_attempt_at  timestamptz,
+  created_at       timestamptz NOT NULL DEFAULT now()
+)`,
+		`CREATE INDEX IF NOT EXISTS dead_letters_subscription_idx ON walhook.dead_letters (subscription, created_at)`,
+	}
+}
+
+// Store implements outbox.Store on a pool.
+type Store struct{ pool *pgxpool.Pool }
+
+// New returns a Store using pool.
+func New(pool *pgxpool.Pool) *Store { return &Store{pool: pool} }
+
+// DeadLetter records d durably.
+func (s *Store) DeadLetter(ctx context.Context, d outbox.DeadLetter) error {
+	e := d.Event
+	var payload any
+	if len(e.Payload) > 0 {
+		payload = string(e.Payload)
+	}
+	_, err := s.pool.Exec(ctx, `
+		INSERT INTO walhook.dead_letters
+		  (subscription, event_id, event, resource_id, tenant, payload, committed_at,
+		   webhook_id, status, reason, attempts, first_attempt_at, last_attempt_at)
+		VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13)`,
+		null(d.Subscription), e.ID, null(e.Type), null(e.ResourceID), null(e.Tenant), payload,
+		nullTime(e.CommitTime), null(d.WebhookID), nullInt(d.Status), d.Reason, d.Attempts,
+		nullTime(d.FirstAttempt), nullTime(d.LastAttempt))
+	if err != nil {
+		return fmt.Errorf("insert dead letter: %w", err)
+	}
+	return nil
+}
+
+func null(s string) any {
+	if s == "" {
+		return nil
+	}
+	return s
+}
+
+func nullInt(n int) any {
+	if n == 0 {
+		return nil
+	}
+	return n
+}
+
+func nullTime(t time.Time) any {
+	if t.IsZero() {
+		return nil
+	}
+	return t
+}

@@ -1,0 +1,58 @@
+package outbox
+
+import "testing"
+
+func TestMatchPattern(t *testing.T) {
+	tests := []struct {
+		pattern, typ string
+		want         bool
+	}{
+		{"*", "contact.updated", true},
+		{"contact.*", "contact.updated", true},
+		{"contact.*", "contact.address.changed", true},
+		{"contact.*", "contacts.updated", false},
+		{"contact.*", "contact", false},
+		{"contact.updated", "contact.updated", true},
+		{"contact.updated", "contact.created", false},
+	}
+	for _, tt := range tests {
+		if got := MatchPattern(tt.pattern, tt.typ); got != tt.want {
+			t.Errorf("MatchPattern(%q, %q) = %v, want %v", tt.pattern, tt.typ, got, tt.want)
+		}
+	}
+}
+
+func TestValidPattern(t *testing.T) {
+	for p, want := range map[string]bool{"*": true, "a.*": true, "a.b": true, "": false, "a*": false, ".*": false, "*.b": false} {
+		if got := ValidPattern(p); got != want {
+			t.Errorf("ValidPattern(%q) = %v, want %v", p, got, want)
+		}
+	}
+}
+
+func TestMatchesTenant(t *testing.T) {
+	s := &Subscription{Events: []string{"*"}, Tenant: "acme"}
+	if !s.Matches(&Event{Type: "x", Tenant: "acme"}) {
+		t.Error("tenant subscription misses its tenant's event")
+	}
+	if s.Matches(&Event{Type: "x", Tenant: "other"}) || s.Matches(&Event{Type: "x"}) {
+		t.Error("tenant subscription receives another tenant's event")
+	}
+	all := &Subscription{Events: []string{"*"}}
+	if !all.Matches(&Event{Type: "x", Tenant: "other"}) {
+		t.Error("subscription without tenant misses a tenant's event")
+	}
+}
+
+func TestWebhookIDIsDerived(t *testing.T) {
+	e1, e2 := []Event{{ID: "1"}}, []Event{{ID: "2"}}
+	if WebhookID("a", e1) != WebhookID("a", []Event{{ID: "1", Type: "other"}}) {
+		t.Error("webhook-id depends on more than subscription and event ids")
+	}
+	if WebhookID("a", e1) == WebhookID("a", e2) || WebhookID("a", e1) == WebhookID("b", e1) {
+		t.Error("webhook-id collides across events or subscriptions")
+	}
+	if WebhookID("a1", []Event{{ID: "2"}}) == WebhookID("a", []Event{{ID: "12"}}) {
+		t.Error("webhook-id is ambiguous at the subscription/event boundary")
+	}
+}

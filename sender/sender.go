@@ -1,0 +1,180 @@
+package sender
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/walhook/walhook/outbox"
+)
+
+// Version is walhook's version, sent in user-agent.
+var Version = "dev"
+
+// maxResponseBody is how much of a response body is read (for the error reason).
+const maxResponseBody = 4 << 10
+
+// Sender delivers batches over HTTP. It is safe for concurrent use.
+type Sender struct {
+	client    *http.Client
+	userAgent string
+	now       func() time.Time
+}
+
+// New returns a Sender with a hardened client.
+func New() *Sender {
+	transport := &http.Transport{
+		Proxy:                 http.ProxyFromEnvironment,
+		DialContext:           (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		ForceAttemptHTTP2:     true,
+		MaxIdleConns:          256,
+		MaxIdleConnsPerHost:   32,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   5 * time.Second,
+		ResponseHeaderTimeout: 0, // the attempt's context deadline covers it
+	}
+	return &Sender{
+		client: &http.Client{
+			Transport: transport,
+			CheckRedirect: func(*http.Request, []*http.Request) error {
+				return http.ErrUseLastResponse
+			},
+		},
+		userAgent: "walhook/" + Version,
+		now:       time.Now,
+	}
+}
+
+// Deliver sends b once. It returns nil on 2xx and a *DeliveryError otherwise.
+func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
+	sub := b.Subscription
+	key, err := ParseSecret(sub.Secret)
+	if err != nil {
+		return &DeliveryError{Reason: "subscription " + sub.ID + ": " + err.Error()}
+	}
+	body, err := Body(b)
+	if err != nil {
+		return &DeliveryError{Reason: "encode body: " + err.Error()}
+	}
+	ctx, cancel := context.WithTimeout(ctx, sub.Delivery.Timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, sub.TargetURL, bytes.NewReader(body))
+	if err != nil {
+		return &DeliveryError{Reason: "build request: " + err.Error()}
+	}
+	ts := s.now().Unix()
+	req.Header.Set("content-type", "application/json")
+	req.Header.Set("user-agent", s.userAgent)
+	req.Header.Set("webhook-id", b.WebhookID)
+	req.Header.Set("webhook-timestamp", strconv.FormatInt(ts, 10))
+	req.Header.Set("webhook-signature", Sign(key, b.WebhookID, ts, body))
+
+	resp, err := s.client.Do(req)
+	if err != nil {
+		return &DeliveryError{Err: scrubURL(err), Reason: "request failed", retry: true}
+	}
+	defer resp.Body.Close()
+	prefix, err := io.ReadAll(io.LimitReader(resp.Body, maxResponseBody))
+	if err != nil && ctx.Err() != nil {
+		return &DeliveryError{Status: resp.StatusCode, Err: scrubURL(err), Reason: "reading response", retry: true}
+	}
+	io.Copy(io.Discard, io.LimitReader(resp.Body, maxResponseBody)) // let small bodies reuse the connection
+	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
+		return nil
+	}
+	return newStatusError(resp, prefix, s.now())
+}
+
+func newStatusError(resp *http.Response, body []byte, now time.Time) *DeliveryError {
+	code := resp.StatusCode
+	e := &DeliveryError{Status: code}
+	switch {
+	case code == http.StatusRequestTimeout, code == http.StatusTooManyRequests, code >= 500:
+		e.retry = true
+		e.retryAfter = parseRetryAfter(resp.Header.Get("Retry-After"), now)
+	case code >= 300 && code < 400:
+		e.Reason = "redirect not followed"
+	}
+	if snippet := strings.TrimSpace(string(body)); snippet != "" {
+		if len(snippet) > 200 {
+			snippet = snippet[:200] + "…"
+		}
+		e.Body = snippet
+	}
+	return e
+}
+
+// parseRetryAfter reads delay-seconds or an HTTP date; 0 when absent or invalid.
+func parseRetryAfter(v string, now time.Time) time.Duration {
+	if v == "" {
+		return 0
+	}
+	if n, err := strconv.Atoi(v); err == nil && n > 0 {
+		return time.Duration(n) * time.Second
+	}
+	if t, err := http.ParseTime(v); err == nil && t.After(now) {
+		return t.Sub(now)
+	}
+	return 0
+}
+
+// scrubURL drops the request URL from a client error: it may carry credentials
+// or tokens in its query.
+func scrubURL(err error) error {
+	if errors.Is(err, context.DeadlineExceeded) {
+		return errors.New("attempt deadline exceeded")
+	}
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
+}
+
+// DeliveryError is a failed attempt. It implements outbox.Failure.
+type DeliveryError struct {
+	Status     int    // response status; 0 when no response arrived
+	Reason     string // what went wrong, for people
+	Body       string // a prefix of the response body, if any
+	Err        error  // the underlying error, if any
+	retry      bool
+	retryAfter time.Duration
+}
+
+func (e *DeliveryError) Error() string {
+	var b strings.Builder
+	if e.Status != 0 {
+		fmt.Fprintf(&b, "status %d", e.Status)
+	}
+	for _, part := range []string{e.Reason, e.Body} {
+		if part == "" {
+			continue
+		}
+		if b.Len() > 0 {
+			b.WriteString(": ")
+		}
+		b.WriteString(part)
+	}
+	if e.Err != nil {
+		if b.Len() > 0 {
+			b.WriteString(": ")
+		}
+		b.WriteString(e.Err.Error())
+	}
+	return b.String()
+}
+
+func (e *DeliveryError) Unwrap() error             { return e.Err }
+func (e *DeliveryError) Retryable() bool           { return e.retry }
+func (e *DeliveryError) RetryAfter() time.Duration { return e.retryAfter }
+func (e *DeliveryError) StatusCode() int           { return e.Status }
+
+var _ outbox.Failure = (*DeliveryError)(nil)

@@ -1,0 +1,113 @@
+// Package sendertest is a real HTTP endpoint for tests: it records every request
+// walhook sends, answers as a test scripts it, and lets tests wait for requests
+// without sleeping.
+package sendertest
+
+import (
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"testing"
+	"time"
+)
+
+// Request is one recorded request.
+type Request struct {
+	Header http.Header
+	Body   []byte
+	At     time.Time
+	Status int // what the endpoint answered
+}
+
+// Responder decides the answer to the n-th request (0-based).
+type Responder func(n int, r *Request) (status int, header http.Header)
+
+// Server is a recording endpoint.
+type Server struct {
+	*httptest.Server
+	mu      sync.Mutex
+	reqs    []Request
+	changed chan struct{} // closed and replaced on every request
+	respond Responder
+}
+
+// NewServer starts an endpoint that answers with respond (204 for all when nil)
+// and stops when t ends.
+func NewServer(t testing.TB, respond Responder) *Server {
+	if respond == nil {
+		respond = func(int, *Request) (int, http.Header) { return http.StatusNoContent, nil }
+	}
+	s := &Server{changed: make(chan struct{}), respond: respond}
+	s.Server = httptest.NewServer(http.HandlerFunc(s.serve))
+	t.Cleanup(s.Close)
+	return s
+}
+
+// URL of the endpoint's /hooks path.
+func (s *Server) HooksURL() string { return s.URL + "/hooks" }
+
+func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	req := Request{Header: r.Header.Clone(), Body: body, At: time.Now()}
+	s.mu.Lock()
+	n := len(s.reqs)
+	s.mu.Unlock()
+	status, header := s.respond(n, &req)
+	req.Status = status
+	for k, v := range header {
+		w.Header()[k] = v
+	}
+	w.WriteHeader(status)
+	s.mu.Lock()
+	s.reqs = append(s.reqs, req)
+	close(s.changed)
+	s.changed = make(chan struct{})
+	s.mu.Unlock()
+}
+
+// Requests returns a copy of what was received so far.
+func (s *Server) Requests() []Request {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]Request(nil), s.reqs...)
+}
+
+// Wait blocks until cond holds for the requests received, or fails t after timeout.
+func (s *Server) Wait(t testing.TB, timeout time.Duration, what string, cond func([]Request) bool) []Request {
+	t.Helper()
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for {
+		s.mu.Lock()
+		reqs := append([]Request(nil), s.reqs...)
+		changed := s.changed
+		s.mu.Unlock()
+		if cond(reqs) {
+			return reqs
+		}
+		select {
+		case <-changed:
+		case <-deadline.C:
+			t.Fatalf("sendertest: timed out after %s waiting for %s; got %d requests", timeout, what, len(reqs))
+			return nil
+		}
+	}
+}
+
+// WaitN waits until at least n requests arrived.
+func (s *Server) WaitN(t testing.TB, n int, timeout time.Duration) []Request {
+	t.Helper()
+	return s.Wait(t, timeout, "requests", func(r []Request) bool { return len(r) >= n })
+}
+
+// Delivered keeps the requests answered 2xx.
+func Delivered(reqs []Request) []Request {
+	var out []Request
+	for _, r := range reqs {
+		if r.Status >= 200 && r.Status < 300 {
+			out = append(out, r)
+		}
+	}
+	return out
+}
