@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cenkalti/backoff/v4"
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
@@ -77,7 +78,10 @@ func NewStream(cfg Config, acker *outbox.Acker, log zerolog.Logger) *Stream {
 
 // Run streams until ctx ends (returning nil) or the stream fails.
 func (s *Stream) Run(ctx context.Context, out chan<- outbox.Change) error {
-	if err := s.connect(ctx); err != nil {
+	if err := s.connectWhenFree(ctx); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
 		return err
 	}
 	defer s.conn.Close(context.Background())
@@ -116,6 +120,35 @@ func (s *Stream) Run(ctx context.Context, out chan<- outbox.Change) error {
 	}
 }
 
+// ErrSlotActive means another process streams the slot.
+var ErrSlotActive = errors.New("replication slot is in use by another process")
+
+// connectWhenFree connects, waiting while another process holds the slot: a
+// previous walhook that was just killed (its walsender exits a moment later), or
+// the old pod of a rolling deploy.
+func (s *Stream) connectWhenFree(ctx context.Context) error {
+	wait := backoff.NewExponentialBackOff(backoff.WithInitialInterval(200*time.Millisecond),
+		backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0))
+	logged := false
+	for {
+		err := s.connect(ctx)
+		if !errors.Is(err, ErrSlotActive) {
+			return err
+		}
+		if !logged {
+			s.log.Info().Str("slot", s.cfg.Slot).Msg("slot in use by another process; waiting for it")
+			logged = true
+		}
+		t := time.NewTimer(wait.NextBackOff())
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
 func (s *Stream) connect(ctx context.Context) error {
 	pc, err := pgconn.ParseConfig(s.cfg.DatabaseURL)
 	if err != nil {
@@ -147,6 +180,9 @@ func (s *Stream) connect(ctx context.Context) error {
 	})
 	if err != nil {
 		s.conn.Close(context.Background())
+		if pgErr, ok := errors.AsType[*pgconn.PgError](err); ok && pgErr.Code == "55006" { // object_in_use
+			return fmt.Errorf("slot %q: %w", s.cfg.Slot, ErrSlotActive)
+		}
 		return fmt.Errorf("start replication on slot %q: %w", s.cfg.Slot, err)
 	}
 	s.sentAt = time.Now()
@@ -212,7 +248,7 @@ func (s *Stream) slotPosition(ctx context.Context) (outbox.LSN, error) {
 		return 0, fmt.Errorf("replication slot %q uses plugin %q, walhook needs pgoutput", s.cfg.Slot, plugin)
 	}
 	if string(row[2]) == "t" {
-		return 0, fmt.Errorf("replication slot %q is in use by another process", s.cfg.Slot)
+		return 0, fmt.Errorf("slot %q: %w", s.cfg.Slot, ErrSlotActive)
 	}
 	lsn, err := pglogrepl.ParseLSN(string(row[1]))
 	if err != nil {

@@ -22,14 +22,14 @@ import (
 // from the environment as WALHOOK_<KEY> (WALHOOK_DATABASE_URL, ...), which wins
 // over the file.
 type Config struct {
-	DatabaseURL   string            `yaml:"database_url"`   // required
-	Listen        string            `yaml:"listen"`         // health endpoint address; default 127.0.0.1:8080
-	Slot          string            `yaml:"slot"`           // replication slot; default walhook
-	Publication   string            `yaml:"publication"`    // publication; default walhook
-	OutboxTable   string            `yaml:"outbox_table"`   // schema.table; default walhook.outbox
-	OutboxColumns map[string]string `yaml:"outbox_columns"` // id, event, resource_id, tenant, payload; "" = no such column
-	LogLevel      string            `yaml:"log_level"`      // debug, info, warn, error; default info
-	Defaults      Delivery          `yaml:"defaults"`
+	DatabaseURL   string               `yaml:"database_url"`   // required
+	Listen        string               `yaml:"listen"`         // health endpoint address; default 127.0.0.1:8080
+	Slot          string               `yaml:"slot"`           // replication slot; default walhook
+	Publication   string               `yaml:"publication"`    // publication; default walhook
+	OutboxTable   string               `yaml:"outbox_table"`   // schema.table; default walhook.outbox
+	OutboxColumns map[string]string    `yaml:"outbox_columns"` // id, event, resource_id, tenant, payload; "" = no such column
+	LogLevel      string               `yaml:"log_level"`      // debug, info, warn, error; default info
+	Defaults      Delivery             `yaml:"defaults"`
 	Subscriptions []SubscriptionConfig `yaml:"subscriptions"`
 
 	// Derived by Validate.

@@ -23,7 +23,9 @@ func setupSQL(cfg *Config) []string {
 func setup(ctx context.Context, cfg *Config, dryRun bool, out io.Writer) error {
 	stmts := setupSQL(cfg)
 	if dryRun {
-		fmt.Fprintln(out, "-- walhook setup: run as a role that may create schemas, own the outbox table, and has REPLICATION")
+		fmt.Fprintln(out, "-- walhook setup, for a DBA: run with `psql -v ON_ERROR_STOP=1 -f` (each statement in its own")
+		fmt.Fprintln(out, "-- transaction: a slot cannot be created in a transaction that wrote), as a role that may")
+		fmt.Fprintln(out, "-- create schemas, owns the outbox table and has REPLICATION. Safe to run again.")
 		for _, s := range stmts {
 			fmt.Fprintf(out, "%s;\n\n", s)
 		}
@@ -36,6 +38,9 @@ func setup(ctx context.Context, cfg *Config, dryRun bool, out io.Writer) error {
 			}
 		}
 		if err := checkColumns(ctx, conn, cfg); err != nil {
+			return err
+		}
+		if err := checkSlot(ctx, conn, cfg); err != nil {
 			return err
 		}
 		fmt.Fprintf(out, "walhook is set up: outbox %s, publication %s, slot %s\n", cfg.table, cfg.Publication, cfg.Slot)
@@ -96,6 +101,25 @@ func checkColumns(ctx context.Context, conn *pgx.Conn, cfg *Config) error {
 		if name != "" && !set[name] {
 			return fmt.Errorf("outbox_columns.%s: table %s has no column %q", key, cfg.table, name)
 		}
+	}
+	return nil
+}
+
+// checkSlot makes sure the slot (which may have existed before) is a pgoutput
+// slot of this database: slot names are cluster-wide.
+func checkSlot(ctx context.Context, conn *pgx.Conn, cfg *Config) error {
+	var db, plugin string
+	var here bool
+	err := conn.QueryRow(ctx, `SELECT coalesce(database, ''), coalesce(plugin, ''), database = current_database()
+		FROM pg_replication_slots WHERE slot_name = $1`, cfg.Slot).Scan(&db, &plugin, &here)
+	if err != nil {
+		return fmt.Errorf("slot: read %q back: %w", cfg.Slot, err)
+	}
+	if !here {
+		return fmt.Errorf("slot: %q already exists for database %q; choose another slot name", cfg.Slot, db)
+	}
+	if plugin != "pgoutput" {
+		return fmt.Errorf("slot: %q uses plugin %q; walhook needs pgoutput", cfg.Slot, plugin)
 	}
 	return nil
 }

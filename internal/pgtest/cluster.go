@@ -146,6 +146,9 @@ func (c *Cluster) command(ctx context.Context, args ...string) *exec.Cmd {
 	return cmd
 }
 
+// BinDir returns the directory of the PostgreSQL binaries the harness uses.
+func BinDir() (string, error) { return findBinDir() }
+
 // findBinDir locates the PostgreSQL server binaries: $PG_BINDIR, then the newest
 // /usr/lib/postgresql/*/bin, then initdb on PATH.
 func findBinDir() (string, error) {
