@@ -2,6 +2,8 @@
 GO       ?= go
 PGTMP    := $(GO) run ./internal/pgtest/pgtmp --
 TESTARGS ?=
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS  := -s -w -X github.com/walhook/walhook/sender.Version=$(VERSION)
 
 .PHONY: help test fuzz demo build vet clean
 
@@ -9,7 +11,7 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
 build: ## build bin/walhook and bin/receiver
-	CGO_ENABLED=0 $(GO) build -o bin/walhook ./cmd/walhook
+	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o bin/walhook ./cmd/walhook
 	CGO_ENABLED=0 $(GO) build -o bin/receiver ./examples/receiver
 
 vet: ## gofmt check and go vet

@@ -3,6 +3,7 @@ package cdc
 import (
 	"context"
 	"errors"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -13,7 +14,7 @@ import (
 	"github.com/walhook/walhook/outbox"
 )
 
-func TestMain(m *testing.M) { pgtest.Main(m) }
+func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
 
 // setupDB creates a database with walhook's source objects.
 func setupDB(t *testing.T) *pgtest.DB {
@@ -226,10 +227,19 @@ func TestStreamIdleOutboxDoesNotPinWAL(t *testing.T) {
 	db := setupDB(t)
 	acker := outbox.NewAcker(0)
 	out, _ := startStream(t, Config{DatabaseURL: db.URL, Slot: db.Name, StatusInterval: 50 * time.Millisecond}, acker)
+	stop := make(chan struct{})
+	stopped := make(chan struct{})
+	t.Cleanup(func() { close(stop); <-stopped })
 	go func() { // the dispatcher's part for an idle outbox
-		for c := range out {
-			if c.Kind == outbox.ChangeIdle {
-				acker.Idle(c.LSN)
+		defer close(stopped)
+		for {
+			select {
+			case c := <-out:
+				if c.Kind == outbox.ChangeIdle {
+					acker.Idle(c.LSN)
+				}
+			case <-stop:
+				return
 			}
 		}
 	}()

@@ -53,6 +53,9 @@ func New() *Sender {
 	}
 }
 
+// Close closes idle connections.
+func (s *Sender) Close() { s.client.CloseIdleConnections() }
+
 // Deliver sends b once. It returns nil on 2xx and a *DeliveryError otherwise.
 func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	sub := b.Subscription

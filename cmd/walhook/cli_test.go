@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -201,5 +203,33 @@ func TestSecretsNeverReachLogs(t *testing.T) {
 		if strings.Contains(r.log.String(), secret) {
 			t.Errorf("log contains a secret %q", secret)
 		}
+	}
+}
+
+func TestExampleConfigIsValid(t *testing.T) {
+	t.Parallel()
+	cfg, err := loadConfig("../../deploy/walhook.example.yaml", noEnv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Validate(true); err != nil {
+		t.Fatalf("deploy/walhook.example.yaml: %v", err)
+	}
+	if len(cfg.subs) != 1 || cfg.subs[0].Delivery.Timeout != 5*time.Second || cfg.subs[0].Delivery.RetryInitial != time.Second {
+		t.Errorf("subscription options = %+v", cfg.subs[0].Delivery)
+	}
+}
+
+func TestHealthz(t *testing.T) {
+	t.Parallel()
+	srv := httptest.NewServer(routes())
+	defer srv.Close()
+	resp, err := http.Get(srv.URL + "/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("/healthz = %d", resp.StatusCode)
 	}
 }

@@ -35,13 +35,15 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		log.Warn().Msg("no subscriptions: events will be confirmed without delivery")
 	}
 
+	snd := sender.New()
+	defer snd.Close()
 	acker := outbox.NewAcker(0)
 	changes := make(chan outbox.Change, 256)
 	stream := cdc.NewStream(cfg.cdcConfig(), acker, log)
 	dispatcher := outbox.NewDispatcher(outbox.DispatcherConfig{
 		Subscriptions: cfg.subs,
 		Acker:         acker,
-		Deliverer:     sender.New(),
+		Deliverer:     snd,
 		Store:         pgstore.New(pool),
 		Logger:        log.With().Str("component", "outbox").Logger(),
 	})

@@ -13,29 +13,53 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/goleak"
 )
 
-// Main runs the tests of a package against the shared cluster, starting one for
-// this package when none was given. Use it from TestMain.
+// Main runs the tests of a package against the shared cluster. When none was
+// given, the first test that needs PostgreSQL starts one for this package, and
+// Main stops it at the end (fuzz workers and tests without PostgreSQL start none).
+// Main also fails the run if goroutines are left behind. Use it from TestMain.
 func Main(m *testing.M) int {
-	if os.Getenv(EnvURL) != "" {
-		return m.Run()
+	code := m.Run()
+	if own != nil {
+		own.Stop()
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	c, err := Start(ctx)
-	cancel()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintf(os.Stderr, "pgtest: goroutines left behind: %v\n", err)
+			code = 1
+		}
 	}
-	defer c.Stop()
-	os.Setenv(EnvURL, c.URL)
-	return m.Run()
+	return code
+}
+
+var (
+	startOnce sync.Once
+	own       *Cluster // started by this package, if any
+	ownErr    error
+)
+
+// baseURL returns the shared cluster's URL, starting one for this package if needed.
+func baseURL() (string, error) {
+	if u := os.Getenv(EnvURL); u != "" {
+		return u, nil
+	}
+	startOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		own, ownErr = Start(ctx)
+	})
+	if ownErr != nil {
+		return "", ownErr
+	}
+	return own.URL, nil
 }
 
 // DB is one test's database.
@@ -49,9 +73,9 @@ type DB struct {
 // t ends.
 func New(t testing.TB) *DB {
 	t.Helper()
-	base := os.Getenv(EnvURL)
-	if base == "" {
-		t.Fatalf("pgtest: %s is not set: call pgtest.Main from TestMain, or run `make test`", EnvURL)
+	base, err := baseURL()
+	if err != nil {
+		t.Fatalf("pgtest: %v", err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
