@@ -64,7 +64,9 @@ type Stream struct {
 	sentAt     time.Time
 	maxAge     time.Duration // StatusMaxAge fitted to the server's wal_sender_timeout
 	relations  map[uint32]*relation
-	commitTime time.Time // of the open transaction
+	commitTime time.Time  // of the open transaction
+	commitLSN  outbox.LSN // of the open transaction: the base of its events' sequence
+	txnIndex   uint64     // events so far in the open transaction
 	inTxn      bool
 	txnEvents  bool            // the open transaction has produced a change
 	pending    []outbox.Change // changes waiting for room in out (at most two)
@@ -321,6 +323,7 @@ func (s *Stream) handleWAL(at outbox.LSN, wal []byte) error {
 		// The Begin change waits for the transaction's first event: most
 		// transactions in the stream have none for walhook.
 		s.inTxn, s.txnEvents, s.commitTime = true, false, m.CommitTime
+		s.commitLSN, s.txnIndex = outbox.LSN(m.FinalLSN), 0
 	case *pglogrepl.CommitMessage:
 		end := outbox.LSN(m.TransactionEndLSN)
 		if s.txnEvents {
@@ -363,6 +366,8 @@ func (s *Stream) queueEvent(at outbox.LSN, e outbox.Event, err error) {
 		s.pending = append(s.pending, outbox.Change{Kind: outbox.ChangeBegin})
 	}
 	e.CommitTime = s.commitTime
+	e.Seq = sequence(s.commitLSN, s.txnIndex)
+	s.txnIndex++
 	if err != nil {
 		if e.ID == "" {
 			e.ID = "lsn:" + at.String()
@@ -371,6 +376,12 @@ func (s *Stream) queueEvent(at outbox.LSN, e outbox.Event, err error) {
 		return
 	}
 	s.pending = append(s.pending, outbox.Change{Kind: outbox.ChangeEvent, Event: e})
+}
+
+// sequence orders events by commit: the transaction's commit LSN, then the
+// event's index in it (saturating at 65535; see docs/scheduler.md).
+func sequence(commit outbox.LSN, index uint64) uint64 {
+	return uint64(commit)<<16 | min(index, 0xffff)
 }
 
 // sendStatus confirms the finished position. Unless forced, it only sends when the

@@ -149,7 +149,7 @@ func confirmedFlush(t *testing.T, db *pgtest.DB) outbox.LSN {
 func currentLSN(t *testing.T, db *pgtest.DB) outbox.LSN {
 	t.Helper()
 	var lsn pglogrepl.LSN
-	if err := db.Pool.QueryRow(t.Context(), `SELECT pg_current_wal_lsn()`).Scan(&lsn); err != nil {
+	if err := db.Pool.QueryRow(t.Context(), `SELECT pg_current_wal_insert_lsn()`).Scan(&lsn); err != nil {
 		t.Fatal(err)
 	}
 	return outbox.LSN(lsn)
@@ -249,7 +249,11 @@ func TestStreamIdleOutboxDoesNotPinWAL(t *testing.T) {
 	}
 	target := currentLSN(t, db)
 	eventually(t, 30*time.Second, "confirmed_flush_lsn to pass the busy table's writes", func() bool {
-		return confirmedFlush(t, db) >= target
+		if confirmedFlush(t, db) >= target {
+			return true
+		}
+		exec(t, db, `SELECT pg_logical_emit_message(false, 'walhook-test-nudge', '')`) // WAL after the target
+		return false
 	})
 }
 

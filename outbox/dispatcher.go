@@ -52,8 +52,8 @@ type DispatcherConfig struct {
 	QueueSize     int // pending deliveries per subscription before the stream pauses; default 1024
 }
 
-// Dispatcher routes the stream's events to subscriptions and delivers them, one
-// worker per subscription, in commit order, with retries.
+// Dispatcher routes the stream's events to subscriptions, each delivered by its
+// own scheduler (docs/scheduler.md).
 type Dispatcher struct {
 	cfg    DispatcherConfig
 	queues []chan delivery // parallel to cfg.Subscriptions
@@ -82,9 +82,8 @@ func NewDispatcher(cfg DispatcherConfig) *Dispatcher {
 func (d *Dispatcher) Run(ctx context.Context, changes <-chan Change) error {
 	g, ctx := errgroup.WithContext(ctx)
 	for i, s := range d.cfg.Subscriptions {
-		w := &worker{d: d, sub: s, queue: d.queues[i],
-			log: d.cfg.Logger.With().Str("subscription", s.ID).Logger()}
-		g.Go(func() error { return w.run(ctx) })
+		sc := newScheduler(d, s, d.queues[i])
+		g.Go(func() error { return sc.run(ctx) })
 	}
 	g.Go(func() error {
 		for {
@@ -157,81 +156,6 @@ func (d *Dispatcher) deadLetter(ctx context.Context, dl DeadLetter) error {
 			logged = true
 		}
 		if err := sleep(ctx, b.NextBackOff()); err != nil {
-			return err
-		}
-	}
-}
-
-type worker struct {
-	d     *Dispatcher
-	sub   *Subscription
-	queue chan delivery
-	log   zerolog.Logger
-}
-
-func (w *worker) run(ctx context.Context) error {
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case dv := <-w.queue:
-			if err := w.handleDelivery(ctx, dv); err != nil {
-				return err
-			}
-		}
-	}
-}
-
-// handleDelivery sends one event until it is delivered or dead-lettered, then
-// tells the Acker. It returns only ctx's error.
-func (w *worker) handleDelivery(ctx context.Context, dv delivery) error {
-	batch := NewBatch(w.sub, dv.event)
-	opts := w.sub.Delivery
-	b := backoff.NewExponentialBackOff(
-		backoff.WithInitialInterval(opts.RetryInitial),
-		backoff.WithMaxInterval(opts.RetryMaxInterval),
-		backoff.WithMaxElapsedTime(0),
-	)
-	var first time.Time
-	for attempt := 1; ; attempt++ {
-		now := time.Now()
-		if first.IsZero() {
-			first = now
-		}
-		err := w.d.cfg.Deliverer.Deliver(ctx, batch)
-		if err == nil {
-			w.log.Debug().Str("webhook_id", batch.WebhookID).Int("attempts", attempt).Msg("delivered")
-			w.d.cfg.Acker.Done(dv.txn)
-			return nil
-		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		var f Failure
-		retryable, status, after := true, 0, time.Duration(0)
-		if errors.As(err, &f) {
-			retryable, status, after = f.Retryable(), f.StatusCode(), f.RetryAfter()
-		}
-		if !retryable {
-			w.log.Warn().Str("webhook_id", batch.WebhookID).Int("status", status).Err(err).Msg("dead-lettered")
-			err := w.d.deadLetter(ctx, DeadLetter{
-				Subscription: w.sub.ID, Event: dv.event, WebhookID: batch.WebhookID,
-				Status: status, Reason: err.Error(), Attempts: attempt,
-				FirstAttempt: first, LastAttempt: now,
-			})
-			if err != nil {
-				return err
-			}
-			w.d.cfg.Acker.Done(dv.txn)
-			return nil
-		}
-		wait := b.NextBackOff()
-		if after > wait {
-			wait = min(after, opts.RetryMaxInterval)
-		}
-		w.log.Debug().Str("webhook_id", batch.WebhookID).Int("attempt", attempt).Int("status", status).
-			Err(err).Dur("retry_in", wait).Msg("attempt failed")
-		if err := sleep(ctx, wait); err != nil {
 			return err
 		}
 	}

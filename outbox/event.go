@@ -21,6 +21,8 @@ type Event struct {
 	Tenant     string          // "" when the row has none
 	Payload    json.RawMessage // valid JSON, never empty
 	CommitTime time.Time       // commit time of the transaction that wrote it
+	Seq        uint64          // increases with commit order; stable across restarts
+	Coalesced  int             // how many events this one stands for after debounce; 1 = itself
 }
 
 // Batch is what one webhook request carries.

@@ -15,11 +15,33 @@ type Subscription struct {
 	Delivery  DeliveryOptions
 }
 
-// DeliveryOptions tune how a subscription's hooks are sent.
+// PayloadMode says whether envelopes carry the row's payload.
+type PayloadMode string
+
+const (
+	PayloadFull   PayloadMode = "full"   // envelopes carry data
+	PayloadSkinny PayloadMode = "skinny" // envelopes carry resource_url instead
+)
+
+// DeliveryOptions tune how a subscription's hooks are sent. Every field must be
+// set (DefaultDeliveryOptions has the defaults); config fills them.
 type DeliveryOptions struct {
 	Timeout          time.Duration // deadline of one attempt, whole exchange; default 10s
 	RetryInitial     time.Duration // first retry delay; default 1s
 	RetryMaxInterval time.Duration // cap of the retry delay and of Retry-After; default 5m
+
+	Debounce time.Duration // quiet time before sending a resource's newest event; default 0 = off
+	MaxWait  time.Duration // with debounce, send at most this long after the first merged event; default 60s
+
+	BatchMax   int           // events per request; default 1 (a single object body); > 1 sends arrays
+	BatchWait  time.Duration // how long to gather a batch; default 50ms
+	BatchBytes int           // estimated body size that closes a batch; default 1 MiB
+
+	Payload         PayloadMode // full (default) or skinny
+	ResourceURL     string      // template with {resource_id}, for skinny and truncated envelopes
+	MaxPayloadBytes int         // larger payloads are sent skinny with "truncated": true; default 256 KiB
+
+	MaxInFlight int // concurrent requests (so resources in flight); default 16
 }
 
 // DefaultDeliveryOptions are used where config sets nothing.
@@ -27,21 +49,17 @@ var DefaultDeliveryOptions = DeliveryOptions{
 	Timeout:          10 * time.Second,
 	RetryInitial:     time.Second,
 	RetryMaxInterval: 5 * time.Minute,
+	MaxWait:          60 * time.Second,
+	BatchMax:         1,
+	BatchWait:        50 * time.Millisecond,
+	BatchBytes:       1 << 20,
+	Payload:          PayloadFull,
+	MaxPayloadBytes:  256 << 10,
+	MaxInFlight:      16,
 }
 
-// WithDefaults fills zero fields from def.
-func (o DeliveryOptions) WithDefaults(def DeliveryOptions) DeliveryOptions {
-	if o.Timeout == 0 {
-		o.Timeout = def.Timeout
-	}
-	if o.RetryInitial == 0 {
-		o.RetryInitial = def.RetryInitial
-	}
-	if o.RetryMaxInterval == 0 {
-		o.RetryMaxInterval = def.RetryMaxInterval
-	}
-	return o
-}
+// Batched reports whether request bodies are arrays.
+func (o *DeliveryOptions) Batched() bool { return o.BatchMax > 1 }
 
 // Matches reports whether the subscription wants e.
 func (s *Subscription) Matches(e *Event) bool {

@@ -63,10 +63,7 @@ func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	if err != nil {
 		return &DeliveryError{Reason: "subscription " + sub.ID + ": " + err.Error()}
 	}
-	body, err := Body(b)
-	if err != nil {
-		return &DeliveryError{Reason: "encode body: " + err.Error()}
-	}
+	body := Body(b)
 	ctx, cancel := context.WithTimeout(ctx, sub.Delivery.Timeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, sub.TargetURL, bytes.NewReader(body))

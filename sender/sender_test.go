@@ -59,7 +59,7 @@ func TestDeliverSignsAndFollowsContract(t *testing.T) {
 	if d := time.Since(time.Unix(ts, 0)); d < -time.Minute || d > time.Minute {
 		t.Errorf("webhook-timestamp %d is not now", ts)
 	}
-	want := `{"id":"42","type":"contact.updated","timestamp":"2026-01-02T02:04:05Z","resource_id":"c1","tenant":null,"data":{"name":"Ada"}}`
+	want := `{"id":"42","type":"contact.updated","timestamp":"2026-01-02T02:04:05Z","resource_id":"c1","tenant":null,"sequence":0,"coalesced":1,"data":{"name":"Ada"}}`
 	if string(r.Body) != want {
 		t.Errorf("body\n got %s\nwant %s", r.Body, want)
 	}

@@ -38,11 +38,21 @@ type Config struct {
 	subs    []*outbox.Subscription
 }
 
-// Delivery holds the per-subscription delivery options.
+// Delivery holds the per-subscription delivery options (defaults in
+// outbox.DefaultDeliveryOptions). Unset keys inherit from defaults:.
 type Delivery struct {
 	Timeout          Duration `yaml:"timeout"`            // default 10s
 	RetryInitial     Duration `yaml:"retry_initial"`      // default 1s
 	RetryMaxInterval Duration `yaml:"retry_max_interval"` // default 5m
+	Debounce         Duration `yaml:"debounce"`           // default 0 = off
+	MaxWait          Duration `yaml:"max_wait"`           // default 60s
+	BatchMax         *int     `yaml:"batch_max"`          // default 1
+	BatchWait        Duration `yaml:"batch_wait"`         // default 50ms
+	BatchBytes       *int     `yaml:"batch_bytes"`        // default 1 MiB
+	Payload          *string  `yaml:"payload"`            // full (default) or skinny
+	ResourceURL      *string  `yaml:"resource_url"`       // template with {resource_id}
+	MaxPayloadBytes  *int     `yaml:"max_payload_bytes"`  // default 256 KiB
+	MaxInFlight      *int     `yaml:"max_in_flight"`      // default 16
 }
 
 // SubscriptionConfig is one static subscription.
@@ -76,6 +86,14 @@ func (d Duration) parse(key string, def time.Duration) (time.Duration, error) {
 		return 0, fmt.Errorf("%s: %q is not a positive duration (like 10s, 5m)", key, d.raw)
 	}
 	return v, nil
+}
+
+// parseOrZero is parse for durations where 0 means off.
+func (d Duration) parseOrZero(key string, def time.Duration) (time.Duration, error) {
+	if d.set && (d.raw == "0" || d.raw == "0s") {
+		return 0, nil
+	}
+	return d.parse(key, def)
 }
 
 // envKeys are the top-level keys that WALHOOK_<KEY> can set.
@@ -182,17 +200,53 @@ func (c *Config) Validate(withSubscriptions bool) error {
 }
 
 func (d Delivery) options(prefix string, def outbox.DeliveryOptions) (outbox.DeliveryOptions, error) {
-	var o outbox.DeliveryOptions
+	o := def
 	var errs []error
-	var err error
-	if o.Timeout, err = d.Timeout.parse(prefix+".timeout", def.Timeout); err != nil {
-		errs = append(errs, err)
+	dur := func(dst *time.Duration, v Duration, name string, zeroOK bool) {
+		var err error
+		if zeroOK {
+			*dst, err = v.parseOrZero(prefix+"."+name, *dst)
+		} else {
+			*dst, err = v.parse(prefix+"."+name, *dst)
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
 	}
-	if o.RetryInitial, err = d.RetryInitial.parse(prefix+".retry_initial", def.RetryInitial); err != nil {
-		errs = append(errs, err)
+	count := func(dst *int, v *int, name string, least int) {
+		if v == nil {
+			return
+		}
+		if *v < least {
+			errs = append(errs, fmt.Errorf("%s.%s: %d must be at least %d", prefix, name, *v, least))
+			return
+		}
+		*dst = *v
 	}
-	if o.RetryMaxInterval, err = d.RetryMaxInterval.parse(prefix+".retry_max_interval", def.RetryMaxInterval); err != nil {
-		errs = append(errs, err)
+	dur(&o.Timeout, d.Timeout, "timeout", false)
+	dur(&o.RetryInitial, d.RetryInitial, "retry_initial", false)
+	dur(&o.RetryMaxInterval, d.RetryMaxInterval, "retry_max_interval", false)
+	dur(&o.Debounce, d.Debounce, "debounce", true)
+	dur(&o.MaxWait, d.MaxWait, "max_wait", false)
+	dur(&o.BatchWait, d.BatchWait, "batch_wait", true)
+	count(&o.BatchMax, d.BatchMax, "batch_max", 1)
+	count(&o.BatchBytes, d.BatchBytes, "batch_bytes", 1024)
+	count(&o.MaxPayloadBytes, d.MaxPayloadBytes, "max_payload_bytes", 1)
+	count(&o.MaxInFlight, d.MaxInFlight, "max_in_flight", 1)
+	if d.Payload != nil {
+		switch p := outbox.PayloadMode(*d.Payload); p {
+		case outbox.PayloadFull, outbox.PayloadSkinny:
+			o.Payload = p
+		default:
+			errs = append(errs, fmt.Errorf("%s.payload: %q must be full or skinny", prefix, *d.Payload))
+		}
+	}
+	if d.ResourceURL != nil {
+		o.ResourceURL = *d.ResourceURL
+		if u, err := url.Parse(strings.ReplaceAll(o.ResourceURL, "{resource_id}", "x")); o.ResourceURL != "" &&
+			(err != nil || (u.Scheme != "http" && u.Scheme != "https") || !strings.Contains(o.ResourceURL, "{resource_id}")) {
+			errs = append(errs, fmt.Errorf("%s.resource_url: must be an http(s) URL template containing {resource_id}", prefix))
+		}
 	}
 	if len(errs) == 0 && o.RetryMaxInterval < o.RetryInitial {
 		errs = append(errs, fmt.Errorf("%s.retry_max_interval: must not be less than retry_initial", prefix))
@@ -233,6 +287,8 @@ func (sc SubscriptionConfig) subscription(key string, defaults outbox.DeliveryOp
 	opts, err := sc.Delivery.options(key, defaults)
 	if err != nil {
 		errs = append(errs, err)
+	} else if opts.Payload == outbox.PayloadSkinny && opts.ResourceURL == "" {
+		bad("%s.resource_url: required with payload: skinny", key)
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -138,12 +139,24 @@ func (e *env) confirmedFlush() pglogrepl.LSN {
 	return lsn
 }
 
-func (e *env) currentLSN() pglogrepl.LSN {
-	var lsn pglogrepl.LSN
-	if err := e.db.Pool.QueryRow(context.Background(), `SELECT pg_current_wal_lsn()`).Scan(&lsn); err != nil {
+// waitCaughtUp waits until the slot confirms everything committed so far: every
+// delivery before now is finished. It uses the WAL insert position
+// (pg_current_wal_lsn is the write position, which lags with asynchronous commit)
+// and writes a tiny non-transactional message while waiting, so that the
+// walsender always has something after the target to report.
+func (e *env) waitCaughtUp() {
+	e.t.Helper()
+	var target pglogrepl.LSN
+	if err := e.db.Pool.QueryRow(context.Background(), `SELECT pg_current_wal_insert_lsn()`).Scan(&target); err != nil {
 		e.t.Fatal(err)
 	}
-	return lsn
+	e.eventually(60*time.Second, "the slot to confirm everything committed", func() bool {
+		if e.confirmedFlush() >= target {
+			return true
+		}
+		e.exec(`SELECT pg_logical_emit_message(false, 'walhook-test-nudge', '')`)
+		return false
+	})
 }
 
 // eventually polls cond until it holds or fails the test after timeout.
@@ -182,4 +195,13 @@ func decode(t *testing.T, body []byte) envelope {
 func sub(id, url string, events string, more ...string) string {
 	return fmt.Sprintf("  - id: %s\n    events: %s\n    target_url: %s\n    secret: %s\n%s", id, events, url, testSecret,
 		strings.Join(more, ""))
+}
+
+// jsonEqual compares JSON values, ignoring formatting.
+func jsonEqual(got json.RawMessage, want string) bool {
+	var a, b any
+	if json.Unmarshal(got, &a) != nil || json.Unmarshal([]byte(want), &b) != nil {
+		return false
+	}
+	return reflect.DeepEqual(a, b)
 }

@@ -1,0 +1,395 @@
+package outbox
+
+import (
+	"container/heap"
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/rs/zerolog"
+)
+
+// pendingLimit is how many items one scheduler holds before it stops reading its
+// input (and so, through the Dispatcher, pauses the stream).
+const pendingLimit = 10_000
+
+// envelopeOverhead estimates an envelope's size beyond its payload, for batch_bytes.
+const envelopeOverhead = 256
+
+// scheduler delivers one subscription's events: per-key order, debounce,
+// batching, retries and max_in_flight (see docs/scheduler.md). One goroutine,
+// run, owns every field below; sends run in their own goroutines and report
+// back through results.
+type scheduler struct {
+	sub   *Subscription
+	opts  DeliveryOptions
+	in    <-chan delivery
+	d     *Dispatcher
+	log   zerolog.Logger
+	now   func() time.Time
+	sends sync.WaitGroup
+
+	keys        map[string]*key
+	ready       []*key // not busy, head ready; FIFO
+	readyEvents int    // items held by keys in ready (an estimate of what a batch could take)
+	retries     []*job // due for another attempt
+	timers      timerHeap
+	pending     int       // items held
+	inFlight    int       // requests in flight
+	gatherUntil time.Time // batch_wait deadline while gathering; zero otherwise
+	results     chan result
+}
+
+type key struct {
+	id       string
+	items    []*item
+	busy     bool // some items are in a batch
+	queued   bool // in ready
+	timerSet bool // a debounce deadline is in timers
+}
+
+type item struct {
+	ev      Event
+	txn     *Txn
+	first   time.Time // arrival of the first event merged into it
+	readyAt time.Time
+	sent    bool // in a batch: never merged into again
+}
+
+// job is one batch and its attempts.
+type job struct {
+	batch   *Batch
+	items   []*item
+	keys    []*key
+	taken   []int // items taken from each of keys
+	attempt int
+	first   time.Time
+	backoff *backoff.ExponentialBackOff
+}
+
+type result struct {
+	job  *job
+	err  error
+	dead bool // the failure was permanent and the events are dead-lettered
+}
+
+func newScheduler(d *Dispatcher, s *Subscription, in <-chan delivery) *scheduler {
+	opts := s.Delivery
+	opts.MaxInFlight = max(opts.MaxInFlight, 1)
+	opts.BatchMax = max(opts.BatchMax, 1)
+	return &scheduler{
+		sub: s, opts: opts, in: in, d: d, now: time.Now,
+		log:     d.cfg.Logger.With().Str("subscription", s.ID).Logger(),
+		keys:    map[string]*key{},
+		results: make(chan result, opts.MaxInFlight),
+	}
+}
+
+func (s *scheduler) run(ctx context.Context) error {
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	defer s.sends.Wait()
+	for {
+		s.dispatch(ctx)
+		in := s.in
+		if s.pending >= pendingLimit {
+			in = nil // backpressure
+		}
+		var wake <-chan time.Time
+		if at, ok := s.nextWake(); ok {
+			timer.Reset(max(at.Sub(s.now()), 0))
+			wake = timer.C
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case dv := <-in:
+			s.handleEvent(dv)
+		case r := <-s.results:
+			s.handleResult(r)
+		case <-wake:
+			s.handleTimers()
+		}
+	}
+}
+
+// handleEvent queues an event under its key, merging it into the key's tail item
+// when debounce allows.
+func (s *scheduler) handleEvent(dv delivery) {
+	now := s.now()
+	k := s.keys[dv.event.ResourceID]
+	if k == nil {
+		k = &key{id: dv.event.ResourceID}
+		s.keys[k.id] = k
+	}
+	ev := dv.event
+	ev.Coalesced = 1
+	if s.opts.Debounce > 0 && len(k.items) > 0 {
+		if tail := k.items[len(k.items)-1]; !tail.sent && tail.ev.Type == ev.Type {
+			// The older event is superseded: its delivery is done (docs/scheduler.md).
+			s.d.cfg.Acker.Done(tail.txn)
+			ev.Coalesced = tail.ev.Coalesced + 1
+			tail.ev, tail.txn = ev, dv.txn
+			tail.readyAt = s.readyAt(tail.first, now)
+			return
+		}
+	}
+	it := &item{ev: ev, txn: dv.txn, first: now, readyAt: s.readyAt(now, now)}
+	k.items = append(k.items, it)
+	s.pending++
+	if k.queued {
+		s.readyEvents++
+	}
+	if len(k.items) == 1 {
+		s.schedule(k, now)
+	}
+}
+
+func (s *scheduler) readyAt(first, now time.Time) time.Time {
+	if s.opts.Debounce <= 0 {
+		return now
+	}
+	at := now.Add(s.opts.Debounce)
+	if limit := first.Add(s.opts.MaxWait); limit.Before(at) {
+		at = limit
+	}
+	return at
+}
+
+// schedule puts an idle key in ready, or sets its debounce timer.
+func (s *scheduler) schedule(k *key, now time.Time) {
+	if k.busy || k.queued || len(k.items) == 0 {
+		return
+	}
+	head := k.items[0]
+	if !head.readyAt.After(now) {
+		k.queued = true
+		s.ready = append(s.ready, k)
+		s.readyEvents += len(k.items)
+		return
+	}
+	if !k.timerSet {
+		k.timerSet = true
+		heap.Push(&s.timers, timerEntry{at: head.readyAt, key: k})
+	}
+}
+
+// dispatch starts as many sends as max_in_flight allows: due retries first, then
+// new batches.
+func (s *scheduler) dispatch(ctx context.Context) {
+	for s.inFlight < s.opts.MaxInFlight && len(s.retries) > 0 {
+		j := s.retries[0]
+		s.retries = s.retries[1:]
+		s.start(ctx, j)
+	}
+	now := s.now()
+	for s.inFlight < s.opts.MaxInFlight && len(s.ready) > 0 {
+		if s.opts.Batched() {
+			if s.gatherUntil.IsZero() {
+				s.gatherUntil = now.Add(s.opts.BatchWait)
+			}
+			if s.readyEvents < s.opts.BatchMax && now.Before(s.gatherUntil) {
+				return // wait for a fuller batch
+			}
+		}
+		j := s.assemble(now)
+		if j == nil {
+			return
+		}
+		s.start(ctx, j)
+	}
+	if len(s.ready) == 0 {
+		s.gatherUntil = time.Time{}
+	}
+}
+
+// assemble takes ready keys in order, and from each its consecutive ready items,
+// up to batch_max events and batch_bytes.
+func (s *scheduler) assemble(now time.Time) *job {
+	j := &job{}
+	size := 0
+	for len(s.ready) > 0 && len(j.items) < s.opts.BatchMax {
+		k := s.ready[0]
+		if k.items[0].readyAt.After(now) {
+			// A merge moved the head's debounce deadline after it became ready.
+			s.popReady()
+			s.schedule(k, now)
+			continue
+		}
+		taken := 0
+		for _, it := range k.items {
+			if it.readyAt.After(now) || len(j.items) >= s.opts.BatchMax {
+				break
+			}
+			sz := len(it.ev.Payload) + envelopeOverhead
+			if len(j.items) > 0 && size+sz > s.opts.BatchBytes {
+				break
+			}
+			it.sent = true
+			j.items = append(j.items, it)
+			size += sz
+			taken++
+		}
+		if taken == 0 {
+			break // the batch is full by bytes
+		}
+		s.popReady()
+		k.busy = true
+		j.keys = append(j.keys, k)
+		j.taken = append(j.taken, taken)
+	}
+	if len(j.items) == 0 {
+		return nil
+	}
+	events := make([]Event, len(j.items))
+	for i, it := range j.items {
+		events[i] = it.ev
+	}
+	j.batch = NewBatch(s.sub, events...)
+	j.first = now
+	j.backoff = backoff.NewExponentialBackOff(
+		backoff.WithInitialInterval(s.opts.RetryInitial),
+		backoff.WithMaxInterval(s.opts.RetryMaxInterval),
+		backoff.WithMaxElapsedTime(0),
+	)
+	return j
+}
+
+func (s *scheduler) popReady() {
+	k := s.ready[0]
+	s.ready[0] = nil
+	s.ready = s.ready[1:]
+	s.readyEvents -= len(k.items)
+	k.queued = false
+}
+
+// start sends j in its own goroutine.
+func (s *scheduler) start(ctx context.Context, j *job) {
+	s.inFlight++
+	j.attempt++
+	s.sends.Add(1)
+	go func() {
+		defer s.sends.Done()
+		r := result{job: j, err: s.d.cfg.Deliverer.Deliver(ctx, j.batch)}
+		if r.err != nil && ctx.Err() == nil && !retryable(r.err) {
+			r.dead = s.deadLetter(ctx, j, r.err) == nil
+		}
+		s.results <- r // buffered to max_in_flight: never blocks
+	}()
+}
+
+func (s *scheduler) deadLetter(ctx context.Context, j *job, cause error) error {
+	status := 0
+	if f, ok := errors.AsType[Failure](cause); ok {
+		status = f.StatusCode()
+	}
+	s.log.Warn().Str("webhook_id", j.batch.WebhookID).Int("events", len(j.items)).Int("status", status).
+		Err(cause).Msg("dead-lettered")
+	now := s.now()
+	for _, it := range j.items {
+		err := s.d.deadLetter(ctx, DeadLetter{
+			Subscription: s.sub.ID, Event: it.ev, WebhookID: j.batch.WebhookID,
+			Status: status, Reason: cause.Error(), Attempts: j.attempt,
+			FirstAttempt: j.first, LastAttempt: now,
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func retryable(err error) bool {
+	if f, ok := errors.AsType[Failure](err); ok {
+		return f.Retryable()
+	}
+	return true
+}
+
+func (s *scheduler) handleResult(r result) {
+	s.inFlight--
+	j := r.job
+	if r.err == nil || r.dead {
+		if r.err == nil {
+			s.log.Debug().Str("webhook_id", j.batch.WebhookID).Int("events", len(j.items)).Int("attempts", j.attempt).Msg("delivered")
+		}
+		s.finish(j)
+		return
+	}
+	if !retryable(r.err) {
+		return // shutting down before the dead letter was stored: it stays unacked
+	}
+	wait := j.backoff.NextBackOff()
+	if f, ok := errors.AsType[Failure](r.err); ok && f.RetryAfter() > wait {
+		wait = min(f.RetryAfter(), s.opts.RetryMaxInterval)
+	}
+	s.log.Debug().Str("webhook_id", j.batch.WebhookID).Int("attempt", j.attempt).Err(r.err).Dur("retry_in", wait).Msg("attempt failed")
+	heap.Push(&s.timers, timerEntry{at: s.now().Add(wait), job: j})
+}
+
+// finish releases a delivered or dead-lettered batch: acks its events and lets
+// its keys send their next items.
+func (s *scheduler) finish(j *job) {
+	for _, it := range j.items {
+		s.d.cfg.Acker.Done(it.txn)
+	}
+	s.pending -= len(j.items)
+	now := s.now()
+	for i, k := range j.keys {
+		clear(k.items[:j.taken[i]])
+		k.items = k.items[j.taken[i]:]
+		k.busy = false
+		if len(k.items) == 0 {
+			delete(s.keys, k.id)
+			continue
+		}
+		s.schedule(k, now)
+	}
+}
+
+func (s *scheduler) nextWake() (time.Time, bool) {
+	var at time.Time
+	if len(s.timers) > 0 {
+		at = s.timers[0].at
+	}
+	gathering := len(s.ready) > 0 && s.inFlight < s.opts.MaxInFlight && s.gatherUntil.After(s.now())
+	if gathering && (at.IsZero() || s.gatherUntil.Before(at)) {
+		at = s.gatherUntil
+	}
+	return at, !at.IsZero()
+}
+
+func (s *scheduler) handleTimers() {
+	now := s.now()
+	for len(s.timers) > 0 && !s.timers[0].at.After(now) {
+		e := heap.Pop(&s.timers).(timerEntry)
+		if e.job != nil {
+			s.retries = append(s.retries, e.job)
+			continue
+		}
+		e.key.timerSet = false
+		s.schedule(e.key, now) // re-arms itself if merges pushed the deadline later
+	}
+}
+
+type timerEntry struct {
+	at  time.Time
+	key *key // a debounce deadline
+	job *job // or a retry
+}
+
+type timerHeap []timerEntry
+
+func (h timerHeap) Len() int           { return len(h) }
+func (h timerHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
+func (h timerHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *timerHeap) Push(x any)        { *h = append(*h, x.(timerEntry)) }
+func (h *timerHeap) Pop() any {
+	old := *h
+	e := old[len(old)-1]
+	old[len(old)-1] = timerEntry{}
+	*h = old[:len(old)-1]
+	return e
+}
