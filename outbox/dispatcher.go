@@ -58,11 +58,13 @@ type Dispatcher struct {
 	cfg    DispatcherConfig
 	queues []chan delivery // parallel to cfg.Subscriptions
 	txn    *Txn            // the open transaction; owned by Run's goroutine
+	sent   []bool          // which queues got events of the open transaction
 }
 
 type delivery struct {
-	event Event
-	txn   *Txn
+	event  Event
+	txn    *Txn
+	commit bool // no event: the transaction of the previous events committed
 }
 
 // NewDispatcher returns a Dispatcher; Run starts it.
@@ -70,7 +72,7 @@ func NewDispatcher(cfg DispatcherConfig) *Dispatcher {
 	if cfg.QueueSize <= 0 {
 		cfg.QueueSize = 1024
 	}
-	d := &Dispatcher{cfg: cfg}
+	d := &Dispatcher{cfg: cfg, sent: make([]bool, len(cfg.Subscriptions))}
 	for range cfg.Subscriptions {
 		d.queues = append(d.queues, make(chan delivery, cfg.QueueSize))
 	}
@@ -117,10 +119,9 @@ func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 				continue
 			}
 			d.cfg.Acker.Add(d.txn, 1)
-			select {
-			case d.queues[i] <- delivery{event: c.Event, txn: d.txn}:
-			case <-ctx.Done():
-				return ctx.Err()
+			d.sent[i] = true
+			if err := d.enqueue(ctx, i, delivery{event: c.Event, txn: d.txn}); err != nil {
+				return err
 			}
 		}
 	case ChangeMalformed:
@@ -129,10 +130,28 @@ func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 	case ChangeCommit:
 		d.cfg.Acker.Commit(d.txn, c.LSN)
 		d.txn = nil
+		// Schedulers hold partial batches while a transaction streams in.
+		for i, sent := range d.sent {
+			if sent {
+				d.sent[i] = false
+				if err := d.enqueue(ctx, i, delivery{commit: true}); err != nil {
+					return err
+				}
+			}
+		}
 	case ChangeIdle:
 		d.cfg.Acker.Idle(c.LSN)
 	}
 	return nil
+}
+
+func (d *Dispatcher) enqueue(ctx context.Context, i int, dv delivery) error {
+	select {
+	case d.queues[i] <- dv:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // deadLetter writes dl, retrying until it is stored or ctx ends: an event is not

@@ -39,6 +39,7 @@ type scheduler struct {
 	pending     int       // items held
 	inFlight    int       // requests in flight
 	gatherUntil time.Time // batch_wait deadline while gathering; zero otherwise
+	inTxn       bool      // events came that their transaction's commit has not followed yet
 	results     chan result
 }
 
@@ -118,6 +119,11 @@ func (s *scheduler) run(ctx context.Context) error {
 // handleEvent queues an event under its key, merging it into the key's tail item
 // when debounce allows.
 func (s *scheduler) handleEvent(dv delivery) {
+	if dv.commit {
+		s.inTxn = false
+		return
+	}
+	s.inTxn = true
 	now := s.now()
 	k := s.keys[dv.event.ResourceID]
 	if k == nil {
@@ -190,8 +196,12 @@ func (s *scheduler) dispatch(ctx context.Context) {
 			if s.gatherUntil.IsZero() {
 				s.gatherUntil = now.Add(s.opts.BatchWait)
 			}
-			if s.readyEvents < s.opts.BatchMax && now.Before(s.gatherUntil) {
-				return // wait for a fuller batch
+			// Wait for a fuller batch until batch_wait has passed, and while
+			// more events are sure to come: the transaction is still streaming
+			// in, or events wait in the input (unless memory is full).
+			midBurst := (s.inTxn || len(s.in) > 0) && s.pending < pendingLimit
+			if s.readyEvents < s.opts.BatchMax && (now.Before(s.gatherUntil) || midBurst) {
+				return
 			}
 		}
 		j := s.assemble(now)
@@ -252,6 +262,8 @@ func (s *scheduler) assemble(now time.Time) *job {
 	j.backoff = backoff.NewExponentialBackOff(
 		backoff.WithInitialInterval(s.opts.RetryInitial),
 		backoff.WithMaxInterval(s.opts.RetryMaxInterval),
+		backoff.WithMultiplier(2),
+		backoff.WithRandomizationFactor(0.5),
 		backoff.WithMaxElapsedTime(0),
 	)
 	return j

@@ -35,6 +35,11 @@ func TestBadConfigNamesTheKey(t *testing.T) {
 		{name: "duplicate id", yaml: good + "subscriptions:\n  - id: a\n    target_url: http://x/\n" + okSub + "  - id: a\n    target_url: http://x/\n" + okSub, want: `subscriptions[1].id: "a" is used twice`},
 		{name: "bad slot", yaml: good + "slot: My-Slot\n", want: "slot:"},
 		{name: "bad outbox column key", yaml: good + "outbox_columns: {evnt: type}\n", want: "outbox_columns.evnt"},
+		{name: "batch_max zero", yaml: good + "defaults: {batch_max: 0}\n", want: "defaults.batch_max: 0 must be at least 1"},
+		{name: "bad payload mode", yaml: good + "defaults: {payload: thin}\n", want: `defaults.payload: "thin" must be full or skinny`},
+		{name: "skinny without resource_url", yaml: good + "subscriptions:\n  - id: crm\n    target_url: http://x/\n    payload: skinny\n" + okSub, want: "subscriptions[crm].resource_url: required with payload: skinny"},
+		{name: "resource_url without placeholder", yaml: good + "defaults: {resource_url: 'https://x/y'}\n", want: "defaults.resource_url"},
+		{name: "negative debounce", yaml: good + "defaults: {debounce: -1s}\n", want: "defaults.debounce"},
 		{name: "bad env slot", yaml: good, env: map[string]string{"WALHOOK_SLOT": "no way"}, want: "slot:"},
 	}
 	for _, tt := range tests {
