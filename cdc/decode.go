@@ -166,3 +166,36 @@ func parseWAL(wal []byte) (m pglogrepl.Message, err error) {
 	}()
 	return pglogrepl.Parse(wal)
 }
+
+// SubscriptionPrefix is the prefix of the messages walhook.subscriptions' trigger
+// writes on every change.
+const SubscriptionPrefix = "walhook.subscription"
+
+// decodeSubscriptionMessage reads {"op":"upsert","row":{...}} or
+// {"op":"delete","id":"..."}.
+func decodeSubscriptionMessage(content []byte) (outbox.Change, error) {
+	var m struct {
+		Op  string          `json:"op"`
+		ID  string          `json:"id"`
+		Row json.RawMessage `json:"row"`
+	}
+	if err := json.Unmarshal(content, &m); err != nil {
+		return outbox.Change{}, fmt.Errorf("subscription message: %v", err)
+	}
+	c := outbox.Change{Kind: outbox.ChangeSubscription, SubscriptionID: m.ID}
+	switch m.Op {
+	case "upsert":
+		var id struct{ ID string }
+		if err := json.Unmarshal(m.Row, &id); err != nil || id.ID == "" {
+			return c, errors.New("subscription message: upsert without a row id")
+		}
+		c.SubscriptionID, c.Row = id.ID, m.Row
+	case "delete":
+		if m.ID == "" {
+			return c, errors.New("subscription message: delete without an id")
+		}
+	default:
+		return c, fmt.Errorf("subscription message: unknown op %q", m.Op)
+	}
+	return c, nil
+}

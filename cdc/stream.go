@@ -173,6 +173,8 @@ func (s *Stream) connect(ctx context.Context) error {
 	}
 	s.sentFlush, s.received = s.start, s.start
 	s.relations = map[uint32]*relation{}
+	// The pipeline loads the subscriptions in force at the start position.
+	s.pending = append(s.pending[:0], outbox.Change{Kind: outbox.ChangeStart, LSN: s.start})
 	err = pglogrepl.StartReplication(ctx, s.conn, s.cfg.Slot, pglogrepl.LSN(s.start), pglogrepl.StartReplicationOptions{
 		PluginArgs: []string{
 			"proto_version '1'",
@@ -351,20 +353,38 @@ func (s *Stream) handleWAL(at outbox.LSN, wal []byte) error {
 		e, err := decodeRow(rel, m.Tuple)
 		s.queueEvent(at, e, err)
 	case *pglogrepl.LogicalDecodingMessage:
-		if m.Prefix != MessagePrefix || !m.Transactional {
+		if !m.Transactional {
 			return nil
 		}
-		e, err := decodeMessage(outbox.LSN(m.LSN), m.Content)
-		s.queueEvent(at, e, err)
+		switch m.Prefix {
+		case MessagePrefix:
+			e, err := decodeMessage(outbox.LSN(m.LSN), m.Content)
+			s.queueEvent(at, e, err)
+		case SubscriptionPrefix:
+			c, err := decodeSubscriptionMessage(m.Content)
+			if err != nil {
+				s.log.Error().Err(err).Msg("unreadable subscription change ignored")
+				return nil
+			}
+			s.beginLazily()
+			c.Event.Seq = sequence(s.commitLSN, s.txnIndex)
+			s.txnIndex++
+			s.pending = append(s.pending, c)
+		}
 	}
 	return nil
 }
 
-func (s *Stream) queueEvent(at outbox.LSN, e outbox.Event, err error) {
+// beginLazily sends the open transaction's Begin before its first change.
+func (s *Stream) beginLazily() {
 	if !s.txnEvents {
 		s.txnEvents = true
 		s.pending = append(s.pending, outbox.Change{Kind: outbox.ChangeBegin})
 	}
+}
+
+func (s *Stream) queueEvent(at outbox.LSN, e outbox.Event, err error) {
+	s.beginLazily()
 	e.CommitTime = s.commitTime
 	e.Seq = sequence(s.commitLSN, s.txnIndex)
 	s.txnIndex++

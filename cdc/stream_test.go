@@ -52,14 +52,14 @@ func exec(t *testing.T, db *pgtest.DB, sql string) {
 	}
 }
 
-// next returns the next change that is not Idle.
+// next returns the next change that is not Idle or Start.
 func next(t *testing.T, out <-chan outbox.Change, done <-chan error) outbox.Change {
 	t.Helper()
 	deadline := time.After(30 * time.Second)
 	for {
 		select {
 		case c := <-out:
-			if c.Kind != outbox.ChangeIdle {
+			if c.Kind != outbox.ChangeIdle && c.Kind != outbox.ChangeStart {
 				return c
 			}
 		case err := <-done:

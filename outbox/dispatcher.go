@@ -2,12 +2,13 @@ package outbox
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"sync"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/rs/zerolog"
-	"golang.org/x/sync/errgroup"
 )
 
 // Deliverer sends one batch. A nil error means the receiver accepted it (2xx).
@@ -37,14 +38,31 @@ type DeadLetter struct {
 	LastAttempt  time.Time
 }
 
+// RoutingChange is one applied change of the dynamic subscriptions.
+type RoutingChange struct {
+	Commit LSN    // commit LSN of the transaction that made it
+	Seq    uint64 // its place in the stream
+	ID     string
+	Row    []byte // the new SubscriptionRow as JSON; nil for a deletion
+}
+
 // Store keeps what must survive a restart.
 type Store interface {
 	DeadLetter(ctx context.Context, d DeadLetter) error
+	// RecordRouting stores an applied subscription change, before its
+	// transaction may be acknowledged.
+	RecordRouting(ctx context.Context, c RoutingChange) error
+	// LoadRouting returns the dynamic subscriptions in force at a stream
+	// position: every recorded change committed before it.
+	LoadRouting(ctx context.Context, at LSN) ([]SubscriptionRow, error)
+	// DeleteSubscription removes a dynamic subscription (after a 410 Gone).
+	DeleteSubscription(ctx context.Context, id string) error
 }
 
 // DispatcherConfig configures a Dispatcher.
 type DispatcherConfig struct {
-	Subscriptions []*Subscription
+	Subscriptions []*Subscription // static subscriptions, from the config file
+	Defaults      DeliveryOptions // for dynamic subscriptions' unset options
 	Acker         *Acker
 	Deliverer     Deliverer
 	Store         Store
@@ -53,18 +71,34 @@ type DispatcherConfig struct {
 }
 
 // Dispatcher routes the stream's events to subscriptions, each delivered by its
-// own scheduler (docs/scheduler.md).
+// own scheduler (docs/scheduler.md), and applies subscription changes in stream
+// order (docs/subscriptions.md).
 type Dispatcher struct {
-	cfg    DispatcherConfig
-	queues []chan delivery // parallel to cfg.Subscriptions
-	txn    *Txn            // the open transaction; owned by Run's goroutine
-	sent   []bool          // which queues got events of the open transaction
+	cfg DispatcherConfig
+
+	// Owned by Run's goroutine.
+	subs    []*running // in creation order
+	byID    map[string]*running
+	txn     *Txn // the open transaction
+	ctx     context.Context
+	workers sync.WaitGroup
+}
+
+// running is a subscription with its scheduler.
+type running struct {
+	sub    *Subscription
+	queue  chan delivery
+	sent   bool // got events of the open transaction
+	sc     *scheduler
+	cancel context.CancelFunc
+	done   chan struct{}
 }
 
 type delivery struct {
 	event  Event
 	txn    *Txn
-	commit bool // no event: the transaction of the previous events committed
+	commit bool          // no event: the transaction of the previous events committed
+	update *Subscription // no event: the subscription changed
 }
 
 // NewDispatcher returns a Dispatcher; Run starts it.
@@ -72,69 +106,113 @@ func NewDispatcher(cfg DispatcherConfig) *Dispatcher {
 	if cfg.QueueSize <= 0 {
 		cfg.QueueSize = 1024
 	}
-	d := &Dispatcher{cfg: cfg, sent: make([]bool, len(cfg.Subscriptions))}
-	for range cfg.Subscriptions {
-		d.queues = append(d.queues, make(chan delivery, cfg.QueueSize))
+	if cfg.Defaults == (DeliveryOptions{}) {
+		cfg.Defaults = DefaultDeliveryOptions
 	}
-	return d
+	return &Dispatcher{cfg: cfg, byID: map[string]*running{}}
 }
 
 // Run consumes changes until ctx ends or changes closes. Reading pauses (and so
 // does the stream behind it) while a subscription's queue is full.
 func (d *Dispatcher) Run(ctx context.Context, changes <-chan Change) error {
-	g, ctx := errgroup.WithContext(ctx)
-	for i, s := range d.cfg.Subscriptions {
-		sc := newScheduler(d, s, d.queues[i])
-		g.Go(func() error { return sc.run(ctx) })
+	ctx, cancel := context.WithCancel(ctx)
+	defer func() {
+		cancel()
+		d.workers.Wait()
+	}()
+	d.ctx = ctx
+	for _, s := range d.cfg.Subscriptions {
+		d.add(s)
 	}
-	g.Go(func() error {
-		for {
-			select {
-			case <-ctx.Done():
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case c, ok := <-changes:
+			if !ok {
 				return nil
-			case c, ok := <-changes:
-				if !ok {
+			}
+			if err := d.handleChange(ctx, c); err != nil {
+				if errors.Is(err, context.Canceled) {
 					return nil
 				}
-				if err := d.handleChange(ctx, c); err != nil {
-					return err
-				}
+				return err
 			}
 		}
-	})
-	err := g.Wait()
-	if errors.Is(err, context.Canceled) {
-		return nil
 	}
-	return err
+}
+
+func (d *Dispatcher) add(s *Subscription) {
+	r := &running{sub: s, queue: make(chan delivery, d.cfg.QueueSize), done: make(chan struct{})}
+	r.sc = newScheduler(d, s, r.queue)
+	ctx, cancel := context.WithCancel(d.ctx)
+	r.cancel = cancel
+	d.subs = append(d.subs, r)
+	d.byID[s.ID] = r
+	d.workers.Add(1)
+	go func() {
+		defer d.workers.Done()
+		defer close(r.done)
+		r.sc.run(ctx)
+	}()
+}
+
+// remove stops a subscription's scheduler and releases what it held: its
+// events count as finished (the subscription is gone).
+func (d *Dispatcher) remove(r *running) {
+	r.cancel()
+	<-r.done
+	r.sc.release()
+	for {
+		select {
+		case dv := <-r.queue:
+			if dv.txn != nil {
+				d.cfg.Acker.Done(dv.txn)
+			}
+			continue
+		default:
+		}
+		break
+	}
+	delete(d.byID, r.sub.ID)
+	for i, x := range d.subs {
+		if x == r {
+			d.subs = append(d.subs[:i], d.subs[i+1:]...)
+			break
+		}
+	}
 }
 
 func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 	switch c.Kind {
+	case ChangeStart:
+		return d.loadRouting(ctx, c.LSN)
 	case ChangeBegin:
 		d.txn = d.cfg.Acker.Begin()
 	case ChangeEvent:
-		for i, s := range d.cfg.Subscriptions {
-			if !s.Matches(&c.Event) {
+		for _, r := range d.subs {
+			if !r.sub.Matches(&c.Event) {
 				continue
 			}
 			d.cfg.Acker.Add(d.txn, 1)
-			d.sent[i] = true
-			if err := d.enqueue(ctx, i, delivery{event: c.Event, txn: d.txn}); err != nil {
+			r.sent = true
+			if err := enqueue(ctx, r, delivery{event: c.Event, txn: d.txn}); err != nil {
 				return err
 			}
 		}
 	case ChangeMalformed:
 		d.cfg.Logger.Warn().Str("event_id", c.Event.ID).Str("reason", c.Reason).Msg("malformed outbox row dead-lettered")
 		return d.deadLetter(ctx, DeadLetter{Event: c.Event, Reason: c.Reason})
+	case ChangeSubscription:
+		return d.handleSubscription(ctx, c)
 	case ChangeCommit:
 		d.cfg.Acker.Commit(d.txn, c.LSN)
 		d.txn = nil
 		// Schedulers hold partial batches while a transaction streams in.
-		for i, sent := range d.sent {
-			if sent {
-				d.sent[i] = false
-				if err := d.enqueue(ctx, i, delivery{commit: true}); err != nil {
+		for _, r := range d.subs {
+			if r.sent {
+				r.sent = false
+				if err := enqueue(ctx, r, delivery{commit: true}); err != nil {
 					return err
 				}
 			}
@@ -145,9 +223,86 @@ func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 	return nil
 }
 
-func (d *Dispatcher) enqueue(ctx context.Context, i int, dv delivery) error {
+// handleSubscription applies a dynamic subscription's change at its place in
+// the stream, after recording it durably.
+func (d *Dispatcher) handleSubscription(ctx context.Context, c Change) error {
+	change := RoutingChange{Commit: LSN(c.Event.Seq >> 16), Seq: c.Event.Seq, ID: c.SubscriptionID, Row: c.Row}
+	err := retryForever(ctx, d.cfg.Logger, "cannot record subscription change", func() error {
+		return d.cfg.Store.RecordRouting(ctx, change)
+	})
+	if err != nil {
+		return err
+	}
+	if c.Row == nil {
+		d.unsubscribe(c.SubscriptionID)
+		return nil
+	}
+	var row SubscriptionRow
+	if err := json.Unmarshal(c.Row, &row); err != nil {
+		d.cfg.Logger.Error().Str("subscription", c.SubscriptionID).Err(err).Msg("unreadable subscription change ignored")
+		return nil
+	}
+	return d.subscribe(ctx, &row)
+}
+
+func (d *Dispatcher) subscribe(ctx context.Context, row *SubscriptionRow) error {
+	s, err := row.Subscription(d.cfg.Defaults)
+	if err != nil {
+		d.cfg.Logger.Error().Str("subscription", row.ID).Err(err).Msg("invalid subscription ignored")
+		return nil
+	}
+	r := d.byID[s.ID]
+	switch {
+	case r == nil:
+		d.add(s)
+		d.cfg.Logger.Info().Str("subscription", s.ID).Msg("subscribed")
+	case r.sub.Static:
+		d.cfg.Logger.Warn().Str("subscription", s.ID).Msg("a dynamic subscription has a static one's id; ignored")
+	default:
+		r.sub = s
+		return enqueue(ctx, r, delivery{update: s})
+	}
+	return nil
+}
+
+func (d *Dispatcher) unsubscribe(id string) {
+	if r := d.byID[id]; r != nil && !r.sub.Static {
+		d.remove(r)
+		d.cfg.Logger.Info().Str("subscription", id).Msg("unsubscribed")
+	}
+}
+
+// loadRouting sets the dynamic subscriptions to those in force at the stream's
+// start position.
+func (d *Dispatcher) loadRouting(ctx context.Context, at LSN) error {
+	var rows []SubscriptionRow
+	err := retryForever(ctx, d.cfg.Logger, "cannot load subscriptions", func() error {
+		var err error
+		rows, err = d.cfg.Store.LoadRouting(ctx, at)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	keep := map[string]bool{}
+	for i := range rows {
+		keep[rows[i].ID] = true
+		if err := d.subscribe(ctx, &rows[i]); err != nil {
+			return err
+		}
+	}
+	for _, r := range append([]*running(nil), d.subs...) {
+		if !r.sub.Static && !keep[r.sub.ID] {
+			d.remove(r)
+		}
+	}
+	d.cfg.Logger.Info().Int("dynamic", len(rows)).Int("static", len(d.cfg.Subscriptions)).Msg("subscriptions loaded")
+	return nil
+}
+
+func enqueue(ctx context.Context, r *running, dv delivery) error {
 	select {
-	case d.queues[i] <- dv:
+	case r.queue <- dv:
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
@@ -157,22 +312,28 @@ func (d *Dispatcher) enqueue(ctx context.Context, i int, dv delivery) error {
 // deadLetter writes dl, retrying until it is stored or ctx ends: an event is not
 // finished before its dead letter is durable.
 func (d *Dispatcher) deadLetter(ctx context.Context, dl DeadLetter) error {
+	return retryForever(ctx, d.cfg.Logger, "cannot write dead letter", func() error {
+		return d.cfg.Store.DeadLetter(ctx, dl)
+	})
+}
+
+// retryForever runs f until it succeeds or ctx ends, logging the first failure
+// and the recovery once.
+func retryForever(ctx context.Context, log zerolog.Logger, what string, f func() error) error {
 	b := backoff.NewExponentialBackOff(backoff.WithMaxElapsedTime(0), backoff.WithMaxInterval(30*time.Second))
-	logged := false
-	for {
-		err := d.cfg.Store.DeadLetter(ctx, dl)
+	for failed := false; ; failed = true {
+		err := f()
 		if err == nil {
-			if logged {
-				d.cfg.Logger.Info().Msg("dead letter store recovered")
+			if failed {
+				log.Info().Msg(what + ": recovered")
 			}
 			return nil
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		if !logged {
-			d.cfg.Logger.Error().Err(err).Msg("cannot write dead letter; retrying")
-			logged = true
+		if !failed {
+			log.Error().Err(err).Msg(what + "; retrying")
 		}
 		if err := sleep(ctx, b.NextBackOff()); err != nil {
 			return err

@@ -46,8 +46,53 @@ func (f *fakeDeliverer) Deliver(_ context.Context, b *Batch) error {
 }
 
 type memStore struct {
-	mu   sync.Mutex
-	dead []DeadLetter
+	mu      sync.Mutex
+	dead    []DeadLetter
+	routing []RoutingChange
+	deleted []string
+}
+
+func (m *memStore) RecordRouting(_ context.Context, c RoutingChange) error {
+	m.mu.Lock()
+	m.routing = append(m.routing, c)
+	m.mu.Unlock()
+	return nil
+}
+
+func (m *memStore) LoadRouting(_ context.Context, at LSN) ([]SubscriptionRow, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	rows := map[string]*SubscriptionRow{}
+	var order []string
+	for _, c := range m.routing {
+		if c.Commit >= at {
+			continue
+		}
+		if c.Row == nil {
+			delete(rows, c.ID)
+			continue
+		}
+		var r SubscriptionRow
+		json.Unmarshal(c.Row, &r)
+		if rows[c.ID] == nil {
+			order = append(order, c.ID)
+		}
+		rows[c.ID] = &r
+	}
+	var out []SubscriptionRow
+	for _, id := range order {
+		if r := rows[id]; r != nil {
+			out = append(out, *r)
+		}
+	}
+	return out, nil
+}
+
+func (m *memStore) DeleteSubscription(_ context.Context, id string) error {
+	m.mu.Lock()
+	m.deleted = append(m.deleted, id)
+	m.mu.Unlock()
+	return nil
 }
 
 func (m *memStore) DeadLetter(_ context.Context, d DeadLetter) error {
@@ -58,7 +103,7 @@ func (m *memStore) DeadLetter(_ context.Context, d DeadLetter) error {
 }
 
 func sub(id string, events ...string) *Subscription {
-	return &Subscription{ID: id, Events: events, Delivery: DefaultDeliveryOptions}
+	return &Subscription{ID: id, Events: events, Delivery: DefaultDeliveryOptions, Static: true}
 }
 
 func ev(id, typ string) Event { return Event{ID: id, Type: typ, Payload: json.RawMessage(`{}`)} }

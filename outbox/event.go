@@ -55,11 +55,13 @@ func WebhookID(subscription string, events []Event) string {
 type ChangeKind uint8
 
 const (
-	ChangeBegin     ChangeKind = iota + 1 // a transaction starts
-	ChangeEvent                           // an event of the open transaction
-	ChangeMalformed                       // an outbox row that could not be decoded
-	ChangeCommit                          // the open transaction commits at LSN
-	ChangeIdle                            // the server's WAL end while no transaction is open
+	ChangeBegin        ChangeKind = iota + 1 // a transaction starts
+	ChangeEvent                              // an event of the open transaction
+	ChangeMalformed                          // an outbox row that could not be decoded
+	ChangeCommit                             // the open transaction commits at LSN
+	ChangeIdle                               // the server's WAL end while no transaction is open
+	ChangeStart                              // the stream (re)starts at LSN: load the routing in force there
+	ChangeSubscription                       // a dynamic subscription changed in the open transaction
 )
 
 // Change is one item of the replication stream, in stream order, as cdc hands it
@@ -68,5 +70,9 @@ type Change struct {
 	Kind   ChangeKind
 	Event  Event  // ChangeEvent, ChangeMalformed (as much as could be decoded)
 	Reason string // ChangeMalformed: why the row could not be decoded
-	LSN    LSN    // ChangeCommit: the transaction's end LSN; ChangeIdle: the WAL end
+	LSN    LSN    // ChangeCommit: the transaction's end LSN; ChangeIdle: the WAL end; ChangeStart: the start
+	// ChangeSubscription: the new row (JSON SubscriptionRow), or nil for a
+	// deletion of SubscriptionID; Event.Seq orders it in the stream.
+	Row            []byte
+	SubscriptionID string
 }

@@ -29,6 +29,7 @@ type scheduler struct {
 	d     *Dispatcher
 	log   zerolog.Logger
 	now   func() time.Time
+	ctx   context.Context // run's
 	sends sync.WaitGroup
 
 	keys        map[string]*key
@@ -40,6 +41,7 @@ type scheduler struct {
 	inFlight    int       // requests in flight
 	gatherUntil time.Time // batch_wait deadline while gathering; zero otherwise
 	inTxn       bool      // events came that their transaction's commit has not followed yet
+	gone        bool      // the target answered 410: drop everything
 	results     chan result
 }
 
@@ -74,21 +76,28 @@ type result struct {
 	job  *job
 	err  error
 	dead bool // the failure was permanent and the events are dead-lettered
+	gone bool // the target answered 410 Gone: unsubscribe
 }
 
 func newScheduler(d *Dispatcher, s *Subscription, in <-chan delivery) *scheduler {
-	opts := s.Delivery
-	opts.MaxInFlight = max(opts.MaxInFlight, 1)
-	opts.BatchMax = max(opts.BatchMax, 1)
-	return &scheduler{
-		sub: s, opts: opts, in: in, d: d, now: time.Now,
-		log:     d.cfg.Logger.With().Str("subscription", s.ID).Logger(),
-		keys:    map[string]*key{},
-		results: make(chan result, opts.MaxInFlight),
+	sc := &scheduler{in: in, d: d, now: time.Now,
+		log:  d.cfg.Logger.With().Str("subscription", s.ID).Logger(),
+		keys: map[string]*key{},
 	}
+	sc.setSubscription(s)
+	// Room for every send that can be in flight, under any later options.
+	sc.results = make(chan result, 1024)
+	return sc
+}
+
+func (s *scheduler) setSubscription(sub *Subscription) {
+	s.sub, s.opts = sub, sub.Delivery
+	s.opts.MaxInFlight = min(max(s.opts.MaxInFlight, 1), 1024)
+	s.opts.BatchMax = max(s.opts.BatchMax, 1)
 }
 
 func (s *scheduler) run(ctx context.Context) error {
+	s.ctx = ctx
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	defer s.sends.Wait()
@@ -119,8 +128,15 @@ func (s *scheduler) run(ctx context.Context) error {
 // handleEvent queues an event under its key, merging it into the key's tail item
 // when debounce allows.
 func (s *scheduler) handleEvent(dv delivery) {
-	if dv.commit {
+	switch {
+	case dv.commit:
 		s.inTxn = false
+		return
+	case dv.update != nil:
+		s.setSubscription(dv.update) // batches from now on use it
+		return
+	case s.gone:
+		s.d.cfg.Acker.Done(dv.txn)
 		return
 	}
 	s.inTxn = true
@@ -285,7 +301,11 @@ func (s *scheduler) start(ctx context.Context, j *job) {
 	go func() {
 		defer s.sends.Done()
 		r := result{job: j, err: s.d.cfg.Deliverer.Deliver(ctx, j.batch)}
-		if r.err != nil && ctx.Err() == nil && !retryable(r.err) {
+		switch {
+		case r.err == nil || ctx.Err() != nil:
+		case gone(r.err) && !j.batch.Subscription.Static:
+			r.gone = true
+		case !retryable(r.err):
 			r.dead = s.deadLetter(ctx, j, r.err) == nil
 		}
 		s.results <- r // buffered to max_in_flight: never blocks
@@ -313,6 +333,11 @@ func (s *scheduler) deadLetter(ctx context.Context, j *job, cause error) error {
 	return nil
 }
 
+func gone(err error) bool {
+	f, ok := errors.AsType[Failure](err)
+	return ok && f.StatusCode() == 410
+}
+
 func retryable(err error) bool {
 	if f, ok := errors.AsType[Failure](err); ok {
 		return f.Retryable()
@@ -323,6 +348,13 @@ func retryable(err error) bool {
 func (s *scheduler) handleResult(r result) {
 	s.inFlight--
 	j := r.job
+	if r.gone && !s.gone {
+		s.unsubscribe()
+		return
+	}
+	if s.gone {
+		return // released already
+	}
 	if r.err == nil || r.dead {
 		if r.err == nil {
 			s.log.Debug().Str("webhook_id", j.batch.WebhookID).Int("events", len(j.items)).Int("attempts", j.attempt).Msg("delivered")
@@ -359,6 +391,37 @@ func (s *scheduler) finish(j *job) {
 		}
 		s.schedule(k, now)
 	}
+}
+
+// unsubscribe handles a 410 Gone: every held event is dropped (finished), later
+// ones too, and the subscription is deleted; its deletion then comes back
+// through the stream and stops this scheduler.
+func (s *scheduler) unsubscribe() {
+	s.log.Warn().Msg("target answered 410 Gone: unsubscribing, pending events dropped")
+	s.gone = true
+	s.release()
+	id := s.sub.ID
+	s.sends.Add(1)
+	go func() {
+		defer s.sends.Done()
+		retryForever(s.ctx, s.log, "cannot delete gone subscription", func() error {
+			return s.d.cfg.Store.DeleteSubscription(s.ctx, id)
+		})
+	}()
+}
+
+// release finishes every event the scheduler holds without sending it. Only
+// for a subscription that is gone: after run returned, or from run itself.
+func (s *scheduler) release() {
+	for _, k := range s.keys {
+		for _, it := range k.items {
+			s.d.cfg.Acker.Done(it.txn)
+		}
+	}
+	clear(s.keys)
+	s.ready, s.retries, s.timers = nil, nil, nil
+	s.pending, s.readyEvents = 0, 0
+	s.gatherUntil = time.Time{}
 }
 
 func (s *scheduler) nextWake() (time.Time, bool) {

@@ -25,11 +25,12 @@ type recorded struct {
 	at     time.Time
 	events []Event
 	id     string
+	sub    string
 }
 
 func (r *recorder) Deliver(_ context.Context, b *Batch) error {
 	r.mu.Lock()
-	r.batches = append(r.batches, recorded{time.Now(), b.Events, b.WebhookID})
+	r.batches = append(r.batches, recorded{time.Now(), b.Events, b.WebhookID, b.Subscription.ID})
 	answer := r.answer
 	r.mu.Unlock()
 	if answer != nil {
@@ -225,7 +226,7 @@ func TestSchedulerInvariants(t *testing.T) {
 }
 
 func checkInvariants(t *testing.T, seed uint64) {
-	r := rand.New(rand.NewPCG(seed, 7)) // the feeder's
+	r := rand.New(rand.NewPCG(seed, 7))  // the feeder's
 	dr := rand.New(rand.NewPCG(seed, 8)) // the deliverer's, under mu
 
 	const events = 300

@@ -13,6 +13,23 @@ type Subscription struct {
 	TargetURL string
 	Secret    string // "whsec_" + base64 key, used for Standard Webhooks signatures
 	Delivery  DeliveryOptions
+
+	// PreviousSecret also signs deliveries until PreviousUntil (secret rotation).
+	PreviousSecret string
+	PreviousUntil  time.Time
+
+	// Static subscriptions come from the config file: trusted targets,
+	// read-only, and a 410 from them is a dead letter.
+	Static bool
+}
+
+// Secrets returns the secrets that sign a delivery at now: the current one, and
+// the previous one during a rotation's overlap.
+func (s *Subscription) Secrets(now time.Time) []string {
+	if s.PreviousSecret != "" && now.Before(s.PreviousUntil) {
+		return []string{s.Secret, s.PreviousSecret}
+	}
+	return []string{s.Secret}
 }
 
 // PayloadMode says whether envelopes carry the row's payload.
@@ -96,4 +113,36 @@ func ValidPattern(p string) bool {
 	}
 	name := strings.TrimSuffix(p, ".*")
 	return name != "" && !strings.Contains(name, "*")
+}
+
+// SubscriptionRow is a dynamic subscription as stored in walhook.subscriptions
+// and carried by its change messages (JSON with the table's column names).
+type SubscriptionRow struct {
+	ID                  string     `json:"id"`
+	Events              []string   `json:"events"`
+	TargetURL           string     `json:"target_url"`
+	Tenant              *string    `json:"tenant"`
+	Secret              string     `json:"secret"`
+	PreviousSecret      *string    `json:"previous_secret"`
+	PreviousSecretUntil *time.Time `json:"previous_secret_until"`
+	Options             Options    `json:"options"`
+	VerifyIntent        bool       `json:"verify_intent"`
+	CreatedAt           time.Time  `json:"created_at"`
+	UpdatedAt           time.Time  `json:"updated_at"`
+}
+
+// Subscription resolves the row's options over defaults.
+func (r *SubscriptionRow) Subscription(defaults DeliveryOptions) (*Subscription, error) {
+	opts, err := r.Options.Resolve("", defaults)
+	if err != nil {
+		return nil, err
+	}
+	s := &Subscription{ID: r.ID, Events: r.Events, TargetURL: r.TargetURL, Secret: r.Secret, Delivery: opts}
+	if r.Tenant != nil {
+		s.Tenant = *r.Tenant
+	}
+	if r.PreviousSecret != nil && r.PreviousSecretUntil != nil {
+		s.PreviousSecret, s.PreviousUntil = *r.PreviousSecret, *r.PreviousSecretUntil
+	}
+	return s, nil
 }

@@ -9,7 +9,6 @@ import (
 	"os"
 	"sort"
 	"strings"
-	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/walhook/walhook/cdc"
@@ -29,7 +28,7 @@ type Config struct {
 	OutboxTable   string               `yaml:"outbox_table"`   // schema.table; default walhook.outbox
 	OutboxColumns map[string]string    `yaml:"outbox_columns"` // id, event, resource_id, tenant, payload; "" = no such column
 	LogLevel      string               `yaml:"log_level"`      // debug, info, warn, error; default info
-	Defaults      Delivery             `yaml:"defaults"`
+	Defaults      outbox.Options       `yaml:"defaults"`
 	Subscriptions []SubscriptionConfig `yaml:"subscriptions"`
 
 	// Derived by Validate.
@@ -38,62 +37,14 @@ type Config struct {
 	subs    []*outbox.Subscription
 }
 
-// Delivery holds the per-subscription delivery options (defaults in
-// outbox.DefaultDeliveryOptions). Unset keys inherit from defaults:.
-type Delivery struct {
-	Timeout          Duration `yaml:"timeout"`            // default 10s
-	RetryInitial     Duration `yaml:"retry_initial"`      // default 1s
-	RetryMaxInterval Duration `yaml:"retry_max_interval"` // default 5m
-	Debounce         Duration `yaml:"debounce"`           // default 0 = off
-	MaxWait          Duration `yaml:"max_wait"`           // default 60s
-	BatchMax         *int     `yaml:"batch_max"`          // default 1
-	BatchWait        Duration `yaml:"batch_wait"`         // default 50ms
-	BatchBytes       *int     `yaml:"batch_bytes"`        // default 1 MiB
-	Payload          *string  `yaml:"payload"`            // full (default) or skinny
-	ResourceURL      *string  `yaml:"resource_url"`       // template with {resource_id}
-	MaxPayloadBytes  *int     `yaml:"max_payload_bytes"`  // default 256 KiB
-	MaxInFlight      *int     `yaml:"max_in_flight"`      // default 16
-}
-
 // SubscriptionConfig is one static subscription.
 type SubscriptionConfig struct {
-	ID        string   `yaml:"id"`
-	Events    []string `yaml:"events"`
-	Tenant    string   `yaml:"tenant"`
-	TargetURL string   `yaml:"target_url"`
-	Secret    string   `yaml:"secret"`
-	Delivery  `yaml:",inline"`
-}
-
-// Duration is a YAML duration ("10s", "5m"). It keeps the raw text so that
-// Validate can name the key of a malformed one.
-type Duration struct {
-	raw string
-	set bool
-}
-
-func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
-	d.raw, d.set = n.Value, true
-	return nil
-}
-
-func (d Duration) parse(key string, def time.Duration) (time.Duration, error) {
-	if !d.set {
-		return def, nil
-	}
-	v, err := time.ParseDuration(d.raw)
-	if err != nil || v <= 0 {
-		return 0, fmt.Errorf("%s: %q is not a positive duration (like 10s, 5m)", key, d.raw)
-	}
-	return v, nil
-}
-
-// parseOrZero is parse for durations where 0 means off.
-func (d Duration) parseOrZero(key string, def time.Duration) (time.Duration, error) {
-	if d.set && (d.raw == "0" || d.raw == "0s") {
-		return 0, nil
-	}
-	return d.parse(key, def)
+	ID             string   `yaml:"id"`
+	Events         []string `yaml:"events"`
+	Tenant         string   `yaml:"tenant"`
+	TargetURL      string   `yaml:"target_url"`
+	Secret         string   `yaml:"secret"`
+	outbox.Options `yaml:",inline"`
 }
 
 // envKeys are the top-level keys that WALHOOK_<KEY> can set.
@@ -180,7 +131,7 @@ func (c *Config) Validate(withSubscriptions bool) error {
 	default:
 		bad("log_level: %q must be debug, info, warn or error", c.LogLevel)
 	}
-	defaults, err := c.Defaults.options("defaults", outbox.DefaultDeliveryOptions)
+	defaults, err := c.Defaults.Resolve("defaults.", outbox.DefaultDeliveryOptions)
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -197,61 +148,6 @@ func (c *Config) Validate(withSubscriptions bool) error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-func (d Delivery) options(prefix string, def outbox.DeliveryOptions) (outbox.DeliveryOptions, error) {
-	o := def
-	var errs []error
-	dur := func(dst *time.Duration, v Duration, name string, zeroOK bool) {
-		var err error
-		if zeroOK {
-			*dst, err = v.parseOrZero(prefix+"."+name, *dst)
-		} else {
-			*dst, err = v.parse(prefix+"."+name, *dst)
-		}
-		if err != nil {
-			errs = append(errs, err)
-		}
-	}
-	count := func(dst *int, v *int, name string, least int) {
-		if v == nil {
-			return
-		}
-		if *v < least {
-			errs = append(errs, fmt.Errorf("%s.%s: %d must be at least %d", prefix, name, *v, least))
-			return
-		}
-		*dst = *v
-	}
-	dur(&o.Timeout, d.Timeout, "timeout", false)
-	dur(&o.RetryInitial, d.RetryInitial, "retry_initial", false)
-	dur(&o.RetryMaxInterval, d.RetryMaxInterval, "retry_max_interval", false)
-	dur(&o.Debounce, d.Debounce, "debounce", true)
-	dur(&o.MaxWait, d.MaxWait, "max_wait", false)
-	dur(&o.BatchWait, d.BatchWait, "batch_wait", true)
-	count(&o.BatchMax, d.BatchMax, "batch_max", 1)
-	count(&o.BatchBytes, d.BatchBytes, "batch_bytes", 1024)
-	count(&o.MaxPayloadBytes, d.MaxPayloadBytes, "max_payload_bytes", 1)
-	count(&o.MaxInFlight, d.MaxInFlight, "max_in_flight", 1)
-	if d.Payload != nil {
-		switch p := outbox.PayloadMode(*d.Payload); p {
-		case outbox.PayloadFull, outbox.PayloadSkinny:
-			o.Payload = p
-		default:
-			errs = append(errs, fmt.Errorf("%s.payload: %q must be full or skinny", prefix, *d.Payload))
-		}
-	}
-	if d.ResourceURL != nil {
-		o.ResourceURL = *d.ResourceURL
-		if u, err := url.Parse(strings.ReplaceAll(o.ResourceURL, "{resource_id}", "x")); o.ResourceURL != "" &&
-			(err != nil || (u.Scheme != "http" && u.Scheme != "https") || !strings.Contains(o.ResourceURL, "{resource_id}")) {
-			errs = append(errs, fmt.Errorf("%s.resource_url: must be an http(s) URL template containing {resource_id}", prefix))
-		}
-	}
-	if len(errs) == 0 && o.RetryMaxInterval < o.RetryInitial {
-		errs = append(errs, fmt.Errorf("%s.retry_max_interval: must not be less than retry_initial", prefix))
-	}
-	return o, errors.Join(errs...)
 }
 
 func (sc SubscriptionConfig) subscription(key string, defaults outbox.DeliveryOptions, seen map[string]bool) (*outbox.Subscription, error) {
@@ -284,18 +180,16 @@ func (sc SubscriptionConfig) subscription(key string, defaults outbox.DeliveryOp
 	} else if _, err := sender.ParseSecret(sc.Secret); err != nil {
 		bad("%s.secret: %v", key, err)
 	}
-	opts, err := sc.Delivery.options(key, defaults)
+	opts, err := sc.Options.Resolve(key+".", defaults)
 	if err != nil {
 		errs = append(errs, err)
-	} else if opts.Payload == outbox.PayloadSkinny && opts.ResourceURL == "" {
-		bad("%s.resource_url: required with payload: skinny", key)
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}
 	return &outbox.Subscription{
 		ID: sc.ID, Events: sc.Events, Tenant: sc.Tenant, TargetURL: sc.TargetURL, Secret: sc.Secret,
-		Delivery: opts,
+		Delivery: opts, Static: true,
 	}, nil
 }
 

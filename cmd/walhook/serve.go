@@ -44,7 +44,7 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		Subscriptions: cfg.subs,
 		Acker:         acker,
 		Deliverer:     snd,
-		Store:         pgstore.New(pool),
+		Store:         pgstore.New(pool, cfg.Slot),
 		Logger:        log.With().Str("component", "outbox").Logger(),
 	})
 	srv := &http.Server{Handler: routes(), ReadHeaderTimeout: 5 * time.Second}

@@ -50,7 +50,7 @@ func setup(ctx context.Context, cfg *Config, dryRun bool, out io.Writer) error {
 
 // teardown drops the slot and publication, and with dropSchema the walhook schema.
 func teardown(ctx context.Context, cfg *Config, dropSchema bool, out io.Writer) error {
-	stmts := cdc.TeardownSQL(cfg.cdcConfig())
+	stmts := append(cdc.TeardownSQL(cfg.cdcConfig()), pgstore.TeardownSQL(cfg.Slot)...)
 	if dropSchema {
 		stmts = append(stmts, "DROP SCHEMA IF EXISTS walhook CASCADE")
 	}

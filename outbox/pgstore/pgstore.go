@@ -6,6 +6,7 @@ package pgstore
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -34,14 +35,65 @@ func SchemaSQL() []string {
   created_at       timestamptz NOT NULL DEFAULT now()
 )`,
 		`CREATE INDEX IF NOT EXISTS dead_letters_subscription_idx ON walhook.dead_letters (subscription, created_at)`,
+		`CREATE TABLE IF NOT EXISTS walhook.subscriptions (
+  id                    text        PRIMARY KEY,
+  events                text[]      NOT NULL,
+  target_url            text        NOT NULL,
+  tenant                text,
+  secret                text        NOT NULL,
+  previous_secret       text,
+  previous_secret_until timestamptz,
+  options               jsonb       NOT NULL DEFAULT '{}',
+  verify_intent         boolean     NOT NULL DEFAULT true,
+  created_at            timestamptz NOT NULL DEFAULT now(),
+  updated_at            timestamptz NOT NULL DEFAULT now()
+)`,
+		`CREATE INDEX IF NOT EXISTS subscriptions_tenant_idx ON walhook.subscriptions (tenant)`,
+		// Every change rides the replication stream, in its transaction
+		// (docs/subscriptions.md).
+		`CREATE OR REPLACE FUNCTION walhook.subscription_changed() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+  IF TG_OP = 'DELETE' THEN
+    PERFORM pg_logical_emit_message(true, 'walhook.subscription', jsonb_build_object('op', 'delete', 'id', OLD.id)::text);
+    RETURN OLD;
+  END IF;
+  PERFORM pg_logical_emit_message(true, 'walhook.subscription', jsonb_build_object('op', 'upsert', 'row', to_jsonb(NEW))::text);
+  RETURN NEW;
+END
+$fn$`,
+		`CREATE OR REPLACE TRIGGER subscription_changed AFTER INSERT OR UPDATE OR DELETE ON walhook.subscriptions
+  FOR EACH ROW EXECUTE FUNCTION walhook.subscription_changed()`,
+		`CREATE TABLE IF NOT EXISTS walhook.routing_log (
+  slot            text    NOT NULL,
+  seq             numeric NOT NULL,
+  commit_lsn      pg_lsn  NOT NULL,
+  subscription_id text    NOT NULL,
+  row             jsonb,
+  PRIMARY KEY (slot, seq)
+)`,
 	}
 }
 
-// Store implements outbox.Store on a pool.
-type Store struct{ pool *pgxpool.Pool }
+// TeardownSQL forgets what walhook recorded for a slot.
+func TeardownSQL(slot string) []string {
+	return []string{`DO $do$ BEGIN
+  IF to_regclass('walhook.routing_log') IS NOT NULL THEN
+    DELETE FROM walhook.routing_log WHERE slot = ` + quoteLiteral(slot) + `;
+  END IF;
+END $do$`}
+}
 
-// New returns a Store using pool.
-func New(pool *pgxpool.Pool) *Store { return &Store{pool: pool} }
+func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
+
+// Store implements outbox.Store on a pool, for one slot.
+type Store struct {
+	pool *pgxpool.Pool
+	slot string
+}
+
+// New returns a Store using pool; slot names the stream whose routing it keeps.
+func New(pool *pgxpool.Pool, slot string) *Store { return &Store{pool: pool, slot: slot} }
 
 // DeadLetter records d durably.
 func (s *Store) DeadLetter(ctx context.Context, d outbox.DeadLetter) error {

@@ -1,0 +1,122 @@
+package outbox
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+	"time"
+)
+
+// Options are delivery options as a person writes them (config file, API):
+// every field optional, durations as text. Resolve turns them into
+// DeliveryOptions over a base.
+type Options struct {
+	Timeout          Duration `yaml:"timeout" json:"timeout,omitzero"`
+	RetryInitial     Duration `yaml:"retry_initial" json:"retry_initial,omitzero"`
+	RetryMaxInterval Duration `yaml:"retry_max_interval" json:"retry_max_interval,omitzero"`
+	Debounce         Duration `yaml:"debounce" json:"debounce,omitzero"`
+	MaxWait          Duration `yaml:"max_wait" json:"max_wait,omitzero"`
+	BatchMax         *int     `yaml:"batch_max" json:"batch_max,omitzero"`
+	BatchWait        Duration `yaml:"batch_wait" json:"batch_wait,omitzero"`
+	BatchBytes       *int     `yaml:"batch_bytes" json:"batch_bytes,omitzero"`
+	Payload          *string  `yaml:"payload" json:"payload,omitzero"`
+	ResourceURL      *string  `yaml:"resource_url" json:"resource_url,omitzero"`
+	MaxPayloadBytes  *int     `yaml:"max_payload_bytes" json:"max_payload_bytes,omitzero"`
+	MaxInFlight      *int     `yaml:"max_in_flight" json:"max_in_flight,omitzero"`
+}
+
+// Duration is a duration as text ("10s", "5m"). It keeps the text, so that
+// Resolve can name the key of a malformed one.
+type Duration struct {
+	Raw string
+	Set bool
+}
+
+// UnmarshalText keeps the text; Resolve checks it.
+func (d *Duration) UnmarshalText(b []byte) error {
+	d.Raw, d.Set = string(b), len(b) > 0
+	return nil
+}
+
+// MarshalJSON writes the text back.
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(d.Raw) }
+
+// IsZero lets omitempty drop an unset Duration.
+func (d Duration) IsZero() bool { return !d.Set }
+
+// Dur makes a set Duration.
+func Dur(d time.Duration) Duration { return Duration{Raw: d.String(), Set: true} }
+
+func (d Duration) parse(key string, def time.Duration, zeroOK bool) (time.Duration, error) {
+	if !d.Set {
+		return def, nil
+	}
+	v, err := time.ParseDuration(d.Raw)
+	if zeroOK && d.Raw == "0" {
+		v, err = 0, nil
+	}
+	if err != nil || v < 0 || (v == 0 && !zeroOK) {
+		return 0, fmt.Errorf("%s: %q is not a positive duration (like 10s, 5m)", key, d.Raw)
+	}
+	return v, nil
+}
+
+// Resolve applies o over base; errors name each bad key under prefix.
+func (o Options) Resolve(prefix string, base DeliveryOptions) (DeliveryOptions, error) {
+	r := base
+	var errs []error
+	dur := func(dst *time.Duration, v Duration, name string, zeroOK bool) {
+		var err error
+		if *dst, err = v.parse(prefix+name, *dst, zeroOK); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	count := func(dst *int, v *int, name string, least int) {
+		if v == nil {
+			return
+		}
+		if *v < least {
+			errs = append(errs, fmt.Errorf("%s%s: %d must be at least %d", prefix, name, *v, least))
+			return
+		}
+		*dst = *v
+	}
+	dur(&r.Timeout, o.Timeout, "timeout", false)
+	dur(&r.RetryInitial, o.RetryInitial, "retry_initial", false)
+	dur(&r.RetryMaxInterval, o.RetryMaxInterval, "retry_max_interval", false)
+	dur(&r.Debounce, o.Debounce, "debounce", true)
+	dur(&r.MaxWait, o.MaxWait, "max_wait", false)
+	dur(&r.BatchWait, o.BatchWait, "batch_wait", true)
+	count(&r.BatchMax, o.BatchMax, "batch_max", 1)
+	count(&r.BatchBytes, o.BatchBytes, "batch_bytes", 1024)
+	count(&r.MaxPayloadBytes, o.MaxPayloadBytes, "max_payload_bytes", 1)
+	count(&r.MaxInFlight, o.MaxInFlight, "max_in_flight", 1)
+	if o.Payload != nil {
+		switch p := PayloadMode(*o.Payload); p {
+		case PayloadFull, PayloadSkinny:
+			r.Payload = p
+		default:
+			errs = append(errs, fmt.Errorf("%spayload: %q must be full or skinny", prefix, *o.Payload))
+		}
+	}
+	if o.ResourceURL != nil {
+		r.ResourceURL = *o.ResourceURL
+		if r.ResourceURL != "" && !validResourceURL(r.ResourceURL) {
+			errs = append(errs, fmt.Errorf("%sresource_url: must be an http(s) URL template containing {resource_id}", prefix))
+		}
+	}
+	if len(errs) == 0 && r.RetryMaxInterval < r.RetryInitial {
+		errs = append(errs, fmt.Errorf("%sretry_max_interval: must not be less than retry_initial", prefix))
+	}
+	if len(errs) == 0 && r.Payload == PayloadSkinny && r.ResourceURL == "" {
+		errs = append(errs, fmt.Errorf("%sresource_url: required with payload: skinny", prefix))
+	}
+	return r, errors.Join(errs...)
+}
+
+func validResourceURL(t string) bool {
+	u, err := url.Parse(strings.ReplaceAll(t, "{resource_id}", "x"))
+	return err == nil && (u.Scheme == "http" || u.Scheme == "https") && u.Host != "" && strings.Contains(t, "{resource_id}")
+}

@@ -1,0 +1,179 @@
+package pgstore
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/walhook/walhook/outbox"
+)
+
+// ErrNotFound is returned for a subscription that does not exist.
+var ErrNotFound = errors.New("subscription not found")
+
+const subscriptionColumns = `id, events, target_url, tenant, secret, previous_secret, previous_secret_until,
+	options, verify_intent, created_at, updated_at`
+
+func scanRow(row pgx.Row) (*outbox.SubscriptionRow, error) {
+	var r outbox.SubscriptionRow
+	var opts []byte
+	err := row.Scan(&r.ID, &r.Events, &r.TargetURL, &r.Tenant, &r.Secret, &r.PreviousSecret, &r.PreviousSecretUntil,
+		&opts, &r.VerifyIntent, &r.CreatedAt, &r.UpdatedAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, ErrNotFound
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := json.Unmarshal(opts, &r.Options); err != nil {
+		return nil, fmt.Errorf("subscription %s: options: %w", r.ID, err)
+	}
+	return &r, nil
+}
+
+// InsertSubscription stores a new dynamic subscription; it fills the times.
+func (s *Store) InsertSubscription(ctx context.Context, r *outbox.SubscriptionRow) error {
+	opts, err := json.Marshal(r.Options)
+	if err != nil {
+		return err
+	}
+	return s.pool.QueryRow(ctx, `
+		INSERT INTO walhook.subscriptions (id, events, target_url, tenant, secret, options, verify_intent)
+		VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING created_at, updated_at`,
+		r.ID, r.Events, r.TargetURL, r.Tenant, r.Secret, opts, r.VerifyIntent).Scan(&r.CreatedAt, &r.UpdatedAt)
+}
+
+// GetSubscription reads one subscription.
+func (s *Store) GetSubscription(ctx context.Context, id string) (*outbox.SubscriptionRow, error) {
+	return scanRow(s.pool.QueryRow(ctx, `SELECT `+subscriptionColumns+` FROM walhook.subscriptions WHERE id = $1`, id))
+}
+
+// ListSubscriptions reads the subscriptions, of one tenant when tenant is set.
+func (s *Store) ListSubscriptions(ctx context.Context, tenant *string) ([]outbox.SubscriptionRow, error) {
+	rows, err := s.pool.Query(ctx, `SELECT `+subscriptionColumns+` FROM walhook.subscriptions
+		WHERE $1::text IS NULL OR tenant = $1 ORDER BY created_at, id`, tenant)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []outbox.SubscriptionRow
+	for rows.Next() {
+		r, err := scanRow(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, *r)
+	}
+	return out, rows.Err()
+}
+
+// UpdateSubscription replaces a subscription's events, target, tenant and options.
+func (s *Store) UpdateSubscription(ctx context.Context, r *outbox.SubscriptionRow) error {
+	opts, err := json.Marshal(r.Options)
+	if err != nil {
+		return err
+	}
+	err = s.pool.QueryRow(ctx, `
+		UPDATE walhook.subscriptions SET events = $2, target_url = $3, tenant = $4, options = $5,
+		       verify_intent = $6, updated_at = now()
+		 WHERE id = $1 RETURNING updated_at`,
+		r.ID, r.Events, r.TargetURL, r.Tenant, opts, r.VerifyIntent).Scan(&r.UpdatedAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return ErrNotFound
+	}
+	return err
+}
+
+// RotateSecret makes secret current; the old one keeps signing until until.
+func (s *Store) RotateSecret(ctx context.Context, id, secret string, until time.Time) error {
+	tag, err := s.pool.Exec(ctx, `
+		UPDATE walhook.subscriptions SET previous_secret = secret, previous_secret_until = $3,
+		       secret = $2, updated_at = now() WHERE id = $1`, id, secret, until)
+	if err == nil && tag.RowsAffected() == 0 {
+		return ErrNotFound
+	}
+	return err
+}
+
+// DeleteSubscription removes a subscription; deleting a missing one is not an error.
+func (s *Store) DeleteSubscription(ctx context.Context, id string) error {
+	_, err := s.pool.Exec(ctx, `DELETE FROM walhook.subscriptions WHERE id = $1`, id)
+	return err
+}
+
+// DeleteSubscriptionStrict removes a subscription, or says it was not there.
+func (s *Store) DeleteSubscriptionStrict(ctx context.Context, id string) error {
+	tag, err := s.pool.Exec(ctx, `DELETE FROM walhook.subscriptions WHERE id = $1`, id)
+	if err == nil && tag.RowsAffected() == 0 {
+		return ErrNotFound
+	}
+	return err
+}
+
+// RecordRouting stores an applied change; replays overwrite it.
+func (s *Store) RecordRouting(ctx context.Context, c outbox.RoutingChange) error {
+	var row any
+	if c.Row != nil {
+		row = string(c.Row)
+	}
+	_, err := s.pool.Exec(ctx, `
+		INSERT INTO walhook.routing_log (slot, seq, commit_lsn, subscription_id, row)
+		VALUES ($1, $2::numeric, $3::pg_lsn, $4, $5::jsonb)
+		ON CONFLICT (slot, seq) DO UPDATE SET row = EXCLUDED.row, subscription_id = EXCLUDED.subscription_id`,
+		s.slot, strconv.FormatUint(c.Seq, 10), c.Commit.String(), c.ID, row)
+	if err != nil {
+		return fmt.Errorf("record subscription change: %w", err)
+	}
+	return nil
+}
+
+// LoadRouting folds the recorded changes committed before at. On a slot's
+// first start it seeds the log from the table. It compacts what it folded.
+func (s *Store) LoadRouting(ctx context.Context, at outbox.LSN) ([]outbox.SubscriptionRow, error) {
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Rollback(ctx)
+	if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtext('walhook routing ' || $1))`, s.slot); err != nil {
+		return nil, err
+	}
+	_, err = tx.Exec(ctx, `
+		INSERT INTO walhook.routing_log (slot, seq, commit_lsn, subscription_id, row)
+		SELECT $1, row_number() OVER (ORDER BY created_at, id), '0/0', id, to_jsonb(s) FROM walhook.subscriptions s
+		 WHERE NOT EXISTS (SELECT 1 FROM walhook.routing_log WHERE slot = $1)`, s.slot)
+	if err != nil {
+		return nil, fmt.Errorf("seed subscriptions: %w", err)
+	}
+	// Keep only the newest change per subscription before at; a deletion needs no entry.
+	_, err = tx.Exec(ctx, `
+		DELETE FROM walhook.routing_log l WHERE slot = $1 AND commit_lsn < $2::pg_lsn
+		   AND (row IS NULL OR seq < (SELECT max(seq) FROM walhook.routing_log m
+		                              WHERE m.slot = $1 AND m.subscription_id = l.subscription_id AND m.commit_lsn < $2::pg_lsn))`,
+		s.slot, at.String())
+	if err != nil {
+		return nil, fmt.Errorf("compact subscription log: %w", err)
+	}
+	rows, err := tx.Query(ctx, `SELECT row FROM walhook.routing_log
+		WHERE slot = $1 AND commit_lsn < $2::pg_lsn AND row IS NOT NULL ORDER BY seq`, s.slot, at.String())
+	if err != nil {
+		return nil, err
+	}
+	raws, err := pgx.CollectRows(rows, pgx.RowTo[[]byte])
+	if err != nil {
+		return nil, err
+	}
+	out := make([]outbox.SubscriptionRow, 0, len(raws))
+	for _, raw := range raws {
+		var r outbox.SubscriptionRow
+		if err := json.Unmarshal(raw, &r); err != nil {
+			return nil, fmt.Errorf("subscription log: %w", err)
+		}
+		out = append(out, r)
+	}
+	return out, tx.Commit(ctx)
+}
