@@ -120,3 +120,44 @@ func validResourceURL(t string) bool {
 	u, err := url.Parse(strings.ReplaceAll(t, "{resource_id}", "x"))
 	return err == nil && (u.Scheme == "http" || u.Scheme == "https") && u.Host != "" && strings.Contains(t, "{resource_id}")
 }
+
+// Merge returns o with every field that p sets taken from p.
+func (o Options) Merge(p Options) Options {
+	setDur := func(dst *Duration, v Duration) {
+		if v.Set {
+			*dst = v
+		}
+	}
+	setDur(&o.Timeout, p.Timeout)
+	setDur(&o.RetryInitial, p.RetryInitial)
+	setDur(&o.RetryMaxInterval, p.RetryMaxInterval)
+	setDur(&o.Debounce, p.Debounce)
+	setDur(&o.MaxWait, p.MaxWait)
+	setDur(&o.BatchWait, p.BatchWait)
+	for _, f := range []struct{ dst, v **int }{
+		{&o.BatchMax, &p.BatchMax}, {&o.BatchBytes, &p.BatchBytes},
+		{&o.MaxPayloadBytes, &p.MaxPayloadBytes}, {&o.MaxInFlight, &p.MaxInFlight},
+	} {
+		if *f.v != nil {
+			*f.dst = *f.v
+		}
+	}
+	if p.Payload != nil {
+		o.Payload = p.Payload
+	}
+	if p.ResourceURL != nil {
+		o.ResourceURL = p.ResourceURL
+	}
+	return o
+}
+
+// OptionsOf spells resolved options out, every field set.
+func OptionsOf(d DeliveryOptions) Options {
+	payload, url := string(d.Payload), d.ResourceURL
+	return Options{
+		Timeout: Dur(d.Timeout), RetryInitial: Dur(d.RetryInitial), RetryMaxInterval: Dur(d.RetryMaxInterval),
+		Debounce: Dur(d.Debounce), MaxWait: Dur(d.MaxWait), BatchWait: Dur(d.BatchWait),
+		BatchMax: &d.BatchMax, BatchBytes: &d.BatchBytes, MaxPayloadBytes: &d.MaxPayloadBytes, MaxInFlight: &d.MaxInFlight,
+		Payload: &payload, ResourceURL: &url,
+	}
+}

@@ -3,6 +3,8 @@ package sender
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +16,7 @@ import (
 	"time"
 
 	"github.com/walhook/walhook/outbox"
+	"github.com/walhook/walhook/sender/ssrf"
 )
 
 // Version is walhook's version, sent in user-agent.
@@ -24,45 +27,57 @@ const maxResponseBody = 4 << 10
 
 // Sender delivers batches over HTTP. It is safe for concurrent use.
 type Sender struct {
-	client    *http.Client
+	trusted   *http.Client // static subscriptions: any target
+	guarded   *http.Client // dynamic subscriptions: safe targets only, checked at dial
 	userAgent string
 	now       func() time.Time
 }
 
-// New returns a Sender with a hardened client.
-func New() *Sender {
-	transport := &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
-		DialContext:           (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		ForceAttemptHTTP2:     true,
-		MaxIdleConns:          256,
-		MaxIdleConnsPerHost:   32,
-		IdleConnTimeout:       90 * time.Second,
-		TLSHandshakeTimeout:   5 * time.Second,
-		ResponseHeaderTimeout: 0, // the attempt's context deadline covers it
-	}
+// New returns a Sender with hardened clients; guard checks the addresses that
+// dynamic subscriptions' requests dial.
+func New(guard *ssrf.Guard) *Sender {
+	dialer := &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}
 	return &Sender{
-		client: &http.Client{
-			Transport: transport,
-			CheckRedirect: func(*http.Request, []*http.Request) error {
-				return http.ErrUseLastResponse
-			},
-		},
+		trusted:   newClient(dialer.DialContext),
+		guarded:   newClient(guard.DialContext(dialer)),
 		userAgent: "walhook/" + Version,
 		now:       time.Now,
 	}
 }
 
+func newClient(dial func(ctx context.Context, network, addr string) (net.Conn, error)) *http.Client {
+	return &http.Client{
+		Transport: &http.Transport{
+			Proxy:               http.ProxyFromEnvironment,
+			DialContext:         dial,
+			ForceAttemptHTTP2:   true,
+			MaxIdleConns:        256,
+			MaxIdleConnsPerHost: 32,
+			IdleConnTimeout:     90 * time.Second,
+			TLSHandshakeTimeout: 5 * time.Second,
+		},
+		CheckRedirect: func(*http.Request, []*http.Request) error {
+			return http.ErrUseLastResponse
+		},
+	}
+}
+
+func (s *Sender) client(sub *outbox.Subscription) *http.Client {
+	if sub.Static {
+		return s.trusted
+	}
+	return s.guarded
+}
+
 // Close closes idle connections.
-func (s *Sender) Close() { s.client.CloseIdleConnections() }
+func (s *Sender) Close() {
+	s.trusted.CloseIdleConnections()
+	s.guarded.CloseIdleConnections()
+}
 
 // Deliver sends b once. It returns nil on 2xx and a *DeliveryError otherwise.
 func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	sub := b.Subscription
-	key, err := ParseSecret(sub.Secret)
-	if err != nil {
-		return &DeliveryError{Reason: "subscription " + sub.ID + ": " + err.Error()}
-	}
 	body := Body(b)
 	ctx, cancel := context.WithTimeout(ctx, sub.Delivery.Timeout)
 	defer cancel()
@@ -70,14 +85,24 @@ func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	if err != nil {
 		return &DeliveryError{Reason: "build request: " + err.Error()}
 	}
-	ts := s.now().Unix()
+	now := s.now()
+	ts := now.Unix()
+	// During a secret rotation's overlap both secrets sign, space-separated.
+	var sigs []string
+	for _, secret := range sub.Secrets(now) {
+		key, err := ParseSecret(secret)
+		if err != nil {
+			return &DeliveryError{Reason: "subscription " + sub.ID + ": " + err.Error()}
+		}
+		sigs = append(sigs, Sign(key, b.WebhookID, ts, body))
+	}
 	req.Header.Set("content-type", "application/json")
 	req.Header.Set("user-agent", s.userAgent)
 	req.Header.Set("webhook-id", b.WebhookID)
 	req.Header.Set("webhook-timestamp", strconv.FormatInt(ts, 10))
-	req.Header.Set("webhook-signature", Sign(key, b.WebhookID, ts, body))
+	req.Header.Set("webhook-signature", strings.Join(sigs, " "))
 
-	resp, err := s.client.Do(req)
+	resp, err := s.client(sub).Do(req)
 	if err != nil {
 		return &DeliveryError{Err: scrubURL(err), Reason: "request failed", retry: true}
 	}
@@ -110,6 +135,37 @@ func newStatusError(resp *http.Response, body []byte, now time.Time) *DeliveryEr
 		e.Body = snippet
 	}
 	return e
+}
+
+// VerifyIntent runs the REST Hooks handshake with a dynamic subscription's
+// target: a POST carrying a random X-Hook-Secret, which the target must echo in
+// a 2xx answer.
+func (s *Sender) VerifyIntent(ctx context.Context, target string, timeout time.Duration) error {
+	var nonce [24]byte
+	rand.Read(nonce[:])
+	secret := base64.RawURLEncoding.EncodeToString(nonce[:])
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, target, strings.NewReader(`{"type":"walhook.verify_intent"}`))
+	if err != nil {
+		return fmt.Errorf("build request: %v", err)
+	}
+	req.Header.Set("content-type", "application/json")
+	req.Header.Set("user-agent", s.userAgent)
+	req.Header.Set("X-Hook-Secret", secret)
+	resp, err := s.guarded.Do(req)
+	if err != nil {
+		return fmt.Errorf("target unreachable: %v", scrubURL(err))
+	}
+	defer resp.Body.Close()
+	io.Copy(io.Discard, io.LimitReader(resp.Body, maxResponseBody))
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return fmt.Errorf("target answered %d", resp.StatusCode)
+	}
+	if resp.Header.Get("X-Hook-Secret") != secret {
+		return errors.New("target did not echo the X-Hook-Secret header")
+	}
+	return nil
 }
 
 // parseRetryAfter reads delay-seconds or an HTTP date; 0 when absent or invalid.

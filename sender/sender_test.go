@@ -14,6 +14,7 @@ import (
 	"github.com/walhook/walhook/outbox"
 	"github.com/walhook/walhook/sender"
 	"github.com/walhook/walhook/sender/sendertest"
+	"github.com/walhook/walhook/sender/ssrf"
 	"go.uber.org/goleak"
 )
 
@@ -23,7 +24,7 @@ const secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 func testSub(url string) *outbox.Subscription {
 	return &outbox.Subscription{ID: "crm", Events: []string{"*"}, TargetURL: url, Secret: secret,
-		Delivery: outbox.DefaultDeliveryOptions}
+		Delivery: outbox.DefaultDeliveryOptions, Static: true}
 }
 
 func testEvent() outbox.Event {
@@ -33,7 +34,7 @@ func testEvent() outbox.Event {
 
 func TestDeliverSignsAndFollowsContract(t *testing.T) {
 	srv := sendertest.NewServer(t, nil)
-	s := sender.New()
+	s := sender.New(&ssrf.Guard{})
 	b := outbox.NewBatch(testSub(srv.HooksURL()), testEvent())
 	if err := s.Deliver(context.Background(), b); err != nil {
 		t.Fatalf("Deliver: %v", err)
@@ -84,7 +85,7 @@ func TestDeliverClassifiesResponses(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(strconv.Itoa(tt.status), func(t *testing.T) {
 			srv := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) { return tt.status, tt.header })
-			err := sender.New().Deliver(context.Background(), outbox.NewBatch(testSub(srv.HooksURL()), testEvent()))
+			err := sender.New(&ssrf.Guard{}).Deliver(context.Background(), outbox.NewBatch(testSub(srv.HooksURL()), testEvent()))
 			var de *sender.DeliveryError
 			if !errors.As(err, &de) {
 				t.Fatalf("err = %v, want *DeliveryError", err)
@@ -102,7 +103,7 @@ func TestDeliverClassifiesResponses(t *testing.T) {
 
 func TestDeliverNetworkErrorIsRetryableAndHidesURL(t *testing.T) {
 	sub := testSub("http://user:hunter2@127.0.0.1:1/hooks?token=s3cret")
-	err := sender.New().Deliver(context.Background(), outbox.NewBatch(sub, testEvent()))
+	err := sender.New(&ssrf.Guard{}).Deliver(context.Background(), outbox.NewBatch(sub, testEvent()))
 	var de *sender.DeliveryError
 	if !errors.As(err, &de) || !de.Retryable() || de.StatusCode() != 0 {
 		t.Fatalf("err = %v, want a retryable DeliveryError without status", err)
@@ -122,7 +123,7 @@ func TestDeliverDeadlineCoversWholeExchange(t *testing.T) {
 	sub := testSub(srv.HooksURL())
 	sub.Delivery.Timeout = 200 * time.Millisecond
 	start := time.Now()
-	err := sender.New().Deliver(context.Background(), outbox.NewBatch(sub, testEvent()))
+	err := sender.New(&ssrf.Guard{}).Deliver(context.Background(), outbox.NewBatch(sub, testEvent()))
 	var de *sender.DeliveryError
 	if !errors.As(err, &de) || !de.Retryable() {
 		t.Fatalf("err = %v, want retryable timeout", err)
@@ -142,5 +143,62 @@ func TestParseSecretErrorsDoNotLeak(t *testing.T) {
 		if strings.Contains(err.Error(), s) {
 			t.Errorf("error %q contains the secret", err)
 		}
+	}
+}
+
+func TestRotationSignsWithBothSecretsDuringOverlap(t *testing.T) {
+	const old = "whsec_T2xkT2xkT2xkT2xkT2xkT2xkT2xkT2xk"
+	srv := sendertest.NewServer(t, nil)
+	sub := testSub(srv.HooksURL())
+	sub.PreviousSecret, sub.PreviousUntil = old, time.Now().Add(time.Hour)
+	snd := sender.New(&ssrf.Guard{})
+	if err := snd.Deliver(context.Background(), outbox.NewBatch(sub, testEvent())); err != nil {
+		t.Fatal(err)
+	}
+	sub.PreviousUntil = time.Now().Add(-time.Second) // the overlap is over
+	if err := snd.Deliver(context.Background(), outbox.NewBatch(sub, testEvent())); err != nil {
+		t.Fatal(err)
+	}
+	reqs := srv.Requests()
+	if n := len(strings.Fields(reqs[0].Header.Get("webhook-signature"))); n != 2 {
+		t.Errorf("%d signatures during the overlap, want 2", n)
+	}
+	for i, secret := range []string{secret, old} {
+		wh, _ := standardwebhooks.NewWebhook(secret)
+		if err := wh.Verify(reqs[0].Body, reqs[0].Header); err != nil {
+			t.Errorf("secret %d does not verify during the overlap: %v", i, err)
+		}
+	}
+	wh, _ := standardwebhooks.NewWebhook(old)
+	if err := wh.Verify(reqs[1].Body, reqs[1].Header); err == nil {
+		t.Error("the old secret still verifies after the overlap")
+	}
+}
+
+func TestDynamicTargetsAreGuardedAtDial(t *testing.T) {
+	srv := sendertest.NewServer(t, nil)
+	sub := testSub(srv.HooksURL())
+	sub.Static = false
+	err := sender.New(&ssrf.Guard{}).Deliver(context.Background(), outbox.NewBatch(sub, testEvent()))
+	if !errors.Is(err, ssrf.ErrForbidden) || len(srv.Requests()) != 0 {
+		t.Fatalf("err = %v, %d requests: a dynamic subscription reached loopback", err, len(srv.Requests()))
+	}
+}
+
+func TestVerifyIntent(t *testing.T) {
+	echo := sendertest.NewServer(t, func(_ int, r *sendertest.Request) (int, http.Header) {
+		return 200, http.Header{"X-Hook-Secret": {r.Header.Get("X-Hook-Secret")}}
+	})
+	mute := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) { return 200, nil })
+	guard, _ := ssrf.New([]string{"127.0.0.0/8"})
+	snd := sender.New(guard)
+	if err := snd.VerifyIntent(context.Background(), echo.HooksURL(), 5*time.Second); err != nil {
+		t.Errorf("echoing target: %v", err)
+	}
+	if err := snd.VerifyIntent(context.Background(), mute.HooksURL(), 5*time.Second); err == nil || !strings.Contains(err.Error(), "echo") {
+		t.Errorf("non-echoing target: err = %v", err)
+	}
+	if h := echo.Requests()[0].Header.Get("X-Hook-Secret"); len(h) < 16 {
+		t.Errorf("X-Hook-Secret %q is not random enough", h)
 	}
 }

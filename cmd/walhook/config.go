@@ -5,15 +5,19 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/netip"
 	"net/url"
 	"os"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/walhook/walhook/cdc"
 	"github.com/walhook/walhook/outbox"
 	"github.com/walhook/walhook/sender"
+	"github.com/walhook/walhook/sender/ssrf"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -21,20 +25,27 @@ import (
 // from the environment as WALHOOK_<KEY> (WALHOOK_DATABASE_URL, ...), which wins
 // over the file.
 type Config struct {
-	DatabaseURL   string               `yaml:"database_url"`   // required
-	Listen        string               `yaml:"listen"`         // health endpoint address; default 127.0.0.1:8080
-	Slot          string               `yaml:"slot"`           // replication slot; default walhook
-	Publication   string               `yaml:"publication"`    // publication; default walhook
-	OutboxTable   string               `yaml:"outbox_table"`   // schema.table; default walhook.outbox
-	OutboxColumns map[string]string    `yaml:"outbox_columns"` // id, event, resource_id, tenant, payload; "" = no such column
-	LogLevel      string               `yaml:"log_level"`      // debug, info, warn, error; default info
-	Defaults      outbox.Options       `yaml:"defaults"`
-	Subscriptions []SubscriptionConfig `yaml:"subscriptions"`
+	DatabaseURL     string               `yaml:"database_url"`     // required
+	Listen          string               `yaml:"listen"`           // health endpoint address; default 127.0.0.1:8080
+	Slot            string               `yaml:"slot"`             // replication slot; default walhook
+	Publication     string               `yaml:"publication"`      // publication; default walhook
+	OutboxTable     string               `yaml:"outbox_table"`     // schema.table; default walhook.outbox
+	OutboxColumns   map[string]string    `yaml:"outbox_columns"`   // id, event, resource_id, tenant, payload; "" = no such column
+	LogLevel        string               `yaml:"log_level"`        // debug, info, warn, error; default info
+	AdminToken      string               `yaml:"admin_token"`      // bearer token of the API; required off loopback
+	AuthURL         string               `yaml:"auth_url"`         // forward auth for subscribers without the admin token
+	AllowTargets    []string             `yaml:"allow_targets"`    // CIDRs or host names API subscriptions may target anyway
+	RotationOverlap outbox.Duration      `yaml:"rotation_overlap"` // how long a rotated-out secret keeps signing; default 24h
+	Defaults        outbox.Options       `yaml:"defaults"`
+	Subscriptions   []SubscriptionConfig `yaml:"subscriptions"`
 
 	// Derived by Validate.
-	table   cdc.Table
-	columns cdc.Columns
-	subs    []*outbox.Subscription
+	table    cdc.Table
+	columns  cdc.Columns
+	subs     []*outbox.Subscription
+	defaults outbox.DeliveryOptions
+	guard    *ssrf.Guard
+	overlap  time.Duration
 }
 
 // SubscriptionConfig is one static subscription.
@@ -56,6 +67,8 @@ func (c *Config) envKeys() map[string]*string {
 		"publication":  &c.Publication,
 		"outbox_table": &c.OutboxTable,
 		"log_level":    &c.LogLevel,
+		"admin_token":  &c.AdminToken,
+		"auth_url":     &c.AuthURL,
 	}
 }
 
@@ -134,6 +147,22 @@ func (c *Config) Validate(withSubscriptions bool) error {
 	defaults, err := c.Defaults.Resolve("defaults.", outbox.DefaultDeliveryOptions)
 	if err != nil {
 		errs = append(errs, err)
+	}
+	c.defaults = defaults
+	if c.guard, err = ssrf.New(c.AllowTargets); err != nil {
+		bad("allow_targets: %v", err)
+	}
+	if c.AuthURL != "" {
+		if u, err := url.Parse(c.AuthURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			bad("auth_url: must be an absolute http:// or https:// URL")
+		}
+	}
+	overlap := c.RotationOverlap
+	if !overlap.Set {
+		overlap = outbox.Dur(24 * time.Hour)
+	}
+	if c.overlap, err = time.ParseDuration(overlap.Raw); err != nil || c.overlap < 0 {
+		bad("rotation_overlap: %q is not a duration (like 24h)", overlap.Raw)
 	}
 	if withSubscriptions {
 		c.subs = nil
@@ -221,6 +250,23 @@ func parseColumns(m map[string]string) (cdc.Columns, error) {
 	return c, errors.Join(errs...)
 }
 
+// apiDisabled says why the API must not be served: off loopback without a token.
+func (c *Config) apiDisabled() string {
+	if c.AdminToken != "" {
+		return ""
+	}
+	host, _, err := net.SplitHostPort(c.Listen)
+	if err == nil && (host == "localhost" || isLoopback(host)) {
+		return ""
+	}
+	return "the API is off: set admin_token to serve it on a non-loopback address (" + c.Listen + ")"
+}
+
+func isLoopback(host string) bool {
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsLoopback()
+}
+
 // cdcConfig is the stream's view of c.
 func (c *Config) cdcConfig() cdc.Config {
 	return cdc.Config{
@@ -234,6 +280,9 @@ func (c *Config) secrets() []string {
 	var s []string
 	if pc, err := pgconn.ParseConfig(c.DatabaseURL); err == nil && pc.Password != "" {
 		s = append(s, pc.Password, url.QueryEscape(pc.Password), url.PathEscape(pc.Password))
+	}
+	if c.AdminToken != "" {
+		s = append(s, c.AdminToken)
 	}
 	for _, sub := range c.Subscriptions {
 		if sub.Secret != "" {

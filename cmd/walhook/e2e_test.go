@@ -102,13 +102,6 @@ func TestDeliversCommittedEventsOnceInCommitOrder(t *testing.T) {
 	}
 }
 
-func deref(s *string) string {
-	if s == nil {
-		return ""
-	}
-	return *s
-}
-
 func TestRetriesServerErrorsWithOneWebhookID(t *testing.T) {
 	t.Parallel()
 	srv := sendertest.NewServer(t, func(n int, _ *sendertest.Request) (int, http.Header) {

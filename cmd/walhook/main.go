@@ -30,6 +30,9 @@ Usage:
   walhook setup    [--config FILE] [--dry-run]      create schema, outbox, emit(), publication, slot
   walhook run      [--config FILE] [--log-format F] stream the slot and deliver hooks
   walhook teardown [--config FILE] [--drop-schema]  drop the slot and publication (and the schema)
+  walhook subscriptions list [--tenant T]           API subscriptions in the database, and the config's
+  walhook subscriptions add --event E --target-url URL [--tenant T] [--secret S]
+  walhook subscriptions rm ID
   walhook version
 
 The config file may also be given as WALHOOK_CONFIG; top-level keys as
@@ -61,7 +64,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		fs.BoolVar(dryRun, "dry-run", false, "print the SQL instead of running it")
 	case "teardown":
 		fs.BoolVar(dropSchema, "drop-schema", false, "also drop the walhook schema, with the outbox table if it is walhook.outbox")
-	case "run":
+	case "run", "subscriptions":
 	case "version", "--version":
 		fmt.Fprintln(stdout, "walhook", sender.Version)
 		return exitOK
@@ -75,7 +78,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err := fs.Parse(args); err != nil {
 		return exitConfig
 	}
-	if fs.NArg() > 0 {
+	if fs.NArg() > 0 && cmd != "subscriptions" {
 		fmt.Fprintf(stderr, "walhook %s: unexpected argument %q\n", cmd, fs.Arg(0))
 		return exitConfig
 	}
@@ -91,7 +94,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	redact := newRedactor(cfg.secrets())
 	stderr = redact.writer(stderr)
-	if err := cfg.Validate(cmd == "run"); err != nil {
+	if err := cfg.Validate(cmd == "run" || cmd == "subscriptions"); err != nil {
 		fmt.Fprintf(stderr, "walhook: invalid config:\n  %s\n", strings.ReplaceAll(err.Error(), "\n", "\n  "))
 		return exitConfig
 	}
@@ -104,6 +107,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		err = teardown(ctx, cfg, *dropSchema, stdout)
 	case "run":
 		err = serve(ctx, cfg, log)
+	case "subscriptions":
+		err = subscriptionsCommand(ctx, cfg, fs.Args(), stdout)
+	}
+	var usage usageErr
+	if errors.As(err, &usage) {
+		fmt.Fprintf(stderr, "walhook: %v\n", err)
+		return exitConfig
 	}
 	if err != nil && !errors.Is(err, context.Canceled) {
 		fmt.Fprintf(stderr, "walhook %s: %v\n", cmd, err)

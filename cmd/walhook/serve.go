@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
+	"github.com/walhook/walhook/api"
 	"github.com/walhook/walhook/cdc"
 	"github.com/walhook/walhook/outbox"
 	"github.com/walhook/walhook/outbox/pgstore"
@@ -31,23 +32,31 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	if len(cfg.subs) == 0 {
-		log.Warn().Msg("no subscriptions: events will be confirmed without delivery")
-	}
 
-	snd := sender.New()
+	snd := sender.New(cfg.guard)
 	defer snd.Close()
 	acker := outbox.NewAcker(0)
 	changes := make(chan outbox.Change, 256)
 	stream := cdc.NewStream(cfg.cdcConfig(), acker, log)
+	store := pgstore.New(pool, cfg.Slot)
 	dispatcher := outbox.NewDispatcher(outbox.DispatcherConfig{
 		Subscriptions: cfg.subs,
+		Defaults:      cfg.defaults,
 		Acker:         acker,
 		Deliverer:     snd,
-		Store:         pgstore.New(pool, cfg.Slot),
+		Store:         store,
 		Logger:        log.With().Str("component", "outbox").Logger(),
 	})
-	srv := &http.Server{Handler: routes(), ReadHeaderTimeout: 5 * time.Second}
+	mux := routes()
+	api.New(api.Config{
+		AdminToken: cfg.AdminToken, AuthURL: cfg.AuthURL, Disabled: cfg.apiDisabled(),
+		Store: store, Static: cfg.subs, Defaults: cfg.defaults, Guard: cfg.guard, Verifier: snd,
+		RotationOverlap: cfg.overlap, Logger: log.With().Str("component", "api").Logger(),
+	}).Register(mux)
+	if reason := cfg.apiDisabled(); reason != "" {
+		log.Warn().Msg(reason)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return stream.Run(ctx, changes) })
@@ -70,7 +79,7 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	return err
 }
 
-func routes() http.Handler {
+func routes() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("content-type", "application/json")

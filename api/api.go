@@ -1,0 +1,485 @@
+package api
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/walhook/walhook/outbox"
+	"github.com/walhook/walhook/outbox/pgstore"
+	"github.com/walhook/walhook/sender"
+	"github.com/walhook/walhook/sender/ssrf"
+)
+
+// Store is what the API needs of pgstore.
+type Store interface {
+	InsertSubscription(ctx context.Context, r *outbox.SubscriptionRow) error
+	GetSubscription(ctx context.Context, id string) (*outbox.SubscriptionRow, error)
+	ListSubscriptions(ctx context.Context, tenant *string) ([]outbox.SubscriptionRow, error)
+	UpdateSubscription(ctx context.Context, r *outbox.SubscriptionRow) error
+	RotateSecret(ctx context.Context, id, secret string, until time.Time) error
+	DeleteSubscriptionStrict(ctx context.Context, id string) error
+}
+
+// Verifier runs the X-Hook-Secret handshake (sender.Sender).
+type Verifier interface {
+	VerifyIntent(ctx context.Context, target string, timeout time.Duration) error
+}
+
+// Config configures the API.
+type Config struct {
+	AdminToken      string // "" (loopback only): every caller is admin, unless AuthURL is set
+	AuthURL         string // forward auth for callers without the admin token
+	Disabled        string // when set, the API answers 403 with this reason
+	Store           Store
+	Static          []*outbox.Subscription // from the config file: read-only
+	Defaults        outbox.DeliveryOptions
+	Guard           *ssrf.Guard
+	Verifier        Verifier
+	RotationOverlap time.Duration // default 24h
+	Logger          zerolog.Logger
+}
+
+// API serves /v1/subscriptions.
+type API struct {
+	cfg  Config
+	auth *http.Client
+}
+
+// New returns the API.
+func New(cfg Config) *API {
+	if cfg.RotationOverlap == 0 {
+		cfg.RotationOverlap = 24 * time.Hour
+	}
+	return &API{cfg: cfg, auth: &http.Client{Timeout: 5 * time.Second,
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}}
+}
+
+// Register adds the API's routes to mux.
+func (a *API) Register(mux *http.ServeMux) {
+	mux.HandleFunc("POST /v1/subscriptions", a.handle(a.create))
+	mux.HandleFunc("GET /v1/subscriptions", a.handle(a.list))
+	mux.HandleFunc("GET /v1/subscriptions/{id}", a.handle(a.get))
+	mux.HandleFunc("PATCH /v1/subscriptions/{id}", a.handle(a.patch))
+	mux.HandleFunc("DELETE /v1/subscriptions/{id}", a.handle(a.delete))
+	mux.HandleFunc("POST /v1/subscriptions/{id}/rotate-secret", a.handle(a.rotate))
+}
+
+// caller is who is asking.
+type caller struct {
+	admin  bool
+	tenant string // for a forward-authenticated caller
+}
+
+// Error is an API error: a status and a message for the caller.
+type Error struct {
+	Status  int
+	Message string
+}
+
+func (e *Error) Error() string { return e.Message }
+
+func fail(status int, format string, args ...any) *Error {
+	return &Error{Status: status, Message: fmt.Sprintf(format, args...)}
+}
+
+type handler func(w http.ResponseWriter, r *http.Request, c caller) (status int, body any, err error)
+
+func (a *API) handle(h handler) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if a.cfg.Disabled != "" {
+			writeJSON(w, http.StatusForbidden, map[string]string{"error": a.cfg.Disabled})
+			return
+		}
+		c, err := a.authenticate(r)
+		if err == nil {
+			var status int
+			var body any
+			status, body, err = h(w, r, c)
+			if err == nil {
+				writeJSON(w, status, body)
+				return
+			}
+		}
+		var e *Error
+		if !errors.As(err, &e) {
+			a.cfg.Logger.Error().Err(err).Str("path", r.URL.Path).Msg("api request failed")
+			e = fail(http.StatusInternalServerError, "internal error")
+		}
+		writeJSON(w, e.Status, map[string]string{"error": e.Message})
+	}
+}
+
+func writeJSON(w http.ResponseWriter, status int, body any) {
+	if status == http.StatusNoContent {
+		w.WriteHeader(status)
+		return
+	}
+	w.Header().Set("content-type", "application/json")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(body)
+}
+
+func (a *API) authenticate(r *http.Request) (caller, error) {
+	h := r.Header.Get("Authorization")
+	if a.cfg.AdminToken != "" {
+		if tok, ok := strings.CutPrefix(h, "Bearer "); ok &&
+			subtle.ConstantTimeCompare([]byte(tok), []byte(a.cfg.AdminToken)) == 1 {
+			return caller{admin: true}, nil
+		}
+	} else if a.cfg.AuthURL == "" {
+		return caller{admin: true}, nil // loopback only, without a token
+	}
+	if a.cfg.AuthURL == "" || h == "" {
+		return caller{}, fail(http.StatusUnauthorized, "missing or wrong bearer token")
+	}
+	tenant, err := a.forwardAuth(r.Context(), h)
+	if err != nil {
+		a.cfg.Logger.Debug().Err(err).Msg("forward auth refused")
+		return caller{}, fail(http.StatusUnauthorized, "not authorized")
+	}
+	return caller{tenant: tenant}, nil
+}
+
+// forwardAuth asks auth_url who the caller is.
+func (a *API) forwardAuth(ctx context.Context, authorization string) (string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, a.cfg.AuthURL, nil)
+	if err != nil {
+		return "", err
+	}
+	req.Header.Set("Authorization", authorization)
+	resp, err := a.auth.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return "", fmt.Errorf("auth_url answered %d", resp.StatusCode)
+	}
+	var who struct {
+		Tenant string `json:"tenant"`
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<10)).Decode(&who); err != nil || who.Tenant == "" {
+		return "", errors.New("auth_url named no tenant")
+	}
+	return who.Tenant, nil
+}
+
+// Request is the body of create and patch: a subscription's settable fields.
+type Request struct {
+	Event        string   `json:"event,omitempty"`
+	Events       []string `json:"events,omitempty"`
+	TargetURL    string   `json:"target_url,omitempty"`
+	Tenant       *string  `json:"tenant,omitempty"`
+	Secret       string   `json:"secret,omitempty"`
+	VerifyIntent *bool    `json:"verify_intent,omitempty"`
+	outbox.Options
+}
+
+// View is a subscription as the API shows it; options are the effective ones.
+type View struct {
+	ID           string     `json:"id"`
+	Events       []string   `json:"events"`
+	TargetURL    string     `json:"target_url"`
+	Tenant       *string    `json:"tenant"`
+	Secret       string     `json:"secret,omitempty"`
+	VerifyIntent bool       `json:"verify_intent"`
+	ReadOnly     bool       `json:"read_only"`
+	CreatedAt    *time.Time `json:"created_at,omitempty"`
+	UpdatedAt    *time.Time `json:"updated_at,omitempty"`
+	outbox.Options
+}
+
+func (a *API) view(r *outbox.SubscriptionRow) View {
+	opts, _ := r.Options.Resolve("", a.cfg.Defaults)
+	return View{ID: r.ID, Events: r.Events, TargetURL: r.TargetURL, Tenant: r.Tenant, VerifyIntent: r.VerifyIntent,
+		CreatedAt: &r.CreatedAt, UpdatedAt: &r.UpdatedAt, Options: outbox.OptionsOf(opts)}
+}
+
+func staticView(s *outbox.Subscription) View {
+	v := View{ID: s.ID, Events: s.Events, TargetURL: s.TargetURL, ReadOnly: true, Options: outbox.OptionsOf(s.Delivery)}
+	if s.Tenant != "" {
+		v.Tenant = &s.Tenant
+	}
+	return v
+}
+
+func decode(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fail(http.StatusBadRequest, "invalid JSON body: %v", err)
+	}
+	return nil
+}
+
+func (a *API) create(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
+	var req Request
+	if err := decode(r, &req); err != nil {
+		return 0, nil, err
+	}
+	row := &outbox.SubscriptionRow{ID: NewID(), VerifyIntent: true, Secret: req.Secret, Tenant: req.Tenant}
+	if req.VerifyIntent != nil {
+		row.VerifyIntent = *req.VerifyIntent
+	}
+	if row.Secret == "" {
+		row.Secret = NewSecret()
+	} else if _, err := sender.ParseSecret(row.Secret); err != nil {
+		return 0, nil, fail(http.StatusBadRequest, "secret: %v", err)
+	}
+	if err := scopeTenant(c, row); err != nil {
+		return 0, nil, err
+	}
+	if err := a.apply(r.Context(), row, &req, true); err != nil {
+		return 0, nil, err
+	}
+	if err := a.cfg.Store.InsertSubscription(r.Context(), row); err != nil {
+		return 0, nil, err
+	}
+	a.cfg.Logger.Info().Str("subscription", row.ID).Strs("events", row.Events).Msg("subscription created")
+	v := a.view(row)
+	v.Secret = row.Secret
+	return http.StatusCreated, v, nil
+}
+
+// scopeTenant forces a tenant caller's subscriptions into its tenant.
+func scopeTenant(c caller, row *outbox.SubscriptionRow) error {
+	if c.admin {
+		return nil
+	}
+	if row.Tenant != nil && *row.Tenant != c.tenant {
+		return fail(http.StatusForbidden, "tenant: you may only manage tenant %q's subscriptions", c.tenant)
+	}
+	t := c.tenant
+	row.Tenant = &t
+	return nil
+}
+
+// apply sets req's fields on row, validating them: events, target (safe, and
+// verified when it is new or changed), options.
+func (a *API) apply(ctx context.Context, row *outbox.SubscriptionRow, req *Request, create bool) error {
+	events := req.Events
+	if req.Event != "" {
+		if len(events) > 0 {
+			return fail(http.StatusBadRequest, "give event or events, not both")
+		}
+		events = []string{req.Event}
+	}
+	if len(events) > 0 || create {
+		if len(events) == 0 {
+			return fail(http.StatusBadRequest, "event: required (an event name, a pattern like contact.*, or *)")
+		}
+		for _, p := range events {
+			if !outbox.ValidPattern(p) {
+				return fail(http.StatusBadRequest, "event: %q is not an event name or pattern (contact.updated, contact.*, *)", p)
+			}
+		}
+		row.Events = events
+	}
+	row.Options = row.Options.Merge(req.Options)
+	if _, err := row.Options.Resolve("", a.cfg.Defaults); err != nil {
+		return fail(http.StatusBadRequest, "%v", err)
+	}
+	targetChanged := req.TargetURL != "" && req.TargetURL != row.TargetURL
+	if create && req.TargetURL == "" {
+		return fail(http.StatusBadRequest, "target_url: required")
+	}
+	if !targetChanged {
+		return nil
+	}
+	if err := a.cfg.Guard.CheckURL(ctx, req.TargetURL); err != nil {
+		return fail(http.StatusBadRequest, "target_url: %v", err)
+	}
+	if row.VerifyIntent {
+		if err := a.cfg.Verifier.VerifyIntent(ctx, req.TargetURL, 10*time.Second); err != nil {
+			return fail(http.StatusBadRequest, "target_url: intent verification failed: %v", err)
+		}
+	}
+	row.TargetURL = req.TargetURL
+	return nil
+}
+
+func (a *API) list(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
+	q := r.URL.Query()
+	var tenant *string
+	if t := q.Get("tenant"); t != "" {
+		tenant = &t
+	}
+	if !c.admin {
+		if tenant != nil && *tenant != c.tenant {
+			return http.StatusOK, []View{}, nil
+		}
+		tenant = &c.tenant
+	}
+	event := q.Get("event")
+	wants := func(events []string, t string) bool {
+		if tenant != nil && t != *tenant {
+			return false
+		}
+		return event == "" || (&outbox.Subscription{Events: events}).Matches(&outbox.Event{Type: event, Tenant: t})
+	}
+	out := []View{}
+	if c.admin {
+		for _, s := range a.cfg.Static {
+			if wants(s.Events, s.Tenant) {
+				out = append(out, staticView(s))
+			}
+		}
+	}
+	rows, err := a.cfg.Store.ListSubscriptions(r.Context(), tenant)
+	if err != nil {
+		return 0, nil, err
+	}
+	for i := range rows {
+		if wants(rows[i].Events, deref(rows[i].Tenant)) {
+			out = append(out, a.view(&rows[i]))
+		}
+	}
+	return http.StatusOK, out, nil
+}
+
+// find returns the caller's subscription id: a static one (read-only) or a row.
+func (a *API) find(r *http.Request, c caller) (*outbox.Subscription, *outbox.SubscriptionRow, error) {
+	id := r.PathValue("id")
+	if i := slices.IndexFunc(a.cfg.Static, func(s *outbox.Subscription) bool { return s.ID == id }); i >= 0 && c.admin {
+		return a.cfg.Static[i], nil, nil
+	}
+	row, err := a.cfg.Store.GetSubscription(r.Context(), id)
+	if errors.Is(err, pgstore.ErrNotFound) || (err == nil && !c.admin && deref(row.Tenant) != c.tenant) {
+		return nil, nil, fail(http.StatusNotFound, "subscription %q not found", id)
+	}
+	return nil, row, err
+}
+
+func readOnly(s *outbox.Subscription) error {
+	return fail(http.StatusConflict, "subscription %q is read-only: it is defined in the config file", s.ID)
+}
+
+func (a *API) get(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
+	static, row, err := a.find(r, c)
+	switch {
+	case err != nil:
+		return 0, nil, err
+	case static != nil:
+		return http.StatusOK, staticView(static), nil
+	}
+	return http.StatusOK, a.view(row), nil
+}
+
+func (a *API) patch(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
+	static, row, err := a.find(r, c)
+	switch {
+	case err != nil:
+		return 0, nil, err
+	case static != nil:
+		return 0, nil, readOnly(static)
+	}
+	var req Request
+	if err := decode(r, &req); err != nil {
+		return 0, nil, err
+	}
+	if req.Secret != "" {
+		return 0, nil, fail(http.StatusBadRequest, "secret: use POST /v1/subscriptions/{id}/rotate-secret")
+	}
+	if req.Tenant != nil {
+		if !c.admin && *req.Tenant != c.tenant {
+			return 0, nil, fail(http.StatusForbidden, "tenant: you may only manage tenant %q's subscriptions", c.tenant)
+		}
+		row.Tenant = req.Tenant
+		if *req.Tenant == "" {
+			row.Tenant = nil
+		}
+	}
+	if req.VerifyIntent != nil {
+		row.VerifyIntent = *req.VerifyIntent
+	}
+	if err := a.apply(r.Context(), row, &req, false); err != nil {
+		return 0, nil, err
+	}
+	if err := a.cfg.Store.UpdateSubscription(r.Context(), row); err != nil {
+		return 0, nil, notFound(err, row.ID)
+	}
+	return http.StatusOK, a.view(row), nil
+}
+
+func (a *API) delete(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
+	static, row, err := a.find(r, c)
+	switch {
+	case err != nil:
+		return 0, nil, err
+	case static != nil:
+		return 0, nil, readOnly(static)
+	}
+	if err := a.cfg.Store.DeleteSubscriptionStrict(r.Context(), row.ID); err != nil {
+		return 0, nil, notFound(err, row.ID)
+	}
+	a.cfg.Logger.Info().Str("subscription", row.ID).Msg("subscription deleted")
+	return http.StatusNoContent, nil, nil
+}
+
+func (a *API) rotate(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
+	static, row, err := a.find(r, c)
+	switch {
+	case err != nil:
+		return 0, nil, err
+	case static != nil:
+		return 0, nil, readOnly(static)
+	}
+	var req struct {
+		Secret string `json:"secret"`
+	}
+	if r.ContentLength != 0 {
+		if err := decode(r, &req); err != nil {
+			return 0, nil, err
+		}
+	}
+	if req.Secret == "" {
+		req.Secret = NewSecret()
+	} else if _, err := sender.ParseSecret(req.Secret); err != nil {
+		return 0, nil, fail(http.StatusBadRequest, "secret: %v", err)
+	}
+	until := time.Now().Add(a.cfg.RotationOverlap)
+	if err := a.cfg.Store.RotateSecret(r.Context(), row.ID, req.Secret, until); err != nil {
+		return 0, nil, notFound(err, row.ID)
+	}
+	return http.StatusOK, map[string]any{"secret": req.Secret, "previous_secret_valid_until": until.UTC()}, nil
+}
+
+func notFound(err error, id string) error {
+	if errors.Is(err, pgstore.ErrNotFound) {
+		return fail(http.StatusNotFound, "subscription %q not found", id)
+	}
+	return err
+}
+
+func deref(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
+}
+
+// NewSecret returns a fresh signing secret: whsec_ and 32 random bytes, base64.
+func NewSecret() string {
+	var b [32]byte
+	rand.Read(b[:])
+	return sender.SecretPrefix + base64.StdEncoding.EncodeToString(b[:])
+}
+
+// NewID returns a fresh subscription id.
+func NewID() string {
+	var b [12]byte
+	rand.Read(b[:])
+	return "sub_" + hex.EncodeToString(b[:])
+}
