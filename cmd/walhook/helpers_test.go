@@ -78,11 +78,17 @@ func (e *env) start() *runner {
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &runner{done: make(chan int, 1)}
 	go func() { r.done <- run(ctx, []string{"run", "--config", e.path}, noEnv, &bytes.Buffer{}, &r.log) }()
+	var once sync.Once
+	r.stop = func() {
+		once.Do(func() {
+			cancel()
+			if code := <-r.done; code != 0 {
+				e.t.Errorf("walhook run exited %d:\n%s", code, r.log.String())
+			}
+		})
+	}
 	e.t.Cleanup(func() {
-		cancel()
-		if code := <-r.done; code != 0 {
-			e.t.Errorf("walhook run exited %d:\n%s", code, r.log.String())
-		}
+		r.stop()
 		if e.t.Failed() {
 			e.t.Logf("walhook log:\n%s", r.log.String())
 		}
@@ -97,6 +103,7 @@ func (e *env) start() *runner {
 type runner struct {
 	done chan int
 	log  syncBuffer
+	stop func() // cancels walhook and waits for it
 }
 
 func (r *runner) exited() bool { return len(r.done) > 0 }

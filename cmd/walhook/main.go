@@ -59,12 +59,18 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	configPath := fs.String("config", getenv("WALHOOK_CONFIG"), "config file (env WALHOOK_CONFIG)")
 	logFormat := fs.String("log-format", "json", "log format: json or console")
 	dryRun, dropSchema := new(bool), new(bool)
+	var subs subscriptionFlags
 	switch cmd {
 	case "setup":
 		fs.BoolVar(dryRun, "dry-run", false, "print the SQL instead of running it")
 	case "teardown":
 		fs.BoolVar(dropSchema, "drop-schema", false, "also drop the walhook schema, with the outbox table if it is walhook.outbox")
-	case "run", "subscriptions":
+	case "run":
+	case "subscriptions":
+		if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+			subs.verb, args = args[0], args[1:]
+		}
+		subs.register(fs)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "walhook", sender.Version)
 		return exitOK
@@ -75,11 +81,19 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		fmt.Fprintf(stderr, "walhook: unknown command %q\n\n%s", cmd, usage)
 		return exitConfig
 	}
-	if err := fs.Parse(args); err != nil {
-		return exitConfig
+	// Flags may come before or after positional arguments.
+	var positional []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return exitConfig
+		}
+		if fs.NArg() == 0 {
+			break
+		}
+		positional, args = append(positional, fs.Arg(0)), fs.Args()[1:]
 	}
-	if fs.NArg() > 0 && cmd != "subscriptions" {
-		fmt.Fprintf(stderr, "walhook %s: unexpected argument %q\n", cmd, fs.Arg(0))
+	if len(positional) > 0 && !(cmd == "subscriptions" && subs.verb == "rm") {
+		fmt.Fprintf(stderr, "walhook %s: unexpected argument %q\n", cmd, positional[0])
 		return exitConfig
 	}
 	if *logFormat != "json" && *logFormat != "console" {
@@ -108,7 +122,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	case "run":
 		err = serve(ctx, cfg, log)
 	case "subscriptions":
-		err = subscriptionsCommand(ctx, cfg, fs.Args(), stdout)
+		subs.args = positional
+		err = subscriptionsCommand(ctx, cfg, subs, stdout)
 	}
 	var usage usageErr
 	if errors.As(err, &usage) {

@@ -16,23 +16,30 @@ import (
 	"github.com/walhook/walhook/sender"
 )
 
+// subscriptionFlags are the verb and flags of `walhook subscriptions`.
+type subscriptionFlags struct {
+	verb                   string
+	events                 multiFlag
+	target, tenant, secret string
+	args                   []string
+}
+
+func (f *subscriptionFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.target, "target-url", "", "where to POST hooks (add)")
+	fs.StringVar(&f.tenant, "tenant", "", "only this tenant's events (add); filter (list)")
+	fs.StringVar(&f.secret, "secret", "", "signing secret, whsec_... (add; default: generated)")
+	fs.Var(&f.events, "event", "event name or pattern, repeatable (add)")
+}
+
 // subscriptionsCommand is `walhook subscriptions list|add|rm`, for operators: it
 // works on walhook.subscriptions directly (a running walhook picks changes up
-// through the stream).
-func subscriptionsCommand(ctx context.Context, cfg *Config, args []string, out io.Writer) error {
-	if len(args) == 0 {
-		return usageError("walhook subscriptions list|add|rm")
-	}
-	verb, args := args[0], args[1:]
-	fs := flag.NewFlagSet("walhook subscriptions "+verb, flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	var events multiFlag
-	target := fs.String("target-url", "", "where to POST hooks (add)")
-	tenant := fs.String("tenant", "", "only this tenant's events (add); filter (list)")
-	secret := fs.String("secret", "", "signing secret, whsec_... (add; default: generated)")
-	fs.Var(&events, "event", "event name or pattern, repeatable (add)")
-	if err := fs.Parse(args); err != nil {
-		return usageError("walhook subscriptions %s: %v", verb, err)
+// through the stream). Subscriptions added here skip the X-Hook-Secret handshake.
+func subscriptionsCommand(ctx context.Context, cfg *Config, f subscriptionFlags, out io.Writer) error {
+	verb, events, target, tenant, secret := f.verb, f.events, &f.target, &f.tenant, &f.secret
+	switch verb {
+	case "list", "add", "rm":
+	default:
+		return usageError("walhook subscriptions list|add|rm (got %q)", verb)
 	}
 	pool, err := pgxpool.New(ctx, cfg.DatabaseURL)
 	if err != nil {
@@ -87,20 +94,21 @@ func subscriptionsCommand(ctx context.Context, cfg *Config, args []string, out i
 		fmt.Fprintf(out, "id: %s\nsecret: %s\n", row.ID, row.Secret)
 		return nil
 	case "rm":
-		if fs.NArg() != 1 {
+		if len(f.args) != 1 {
 			return usageError("walhook subscriptions rm ID")
 		}
-		err := store.DeleteSubscriptionStrict(ctx, fs.Arg(0))
+		id := f.args[0]
+		err := store.DeleteSubscriptionStrict(ctx, id)
 		if errors.Is(err, pgstore.ErrNotFound) {
-			return fmt.Errorf("subscription %q not found (config-file subscriptions are removed from the config)", fs.Arg(0))
+			return fmt.Errorf("subscription %q not found (config-file subscriptions are removed from the config)", id)
 		}
 		if err != nil {
 			return fmt.Errorf("remove subscription: %w", err)
 		}
-		fmt.Fprintf(out, "removed %s\n", fs.Arg(0))
+		fmt.Fprintf(out, "removed %s\n", id)
 		return nil
 	}
-	return usageError("walhook subscriptions: unknown verb %q (list, add, rm)", verb)
+	return nil
 }
 
 type multiFlag []string
