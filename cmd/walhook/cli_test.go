@@ -238,3 +238,17 @@ func TestHealthz(t *testing.T) {
 		t.Errorf("/healthz = %d", resp.StatusCode)
 	}
 }
+
+func TestAPIOffLoopbackNeedsAToken(t *testing.T) {
+	for listen, off := range map[string]bool{"127.0.0.1:8080": false, "[::1]:8080": false, "localhost:8080": false,
+		"0.0.0.0:8080": true, ":8080": true, "10.1.2.3:8080": true} {
+		c := &Config{Listen: listen}
+		if got := c.apiDisabled() != ""; got != off {
+			t.Errorf("listen %s without a token: API off = %v, want %v", listen, got, off)
+		}
+		c.AdminToken = "x"
+		if c.apiDisabled() != "" {
+			t.Errorf("listen %s with a token: API off", listen)
+		}
+	}
+}
