@@ -1,6 +1,6 @@
 // Command receiver is a minimal webhook endpoint for walhook: it verifies the
 // Standard Webhooks signature, drops duplicates by webhook-id, and prints what
-// it receives, one JSON line per hook.
+// it receives, one JSON line per event (a batch is an array of them).
 //
 //	go run ./examples/receiver -listen 127.0.0.1:9090 -secret whsec_...
 package main
@@ -61,21 +61,19 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusOK) // already handled: acknowledge, do nothing
 		return
 	}
-	var env struct {
-		ID         string          `json:"id"`
-		Type       string          `json:"type"`
-		Timestamp  string          `json:"timestamp"`
-		ResourceID *string         `json:"resource_id"`
-		Tenant     *string         `json:"tenant"`
-		Data       json.RawMessage `json:"data"`
+	// A batching subscription (batch_max > 1) sends an array of envelopes.
+	envelopes := []json.RawMessage{body}
+	if len(body) > 0 && body[0] == '[' {
+		if err := json.Unmarshal(body, &envelopes); err != nil {
+			http.Error(w, "bad JSON", http.StatusBadRequest)
+			return
+		}
 	}
-	if err := json.Unmarshal(body, &env); err != nil {
-		http.Error(w, "bad JSON", http.StatusBadRequest)
-		return
-	}
-	line, _ := json.Marshal(map[string]any{"webhook_id": id, "event": env})
 	h.mu.Lock()
-	fmt.Fprintf(h.out, "%s\n", line)
+	for _, env := range envelopes {
+		line, _ := json.Marshal(map[string]any{"webhook_id": id, "event": env})
+		fmt.Fprintf(h.out, "%s\n", line)
+	}
 	h.mu.Unlock()
 	w.WriteHeader(http.StatusNoContent)
 }
