@@ -57,6 +57,35 @@ type Store interface {
 	LoadRouting(ctx context.Context, at LSN) ([]SubscriptionRow, error)
 	// DeleteSubscription removes a dynamic subscription (after a 410 Gone).
 	DeleteSubscription(ctx context.Context, id string) error
+
+	// Parking (docs/parking.md). Park appends events of one subscription to
+	// walhook.deliveries, ignoring ones already there.
+	Park(ctx context.Context, subscription string, events []ParkedEvent) error
+	// ParkedKeys lists the resources of a subscription that have parked events.
+	ParkedKeys(ctx context.Context, subscription string) ([]ParkedKey, error)
+	// NextParked returns up to limit parked events of one resource, in order.
+	NextParked(ctx context.Context, subscription, resource string, limit int) ([]ParkedEvent, error)
+	// Unpark deletes delivered or dead-lettered rows.
+	Unpark(ctx context.Context, rows []int64) error
+	// Reschedule records a failed attempt of rows.
+	Reschedule(ctx context.Context, rows []int64, attempts int, next time.Time, reason string) error
+	// DropParked deletes every parked event of a subscription.
+	DropParked(ctx context.Context, subscription string) error
+}
+
+// ParkedEvent is an event in walhook.deliveries.
+type ParkedEvent struct {
+	Row         int64 // set by the store
+	Event       Event
+	Attempts    int
+	Since       time.Time // retry_for runs from here: its first attempt, or when it was parked
+	NextAttempt time.Time
+}
+
+// ParkedKey is a resource with parked events.
+type ParkedKey struct {
+	Resource    string
+	NextAttempt time.Time
 }
 
 // DispatcherConfig configures a Dispatcher.
@@ -163,6 +192,9 @@ func (d *Dispatcher) remove(r *running) {
 	r.cancel()
 	<-r.done
 	r.sc.release()
+	retryForever(d.ctx, d.cfg.Logger, "cannot drop parked events", func() error {
+		return d.cfg.Store.DropParked(d.ctx, r.sub.ID)
+	})
 	for {
 		select {
 		case dv := <-r.queue:

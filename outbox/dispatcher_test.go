@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -46,10 +47,13 @@ func (f *fakeDeliverer) Deliver(_ context.Context, b *Batch) error {
 }
 
 type memStore struct {
-	mu      sync.Mutex
-	dead    []DeadLetter
-	routing []RoutingChange
-	deleted []string
+	mu         sync.Mutex
+	dead       []DeadLetter
+	routing    []RoutingChange
+	deleted    []string
+	parked     []parkedRow
+	nextRow    int64
+	everParked int
 }
 
 func (m *memStore) RecordRouting(_ context.Context, c RoutingChange) error {
@@ -248,7 +252,9 @@ func TestDispatcherStopsWithoutAckingUnfinished(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		del := &fakeDeliverer{answer: func(int, *Batch) error { return errors.New("connection refused") }}
 		acker := NewAcker(0)
-		d := NewDispatcher(DispatcherConfig{Subscriptions: []*Subscription{sub("s", "*")}, Acker: acker,
+		s := sub("s", "*")
+		s.Delivery.ParkAfter = 2 * time.Hour
+		d := NewDispatcher(DispatcherConfig{Subscriptions: []*Subscription{s}, Acker: acker,
 			Deliverer: del, Store: &memStore{}, Logger: zerolog.Nop()})
 		ch := make(chan Change, 16)
 		ctx, cancel := context.WithCancel(t.Context())
@@ -277,4 +283,73 @@ func equal(a, b []string) bool {
 		}
 	}
 	return true
+}
+
+type parkedRow struct {
+	sub string
+	ParkedEvent
+}
+
+func (m *memStore) Park(_ context.Context, sub string, events []ParkedEvent) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, e := range events {
+		if slices.ContainsFunc(m.parked, func(r parkedRow) bool { return r.sub == sub && r.Event.ID == e.Event.ID }) {
+			continue
+		}
+		m.nextRow++
+		e.Row = m.nextRow
+		m.parked = append(m.parked, parkedRow{sub, e})
+		m.everParked++
+	}
+	return nil
+}
+
+func (m *memStore) ParkedKeys(_ context.Context, sub string) ([]ParkedKey, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []ParkedKey
+	for _, r := range m.parked {
+		if r.sub == sub && !slices.ContainsFunc(out, func(k ParkedKey) bool { return k.Resource == r.Event.ResourceID }) {
+			out = append(out, ParkedKey{Resource: r.Event.ResourceID, NextAttempt: r.NextAttempt})
+		}
+	}
+	return out, nil
+}
+
+func (m *memStore) NextParked(_ context.Context, sub, resource string, limit int) ([]ParkedEvent, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []ParkedEvent
+	for _, r := range m.parked { // appended in order
+		if r.sub == sub && r.Event.ResourceID == resource && len(out) < limit {
+			out = append(out, r.ParkedEvent)
+		}
+	}
+	return out, nil
+}
+
+func (m *memStore) Unpark(_ context.Context, rows []int64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.parked = slices.DeleteFunc(m.parked, func(r parkedRow) bool { return slices.Contains(rows, r.Row) })
+	return nil
+}
+
+func (m *memStore) Reschedule(_ context.Context, rows []int64, attempts int, next time.Time, _ string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for i := range m.parked {
+		if slices.Contains(rows, m.parked[i].Row) {
+			m.parked[i].Attempts, m.parked[i].NextAttempt = attempts, next
+		}
+	}
+	return nil
+}
+
+func (m *memStore) DropParked(_ context.Context, sub string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.parked = slices.DeleteFunc(m.parked, func(r parkedRow) bool { return r.sub == sub })
+	return nil
 }

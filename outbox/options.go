@@ -25,6 +25,8 @@ type Options struct {
 	ResourceURL      *string  `yaml:"resource_url" json:"resource_url,omitzero"`
 	MaxPayloadBytes  *int     `yaml:"max_payload_bytes" json:"max_payload_bytes,omitzero"`
 	MaxInFlight      *int     `yaml:"max_in_flight" json:"max_in_flight,omitzero"`
+	ParkAfter        Duration `yaml:"park_after" json:"park_after,omitzero"`
+	RetryFor         Duration `yaml:"retry_for" json:"retry_for,omitzero"`
 }
 
 // Duration is a duration as text ("10s", "5m"). It keeps the text, so that
@@ -89,6 +91,8 @@ func (o Options) Resolve(prefix string, base DeliveryOptions) (DeliveryOptions, 
 	dur(&r.Debounce, o.Debounce, "debounce", true)
 	dur(&r.MaxWait, o.MaxWait, "max_wait", false)
 	dur(&r.BatchWait, o.BatchWait, "batch_wait", true)
+	dur(&r.ParkAfter, o.ParkAfter, "park_after", false)
+	dur(&r.RetryFor, o.RetryFor, "retry_for", false)
 	count(&r.BatchMax, o.BatchMax, "batch_max", 1)
 	count(&r.BatchBytes, o.BatchBytes, "batch_bytes", 1024)
 	count(&r.MaxPayloadBytes, o.MaxPayloadBytes, "max_payload_bytes", 1)
@@ -134,6 +138,8 @@ func (o Options) Merge(p Options) Options {
 	setDur(&o.Debounce, p.Debounce)
 	setDur(&o.MaxWait, p.MaxWait)
 	setDur(&o.BatchWait, p.BatchWait)
+	setDur(&o.ParkAfter, p.ParkAfter)
+	setDur(&o.RetryFor, p.RetryFor)
 	for _, f := range []struct{ dst, v **int }{
 		{&o.BatchMax, &p.BatchMax}, {&o.BatchBytes, &p.BatchBytes},
 		{&o.MaxPayloadBytes, &p.MaxPayloadBytes}, {&o.MaxInFlight, &p.MaxInFlight},
@@ -158,6 +164,6 @@ func OptionsOf(d DeliveryOptions) Options {
 		Timeout: Dur(d.Timeout), RetryInitial: Dur(d.RetryInitial), RetryMaxInterval: Dur(d.RetryMaxInterval),
 		Debounce: Dur(d.Debounce), MaxWait: Dur(d.MaxWait), BatchWait: Dur(d.BatchWait),
 		BatchMax: &d.BatchMax, BatchBytes: &d.BatchBytes, MaxPayloadBytes: &d.MaxPayloadBytes, MaxInFlight: &d.MaxInFlight,
-		Payload: &payload, ResourceURL: &url,
+		Payload: &payload, ResourceURL: &url, ParkAfter: Dur(d.ParkAfter), RetryFor: Dur(d.RetryFor),
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"container/heap"
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"time"
 
@@ -36,6 +37,7 @@ type scheduler struct {
 	ready       []*key // not busy, head ready; FIFO
 	readyEvents int    // items held by keys in ready (an estimate of what a batch could take)
 	retries     []*job // due for another attempt
+	feeds       []*key // parked keys due for their next rows
 	timers      timerHeap
 	pending     int       // items held
 	inFlight    int       // requests in flight
@@ -50,7 +52,12 @@ type key struct {
 	items    []*item
 	busy     bool // some items are in a batch
 	queued   bool // in ready
-	timerSet bool // a debounce deadline is in timers
+	timerSet bool // a debounce or feed deadline is in timers
+
+	// Parked keys live in walhook.deliveries (docs/parking.md).
+	parked bool
+	feedAt time.Time // when to send the next parked rows
+	feed   bool      // in feeds
 }
 
 type item struct {
@@ -58,7 +65,8 @@ type item struct {
 	txn     *Txn
 	first   time.Time // arrival of the first event merged into it
 	readyAt time.Time
-	sent    bool // in a batch: never merged into again
+	sent    bool  // in a batch: never merged into again
+	row     int64 // parked: its row in walhook.deliveries
 }
 
 // job is one batch and its attempts.
@@ -70,6 +78,7 @@ type job struct {
 	attempt int
 	first   time.Time
 	backoff *backoff.ExponentialBackOff
+	parked  bool // items are parked rows
 }
 
 type result struct {
@@ -98,6 +107,9 @@ func (s *scheduler) setSubscription(sub *Subscription) {
 
 func (s *scheduler) run(ctx context.Context) error {
 	s.ctx = ctx
+	if err := s.loadParked(); err != nil {
+		return nil // ctx ended
+	}
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	defer s.sends.Wait()
@@ -141,13 +153,16 @@ func (s *scheduler) handleEvent(dv delivery) {
 	}
 	s.inTxn = true
 	now := s.now()
-	k := s.keys[dv.event.ResourceID]
-	if k == nil {
-		k = &key{id: dv.event.ResourceID}
-		s.keys[k.id] = k
-	}
+	k := s.key(dv.event.ResourceID)
 	ev := dv.event
 	ev.Coalesced = 1
+	if k.parked {
+		// Behind the parked rows, and finished once written.
+		if s.park([]ParkedEvent{{Event: ev, NextAttempt: k.feedAt, Since: now}}) == nil {
+			s.d.cfg.Acker.Done(dv.txn)
+		}
+		return
+	}
 	if s.opts.Debounce > 0 && len(k.items) > 0 {
 		if tail := k.items[len(k.items)-1]; !tail.sent && tail.ev.Type == ev.Type {
 			// The older event is superseded: its delivery is done (docs/scheduler.md).
@@ -169,6 +184,15 @@ func (s *scheduler) handleEvent(dv delivery) {
 	}
 }
 
+func (s *scheduler) key(id string) *key {
+	k := s.keys[id]
+	if k == nil {
+		k = &key{id: id}
+		s.keys[id] = k
+	}
+	return k
+}
+
 func (s *scheduler) readyAt(first, now time.Time) time.Time {
 	if s.opts.Debounce <= 0 {
 		return now
@@ -182,6 +206,18 @@ func (s *scheduler) readyAt(first, now time.Time) time.Time {
 
 // schedule puts an idle key in ready, or sets its debounce timer.
 func (s *scheduler) schedule(k *key, now time.Time) {
+	if k.parked {
+		switch {
+		case k.busy || k.feed:
+		case !k.feedAt.After(now):
+			k.feed = true
+			s.feeds = append(s.feeds, k)
+		case !k.timerSet:
+			k.timerSet = true
+			heap.Push(&s.timers, timerEntry{at: k.feedAt, key: k})
+		}
+		return
+	}
 	if k.busy || k.queued || len(k.items) == 0 {
 		return
 	}
@@ -205,6 +241,15 @@ func (s *scheduler) dispatch(ctx context.Context) {
 		j := s.retries[0]
 		s.retries = s.retries[1:]
 		s.start(ctx, j)
+	}
+	for s.inFlight < s.opts.MaxInFlight && len(s.feeds) > 0 {
+		k := s.feeds[0]
+		s.feeds[0] = nil
+		s.feeds = s.feeds[1:]
+		k.feed = false
+		if j := s.feedJob(k); j != nil {
+			s.start(ctx, j)
+		}
 	}
 	now := s.now()
 	for s.inFlight < s.opts.MaxInFlight && len(s.ready) > 0 {
@@ -275,13 +320,7 @@ func (s *scheduler) assemble(now time.Time) *job {
 	}
 	j.batch = NewBatch(s.sub, events...)
 	j.first = now
-	j.backoff = backoff.NewExponentialBackOff(
-		backoff.WithInitialInterval(s.opts.RetryInitial),
-		backoff.WithMaxInterval(s.opts.RetryMaxInterval),
-		backoff.WithMultiplier(2),
-		backoff.WithRandomizationFactor(0.5),
-		backoff.WithMaxElapsedTime(0),
-	)
+	j.backoff = s.newBackoff()
 	return j
 }
 
@@ -359,6 +398,10 @@ func (s *scheduler) handleResult(r result) {
 		if r.err == nil {
 			s.log.Debug().Str("webhook_id", j.batch.WebhookID).Int("events", len(j.items)).Int("attempts", j.attempt).Msg("delivered")
 		}
+		if j.parked {
+			s.finishParked(j)
+			return
+		}
 		s.finish(j)
 		return
 	}
@@ -370,7 +413,176 @@ func (s *scheduler) handleResult(r result) {
 		wait = min(f.RetryAfter(), s.opts.RetryMaxInterval)
 	}
 	s.log.Debug().Str("webhook_id", j.batch.WebhookID).Int("attempt", j.attempt).Err(r.err).Dur("retry_in", wait).Msg("attempt failed")
-	heap.Push(&s.timers, timerEntry{at: s.now().Add(wait), job: j})
+	now := s.now()
+	switch {
+	case j.parked:
+		s.retryParked(j, r.err, now.Add(wait))
+	case now.Sub(j.first) >= s.opts.ParkAfter:
+		s.parkJob(j, now.Add(wait))
+	default:
+		heap.Push(&s.timers, timerEntry{at: now.Add(wait), job: j})
+	}
+}
+
+// loadParked marks the keys that have parked rows (from before a restart).
+func (s *scheduler) loadParked() error {
+	var keys []ParkedKey
+	err := retryForever(s.ctx, s.log, "cannot read parked deliveries", func() error {
+		var err error
+		keys, err = s.d.cfg.Store.ParkedKeys(s.ctx, s.sub.ID)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	now := s.now()
+	for _, pk := range keys {
+		k := s.key(pk.Resource)
+		k.parked, k.feedAt = true, pk.NextAttempt
+		s.schedule(k, now)
+	}
+	if len(keys) > 0 {
+		s.log.Info().Int("resources", len(keys)).Msg("resuming parked deliveries")
+	}
+	return nil
+}
+
+// park writes events to walhook.deliveries; on error ctx ended.
+func (s *scheduler) park(events []ParkedEvent) error {
+	return retryForever(s.ctx, s.log, "cannot park deliveries", func() error {
+		return s.d.cfg.Store.Park(s.ctx, s.sub.ID, events)
+	})
+}
+
+// parkJob parks every key of a batch that failed for park_after: its items
+// and every later item of those keys move to the table, and stop holding the
+// slot back.
+func (s *scheduler) parkJob(j *job, next time.Time) {
+	n := 0
+	keys := j.keys
+	// The endpoint keeps failing: keys that waited as long for a free request
+	// slot go too, without an attempt, or the slot would stay pinned by them.
+	now := s.now()
+	kept := s.ready[:0]
+	for _, k := range s.ready {
+		if now.Sub(k.items[0].first) >= s.opts.ParkAfter {
+			s.readyEvents -= len(k.items)
+			k.queued = false
+			keys = append(keys, k)
+			continue
+		}
+		kept = append(kept, k)
+	}
+	clear(s.ready[len(kept):])
+	s.ready = kept
+	for _, k := range keys {
+		events := make([]ParkedEvent, len(k.items))
+		for i, it := range k.items {
+			events[i] = ParkedEvent{Event: it.ev, NextAttempt: next, Since: now}
+			if it.sent {
+				events[i].Attempts, events[i].Since = j.attempt, j.first
+			}
+		}
+		if s.park(events) != nil {
+			return // shutting down: nothing acked, all replayed
+		}
+		for _, it := range k.items {
+			s.d.cfg.Acker.Done(it.txn)
+		}
+		s.pending -= len(k.items)
+		n += len(k.items)
+		clear(k.items)
+		k.items, k.busy, k.parked, k.feedAt = nil, false, true, next
+		s.schedule(k, s.now())
+	}
+	s.log.Warn().Int("resources", len(keys)).Int("events", n).Dur("failing_for", s.now().Sub(j.first)).
+		Msg("parked: the endpoint keeps failing; events moved to walhook.deliveries")
+}
+
+// feedJob loads a parked key's next rows; with none left the key returns to
+// memory.
+func (s *scheduler) feedJob(k *key) *job {
+	var rows []ParkedEvent
+	err := retryForever(s.ctx, s.log, "cannot read parked deliveries", func() error {
+		var err error
+		rows, err = s.d.cfg.Store.NextParked(s.ctx, s.sub.ID, k.id, s.opts.BatchMax)
+		return err
+	})
+	if err != nil {
+		return nil
+	}
+	if len(rows) == 0 {
+		k.parked = false
+		if len(k.items) == 0 {
+			delete(s.keys, k.id)
+		}
+		s.log.Info().Str("resource", k.id).Msg("parked resource drained")
+		return nil
+	}
+	j := &job{parked: true, keys: []*key{k}, first: rows[0].Since}
+	events := make([]Event, len(rows))
+	for i, r := range rows {
+		events[i] = r.Event
+		j.items = append(j.items, &item{ev: r.Event, row: r.Row, sent: true})
+		j.attempt = max(j.attempt, r.Attempts)
+		if r.Since.Before(j.first) {
+			j.first = r.Since
+		}
+	}
+	j.batch = NewBatch(s.sub, events...)
+	j.backoff = s.newBackoff()
+	for range j.attempt { // continue the backoff where the rows left it
+		j.backoff.NextBackOff()
+	}
+	k.busy = true
+	return j
+}
+
+// finishParked deletes delivered or dead-lettered rows and feeds the key on.
+func (s *scheduler) finishParked(j *job) {
+	rows := make([]int64, len(j.items))
+	for i, it := range j.items {
+		rows[i] = it.row
+	}
+	if retryForever(s.ctx, s.log, "cannot unpark deliveries", func() error { return s.d.cfg.Store.Unpark(s.ctx, rows) }) != nil {
+		return
+	}
+	k := j.keys[0]
+	k.busy, k.feedAt = false, s.now()
+	s.schedule(k, s.now())
+}
+
+// retryParked reschedules failed rows, or dead-letters them after retry_for.
+func (s *scheduler) retryParked(j *job, cause error, next time.Time) {
+	if s.now().Sub(j.first) >= s.opts.RetryFor {
+		if s.deadLetter(s.ctx, j, fmt.Errorf("retry_for (%s) exhausted: %w", s.opts.RetryFor, cause)) == nil {
+			s.finishParked(j)
+		}
+		return
+	}
+	rows := make([]int64, len(j.items))
+	for i, it := range j.items {
+		rows[i] = it.row
+	}
+	err := retryForever(s.ctx, s.log, "cannot reschedule parked deliveries", func() error {
+		return s.d.cfg.Store.Reschedule(s.ctx, rows, j.attempt, next, cause.Error())
+	})
+	if err != nil {
+		return
+	}
+	k := j.keys[0]
+	k.busy, k.feedAt = false, next
+	s.schedule(k, s.now())
+}
+
+func (s *scheduler) newBackoff() *backoff.ExponentialBackOff {
+	return backoff.NewExponentialBackOff(
+		backoff.WithInitialInterval(s.opts.RetryInitial),
+		backoff.WithMaxInterval(s.opts.RetryMaxInterval),
+		backoff.WithMultiplier(2),
+		backoff.WithRandomizationFactor(0.5),
+		backoff.WithMaxElapsedTime(0),
+	)
 }
 
 // finish releases a delivered or dead-lettered batch: acks its events and lets
@@ -419,7 +631,7 @@ func (s *scheduler) release() {
 		}
 	}
 	clear(s.keys)
-	s.ready, s.retries, s.timers = nil, nil, nil
+	s.ready, s.retries, s.timers, s.feeds = nil, nil, nil, nil
 	s.pending, s.readyEvents = 0, 0
 	s.gatherUntil = time.Time{}
 }
@@ -445,7 +657,7 @@ func (s *scheduler) handleTimers() {
 			continue
 		}
 		e.key.timerSet = false
-		s.schedule(e.key, now) // re-arms itself if merges pushed the deadline later
+		s.schedule(e.key, now) // re-arms itself if merges or a reschedule moved the deadline
 	}
 }
 

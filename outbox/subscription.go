@@ -59,6 +59,9 @@ type DeliveryOptions struct {
 	MaxPayloadBytes int         // larger payloads are sent skinny with "truncated": true; default 256 KiB
 
 	MaxInFlight int // concurrent requests (so resources in flight); default 16
+
+	ParkAfter time.Duration // failing this long, a resource's events move to walhook.deliveries; default 30s
+	RetryFor  time.Duration // parked events failing this long become dead letters; default 72h
 }
 
 // DefaultDeliveryOptions are used where config sets nothing.
@@ -73,6 +76,8 @@ var DefaultDeliveryOptions = DeliveryOptions{
 	Payload:          PayloadFull,
 	MaxPayloadBytes:  256 << 10,
 	MaxInFlight:      16,
+	ParkAfter:        30 * time.Second,
+	RetryFor:         72 * time.Hour,
 }
 
 // Batched reports whether request bodies are arrays.

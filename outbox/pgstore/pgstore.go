@@ -64,6 +64,21 @@ END
 $fn$`,
 		`CREATE OR REPLACE TRIGGER subscription_changed AFTER INSERT OR UPDATE OR DELETE ON walhook.subscriptions
   FOR EACH ROW EXECUTE FUNCTION walhook.subscription_changed()`,
+		// Parked deliveries (docs/parking.md); healthy traffic never writes here.
+		`CREATE TABLE IF NOT EXISTS walhook.deliveries (
+  id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  subscription    text        NOT NULL,
+  resource_id     text        NOT NULL,
+  event_id        text        NOT NULL,
+  event           jsonb       NOT NULL,
+  attempts        int         NOT NULL DEFAULT 0,
+  since           timestamptz NOT NULL,
+  next_attempt_at timestamptz NOT NULL,
+  last_error      text,
+  created_at      timestamptz NOT NULL DEFAULT now(),
+  UNIQUE (subscription, event_id)
+)`,
+		`CREATE INDEX IF NOT EXISTS deliveries_resource_idx ON walhook.deliveries (subscription, resource_id, id)`,
 		`CREATE TABLE IF NOT EXISTS walhook.routing_log (
   slot            text    NOT NULL,
   seq             numeric NOT NULL,

@@ -1,0 +1,92 @@
+package outbox
+
+import (
+	"testing"
+	"testing/synctest"
+	"time"
+)
+
+func TestParkingReleasesTheSlotAndKeepsOrder(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		down := true
+		h := newHarness(t, func(o *DeliveryOptions) { o.ParkAfter = 30 * time.Second; o.RetryMaxInterval = 10 * time.Second })
+		h.rec.answer = func(*Batch) error {
+			if down {
+				return failure{status: 503, retryable: true}
+			}
+			return nil
+		}
+		var last LSN
+		for i := 1; i <= 30; i++ {
+			last = h.commit(event(i, "x", []string{"a", "b", "c"}[i%3]))
+		}
+		time.Sleep(20 * time.Second)
+		synctest.Wait()
+		if f := h.acker.Flush(); f != 0 {
+			t.Fatalf("flush %v before park_after", f)
+		}
+		time.Sleep(20 * time.Second)
+		synctest.Wait()
+		if f := h.acker.Flush(); f != last {
+			t.Fatalf("flush = %v after park_after, want %v: parked events must not pin the slot", f, last)
+		}
+		if len(h.store.parked) != 30 {
+			t.Fatalf("%d parked rows, want 30", len(h.store.parked))
+		}
+		// New events for parked resources go behind them.
+		last = h.commit(event(31, "x", "a"))
+		synctest.Wait()
+		if f := h.acker.Flush(); f != last || len(h.store.parked) != 31 {
+			t.Fatalf("flush %v, %d rows: a new event for a parked resource is parked at once", f, len(h.store.parked))
+		}
+		down = false
+		h.rec.mu.Lock()
+		h.rec.batches = nil
+		h.rec.mu.Unlock()
+		time.Sleep(time.Minute)
+		synctest.Wait()
+		lastOf := map[string]int{}
+		n := 0
+		for _, b := range h.rec.batches {
+			for _, e := range b.events {
+				id := 0
+				for _, c := range e.ID {
+					id = id*10 + int(c-'0')
+				}
+				if id <= lastOf[e.ResourceID] {
+					t.Errorf("resource %s: %d after %d", e.ResourceID, id, lastOf[e.ResourceID])
+				}
+				lastOf[e.ResourceID] = id
+				n++
+			}
+		}
+		if n != 31 || len(h.store.parked) != 0 {
+			t.Errorf("%d delivered after recovery, %d rows left; want 31 and 0", n, len(h.store.parked))
+		}
+		// Drained keys are back in memory: a new event does not touch the table.
+		before := h.store.everParked
+		h.commit(event(32, "x", "a"))
+		time.Sleep(time.Second)
+		synctest.Wait()
+		if h.store.everParked != before {
+			t.Error("healthy traffic was parked after the drain")
+		}
+	})
+}
+
+func TestParkedEventsBecomeDeadLettersAfterRetryFor(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHarness(t, func(o *DeliveryOptions) {
+			o.ParkAfter = time.Second
+			o.RetryFor = time.Hour
+			o.RetryMaxInterval = time.Minute
+		})
+		h.rec.answer = func(*Batch) error { return failure{status: 503, retryable: true} }
+		h.commit(event(1, "x", "a"), event(2, "x", "a"))
+		time.Sleep(2 * time.Hour)
+		synctest.Wait()
+		if len(h.store.dead) != 2 || len(h.store.parked) != 0 {
+			t.Errorf("%d dead letters, %d parked; want 2 and 0", len(h.store.dead), len(h.store.parked))
+		}
+	})
+}
