@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 	"github.com/walhook/walhook/outbox"
 )
@@ -19,12 +21,14 @@ import (
 // Config configures a Stream.
 type Config struct {
 	DatabaseURL    string
-	Slot           string        // replication slot; default "walhook"
-	Publication    string        // publication; default "walhook"
-	Table          Table         // outbox table; default walhook.outbox
-	Columns        Columns       // outbox column names; default DefaultColumns
-	StatusInterval time.Duration // how often the flush position is checked and sent when it moved; default 1s
-	StatusMaxAge   time.Duration // a status update is sent at least this often; default 10s, or a third of the server's wal_sender_timeout if less
+	Slot           string                // replication slot; default "walhook"
+	Publication    string                // publication; default "walhook"
+	Table          Table                 // outbox table; default walhook.outbox
+	Columns        Columns               // outbox column names; default DefaultColumns
+	StatusInterval time.Duration         // how often the flush position is checked and sent when it moved; default 1s
+	StatusMaxAge   time.Duration         // a status update is sent at least this often; default 10s, or a third of the server's wal_sender_timeout if less
+	StallTimeout   time.Duration         // silence from the server after which the stream counts as stalled; default 30s
+	Registerer     prometheus.Registerer // for walhook_active; default none
 }
 
 // WithDefaults fills zero fields.
@@ -47,14 +51,23 @@ func (c Config) WithDefaults() Config {
 	if c.StatusMaxAge == 0 {
 		c.StatusMaxAge = 10 * time.Second
 	}
+	if c.StallTimeout == 0 {
+		c.StallTimeout = 30 * time.Second
+	}
 	return c
 }
 
 // Stream reads the slot and hands changes to the pipeline.
 type Stream struct {
-	cfg   Config
-	acker *outbox.Acker
-	log   zerolog.Logger
+	cfg    Config
+	acker  *outbox.Acker
+	log    zerolog.Logger
+	active prometheus.Gauge
+
+	// Read by Health from other goroutines.
+	state     atomic.Value // State
+	lastHeard atomic.Int64 // unix nanos of the last message from the server
+	paused    atomic.Bool  // waiting for the pipeline (backpressure)
 
 	// Owned by Run's goroutine.
 	conn       *pgconn.PgConn
@@ -63,6 +76,7 @@ type Stream struct {
 	sentFlush  outbox.LSN
 	sentAt     time.Time
 	maxAge     time.Duration // StatusMaxAge fitted to the server's wal_sender_timeout
+	stalled    bool          // reported as stalled (logged once)
 	relations  map[uint32]*relation
 	commitTime time.Time  // of the open transaction
 	commitLSN  outbox.LSN // of the open transaction: the base of its events' sequence
@@ -75,7 +89,35 @@ type Stream struct {
 // NewStream returns a Stream that confirms what acker says is finished.
 func NewStream(cfg Config, acker *outbox.Acker, log zerolog.Logger) *Stream {
 	cfg = cfg.WithDefaults()
-	return &Stream{cfg: cfg, acker: acker, maxAge: cfg.StatusMaxAge, log: log.With().Str("component", "cdc").Logger()}
+	s := &Stream{cfg: cfg, acker: acker, maxAge: cfg.StatusMaxAge, log: log.With().Str("component", "cdc").Logger(),
+		active: prometheus.NewGauge(prometheus.GaugeOpts{Name: "walhook_active",
+			Help: "1 on the replica that holds the slot and streams; 0 on a standby."})}
+	if cfg.Registerer != nil {
+		cfg.Registerer.MustRegister(s.active)
+	}
+	s.state.Store(Connecting)
+	return s
+}
+
+// State is where the stream is.
+type State string
+
+const (
+	Connecting State = "connecting" // not connected (yet, or again)
+	Standby    State = "standby"    // connected; another process holds the slot
+	Streaming  State = "streaming"  // holds the slot and hears from the server
+	Stalled    State = "stalled"    // holds the slot, but the server has been silent for stall_timeout
+)
+
+// Health reports the stream's state; safe from any goroutine. Streaming and
+// Standby are healthy. A pause for backpressure is not a stall: the pipeline,
+// not the server, is slow.
+func (s *Stream) Health() State {
+	st := s.state.Load().(State)
+	if st == Streaming && !s.paused.Load() && time.Since(time.Unix(0, s.lastHeard.Load())) > s.cfg.StallTimeout {
+		return Stalled
+	}
+	return st
 }
 
 // Run streams until ctx ends (returning nil) or the stream fails.
@@ -87,6 +129,13 @@ func (s *Stream) Run(ctx context.Context, out chan<- outbox.Change) error {
 		return err
 	}
 	defer s.conn.Close(context.Background())
+	s.lastHeard.Store(time.Now().UnixNano())
+	s.state.Store(Streaming)
+	s.active.Set(1)
+	defer func() {
+		s.state.Store(Connecting)
+		s.active.Set(0)
+	}()
 	s.log.Info().Str("slot", s.cfg.Slot).Stringer("start_lsn", s.start).Msg("streaming")
 
 	tick := time.NewTicker(s.cfg.StatusInterval)
@@ -101,9 +150,16 @@ func (s *Stream) Run(ctx context.Context, out chan<- outbox.Change) error {
 			select {
 			case out <- s.pending[0]:
 				s.pending = s.pending[1:]
-			case <-tick.C:
-				err = s.sendStatus(ctx, false)
-			case <-ctx.Done():
+			default:
+				s.paused.Store(true)
+				select {
+				case out <- s.pending[0]:
+					s.pending = s.pending[1:]
+				case <-tick.C:
+					err = s.sendStatus(ctx, false)
+				case <-ctx.Done():
+				}
+				s.paused.Store(false)
 			}
 		} else {
 			select {
@@ -137,6 +193,7 @@ func (s *Stream) connectWhenFree(ctx context.Context) error {
 		if !errors.Is(err, ErrSlotActive) {
 			return err
 		}
+		s.state.Store(Standby)
 		if !logged {
 			s.log.Info().Str("slot", s.cfg.Slot).Msg("slot in use by another process; waiting for it")
 			logged = true
@@ -272,6 +329,11 @@ func (s *Stream) receive(ctx context.Context) error {
 		}
 		return fmt.Errorf("receive replication message: %w", err)
 	}
+	s.lastHeard.Store(time.Now().UnixNano())
+	if s.stalled {
+		s.stalled = false
+		s.log.Info().Msg("stream resumed")
+	}
 	switch msg := msg.(type) {
 	case *pgproto3.CopyData:
 		return s.handleCopyData(ctx, msg.Data)
@@ -379,7 +441,7 @@ func (s *Stream) handleWAL(at outbox.LSN, wal []byte) error {
 func (s *Stream) beginLazily() {
 	if !s.txnEvents {
 		s.txnEvents = true
-		s.pending = append(s.pending, outbox.Change{Kind: outbox.ChangeBegin})
+		s.pending = append(s.pending, outbox.Change{Kind: outbox.ChangeBegin, Event: outbox.Event{CommitTime: s.commitTime}})
 	}
 }
 
@@ -408,7 +470,15 @@ func sequence(commit outbox.LSN, index uint64) uint64 {
 // position moved or the last update is StatusMaxAge old.
 func (s *Stream) sendStatus(ctx context.Context, force bool) error {
 	flush := max(s.acker.Flush(), s.start)
-	if !force && flush == s.sentFlush && time.Since(s.sentAt) < s.maxAge {
+	// A quiet server is asked for a reply: a live walsender answers at once, a
+	// frozen one or a half-open connection does not (stall detection).
+	quiet := time.Since(time.Unix(0, s.lastHeard.Load()))
+	askReply := !s.paused.Load() && quiet > s.cfg.StallTimeout/3
+	if quiet > s.cfg.StallTimeout && !s.stalled && !s.paused.Load() {
+		s.stalled = true
+		s.log.Error().Dur("silent_for", quiet).Msg("stream stalled: the server does not answer")
+	}
+	if !force && !askReply && flush == s.sentFlush && time.Since(s.sentAt) < s.maxAge {
 		return nil
 	}
 	// Fill every field ourselves: pglogrepl replaces a zero flush with the write position.
@@ -417,6 +487,7 @@ func (s *Stream) sendStatus(ctx context.Context, force bool) error {
 		WALFlushPosition: pglogrepl.LSN(flush),
 		WALApplyPosition: pglogrepl.LSN(flush),
 		ClientTime:       time.Now(),
+		ReplyRequested:   askReply,
 	})
 	if err != nil {
 		return fmt.Errorf("send standby status: %w", err)

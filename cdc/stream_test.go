@@ -181,7 +181,7 @@ func TestStreamConfirmsOnlyFinishedWork(t *testing.T) {
 	var tx *outbox.Txn
 	for c := next(t, out, done); ; c = next(t, out, done) {
 		if c.Kind == outbox.ChangeBegin {
-			tx = acker.Begin()
+			tx = acker.Begin(c.Event.CommitTime)
 		}
 		if c.Kind == outbox.ChangeEvent {
 			acker.Add(tx, 1)

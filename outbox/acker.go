@@ -1,6 +1,9 @@
 package outbox
 
-import "sync"
+import (
+	"sync"
+	"time"
+)
 
 // Acker turns per-delivery completion into the flush LSN: the commit end LSN of
 // the newest transaction with every transaction up to it finished, or the server's
@@ -20,14 +23,16 @@ type Txn struct {
 	pending   int
 	committed bool
 	end       LSN
+	time      time.Time // commit time
 }
 
 // NewAcker starts at the slot's confirmed flush position.
 func NewAcker(start LSN) *Acker { return &Acker{flush: start} }
 
-// Begin registers a new transaction, after every earlier one.
-func (a *Acker) Begin() *Txn {
-	t := &Txn{}
+// Begin registers a new transaction, after every earlier one; commit is its
+// commit time.
+func (a *Acker) Begin(commit time.Time) *Txn {
+	t := &Txn{time: commit}
 	a.mu.Lock()
 	a.open = append(a.open, t)
 	a.mu.Unlock()
@@ -72,6 +77,16 @@ func (a *Acker) Flush() LSN {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.flush
+}
+
+// Oldest is the commit time of the oldest unfinished transaction; zero when none.
+func (a *Acker) Oldest() time.Time {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if len(a.open) == 0 {
+		return time.Time{}
+	}
+	return a.open[0].time
 }
 
 // Unfinished counts transactions still open or waiting for deliveries.

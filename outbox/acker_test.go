@@ -3,11 +3,12 @@ package outbox
 import (
 	"math/rand/v2"
 	"testing"
+	"time"
 )
 
 func TestAckerContiguousPrefix(t *testing.T) {
 	a := NewAcker(0)
-	t1, t2, t3 := a.Begin(), a.Begin(), a.Begin()
+	t1, t2, t3 := a.Begin(time.Time{}), a.Begin(time.Time{}), a.Begin(time.Time{})
 	a.Add(t1, 1)
 	a.Add(t2, 2)
 	a.Commit(t1, 100)
@@ -29,7 +30,7 @@ func TestAckerContiguousPrefix(t *testing.T) {
 
 func TestAckerIdleOnlyWhenNothingOpen(t *testing.T) {
 	a := NewAcker(0)
-	tx := a.Begin()
+	tx := a.Begin(time.Time{})
 	a.Add(tx, 1)
 	a.Idle(500)
 	if got := a.Flush(); got != 0 {
@@ -66,7 +67,7 @@ func TestAckerNeverPastUnfinished(t *testing.T) {
 		var txns []*tx
 		var work []int // index into txns, one per outstanding delivery
 		for i := range 1 + r.IntN(30) {
-			x := &tx{t: a.Begin(), end: LSN(100 * (i + 1)), pending: r.IntN(4)}
+			x := &tx{t: a.Begin(time.Time{}), end: LSN(100 * (i + 1)), pending: r.IntN(4)}
 			a.Add(x.t, x.pending)
 			a.Commit(x.t, x.end)
 			for range x.pending {

@@ -4,10 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
 	"sync"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 )
 
@@ -96,7 +98,8 @@ type DispatcherConfig struct {
 	Deliverer     Deliverer
 	Store         Store
 	Logger        zerolog.Logger
-	QueueSize     int // pending deliveries per subscription before the stream pauses; default 1024
+	Metrics       *Metrics // default: registered nowhere
+	QueueSize     int      // pending deliveries per subscription before the stream pauses; default 1024
 }
 
 // Dispatcher routes the stream's events to subscriptions, each delivered by its
@@ -128,6 +131,7 @@ type delivery struct {
 	txn    *Txn
 	commit bool          // no event: the transaction of the previous events committed
 	update *Subscription // no event: the subscription changed
+	close  bool          // no event: the subscription was deleted; drain and stop
 }
 
 // NewDispatcher returns a Dispatcher; Run starts it.
@@ -137,6 +141,9 @@ func NewDispatcher(cfg DispatcherConfig) *Dispatcher {
 	}
 	if cfg.Defaults == (DeliveryOptions{}) {
 		cfg.Defaults = DefaultDeliveryOptions
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(prometheus.NewRegistry(), cfg.Acker)
 	}
 	return &Dispatcher{cfg: cfg, byID: map[string]*running{}}
 }
@@ -178,6 +185,7 @@ func (d *Dispatcher) add(s *Subscription) {
 	r.cancel = cancel
 	d.subs = append(d.subs, r)
 	d.byID[s.ID] = r
+	d.cfg.Metrics.addSubscription(s.ID)
 	d.workers.Add(1)
 	go func() {
 		defer d.workers.Done()
@@ -207,12 +215,8 @@ func (d *Dispatcher) remove(r *running) {
 		break
 	}
 	delete(d.byID, r.sub.ID)
-	for i, x := range d.subs {
-		if x == r {
-			d.subs = append(d.subs[:i], d.subs[i+1:]...)
-			break
-		}
-	}
+	d.cfg.Metrics.removeSubscription(r.sub.ID)
+	d.subs = slices.DeleteFunc(d.subs, func(x *running) bool { return x == r })
 }
 
 func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
@@ -220,8 +224,9 @@ func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 	case ChangeStart:
 		return d.loadRouting(ctx, c.LSN)
 	case ChangeBegin:
-		d.txn = d.cfg.Acker.Begin()
+		d.txn = d.cfg.Acker.Begin(c.Event.CommitTime)
 	case ChangeEvent:
+		d.cfg.Metrics.events.Inc()
 		for _, r := range d.subs {
 			if !r.sub.Matches(&c.Event) {
 				continue
@@ -266,8 +271,7 @@ func (d *Dispatcher) handleSubscription(ctx context.Context, c Change) error {
 		return err
 	}
 	if c.Row == nil {
-		d.unsubscribe(c.SubscriptionID)
-		return nil
+		return d.unsubscribe(ctx, c.SubscriptionID)
 	}
 	var row SubscriptionRow
 	if err := json.Unmarshal(c.Row, &row); err != nil {
@@ -297,11 +301,17 @@ func (d *Dispatcher) subscribe(ctx context.Context, row *SubscriptionRow) error 
 	return nil
 }
 
-func (d *Dispatcher) unsubscribe(id string) {
-	if r := d.byID[id]; r != nil && !r.sub.Static {
-		d.remove(r)
-		d.cfg.Logger.Info().Str("subscription", id).Msg("unsubscribed")
+// unsubscribe stops routing to a deleted subscription at this point of the
+// stream; its scheduler still delivers what was committed before, then stops.
+func (d *Dispatcher) unsubscribe(ctx context.Context, id string) error {
+	r := d.byID[id]
+	if r == nil || r.sub.Static {
+		return nil
 	}
+	delete(d.byID, id)
+	d.subs = slices.DeleteFunc(d.subs, func(x *running) bool { return x == r })
+	d.cfg.Logger.Info().Str("subscription", id).Msg("unsubscribed; delivering what was committed before")
+	return enqueue(ctx, r, delivery{close: true})
 }
 
 // loadRouting sets the dynamic subscriptions to those in force at the stream's

@@ -25,7 +25,7 @@ func TestParkingReleasesTheSlotAndKeepsOrder(t *testing.T) {
 		if f := h.acker.Flush(); f != 0 {
 			t.Fatalf("flush %v before park_after", f)
 		}
-		time.Sleep(20 * time.Second)
+		time.Sleep(30 * time.Second) // the first failure after park_after (retries up to 15s apart)
 		synctest.Wait()
 		if f := h.acker.Flush(); f != last {
 			t.Fatalf("flush = %v after park_after, want %v: parked events must not pin the slot", f, last)

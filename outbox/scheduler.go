@@ -44,6 +44,7 @@ type scheduler struct {
 	gatherUntil time.Time // batch_wait deadline while gathering; zero otherwise
 	inTxn       bool      // events came that their transaction's commit has not followed yet
 	gone        bool      // the target answered 410: drop everything
+	closing     bool      // deleted: deliver what is held, then stop
 	results     chan result
 }
 
@@ -113,7 +114,12 @@ func (s *scheduler) run(ctx context.Context) error {
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	defer s.sends.Wait()
+	report := time.NewTicker(2 * time.Second)
+	defer report.Stop()
 	for {
+		if s.closing && s.pending == 0 && s.inFlight == 0 {
+			return s.closed()
+		}
 		s.dispatch(ctx)
 		in := s.in
 		if s.pending >= pendingLimit {
@@ -133,6 +139,8 @@ func (s *scheduler) run(ctx context.Context) error {
 			s.handleResult(r)
 		case <-wake:
 			s.handleTimers()
+		case <-report.C:
+			s.report()
 		}
 	}
 }
@@ -147,8 +155,12 @@ func (s *scheduler) handleEvent(dv delivery) {
 	case dv.update != nil:
 		s.setSubscription(dv.update) // batches from now on use it
 		return
+	case dv.close:
+		s.closing = true
+		return
 	case s.gone:
 		s.d.cfg.Acker.Done(dv.txn)
+		s.d.cfg.Metrics.deliveries.WithLabelValues(s.sub.ID, "dropped").Inc()
 		return
 	}
 	s.inTxn = true
@@ -167,6 +179,7 @@ func (s *scheduler) handleEvent(dv delivery) {
 		if tail := k.items[len(k.items)-1]; !tail.sent && tail.ev.Type == ev.Type {
 			// The older event is superseded: its delivery is done (docs/scheduler.md).
 			s.d.cfg.Acker.Done(tail.txn)
+			s.d.cfg.Metrics.coalesced.WithLabelValues(s.sub.ID).Inc()
 			ev.Coalesced = tail.ev.Coalesced + 1
 			tail.ev, tail.txn = ev, dv.txn
 			tail.readyAt = s.readyAt(tail.first, now)
@@ -242,7 +255,7 @@ func (s *scheduler) dispatch(ctx context.Context) {
 		s.retries = s.retries[1:]
 		s.start(ctx, j)
 	}
-	for s.inFlight < s.opts.MaxInFlight && len(s.feeds) > 0 {
+	for s.inFlight < s.opts.MaxInFlight && len(s.feeds) > 0 && !s.closing {
 		k := s.feeds[0]
 		s.feeds[0] = nil
 		s.feeds = s.feeds[1:]
@@ -339,10 +352,15 @@ func (s *scheduler) start(ctx context.Context, j *job) {
 	s.sends.Add(1)
 	go func() {
 		defer s.sends.Done()
+		// Only what the job captured: the loop may replace s.sub meanwhile.
+		sub := j.batch.Subscription
 		r := result{job: j, err: s.d.cfg.Deliverer.Deliver(ctx, j.batch)}
+		if ctx.Err() == nil {
+			s.d.cfg.Metrics.attempt(sub.ID, r.err)
+		}
 		switch {
 		case r.err == nil || ctx.Err() != nil:
-		case gone(r.err) && !j.batch.Subscription.Static:
+		case gone(r.err) && !sub.Static:
 			r.gone = true
 		case !retryable(r.err):
 			r.dead = s.deadLetter(ctx, j, r.err) == nil
@@ -361,7 +379,7 @@ func (s *scheduler) deadLetter(ctx context.Context, j *job, cause error) error {
 	now := s.now()
 	for _, it := range j.items {
 		err := s.d.deadLetter(ctx, DeadLetter{
-			Subscription: s.sub.ID, Event: it.ev, WebhookID: j.batch.WebhookID,
+			Subscription: j.batch.Subscription.ID, Event: it.ev, WebhookID: j.batch.WebhookID,
 			Status: status, Reason: cause.Error(), Attempts: j.attempt,
 			FirstAttempt: j.first, LastAttempt: now,
 		})
@@ -371,6 +389,8 @@ func (s *scheduler) deadLetter(ctx context.Context, j *job, cause error) error {
 	}
 	return nil
 }
+
+func errorsAsFailure(err error) (Failure, bool) { return errors.AsType[Failure](err) }
 
 func gone(err error) bool {
 	f, ok := errors.AsType[Failure](err)
@@ -395,9 +415,12 @@ func (s *scheduler) handleResult(r result) {
 		return // released already
 	}
 	if r.err == nil || r.dead {
+		outcome := "dead_lettered"
 		if r.err == nil {
+			outcome = "delivered"
 			s.log.Debug().Str("webhook_id", j.batch.WebhookID).Int("events", len(j.items)).Int("attempts", j.attempt).Msg("delivered")
 		}
+		s.d.cfg.Metrics.finished(s.sub.ID, outcome, j.batch.Events)
 		if j.parked {
 			s.finishParked(j)
 			return
@@ -458,6 +481,18 @@ func (s *scheduler) park(events []ParkedEvent) error {
 // and every later item of those keys move to the table, and stop holding the
 // slot back.
 func (s *scheduler) parkJob(j *job, next time.Time) {
+	if s.closing {
+		// A deleted subscription's failing events are not kept for days.
+		for _, k := range j.keys {
+			for _, it := range k.items {
+				s.d.cfg.Acker.Done(it.txn)
+			}
+			s.d.cfg.Metrics.deliveries.WithLabelValues(s.sub.ID, "dropped").Add(float64(len(k.items)))
+			s.pending -= len(k.items)
+			delete(s.keys, k.id)
+		}
+		return
+	}
 	n := 0
 	keys := j.keys
 	// The endpoint keeps failing: keys that waited as long for a free request
@@ -556,6 +591,7 @@ func (s *scheduler) finishParked(j *job) {
 func (s *scheduler) retryParked(j *job, cause error, next time.Time) {
 	if s.now().Sub(j.first) >= s.opts.RetryFor {
 		if s.deadLetter(s.ctx, j, fmt.Errorf("retry_for (%s) exhausted: %w", s.opts.RetryFor, cause)) == nil {
+			s.d.cfg.Metrics.finished(s.sub.ID, "dead_lettered", j.batch.Events)
 			s.finishParked(j)
 		}
 		return
@@ -605,6 +641,30 @@ func (s *scheduler) finish(j *job) {
 	}
 }
 
+// closed ends a deleted subscription's scheduler once it has drained: its
+// parked rows go, and its metrics.
+func (s *scheduler) closed() error {
+	retryForever(s.ctx, s.log, "cannot drop parked events", func() error {
+		return s.d.cfg.Store.DropParked(s.ctx, s.sub.ID)
+	})
+	s.d.cfg.Metrics.removeSubscription(s.sub.ID)
+	s.log.Info().Msg("deleted subscription drained")
+	return nil
+}
+
+// report publishes the in-memory backlog for metrics.
+func (s *scheduler) report() {
+	var oldest time.Time
+	for _, k := range s.keys {
+		if len(k.items) > 0 {
+			if t := k.items[0].ev.CommitTime; oldest.IsZero() || t.Before(oldest) {
+				oldest = t
+			}
+		}
+	}
+	s.d.cfg.Metrics.setPending(s.sub.ID, int64(s.pending), oldest)
+}
+
 // unsubscribe handles a 410 Gone: every held event is dropped (finished), later
 // ones too, and the subscription is deleted; its deletion then comes back
 // through the stream and stops this scheduler.
@@ -625,11 +685,14 @@ func (s *scheduler) unsubscribe() {
 // release finishes every event the scheduler holds without sending it. Only
 // for a subscription that is gone: after run returned, or from run itself.
 func (s *scheduler) release() {
+	dropped := 0
 	for _, k := range s.keys {
 		for _, it := range k.items {
 			s.d.cfg.Acker.Done(it.txn)
 		}
+		dropped += len(k.items)
 	}
+	s.d.cfg.Metrics.deliveries.WithLabelValues(s.sub.ID, "dropped").Add(float64(dropped))
 	clear(s.keys)
 	s.ready, s.retries, s.timers, s.feeds = nil, nil, nil, nil
 	s.pending, s.readyEvents = 0, 0

@@ -36,16 +36,20 @@ type Config struct {
 	AuthURL         string               `yaml:"auth_url"`         // forward auth for subscribers without the admin token
 	AllowTargets    []string             `yaml:"allow_targets"`    // CIDRs or host names API subscriptions may target anyway
 	RotationOverlap outbox.Duration      `yaml:"rotation_overlap"` // how long a rotated-out secret keeps signing; default 24h
+	StallTimeout    outbox.Duration      `yaml:"stall_timeout"`    // server silence that counts as a stalled stream; default 30s
+	ReadyMaxLag     outbox.Duration      `yaml:"ready_max_lag"`    // /readyz fails when replication lag exceeds it; default 0 = off
 	Defaults        outbox.Options       `yaml:"defaults"`
 	Subscriptions   []SubscriptionConfig `yaml:"subscriptions"`
 
 	// Derived by Validate.
-	table    cdc.Table
-	columns  cdc.Columns
-	subs     []*outbox.Subscription
-	defaults outbox.DeliveryOptions
-	guard    *ssrf.Guard
-	overlap  time.Duration
+	table       cdc.Table
+	columns     cdc.Columns
+	subs        []*outbox.Subscription
+	defaults    outbox.DeliveryOptions
+	guard       *ssrf.Guard
+	overlap     time.Duration
+	stall       time.Duration
+	readyMaxLag time.Duration
 }
 
 // SubscriptionConfig is one static subscription.
@@ -164,6 +168,21 @@ func (c *Config) Validate(withSubscriptions bool) error {
 	if c.overlap, err = time.ParseDuration(overlap.Raw); err != nil || c.overlap < 0 {
 		bad("rotation_overlap: %q is not a duration (like 24h)", overlap.Raw)
 	}
+	for _, d := range []struct {
+		key string
+		v   outbox.Duration
+		dst *time.Duration
+		def time.Duration
+	}{{"stall_timeout", c.StallTimeout, &c.stall, 30 * time.Second}, {"ready_max_lag", c.ReadyMaxLag, &c.readyMaxLag, 0}} {
+		*d.dst = d.def
+		if d.v.Set {
+			v, err := time.ParseDuration(d.v.Raw)
+			if err != nil || v < 0 {
+				bad("%s: %q is not a duration (like 30s)", d.key, d.v.Raw)
+			}
+			*d.dst = v
+		}
+	}
 	if withSubscriptions {
 		c.subs = nil
 		seen := map[string]bool{}
@@ -271,7 +290,7 @@ func isLoopback(host string) bool {
 func (c *Config) cdcConfig() cdc.Config {
 	return cdc.Config{
 		DatabaseURL: c.DatabaseURL, Slot: c.Slot, Publication: c.Publication,
-		Table: c.table, Columns: c.columns,
+		Table: c.table, Columns: c.columns, StallTimeout: c.stall,
 	}
 }
 

@@ -30,6 +30,7 @@ Usage:
   walhook setup    [--config FILE] [--dry-run]      create schema, outbox, emit(), publication, slot
   walhook run      [--config FILE] [--log-format F] stream the slot and deliver hooks
   walhook teardown [--config FILE] [--drop-schema]  drop the slot and publication (and the schema)
+  walhook status   [--config FILE] [--json]          slot, lag, retained WAL, per subscription backlog (from the database)
   walhook subscriptions list [--tenant T]           API subscriptions in the database, and the config's
   walhook subscriptions add --event E --target-url URL [--tenant T] [--secret S]
   walhook subscriptions rm ID
@@ -58,7 +59,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	fs.SetOutput(stderr)
 	configPath := fs.String("config", getenv("WALHOOK_CONFIG"), "config file (env WALHOOK_CONFIG)")
 	logFormat := fs.String("log-format", "json", "log format: json or console")
-	dryRun, dropSchema := new(bool), new(bool)
+	dryRun, dropSchema, asJSON := new(bool), new(bool), new(bool)
 	var subs subscriptionFlags
 	switch cmd {
 	case "setup":
@@ -66,6 +67,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	case "teardown":
 		fs.BoolVar(dropSchema, "drop-schema", false, "also drop the walhook schema, with the outbox table if it is walhook.outbox")
 	case "run":
+	case "status":
+		fs.BoolVar(asJSON, "json", false, "print JSON")
 	case "subscriptions":
 		if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
 			subs.verb, args = args[0], args[1:]
@@ -121,6 +124,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		err = teardown(ctx, cfg, *dropSchema, stdout)
 	case "run":
 		err = serve(ctx, cfg, log)
+	case "status":
+		err = status(ctx, cfg, *asJSON, stdout)
 	case "subscriptions":
 		subs.args = positional
 		err = subscriptionsCommand(ctx, cfg, subs, stdout)

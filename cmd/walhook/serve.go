@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rs/zerolog"
 	"github.com/walhook/walhook/api"
 	"github.com/walhook/walhook/cdc"
@@ -20,14 +22,11 @@ import (
 
 // serve is `walhook run`: stream → dispatcher → sender, plus the HTTP endpoint.
 func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
-	pool, err := pgxpool.New(ctx, cfg.DatabaseURL)
+	pool, err := connectPool(ctx, cfg)
 	if err != nil {
-		return fmt.Errorf("connect to database: %w", err)
+		return err
 	}
 	defer pool.Close()
-	if err := pool.Ping(ctx); err != nil {
-		return fmt.Errorf("connect to database: %w", err)
-	}
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
@@ -35,19 +34,27 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 
 	snd := sender.New(cfg.guard)
 	defer snd.Close()
+	reg := prometheus.NewRegistry()
 	acker := outbox.NewAcker(0)
+	metrics := outbox.NewMetrics(reg, acker)
 	changes := make(chan outbox.Change, 256)
-	stream := cdc.NewStream(cfg.cdcConfig(), acker, log)
+	cdcCfg := cfg.cdcConfig()
+	cdcCfg.Registerer = reg
+	stream := cdc.NewStream(cdcCfg, acker, log)
 	store := pgstore.New(pool, cfg.Slot)
+	prober := newProber(reg, store, metrics, stream, log.With().Str("component", "probe").Logger())
 	dispatcher := outbox.NewDispatcher(outbox.DispatcherConfig{
 		Subscriptions: cfg.subs,
 		Defaults:      cfg.defaults,
+		Metrics:       metrics,
 		Acker:         acker,
 		Deliverer:     snd,
 		Store:         store,
 		Logger:        log.With().Str("component", "outbox").Logger(),
 	})
 	mux := routes()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.Handle("GET /readyz", readyz(stream, metrics, cfg.readyMaxLag))
 	api.New(api.Config{
 		AdminToken: cfg.AdminToken, AuthURL: cfg.AuthURL, Disabled: cfg.apiDisabled(),
 		Store: store, Static: cfg.subs, Defaults: cfg.defaults, Guard: cfg.guard, Verifier: snd,
@@ -61,6 +68,7 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return stream.Run(ctx, changes) })
 	g.Go(func() error { return dispatcher.Run(ctx, changes) })
+	g.Go(func() error { return prober.Run(ctx) })
 	g.Go(func() error {
 		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
 			return fmt.Errorf("http: %w", err)
@@ -77,6 +85,18 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	err = g.Wait()
 	log.Info().Msg("walhook stopped")
 	return err
+}
+
+func connectPool(ctx context.Context, cfg *Config) (*pgxpool.Pool, error) {
+	pool, err := pgxpool.New(ctx, cfg.DatabaseURL)
+	if err != nil {
+		return nil, fmt.Errorf("connect to database: %w", err)
+	}
+	if err := pool.Ping(ctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("connect to database: %w", err)
+	}
+	return pool, nil
 }
 
 func routes() *http.ServeMux {

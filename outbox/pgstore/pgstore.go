@@ -79,6 +79,13 @@ $fn$`,
   UNIQUE (subscription, event_id)
 )`,
 		`CREATE INDEX IF NOT EXISTS deliveries_resource_idx ON walhook.deliveries (subscription, resource_id, id)`,
+		// What the active replica last reported, for `walhook status`.
+		`CREATE TABLE IF NOT EXISTS walhook.status (
+  slot        text        PRIMARY KEY,
+  reported_at timestamptz NOT NULL,
+  host        text        NOT NULL,
+  report      jsonb       NOT NULL
+)`,
 		`CREATE TABLE IF NOT EXISTS walhook.routing_log (
   slot            text    NOT NULL,
   seq             numeric NOT NULL,

@@ -1,0 +1,114 @@
+package pgstore
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/walhook/walhook/outbox"
+)
+
+// SlotStats is the replication slot as PostgreSQL sees it.
+type SlotStats struct {
+	Exists         bool    `json:"exists"`
+	Active         bool    `json:"active"`
+	ActivePID      *int32  `json:"active_pid"`
+	ActiveClient   *string `json:"active_client"` // the streaming replica's address
+	ConfirmedFlush string  `json:"confirmed_flush_lsn"`
+	LagBytes       int64   `json:"lag_bytes"`      // WAL written − confirmed flush
+	RetainedBytes  int64   `json:"retained_bytes"` // WAL written − restart_lsn: what the slot keeps on disk
+	WALStatus      string  `json:"wal_status"`
+}
+
+// Stats reads the slot and, per subscription, the parked and dead-letter
+// counts, in one round trip.
+func (s *Store) Stats(ctx context.Context) (SlotStats, map[string]outbox.StoredStats, error) {
+	var st SlotStats
+	b := &pgx.Batch{}
+	b.Queue(`SELECT s.active, s.active_pid, r.client_addr::text, s.confirmed_flush_lsn::text,
+		       coalesce(pg_current_wal_lsn() - s.confirmed_flush_lsn, 0)::bigint,
+		       coalesce(pg_current_wal_lsn() - s.restart_lsn, 0)::bigint, coalesce(s.wal_status, '')
+		  FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+		 WHERE s.slot_name = $1`, s.slot).QueryRow(func(row pgx.Row) error {
+		err := row.Scan(&st.Active, &st.ActivePID, &st.ActiveClient, &st.ConfirmedFlush, &st.LagBytes, &st.RetainedBytes, &st.WALStatus)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil
+		}
+		st.Exists = err == nil
+		return err
+	})
+	subs := map[string]outbox.StoredStats{}
+	b.Queue(`SELECT subscription, count(*), min((event->>'CommitTime')::timestamptz) FROM walhook.deliveries GROUP BY 1`).
+		Query(func(rows pgx.Rows) error {
+			for rows.Next() {
+				var id string
+				var n int64
+				var oldest *time.Time
+				if err := rows.Scan(&id, &n, &oldest); err != nil {
+					return err
+				}
+				x := subs[id]
+				x.Parked = n
+				if oldest != nil {
+					x.ParkedOldest = *oldest
+				}
+				subs[id] = x
+			}
+			return rows.Err()
+		})
+	b.Queue(`SELECT subscription, count(*) FROM walhook.dead_letters WHERE subscription IS NOT NULL GROUP BY 1`).
+		Query(func(rows pgx.Rows) error {
+			for rows.Next() {
+				var id string
+				var n int64
+				if err := rows.Scan(&id, &n); err != nil {
+					return err
+				}
+				x := subs[id]
+				x.Dead = n
+				subs[id] = x
+			}
+			return rows.Err()
+		})
+	if err := s.pool.SendBatch(ctx, b).Close(); err != nil {
+		return st, nil, fmt.Errorf("read stats: %w", err)
+	}
+	return st, subs, nil
+}
+
+// Report is what the streaming replica last said about itself.
+type Report struct {
+	ReportedAt    time.Time                            `json:"reported_at"`
+	Host          string                               `json:"host"`
+	LagSeconds    float64                              `json:"lag_seconds"`
+	Subscriptions map[string]outbox.SubscriptionReport `json:"subscriptions"`
+}
+
+// WriteReport stores the streaming replica's report.
+func (s *Store) WriteReport(ctx context.Context, r Report) error {
+	body, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	_, err = s.pool.Exec(ctx, `INSERT INTO walhook.status (slot, reported_at, host, report) VALUES ($1, $2, $3, $4)
+		ON CONFLICT (slot) DO UPDATE SET reported_at = EXCLUDED.reported_at, host = EXCLUDED.host, report = EXCLUDED.report`,
+		s.slot, r.ReportedAt, r.Host, body)
+	return err
+}
+
+// ReadReport reads the last report; nil when there is none.
+func (s *Store) ReadReport(ctx context.Context) (*Report, error) {
+	var body []byte
+	err := s.pool.QueryRow(ctx, `SELECT report FROM walhook.status WHERE slot = $1`, s.slot).Scan(&body)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var r Report
+	return &r, json.Unmarshal(body, &r)
+}
