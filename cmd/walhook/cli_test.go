@@ -199,12 +199,21 @@ func TestSecretsNeverReachLogs(t *testing.T) {
 	e.exec(`CREATE ROLE ` + e.db.Name + ` LOGIN REPLICATION SUPERUSER PASSWORD 'pw-Z9xQ-secret'`)
 	url := strings.Replace(e.db.URL, "postgres@", e.db.Name+":pw-Z9xQ-secret@", 1)
 	os.WriteFile(e.path, []byte("database_url: "+url+"\nlisten: 127.0.0.1:0\nslot: "+e.db.Name+"\npublication: "+e.db.Name+
-		"\nlog_level: debug\nsubscriptions:\n"+sub("s", "http://127.0.0.1:1/hooks?token=t", `["*"]`)), 0o600)
+		"\nadmin_token: tok-Q7-admin\nauth_url: http://127.0.0.1:1/auth\nlog_level: debug\nsubscriptions:\n"+
+		sub("s", "http://127.0.0.1:1/hooks?token=t", `["*"]`)), 0o600)
 	e.setup()
 	r := e.start()
 	e.exec(`INSERT INTO walhook.outbox (event, payload) VALUES ('x', '{}')`)
 	e.eventually(30*time.Second, "a failed attempt in the log", func() bool { return strings.Contains(r.log.String(), "attempt failed") })
-	for _, secret := range []string{"pw-Z9xQ-secret", testSecret, strings.TrimPrefix(testSecret, "whsec_")} {
+	// Error paths of the API: a wrong token, forward auth failing.
+	api := client{t: t, base: e.addr(r), token: "tok-Q7-admin-wrong"}
+	api.do("GET", "/v1/subscriptions", nil)
+	// And of the CLI: a bad subscription secret echoes nothing.
+	_, _, stderr := e.walhook("subscriptions", "add", "--event", "x", "--target-url", "https://example.com/", "--secret", "whsec_!!bad-Q7")
+	for _, secret := range []string{"pw-Z9xQ-secret", testSecret, strings.TrimPrefix(testSecret, "whsec_"), "tok-Q7-admin", "!!bad-Q7"} {
+		if strings.Contains(stderr, secret) {
+			t.Errorf("CLI error contains a secret %q: %s", secret, stderr)
+		}
 		if strings.Contains(r.log.String(), secret) {
 			t.Errorf("log contains a secret %q", secret)
 		}

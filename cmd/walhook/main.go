@@ -8,10 +8,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/rs/zerolog"
 	"github.com/walhook/walhook/sender"
@@ -34,6 +37,7 @@ Usage:
   walhook subscriptions list [--tenant T]           API subscriptions in the database, and the config's
   walhook subscriptions add --event E --target-url URL [--tenant T] [--secret S]
   walhook subscriptions rm ID
+  walhook healthcheck [--addr HOST:PORT]            exit 0 when /healthz answers (container HEALTHCHECK)
   walhook version
 
 The config file may also be given as WALHOOK_CONFIG; top-level keys as
@@ -55,34 +59,29 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return exitConfig
 	}
 	cmd, args := args[0], args[1:]
-	fs := flag.NewFlagSet("walhook "+cmd, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	configPath := fs.String("config", getenv("WALHOOK_CONFIG"), "config file (env WALHOOK_CONFIG)")
-	logFormat := fs.String("log-format", "json", "log format: json or console")
-	dryRun, dropSchema, asJSON := new(bool), new(bool), new(bool)
-	var subs subscriptionFlags
 	switch cmd {
-	case "setup":
-		fs.BoolVar(dryRun, "dry-run", false, "print the SQL instead of running it")
-	case "teardown":
-		fs.BoolVar(dropSchema, "drop-schema", false, "also drop the walhook schema, with the outbox table if it is walhook.outbox")
-	case "run":
-	case "status":
-		fs.BoolVar(asJSON, "json", false, "print JSON")
-	case "subscriptions":
-		if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-			subs.verb, args = args[0], args[1:]
-		}
-		subs.register(fs)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "walhook", sender.Version)
 		return exitOK
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return exitOK
-	default:
+	}
+	var f cliFlags
+	if cmd == "subscriptions" && len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		f.subs.verb, args = args[0], args[1:]
+	}
+	fs := newFlagSet(cmd, getenv, &f)
+	if fs == nil {
 		fmt.Fprintf(stderr, "walhook: unknown command %q\n\n%s", cmd, usage)
 		return exitConfig
+	}
+	fs.SetOutput(stderr)
+	if cmd == "healthcheck" {
+		if err := fs.Parse(args); err != nil {
+			return exitConfig
+		}
+		return healthcheck(ctx, f.addr, stderr)
 	}
 	// Flags may come before or after positional arguments.
 	var positional []string
@@ -95,40 +94,40 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		}
 		positional, args = append(positional, fs.Arg(0)), fs.Args()[1:]
 	}
-	if len(positional) > 0 && !(cmd == "subscriptions" && subs.verb == "rm") {
+	if len(positional) > 0 && !(cmd == "subscriptions" && f.subs.verb == "rm") {
 		fmt.Fprintf(stderr, "walhook %s: unexpected argument %q\n", cmd, positional[0])
 		return exitConfig
 	}
-	if *logFormat != "json" && *logFormat != "console" {
-		fmt.Fprintf(stderr, "walhook: --log-format: %q must be json or console\n", *logFormat)
+	if f.logFormat != "json" && f.logFormat != "console" {
+		fmt.Fprintf(stderr, "walhook: --log-format: %q must be json or console\n", f.logFormat)
 		return exitConfig
 	}
 
-	cfg, err := loadConfig(*configPath, getenv)
+	cfg, err := loadConfig(f.config, getenv)
 	if err != nil {
 		fmt.Fprintln(stderr, "walhook:", err)
 		return exitConfig
 	}
 	redact := newRedactor(cfg.secrets())
 	stderr = redact.writer(stderr)
-	if err := cfg.Validate(cmd == "run" || cmd == "subscriptions"); err != nil {
+	if err := cfg.Validate(cmd == "run" || cmd == "subscriptions" || cmd == "status"); err != nil {
 		fmt.Fprintf(stderr, "walhook: invalid config:\n  %s\n", strings.ReplaceAll(err.Error(), "\n", "\n  "))
 		return exitConfig
 	}
-	log := newLogger(stderr, *logFormat, cfg.LogLevel)
+	log := newLogger(stderr, f.logFormat, cfg.LogLevel)
 
 	switch cmd {
 	case "setup":
-		err = setup(ctx, cfg, *dryRun, stdout)
+		err = setup(ctx, cfg, f.dryRun, stdout)
 	case "teardown":
-		err = teardown(ctx, cfg, *dropSchema, stdout)
+		err = teardown(ctx, cfg, f.dropSchema, stdout)
 	case "run":
 		err = serve(ctx, cfg, log)
 	case "status":
-		err = status(ctx, cfg, *asJSON, stdout)
+		err = status(ctx, cfg, f.asJSON, stdout)
 	case "subscriptions":
-		subs.args = positional
-		err = subscriptionsCommand(ctx, cfg, subs, stdout)
+		f.subs.args = positional
+		err = subscriptionsCommand(ctx, cfg, f.subs, stdout)
 	}
 	var usage usageErr
 	if errors.As(err, &usage) {
@@ -137,6 +136,69 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	if err != nil && !errors.Is(err, context.Canceled) {
 		fmt.Fprintf(stderr, "walhook %s: %v\n", cmd, err)
+		return exitFail
+	}
+	return exitOK
+}
+
+// cliFlags are every command's flags.
+type cliFlags struct {
+	config, logFormat          string
+	dryRun, dropSchema, asJSON bool
+	addr                       string
+	subs                       subscriptionFlags
+}
+
+// newFlagSet defines cmd's flags into f; nil for an unknown command.
+func newFlagSet(cmd string, getenv func(string) string, f *cliFlags) *flag.FlagSet {
+	fs := flag.NewFlagSet("walhook "+cmd, flag.ContinueOnError)
+	if cmd == "healthcheck" {
+		addr := getenv("WALHOOK_LISTEN")
+		if addr == "" {
+			addr = "127.0.0.1:8080"
+		}
+		fs.StringVar(&f.addr, "addr", addr, "address walhook listens on (env WALHOOK_LISTEN)")
+		return fs
+	}
+	fs.StringVar(&f.config, "config", getenv("WALHOOK_CONFIG"), "config file (env WALHOOK_CONFIG)")
+	fs.StringVar(&f.logFormat, "log-format", "json", "log format: json or console")
+	switch cmd {
+	case "setup":
+		fs.BoolVar(&f.dryRun, "dry-run", false, "print the SQL instead of running it")
+	case "teardown":
+		fs.BoolVar(&f.dropSchema, "drop-schema", false, "also drop the walhook schema, with the outbox table if it is walhook.outbox")
+	case "run":
+	case "status":
+		fs.BoolVar(&f.asJSON, "json", false, "print JSON")
+	case "subscriptions":
+		f.subs.register(fs)
+	default:
+		return nil
+	}
+	return fs
+}
+
+// healthcheck GETs /healthz, for container HEALTHCHECKs (images without curl).
+func healthcheck(ctx context.Context, addr string, stderr io.Writer) int {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		fmt.Fprintf(stderr, "walhook healthcheck: --addr %q: %v\n", addr, err)
+		return exitConfig
+	}
+	if host == "" || host == "0.0.0.0" || host == "::" {
+		host = "127.0.0.1"
+	}
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+net.JoinHostPort(host, port)+"/healthz", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		fmt.Fprintf(stderr, "walhook healthcheck: %v\n", err)
+		return exitFail
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		fmt.Fprintf(stderr, "walhook healthcheck: /healthz answered %d\n", resp.StatusCode)
 		return exitFail
 	}
 	return exitOK
