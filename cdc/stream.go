@@ -65,9 +65,11 @@ type Stream struct {
 	active prometheus.Gauge
 
 	// Read by Health from other goroutines.
-	state     atomic.Value // State
-	lastHeard atomic.Int64 // unix nanos of the last message from the server
-	paused    atomic.Bool  // waiting for the pipeline (backpressure)
+	state     atomic.Value  // State
+	lastHeard atomic.Int64  // unix nanos of the last message from the server
+	paused    atomic.Bool   // waiting for the pipeline (backpressure)
+	drain     chan struct{} // closed by Drain: stop reading, keep confirming
+	drained   bool          // the Drained change is queued
 
 	// Owned by Run's goroutine.
 	conn       *pgconn.PgConn
@@ -96,7 +98,22 @@ func NewStream(cfg Config, acker *outbox.Acker, log zerolog.Logger) *Stream {
 		cfg.Registerer.MustRegister(s.active)
 	}
 	s.state.Store(Connecting)
+	s.drain = make(chan struct{})
 	return s
+}
+
+// Drain stops reading from the server at the next transaction boundary, hands
+// on what it decoded and then a ChangeDrained; status updates go on until Run's
+// context ends, so deliveries finishing meanwhile are confirmed. Call once.
+func (s *Stream) Drain() { close(s.drain) }
+
+func (s *Stream) draining() bool {
+	select {
+	case <-s.drain:
+		return true
+	default:
+		return false
+	}
 }
 
 // State is where the stream is.
@@ -161,12 +178,24 @@ func (s *Stream) Run(ctx context.Context, out chan<- outbox.Change) error {
 				}
 				s.paused.Store(false)
 			}
+		} else if s.drained || (!s.inTxn && s.draining()) {
+			// Shutting down: everything decoded is handed on; only confirm.
+			if !s.drained {
+				s.drained = true
+				s.pending = append(s.pending, outbox.Change{Kind: outbox.ChangeDrained})
+				continue
+			}
+			select {
+			case <-tick.C:
+				err = s.sendStatus(ctx, false)
+			case <-ctx.Done():
+			}
 		} else {
 			select {
 			case <-tick.C:
 				err = s.sendStatus(ctx, false)
 			default:
-				err = s.receive(ctx)
+				err = s.receive(ctx) // while draining, to the end of the open transaction
 			}
 		}
 		if err != nil {

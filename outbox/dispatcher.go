@@ -114,6 +114,8 @@ type Dispatcher struct {
 	txn     *Txn // the open transaction
 	ctx     context.Context
 	workers sync.WaitGroup
+	drain   chan struct{} // closed at ChangeDrained: schedulers finish what is in flight
+	drained chan struct{} // closed when every scheduler has stopped after that
 }
 
 // running is a subscription with its scheduler.
@@ -145,8 +147,13 @@ func NewDispatcher(cfg DispatcherConfig) *Dispatcher {
 	if cfg.Metrics == nil {
 		cfg.Metrics = NewMetrics(prometheus.NewRegistry(), cfg.Acker)
 	}
-	return &Dispatcher{cfg: cfg, byID: map[string]*running{}}
+	return &Dispatcher{cfg: cfg, byID: map[string]*running{}, drain: make(chan struct{}), drained: make(chan struct{})}
 }
+
+// Drained is closed once Run has stopped after a ChangeDrained: the sends in
+// flight came back (or Run's context ended). Unfinished events are not
+// acknowledged: the stream replays them next time.
+func (d *Dispatcher) Drained() <-chan struct{} { return d.drained }
 
 // Run consumes changes until ctx ends or changes closes. Reading pauses (and so
 // does the stream behind it) while a subscription's queue is full.
@@ -165,6 +172,12 @@ func (d *Dispatcher) Run(ctx context.Context, changes <-chan Change) error {
 		case <-ctx.Done():
 			return nil
 		case c, ok := <-changes:
+			if ok && c.Kind == ChangeDrained {
+				close(d.drain)
+				d.workers.Wait() // each scheduler stops once its sends are back
+				close(d.drained)
+				return nil
+			}
 			if !ok {
 				return nil
 			}

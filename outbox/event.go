@@ -62,6 +62,7 @@ const (
 	ChangeIdle                               // the server's WAL end while no transaction is open
 	ChangeStart                              // the stream (re)starts at LSN: load the routing in force there
 	ChangeSubscription                       // a dynamic subscription changed in the open transaction
+	ChangeDrained                            // shutting down: nothing follows; finish what is in flight
 )
 
 // Change is one item of the replication stream, in stream order, as cdc hands it

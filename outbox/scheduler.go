@@ -116,9 +116,17 @@ func (s *scheduler) run(ctx context.Context) error {
 	defer s.sends.Wait()
 	report := time.NewTicker(2 * time.Second)
 	defer report.Stop()
+	draining := false
 	for {
 		if s.closing && s.pending == 0 && s.inFlight == 0 {
 			return s.closed()
+		}
+		if draining {
+			if s.inFlight == 0 {
+				return nil
+			}
+			s.handleResult(<-s.results) // only let what is in flight come back
+			continue
 		}
 		s.dispatch(ctx)
 		in := s.in
@@ -141,6 +149,8 @@ func (s *scheduler) run(ctx context.Context) error {
 			s.handleTimers()
 		case <-report.C:
 			s.report()
+		case <-s.d.drain:
+			draining = true
 		}
 	}
 }

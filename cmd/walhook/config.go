@@ -38,6 +38,8 @@ type Config struct {
 	RotationOverlap outbox.Duration      `yaml:"rotation_overlap"` // how long a rotated-out secret keeps signing; default 24h
 	StallTimeout    outbox.Duration      `yaml:"stall_timeout"`    // server silence that counts as a stalled stream; default 30s
 	ReadyMaxLag     outbox.Duration      `yaml:"ready_max_lag"`    // /readyz fails when replication lag exceeds it; default 0 = off
+	ShutdownTimeout outbox.Duration      `yaml:"shutdown_timeout"` // on SIGTERM, how long deliveries in flight may finish; default 15s
+	OutboxRetention outbox.Duration      `yaml:"outbox_retention"` // walhook.outbox rows older than this are deleted; default 24h, 0 = keep
 	Defaults        outbox.Options       `yaml:"defaults"`
 	Subscriptions   []SubscriptionConfig `yaml:"subscriptions"`
 
@@ -50,6 +52,8 @@ type Config struct {
 	overlap     time.Duration
 	stall       time.Duration
 	readyMaxLag time.Duration
+	shutdown    time.Duration
+	retention   time.Duration
 }
 
 // SubscriptionConfig is one static subscription.
@@ -173,7 +177,12 @@ func (c *Config) Validate(withSubscriptions bool) error {
 		v   outbox.Duration
 		dst *time.Duration
 		def time.Duration
-	}{{"stall_timeout", c.StallTimeout, &c.stall, 30 * time.Second}, {"ready_max_lag", c.ReadyMaxLag, &c.readyMaxLag, 0}} {
+	}{
+		{"stall_timeout", c.StallTimeout, &c.stall, 30 * time.Second},
+		{"ready_max_lag", c.ReadyMaxLag, &c.readyMaxLag, 0},
+		{"shutdown_timeout", c.ShutdownTimeout, &c.shutdown, 15 * time.Second},
+		{"outbox_retention", c.OutboxRetention, &c.retention, 24 * time.Hour},
+	} {
 		*d.dst = d.def
 		if d.v.Set {
 			v, err := time.ParseDuration(d.v.Raw)

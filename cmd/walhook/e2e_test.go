@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"os/exec"
@@ -275,16 +276,7 @@ func TestKill9LosesNothing(t *testing.T) {
 	e.setup()
 
 	const events, resources = 300, 7
-	startChild := func() *exec.Cmd {
-		cmd := exec.Command(os.Args[0], "run", "--config", e.path)
-		cmd.Env = append(os.Environ(), "WALHOOK_TEST_MAIN=1")
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-		return cmd
-	}
-	child := startChild()
+	child := startChild(t, e, nil)
 	for i := range events / 10 {
 		e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload)
 			SELECT 'contact.updated', 'r' || (g % $2), jsonb_build_object('n', g) FROM generate_series($1::int, $1::int + 9) g`,
@@ -294,7 +286,7 @@ func TestKill9LosesNothing(t *testing.T) {
 	child.Process.Signal(syscall.SIGKILL)
 	child.Wait()
 	before := len(srv.Requests())
-	startChild()
+	startChild(t, e, nil)
 
 	seen := func(r []sendertest.Request) map[string]bool {
 		ids := map[string]bool{}
@@ -326,4 +318,108 @@ func TestKill9LosesNothing(t *testing.T) {
 		lastFirst[res] = n
 	}
 	t.Logf("%d requests for %d events (%d before the kill)", len(reqs), events, before)
+}
+
+func startChild(t *testing.T, e *env, log *syncBuffer) *exec.Cmd {
+	cmd := exec.Command(os.Args[0], "run", "--config", e.path)
+	cmd.Env = append(os.Environ(), "WALHOOK_TEST_MAIN=1")
+	if log != nil {
+		cmd.Stderr = log
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return cmd
+}
+
+// TestStandbyTakesOver: two replicas, one streams; SIGKILL it and the other
+// delivers the next event within 10s.
+func TestStandbyTakesOver(t *testing.T) {
+	t.Parallel()
+	srv := sendertest.NewServer(t, nil)
+	e := newEnv(t, "subscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`))
+	e.setup()
+	first := startChild(t, e, nil)
+	e.eventually(30*time.Second, "a replica to stream", e.slotActive)
+	var standbyLog syncBuffer
+	startChild(t, e, &standbyLog)
+	e.eventually(30*time.Second, "the second replica to wait", func() bool {
+		return strings.Contains(standbyLog.String(), "slot in use by another process")
+	})
+	e.exec(`INSERT INTO walhook.outbox (event) VALUES ('before')`)
+	srv.WaitN(t, 1, 30*time.Second)
+	first.Process.Signal(syscall.SIGKILL)
+	first.Wait()
+	killed := time.Now()
+	e.exec(`INSERT INTO walhook.outbox (event) VALUES ('after')`)
+	srv.Wait(t, 30*time.Second, "the event after the kill", func(r []sendertest.Request) bool {
+		return slices.ContainsFunc(r, func(q sendertest.Request) bool { return decode(t, q.Body).Type == "after" })
+	})
+	if d := time.Since(killed); d > 10*time.Second {
+		t.Errorf("takeover took %s, want under 10s", d)
+	}
+}
+
+// TestKill9AtRandomMoments: walhook is killed at 10 random moments while 5,000
+// events on 50 resources are written; all arrive, duplicates are identical, and
+// first deliveries keep per-resource order.
+func TestKill9AtRandomMoments(t *testing.T) {
+	if testing.Short() {
+		t.Skip("chaos test")
+	}
+	t.Parallel()
+	srv := sendertest.NewServer(t, nil)
+	e := newEnv(t, "subscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`, "    max_in_flight: 8\n"))
+	e.setup()
+	const events, resources = 5000, 50
+	done := make(chan struct{})
+	go func() { // the application keeps writing
+		defer close(done)
+		for i := 0; i < events; i += 50 {
+			if _, err := e.db.Pool.Exec(context.Background(), `INSERT INTO walhook.outbox (event, resource_id, payload)
+				SELECT 'x', 'r' || (g % $2), jsonb_build_object('n', g) FROM generate_series($1::int + 1, $1::int + 50) g`, i, resources); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	r := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 1))
+	for kill := 0; kill < 10; kill++ {
+		child := startChild(t, e, nil)
+		e.eventually(30*time.Second, "walhook to stream", e.slotActive)
+		// Let it deliver a little, then kill it at a random moment.
+		n := len(srv.Requests())
+		srv.Wait(t, 30*time.Second, "some progress", func(q []sendertest.Request) bool { return len(q) > n+r.IntN(200) })
+		child.Process.Signal(syscall.SIGKILL)
+		child.Wait()
+	}
+	<-done
+	startChild(t, e, nil)
+	reqs := srv.Wait(t, 120*time.Second, "every event", func(q []sendertest.Request) bool {
+		seen := map[string]bool{}
+		for _, x := range q {
+			seen[decode(t, x.Body).ID] = true
+		}
+		return len(seen) == events
+	})
+	byID := map[string]sendertest.Request{}
+	last := map[string]int{}
+	for _, q := range reqs {
+		env := decode(t, q.Body)
+		if prev, ok := byID[env.ID]; ok {
+			if prev.Header.Get("webhook-id") != q.Header.Get("webhook-id") || string(prev.Body) != string(q.Body) {
+				t.Errorf("event %s redelivered differently", env.ID)
+			}
+			continue
+		}
+		byID[env.ID] = q
+		n, _ := strconv.Atoi(env.ID)
+		res := deref(env.ResourceID)
+		if n < last[res] {
+			t.Errorf("resource %s: event %d first delivered after %d", res, n, last[res])
+		}
+		last[res] = n
+	}
+	t.Logf("%d requests for %d events across 10 kills", len(reqs), events)
 }

@@ -23,6 +23,9 @@ import (
 // query an idle walhook makes) and the status report is refreshed.
 const probeInterval = 10 * time.Second
 
+// pruneInterval is how often old walhook.outbox rows are deleted.
+const pruneInterval = 10 * time.Minute
+
 // prober keeps the database-side gauges and the status report current.
 type prober struct {
 	store    *pgstore.Store
@@ -32,6 +35,9 @@ type prober struct {
 	lag      prometheus.Gauge
 	retained prometheus.Gauge
 	lastSent *pgstore.Report
+
+	retention time.Duration // prune walhook.outbox rows older than this; 0 = never
+	pruned    time.Time
 }
 
 func newProber(reg prometheus.Registerer, store *pgstore.Store, m *outbox.Metrics, stream *cdc.Stream, log zerolog.Logger) *prober {
@@ -76,7 +82,17 @@ func (p *prober) probe(ctx context.Context) error {
 	p.retained.Set(float64(slot.RetainedBytes))
 	p.metrics.SetStored(subs)
 	if h := p.stream.Health(); h != cdc.Streaming && h != cdc.Stalled {
-		return nil // only the replica holding the slot reports
+		return nil // only the replica holding the slot reports and prunes
+	}
+	if p.retention > 0 && time.Since(p.pruned) >= pruneInterval {
+		p.pruned = time.Now()
+		n, err := p.store.PruneOutbox(ctx, p.retention, 1000)
+		if err != nil {
+			return err
+		}
+		if n > 0 {
+			p.log.Info().Int64("rows", n).Dur("older_than", p.retention).Msg("outbox pruned")
+		}
 	}
 	host, _ := os.Hostname()
 	r := pgstore.Report{Host: host, LagSeconds: p.metrics.LagSeconds(), Subscriptions: p.metrics.Snapshot()}

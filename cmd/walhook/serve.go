@@ -43,6 +43,9 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	stream := cdc.NewStream(cdcCfg, acker, log)
 	store := pgstore.New(pool, cfg.Slot)
 	prober := newProber(reg, store, metrics, stream, log.With().Str("component", "probe").Logger())
+	if cfg.table == cdc.DefaultTable {
+		prober.retention = cfg.retention // other tables are the application's to prune
+	}
 	dispatcher := outbox.NewDispatcher(outbox.DispatcherConfig{
 		Subscriptions: cfg.subs,
 		Defaults:      cfg.defaults,
@@ -65,10 +68,15 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 
-	g, ctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return stream.Run(ctx, changes) })
-	g.Go(func() error { return dispatcher.Run(ctx, changes) })
-	g.Go(func() error { return prober.Run(ctx) })
+	// Shutdown in two steps: a signal (ctx) stops reading and new sends; the
+	// sends in flight get shutdown_timeout to finish; then the rest stops and
+	// the stream sends its final status update.
+	runCtx, stopRun := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopRun()
+	g, gctx := errgroup.WithContext(runCtx)
+	g.Go(func() error { return stream.Run(gctx, changes) })
+	g.Go(func() error { return dispatcher.Run(gctx, changes) })
+	g.Go(func() error { return prober.Run(gctx) })
 	g.Go(func() error {
 		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
 			return fmt.Errorf("http: %w", err)
@@ -76,7 +84,19 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		return nil
 	})
 	g.Go(func() error {
-		<-ctx.Done()
+		select {
+		case <-ctx.Done():
+			log.Info().Dur("shutdown_timeout", cfg.shutdown).Msg("stopping: finishing deliveries in flight")
+			stream.Drain()
+			select {
+			case <-dispatcher.Drained():
+			case <-time.After(cfg.shutdown):
+				log.Warn().Msg("shutdown_timeout: abandoning deliveries in flight (they are replayed at the next start)")
+			case <-gctx.Done():
+			}
+		case <-gctx.Done():
+		}
+		stopRun()
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		defer cancel()
 		return srv.Shutdown(sctx)

@@ -112,3 +112,22 @@ func (s *Store) ReadReport(ctx context.Context) (*Report, error) {
 	var r Report
 	return &r, json.Unmarshal(body, &r)
 }
+
+// PruneOutbox deletes walhook.outbox rows older than retention, in batches of
+// limit rows so that no lock is held long; it returns how many went. Rows are
+// read from the WAL, never from the table, so deleting them loses nothing.
+func (s *Store) PruneOutbox(ctx context.Context, retention time.Duration, limit int) (int64, error) {
+	var total int64
+	for {
+		tag, err := s.pool.Exec(ctx, `DELETE FROM walhook.outbox WHERE id IN (
+			SELECT id FROM walhook.outbox WHERE created_at < now() - $1::interval ORDER BY id LIMIT $2)`,
+			retention.String(), limit)
+		if err != nil {
+			return total, fmt.Errorf("prune outbox: %w", err)
+		}
+		total += tag.RowsAffected()
+		if tag.RowsAffected() < int64(limit) {
+			return total, nil
+		}
+	}
+}

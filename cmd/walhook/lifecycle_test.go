@@ -1,0 +1,60 @@
+package main
+
+import (
+	"context"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/walhook/walhook/sender/sendertest"
+)
+
+// TestGracefulStop: on SIGTERM a delivery in flight finishes, its event is
+// confirmed, and the next start does not send it again.
+func TestGracefulStop(t *testing.T) {
+	t.Parallel()
+	arrived := make(chan struct{}, 1)
+	srv := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) {
+		select {
+		case arrived <- struct{}{}:
+		default:
+		}
+		time.Sleep(time.Second) // the endpoint's slow work, not synchronisation
+		return http.StatusNoContent, nil
+	})
+	e := newEnv(t, "subscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`))
+	e.setup()
+	r := e.start()
+	e.exec(`INSERT INTO walhook.outbox (event) VALUES ('x')`)
+	<-arrived
+	r.stop() // like SIGTERM: the same context cancellation
+	if !strings.Contains(r.log.String(), "stopping: finishing deliveries in flight") {
+		t.Error("no graceful stop in the log")
+	}
+	if got := sendertest.Delivered(srv.Requests()); len(got) != 1 {
+		t.Fatalf("%d deliveries completed, want the one in flight", len(got))
+	}
+	e.start()
+	e.waitCaughtUp()
+	if n := len(srv.Requests()); n != 1 {
+		t.Errorf("%d requests: the delivered event was sent again after a graceful stop", n)
+	}
+}
+
+func TestOutboxRetentionPrunesOldRows(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, "outbox_retention: 1h\n")
+	e.setup()
+	e.exec(`INSERT INTO walhook.outbox (event, created_at) SELECT 'old', now() - interval '2 hours' FROM generate_series(1, 2500)`)
+	e.exec(`INSERT INTO walhook.outbox (event) VALUES ('new')`)
+	r := e.start()
+	e.eventually(30*time.Second, "old rows pruned", func() bool {
+		var n int
+		e.db.Pool.QueryRow(context.Background(), `SELECT count(*) FROM walhook.outbox`).Scan(&n)
+		return n == 1
+	})
+	if !strings.Contains(r.log.String(), `"rows":2500`) {
+		t.Errorf("pruning not logged:\n%s", r.log.String())
+	}
+}
