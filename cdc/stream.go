@@ -138,12 +138,50 @@ func (s *Stream) Health() State {
 }
 
 // Run streams until ctx ends (returning nil) or the stream fails.
+// A lost connection (a PostgreSQL restart, a network cut) or a stall is
+// followed by a reconnect with backoff; each new session starts with a
+// ChangeStart so the pipeline can drop the transaction it was cut off in.
+// Errors that a reconnect cannot fix (no slot, a config that does not fit the
+// outbox table) end Run.
 func (s *Stream) Run(ctx context.Context, out chan<- outbox.Change) error {
-	if err := s.connectWhenFree(ctx); err != nil {
+	wait := backoff.NewExponentialBackOff(backoff.WithInitialInterval(200*time.Millisecond),
+		backoff.WithMaxInterval(10*time.Second), backoff.WithMaxElapsedTime(0))
+	lost := false
+	for {
+		streamed, err := s.session(ctx, out, lost)
 		if ctx.Err() != nil {
 			return nil
 		}
-		return err
+		if _, ok := errors.AsType[*permanentError](err); ok {
+			return err
+		}
+		if streamed { // a failure after streaming is news; one while reconnecting is not
+			wait.Reset()
+			s.log.Error().Err(err).Msg("stream lost; reconnecting")
+		}
+		lost = true
+		t := time.NewTimer(wait.NextBackOff())
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// permanentError is a stream failure that reconnecting does not fix.
+type permanentError struct{ err error }
+
+func (e *permanentError) Error() string { return e.err.Error() }
+func (e *permanentError) Unwrap() error { return e.err }
+
+func permanent(err error) error { return &permanentError{err} }
+
+// session streams over one connection until it fails or ctx ends.
+func (s *Stream) session(ctx context.Context, out chan<- outbox.Change, reconnecting bool) (streamed bool, err error) {
+	if err := s.connectWhenFree(ctx); err != nil {
+		return false, err
 	}
 	defer s.conn.Close(context.Background())
 	s.lastHeard.Store(time.Now().UnixNano())
@@ -153,13 +191,17 @@ func (s *Stream) Run(ctx context.Context, out chan<- outbox.Change) error {
 		s.state.Store(Connecting)
 		s.active.Set(0)
 	}()
-	s.log.Info().Str("slot", s.cfg.Slot).Stringer("start_lsn", s.start).Msg("streaming")
+	if reconnecting {
+		s.log.Info().Str("slot", s.cfg.Slot).Stringer("start_lsn", s.start).Msg("stream reconnected")
+	} else {
+		s.log.Info().Str("slot", s.cfg.Slot).Stringer("start_lsn", s.start).Msg("streaming")
+	}
 
 	tick := time.NewTicker(s.cfg.StatusInterval)
 	defer tick.Stop()
 	for {
 		if ctx.Err() != nil {
-			return s.stop()
+			return true, s.stop()
 		}
 		var err error
 		if len(s.pending) > 0 {
@@ -200,12 +242,14 @@ func (s *Stream) Run(ctx context.Context, out chan<- outbox.Change) error {
 		}
 		if err != nil {
 			if ctx.Err() != nil {
-				return s.stop()
+				return true, s.stop()
 			}
-			return err
+			return true, err
 		}
 	}
 }
+
+var errStalled = errors.New("stream stalled: reconnecting")
 
 // ErrSlotActive means another process streams the slot.
 var ErrSlotActive = errors.New("replication slot is in use by another process")
@@ -240,7 +284,7 @@ func (s *Stream) connectWhenFree(ctx context.Context) error {
 func (s *Stream) connect(ctx context.Context) error {
 	pc, err := pgconn.ParseConfig(s.cfg.DatabaseURL)
 	if err != nil {
-		return fmt.Errorf("parse database_url: %w", err)
+		return permanent(fmt.Errorf("parse database_url: %w", err))
 	}
 	pc.RuntimeParams["replication"] = "database"
 	pc.RuntimeParams["application_name"] = "walhook"
@@ -259,6 +303,7 @@ func (s *Stream) connect(ctx context.Context) error {
 	}
 	s.sentFlush, s.received = s.start, s.start
 	s.relations = map[uint32]*relation{}
+	s.inTxn, s.txnEvents, s.stalled = false, false, false
 	// The pipeline loads the subscriptions in force at the start position.
 	s.pending = append(s.pending[:0], outbox.Change{Kind: outbox.ChangeStart, LSN: s.start})
 	err = pglogrepl.StartReplication(ctx, s.conn, s.cfg.Slot, pglogrepl.LSN(s.start), pglogrepl.StartReplicationOptions{
@@ -331,11 +376,11 @@ func (s *Stream) slotPosition(ctx context.Context) (outbox.LSN, error) {
 		return 0, fmt.Errorf("look up replication slot: %w", err)
 	}
 	if len(res) != 1 || len(res[0].Rows) == 0 {
-		return 0, fmt.Errorf("replication slot %q does not exist in this database: run `walhook setup`", s.cfg.Slot)
+		return 0, permanent(fmt.Errorf("replication slot %q does not exist in this database: run `walhook setup`", s.cfg.Slot))
 	}
 	row := res[0].Rows[0]
 	if plugin := string(row[0]); plugin != "pgoutput" {
-		return 0, fmt.Errorf("replication slot %q uses plugin %q, walhook needs pgoutput", s.cfg.Slot, plugin)
+		return 0, permanent(fmt.Errorf("replication slot %q uses plugin %q, walhook needs pgoutput", s.cfg.Slot, plugin))
 	}
 	if string(row[2]) == "t" {
 		return 0, fmt.Errorf("slot %q: %w", s.cfg.Slot, ErrSlotActive)
@@ -433,7 +478,7 @@ func (s *Stream) handleWAL(at outbox.LSN, wal []byte) error {
 		}
 		rel, err := newRelation(m, s.cfg.Columns)
 		if err != nil {
-			return err // the table no longer has a configured column: stop rather than dead-letter every row
+			return permanent(err) // the table no longer has a configured column: stop rather than dead-letter every row
 		}
 		s.relations[m.RelationID] = rel
 	case *pglogrepl.InsertMessage:
@@ -506,6 +551,9 @@ func (s *Stream) sendStatus(ctx context.Context, force bool) error {
 	if quiet > s.cfg.StallTimeout && !s.stalled && !s.paused.Load() {
 		s.stalled = true
 		s.log.Error().Dur("silent_for", quiet).Msg("stream stalled: the server does not answer")
+	}
+	if s.stalled && quiet > 2*s.cfg.StallTimeout {
+		return errStalled // reconnect
 	}
 	if !force && !askReply && flush == s.sentFlush && time.Since(s.sentAt) < s.maxAge {
 		return nil

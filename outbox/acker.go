@@ -39,6 +39,20 @@ func (a *Acker) Begin(commit time.Time) *Txn {
 	return t
 }
 
+// Abort forgets a transaction that will never commit in this stream (the
+// connection was lost inside it; the stream replays it whole as a new one).
+func (a *Acker) Abort(t *Txn) {
+	a.mu.Lock()
+	for i, x := range a.open {
+		if x == t {
+			a.open = append(a.open[:i], a.open[i+1:]...)
+			break
+		}
+	}
+	a.advance()
+	a.mu.Unlock()
+}
+
 // Add records n more deliveries of t that must finish before t is acked.
 func (a *Acker) Add(t *Txn, n int) {
 	a.mu.Lock()

@@ -235,6 +235,13 @@ func (d *Dispatcher) remove(r *running) {
 func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 	switch c.Kind {
 	case ChangeStart:
+		if d.txn != nil { // the stream was cut inside it: it comes again whole
+			d.cfg.Acker.Abort(d.txn)
+			d.txn = nil
+		}
+		for _, r := range d.subs {
+			r.sent = false
+		}
 		return d.loadRouting(ctx, c.LSN)
 	case ChangeBegin:
 		d.txn = d.cfg.Acker.Begin(c.Event.CommitTime)

@@ -22,17 +22,18 @@ const EnvURL = "WALHOOK_TEST_DATABASE_URL"
 // Cluster is a throwaway PostgreSQL server: its own data directory, port and
 // socket directory, wal_level=logical. Stop removes everything it made.
 type Cluster struct {
-	URL     string // superuser URL of the "postgres" database, over TCP on 127.0.0.1
-	BinDir  string
-	dir     string
-	port    int
-	asUser  string // OS user the server runs as when we are root, else ""
-	stopped bool
+	URL      string // superuser URL of the "postgres" database, over TCP on 127.0.0.1
+	BinDir   string
+	dir      string
+	port     int
+	asUser   string // OS user the server runs as when we are root, else ""
+	stopped  bool
+	settings []string
 }
 
-// Start creates and starts a cluster. logs receives the server's output file path
-// in errors so a failed start can be diagnosed.
-func Start(ctx context.Context) (*Cluster, error) {
+// Start creates and starts a cluster; settings are extra "name=value" server
+// settings (the defaults favour speed: fsync and synchronous_commit off).
+func Start(ctx context.Context, settings ...string) (*Cluster, error) {
 	bin, err := findBinDir()
 	if err != nil {
 		return nil, err
@@ -41,7 +42,7 @@ func Start(ctx context.Context) (*Cluster, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pgtest: temp dir: %w", err)
 	}
-	c := &Cluster{BinDir: bin, dir: dir}
+	c := &Cluster{BinDir: bin, dir: dir, settings: settings}
 	if os.Geteuid() == 0 {
 		// PostgreSQL refuses to run as root: hand the directory to the postgres user.
 		c.asUser = "postgres"
@@ -79,7 +80,7 @@ func (c *Cluster) start(ctx context.Context) error {
 			return err
 		}
 		c.port = port
-		opts := strings.Join([]string{
+		args := []string{
 			"-p", strconv.Itoa(port),
 			"-k", c.sockets(),
 			"-c", "listen_addresses=127.0.0.1",
@@ -92,7 +93,11 @@ func (c *Cluster) start(ctx context.Context) error {
 			"-c", "full_page_writes=off",
 			"-c", "shared_buffers=64MB",
 			"-c", "wal_sender_timeout=60s",
-		}, " ")
+		}
+		for _, st := range c.settings {
+			args = append(args, "-c", st)
+		}
+		opts := strings.Join(args, " ")
 		cmd := c.command(ctx, filepath.Join(c.BinDir, "pg_ctl"), "-D", c.data(), "-l", c.logFile(),
 			"-o", opts, "-w", "-t", "60", "start")
 		out, err := cmd.CombinedOutput()
