@@ -70,6 +70,7 @@ type Stream struct {
 	paused    atomic.Bool   // waiting for the pipeline (backpressure)
 	drain     chan struct{} // closed by Drain: stop reading, keep confirming
 	drained   bool          // the Drained change is queued
+	yield     atomic.Bool   // drop the connection: the server is shutting down
 
 	// Owned by Run's goroutine.
 	conn       *pgconn.PgConn
@@ -106,6 +107,13 @@ func NewStream(cfg Config, acker *outbox.Acker, log zerolog.Logger) *Stream {
 // on what it decoded and then a ChangeDrained; status updates go on until Run's
 // context ends, so deliveries finishing meanwhile are confirmed. Call once.
 func (s *Stream) Drain() { close(s.drain) }
+
+// Yield drops the replication connection (the session reconnects with
+// backoff). A PostgreSQL fast shutdown waits until walhook confirms everything
+// it was sent; when walhook cannot (a write it needs is refused because the
+// server is shutting down), leaving lets the shutdown finish, and what was not
+// confirmed is replayed after the restart.
+func (s *Stream) Yield() { s.yield.Store(true) }
 
 func (s *Stream) draining() bool {
 	select {
@@ -203,6 +211,10 @@ func (s *Stream) session(ctx context.Context, out chan<- outbox.Change, reconnec
 		if ctx.Err() != nil {
 			return true, s.stop()
 		}
+		if s.yield.Swap(false) {
+			s.stop() // confirm what is finished, then leave
+			return true, errYield
+		}
 		var err error
 		if len(s.pending) > 0 {
 			// Backpressure: stop reading, keep answering.
@@ -249,7 +261,10 @@ func (s *Stream) session(ctx context.Context, out chan<- outbox.Change, reconnec
 	}
 }
 
-var errStalled = errors.New("stream stalled: reconnecting")
+var (
+	errStalled = errors.New("stream stalled: reconnecting")
+	errYield   = errors.New("the server is shutting down: left the slot so that it can")
+)
 
 // ErrSlotActive means another process streams the slot.
 var ErrSlotActive = errors.New("replication slot is in use by another process")

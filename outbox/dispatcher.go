@@ -114,6 +114,7 @@ type Dispatcher struct {
 	txn     *Txn // the open transaction
 	ctx     context.Context
 	workers sync.WaitGroup
+	started bool          // routing was loaded once
 	drain   chan struct{} // closed at ChangeDrained: schedulers finish what is in flight
 	drained chan struct{} // closed when every scheduler has stopped after that
 }
@@ -336,16 +337,36 @@ func (d *Dispatcher) unsubscribe(ctx context.Context, id string) error {
 
 // loadRouting sets the dynamic subscriptions to those in force at the stream's
 // start position.
+//
+// On a reconnect the routing in memory is kept if the load fails for a few
+// seconds: it differs from the one at the start position only if a
+// subscription changed in the replayed window, and blocking here would block
+// confirmations too (a PostgreSQL fast shutdown waits for those, and refuses
+// the new connections a load needs: a deadlock).
 func (d *Dispatcher) loadRouting(ctx context.Context, at LSN) error {
 	var rows []SubscriptionRow
-	err := retryForever(ctx, d.cfg.Logger, "cannot load subscriptions", func() error {
-		var err error
-		rows, err = d.cfg.Store.LoadRouting(ctx, at)
-		return err
-	})
-	if err != nil {
+	load := func(ctx context.Context) func() error {
+		return func() error {
+			var err error
+			rows, err = d.cfg.Store.LoadRouting(ctx, at)
+			return err
+		}
+	}
+	if d.started {
+		lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := retryForever(lctx, d.cfg.Logger, "cannot load subscriptions", load(lctx))
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			d.cfg.Logger.Warn().Msg("subscriptions not reloaded after a reconnect: keeping those in memory")
+			return nil
+		}
+	} else if err := retryForever(ctx, d.cfg.Logger, "cannot load subscriptions", load(ctx)); err != nil {
 		return err
 	}
+	d.started = true
 	keep := map[string]bool{}
 	for i := range rows {
 		keep[rows[i].ID] = true

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 	"github.com/walhook/walhook/cdc"
@@ -76,6 +78,9 @@ func (p *prober) Run(ctx context.Context) error {
 func (p *prober) probe(ctx context.Context) error {
 	slot, subs, err := p.store.Stats(ctx)
 	if err != nil {
+		if pgErr, ok := errors.AsType[*pgconn.PgError](err); ok && (pgErr.Code == "57P03" || pgErr.Code == "57P01") {
+			p.stream.Yield() // cannot_connect_now, admin_shutdown: let the server shut down
+		}
 		return err
 	}
 	p.lag.Set(float64(slot.LagBytes))
