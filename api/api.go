@@ -30,6 +30,8 @@ type Store interface {
 	UpdateSubscription(ctx context.Context, r *outbox.SubscriptionRow) error
 	RotateSecret(ctx context.Context, id, secret string, until time.Time) error
 	DeleteSubscriptionStrict(ctx context.Context, id string) error
+	ListDeadLetters(ctx context.Context, f pgstore.DeadLetterFilter, limit int) ([]pgstore.DeadLetterRow, error)
+	ReplayDeadLetters(ctx context.Context, f pgstore.DeadLetterFilter) (int64, error)
 }
 
 // Verifier runs the X-Hook-Secret handshake (sender.Sender).
@@ -74,6 +76,9 @@ func (a *API) Register(mux *http.ServeMux) {
 	mux.HandleFunc("PATCH /v1/subscriptions/{id}", a.handle(a.patch))
 	mux.HandleFunc("DELETE /v1/subscriptions/{id}", a.handle(a.delete))
 	mux.HandleFunc("POST /v1/subscriptions/{id}/rotate-secret", a.handle(a.rotate))
+	mux.HandleFunc("GET /v1/dead-letters", a.handle(a.listDead))
+	mux.HandleFunc("POST /v1/dead-letters/{id}/replay", a.handle(a.replayOne))
+	mux.HandleFunc("POST /v1/dead-letters/replay", a.handle(a.replayMany))
 }
 
 // caller is who is asking.
@@ -482,4 +487,93 @@ func NewID() string {
 	var b [12]byte
 	rand.Read(b[:])
 	return "sub_" + hex.EncodeToString(b[:])
+}
+
+// deadFilter scopes a filter to what the caller may see.
+func deadFilter(c caller, f pgstore.DeadLetterFilter) pgstore.DeadLetterFilter {
+	if !c.admin {
+		t := c.tenant
+		f.Tenant = &t
+	}
+	return f
+}
+
+func parseTime(field, v string) (*time.Time, error) {
+	if v == "" {
+		return nil, nil
+	}
+	t, err := time.Parse(time.RFC3339, v)
+	if err != nil {
+		return nil, fail(http.StatusBadRequest, "%s: %q is not an RFC 3339 time", field, v)
+	}
+	return &t, nil
+}
+
+func (a *API) listDead(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
+	q := r.URL.Query()
+	f := pgstore.DeadLetterFilter{Subscription: q.Get("subscription"), All: true}
+	var err error
+	if f.Since, err = parseTime("since", q.Get("since")); err != nil {
+		return 0, nil, err
+	}
+	if f.Until, err = parseTime("until", q.Get("until")); err != nil {
+		return 0, nil, err
+	}
+	limit := 100
+	if l := q.Get("limit"); l != "" {
+		if _, err := fmt.Sscanf(l, "%d", &limit); err != nil || limit < 1 || limit > 10000 {
+			return 0, nil, fail(http.StatusBadRequest, "limit: want 1 to 10000")
+		}
+	}
+	rows, err := a.cfg.Store.ListDeadLetters(r.Context(), deadFilter(c, f), limit)
+	if err != nil {
+		return 0, nil, err
+	}
+	if rows == nil {
+		rows = []pgstore.DeadLetterRow{}
+	}
+	return http.StatusOK, rows, nil
+}
+
+func (a *API) replayOne(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
+	var id int64
+	if _, err := fmt.Sscanf(r.PathValue("id"), "%d", &id); err != nil || id <= 0 {
+		return 0, nil, fail(http.StatusBadRequest, "id: not a dead letter id")
+	}
+	n, err := a.cfg.Store.ReplayDeadLetters(r.Context(), deadFilter(c, pgstore.DeadLetterFilter{ID: id}))
+	if err != nil {
+		return 0, nil, err
+	}
+	if n == 0 {
+		return 0, nil, fail(http.StatusNotFound, "dead letter %d not found (or not replayable: it has no subscription)", id)
+	}
+	return http.StatusOK, map[string]int64{"replayed": n}, nil
+}
+
+func (a *API) replayMany(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
+	var req struct {
+		Subscription string `json:"subscription"`
+		Since        string `json:"since"`
+		Until        string `json:"until"`
+		All          bool   `json:"all"`
+	}
+	if err := decode(r, &req); err != nil {
+		return 0, nil, err
+	}
+	f := pgstore.DeadLetterFilter{Subscription: req.Subscription, All: req.All}
+	var err error
+	if f.Since, err = parseTime("since", req.Since); err != nil {
+		return 0, nil, err
+	}
+	if f.Until, err = parseTime("until", req.Until); err != nil {
+		return 0, nil, err
+	}
+	if f.Empty() {
+		return 0, nil, fail(http.StatusBadRequest, "give subscription, since, until, or all: true")
+	}
+	n, err := a.cfg.Store.ReplayDeadLetters(r.Context(), deadFilter(c, f))
+	if err != nil {
+		return 0, nil, err
+	}
+	return http.StatusOK, map[string]int64{"replayed": n}, nil
 }

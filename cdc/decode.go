@@ -199,3 +199,26 @@ func decodeSubscriptionMessage(content []byte) (outbox.Change, error) {
 	}
 	return c, nil
 }
+
+// ReplayPrefix is the prefix of the messages a dead-letter replay writes.
+const ReplayPrefix = "walhook.replay"
+
+// decodeReplayMessage reads {"subscription", "webhook_id", "event"}.
+func decodeReplayMessage(content []byte) (outbox.Change, error) {
+	var m struct {
+		Subscription string       `json:"subscription"`
+		WebhookID    string       `json:"webhook_id"`
+		Event        outbox.Event `json:"event"`
+	}
+	if err := json.Unmarshal(content, &m); err != nil {
+		return outbox.Change{}, fmt.Errorf("replay message: %v", err)
+	}
+	if m.Subscription == "" || m.Event.ID == "" || m.Event.Type == "" {
+		return outbox.Change{}, errors.New("replay message: subscription, event id and type are required")
+	}
+	if len(m.Event.Payload) == 0 {
+		m.Event.Payload = emptyObject
+	}
+	m.Event.WebhookID = m.WebhookID
+	return outbox.Change{Kind: outbox.ChangeReplay, SubscriptionID: m.Subscription, Event: m.Event}, nil
+}

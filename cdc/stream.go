@@ -511,10 +511,14 @@ func (s *Stream) handleWAL(at outbox.LSN, wal []byte) error {
 		case MessagePrefix:
 			e, err := decodeMessage(outbox.LSN(m.LSN), m.Content)
 			s.queueEvent(at, e, err)
-		case SubscriptionPrefix:
-			c, err := decodeSubscriptionMessage(m.Content)
+		case SubscriptionPrefix, ReplayPrefix:
+			decode := decodeSubscriptionMessage
+			if m.Prefix == ReplayPrefix {
+				decode = decodeReplayMessage
+			}
+			c, err := decode(m.Content)
 			if err != nil {
-				s.log.Error().Err(err).Msg("unreadable subscription change ignored")
+				s.log.Error().Err(err).Str("prefix", m.Prefix).Msg("unreadable message ignored")
 				return nil
 			}
 			s.beginLazily()

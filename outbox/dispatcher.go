@@ -263,6 +263,15 @@ func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 		return d.deadLetter(ctx, DeadLetter{Event: c.Event, Reason: c.Reason})
 	case ChangeSubscription:
 		return d.handleSubscription(ctx, c)
+	case ChangeReplay:
+		r := d.byID[c.SubscriptionID]
+		if r == nil {
+			return d.deadLetter(ctx, DeadLetter{Subscription: c.SubscriptionID, Event: c.Event, WebhookID: c.Event.WebhookID,
+				Reason: "replay: the subscription no longer exists"})
+		}
+		d.cfg.Acker.Add(d.txn, 1)
+		r.sent = true
+		return enqueue(ctx, r, delivery{event: c.Event, txn: d.txn})
 	case ChangeCommit:
 		d.cfg.Acker.Commit(d.txn, c.LSN)
 		d.txn = nil

@@ -23,6 +23,7 @@ type Event struct {
 	CommitTime time.Time       // commit time of the transaction that wrote it
 	Seq        uint64          // increases with commit order; stable across restarts
 	Coalesced  int             // how many events this one stands for after debounce; 1 = itself
+	WebhookID  string          `json:",omitempty"` // a replayed dead letter: the id it was first sent with
 }
 
 // Batch is what one webhook request carries.
@@ -34,6 +35,9 @@ type Batch struct {
 
 // NewBatch builds a batch with its webhook-id.
 func NewBatch(s *Subscription, events ...Event) *Batch {
+	if len(events) == 1 && events[0].WebhookID != "" {
+		return &Batch{Subscription: s, Events: events, WebhookID: events[0].WebhookID}
+	}
 	return &Batch{Subscription: s, Events: events, WebhookID: WebhookID(s.ID, events)}
 }
 
@@ -63,6 +67,7 @@ const (
 	ChangeStart                              // the stream (re)starts at LSN: load the routing in force there
 	ChangeSubscription                       // a dynamic subscription changed in the open transaction
 	ChangeDrained                            // shutting down: nothing follows; finish what is in flight
+	ChangeReplay                             // a dead letter replayed to SubscriptionID (Event.WebhookID set)
 )
 
 // Change is one item of the replication stream, in stream order, as cdc hands it

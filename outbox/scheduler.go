@@ -186,7 +186,7 @@ func (s *scheduler) handleEvent(dv delivery) {
 		return
 	}
 	if s.opts.Debounce > 0 && len(k.items) > 0 {
-		if tail := k.items[len(k.items)-1]; !tail.sent && tail.ev.Type == ev.Type {
+		if tail := k.items[len(k.items)-1]; !tail.sent && tail.ev.Type == ev.Type && tail.ev.WebhookID == "" && ev.WebhookID == "" {
 			// The older event is superseded: its delivery is done (docs/scheduler.md).
 			s.d.cfg.Acker.Done(tail.txn)
 			s.d.cfg.Metrics.coalesced.WithLabelValues(s.sub.ID).Inc()
@@ -317,6 +317,13 @@ func (s *scheduler) assemble(now time.Time) *job {
 			if it.readyAt.After(now) || len(j.items) >= s.opts.BatchMax {
 				break
 			}
+			// A replayed event keeps its own webhook-id: it goes alone.
+			if it.ev.WebhookID != "" && len(j.items) > 0 {
+				break
+			}
+			if len(j.items) == 1 && j.items[0].ev.WebhookID != "" {
+				break
+			}
 			sz := len(it.ev.Payload) + envelopeOverhead
 			if len(j.items) > 0 && size+sz > s.opts.BatchBytes {
 				break
@@ -388,8 +395,15 @@ func (s *scheduler) deadLetter(ctx context.Context, j *job, cause error) error {
 		Err(cause).Msg("dead-lettered")
 	now := s.now()
 	for _, it := range j.items {
+		// The id a replay will carry: the request's, or for an event of a
+		// larger batch its own (a replay sends it alone; sharing the batch's
+		// id would make a deduplicating receiver drop all but one).
+		id := j.batch.WebhookID
+		if len(j.items) > 1 {
+			id = WebhookID(j.batch.Subscription.ID, []Event{it.ev})
+		}
 		err := s.d.deadLetter(ctx, DeadLetter{
-			Subscription: j.batch.Subscription.ID, Event: it.ev, WebhookID: j.batch.WebhookID,
+			Subscription: j.batch.Subscription.ID, Event: it.ev, WebhookID: id,
 			Status: status, Reason: cause.Error(), Attempts: j.attempt,
 			FirstAttempt: j.first, LastAttempt: now,
 		})

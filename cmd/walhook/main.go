@@ -37,6 +37,7 @@ Usage:
   walhook subscriptions list [--tenant T]           API subscriptions in the database, and the config's
   walhook subscriptions add --event E --target-url URL [--tenant T] [--secret S]
   walhook subscriptions rm ID
+  walhook dlq list|replay|purge [--subscription S] [--since T] [--until T] [--id N] [--all] [--json]
   walhook healthcheck [--addr HOST:PORT]            exit 0 when /healthz answers (container HEALTHCHECK)
   walhook version
 
@@ -68,8 +69,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return exitOK
 	}
 	var f cliFlags
-	if cmd == "subscriptions" && len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		f.subs.verb, args = args[0], args[1:]
+	if (cmd == "subscriptions" || cmd == "dlq") && len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		f.subs.verb, f.dlq.verb, args = args[0], args[0], args[1:]
 	}
 	fs := newFlagSet(cmd, getenv, &f)
 	if fs == nil {
@@ -125,6 +126,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		err = serve(ctx, cfg, log)
 	case "status":
 		err = status(ctx, cfg, f.asJSON, stdout)
+	case "dlq":
+		err = dlqCommand(ctx, cfg, f.dlq, stdout)
 	case "subscriptions":
 		f.subs.args = positional
 		err = subscriptionsCommand(ctx, cfg, f.subs, stdout)
@@ -147,6 +150,7 @@ type cliFlags struct {
 	dryRun, dropSchema, asJSON bool
 	addr                       string
 	subs                       subscriptionFlags
+	dlq                        dlqFlags
 }
 
 // newFlagSet defines cmd's flags into f; nil for an unknown command.
@@ -172,6 +176,8 @@ func newFlagSet(cmd string, getenv func(string) string, f *cliFlags) *flag.FlagS
 		fs.BoolVar(&f.asJSON, "json", false, "print JSON")
 	case "subscriptions":
 		f.subs.register(fs)
+	case "dlq":
+		f.dlq.register(fs)
 	default:
 		return nil
 	}

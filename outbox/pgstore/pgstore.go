@@ -6,6 +6,7 @@ package pgstore
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -35,6 +36,7 @@ func SchemaSQL() []string {
   created_at       timestamptz NOT NULL DEFAULT now()
 )`,
 		`CREATE INDEX IF NOT EXISTS dead_letters_subscription_idx ON walhook.dead_letters (subscription, created_at)`,
+		`ALTER TABLE walhook.dead_letters ADD COLUMN IF NOT EXISTS sequence numeric`,
 		`CREATE TABLE IF NOT EXISTS walhook.subscriptions (
   id                    text        PRIMARY KEY,
   events                text[]      NOT NULL,
@@ -127,11 +129,11 @@ func (s *Store) DeadLetter(ctx context.Context, d outbox.DeadLetter) error {
 	_, err := s.pool.Exec(ctx, `
 		INSERT INTO walhook.dead_letters
 		  (subscription, event_id, event, resource_id, tenant, payload, committed_at,
-		   webhook_id, status, reason, attempts, first_attempt_at, last_attempt_at)
-		VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13)`,
+		   webhook_id, status, reason, attempts, first_attempt_at, last_attempt_at, sequence)
+		VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14::numeric)`,
 		null(d.Subscription), e.ID, null(e.Type), null(e.ResourceID), null(e.Tenant), payload,
 		nullTime(e.CommitTime), null(d.WebhookID), nullInt(d.Status), d.Reason, d.Attempts,
-		nullTime(d.FirstAttempt), nullTime(d.LastAttempt))
+		nullTime(d.FirstAttempt), nullTime(d.LastAttempt), strconv.FormatUint(e.Seq, 10))
 	if err != nil {
 		return fmt.Errorf("insert dead letter: %w", err)
 	}

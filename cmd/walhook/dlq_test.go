@@ -1,0 +1,89 @@
+package main
+
+import (
+	"context"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/walhook/walhook/sender/sendertest"
+)
+
+// TestDeadLetterReplayKeepsTheWebhookID: an endpoint answers 400 once per
+// webhook-id; the dead letters are replayed (CLI and API) and delivered with
+// their original webhook-id.
+func TestDeadLetterReplayKeepsTheWebhookID(t *testing.T) {
+	t.Parallel()
+	var mu sync.Mutex
+	refused := map[string]bool{}
+	srv := sendertest.NewServer(t, func(_ int, r *sendertest.Request) (int, http.Header) {
+		mu.Lock()
+		defer mu.Unlock()
+		id := r.Header.Get("webhook-id")
+		if !refused[id] {
+			refused[id] = true
+			return http.StatusBadRequest, nil
+		}
+		return http.StatusNoContent, nil
+	})
+	e := newEnv(t, "admin_token: "+adminToken+"\nsubscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`))
+	e.setup()
+	r := e.start()
+	api := client{t: t, base: e.addr(r), token: adminToken}
+	dead := func() int {
+		var n int
+		e.db.Pool.QueryRow(context.Background(), `SELECT count(*) FROM walhook.dead_letters`).Scan(&n)
+		return n
+	}
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload) VALUES ('a', 'r1', '{"n": 1}'), ('b', 'r2', '{"n": 2}')`)
+	e.eventually(30*time.Second, "two dead letters", func() bool { return dead() == 2 })
+
+	code, out, stderr := e.walhook("dlq", "list")
+	if code != 0 || strings.Count(out, "status 400") != 2 {
+		t.Fatalf("dlq list: %d\n%s%s", code, out, stderr)
+	}
+	if code, _, stderr := e.walhook("dlq", "replay"); code != exitConfig || !strings.Contains(stderr, "--all") {
+		t.Errorf("dlq replay without a filter: %d %s", code, stderr)
+	}
+	// One through the API, by id.
+	status, list := api.do("GET", "/v1/dead-letters?subscription=s", nil)
+	rows := list["list"].([]any)
+	if status != 200 || len(rows) != 2 {
+		t.Fatalf("GET /v1/dead-letters: %d %v", status, list)
+	}
+	first := rows[0].(map[string]any)
+	if status, got := api.do("POST", "/v1/dead-letters/"+jsonString(first["id"])+"/replay", nil); status != 200 || got["replayed"] != 1.0 {
+		t.Fatalf("replay one: %d %v", status, got)
+	}
+	// The other through the CLI.
+	if code, out, _ := e.walhook("dlq", "replay", "--subscription", "s"); code != 0 || !strings.Contains(out, "replayed 1") {
+		t.Fatalf("dlq replay: %d %s", code, out)
+	}
+	reqs := srv.Wait(t, 30*time.Second, "both replays delivered", func(q []sendertest.Request) bool {
+		return len(sendertest.Delivered(q)) == 2
+	})
+	firstID := map[string]string{} // event id -> webhook-id of its first (refused) attempt
+	for _, q := range reqs {
+		id := decode(t, q.Body).ID
+		if q.Status == http.StatusBadRequest {
+			firstID[id] = q.Header.Get("webhook-id")
+			continue
+		}
+		if q.Header.Get("webhook-id") != firstID[id] {
+			t.Errorf("event %s replayed with webhook-id %s, first sent with %s", id, q.Header.Get("webhook-id"), firstID[id])
+		}
+		if env := hooks(t, q.Body)[0]; env.Sequence == 0 || env.Type == "" {
+			t.Errorf("replayed envelope lost fields: %s", q.Body)
+		}
+	}
+	if n := dead(); n != 0 {
+		t.Errorf("%d dead letters left after replay", n)
+	}
+	// Purge.
+	e.exec(`INSERT INTO walhook.dead_letters (subscription, event_id, reason) VALUES ('s', 'x', 'old')`)
+	if code, out, _ := e.walhook("dlq", "purge", "--all"); code != 0 || !strings.Contains(out, "purged 1") || dead() != 0 {
+		t.Errorf("dlq purge: %d %s", code, out)
+	}
+}
