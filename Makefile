@@ -5,7 +5,7 @@ TESTARGS ?=
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -s -w -X github.com/walhook/walhook/sender.Version=$(VERSION)
 
-.PHONY: help test fuzz demo build vet clean
+.PHONY: help test fuzz demo bench build vet clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -27,6 +27,10 @@ fuzz: ## fuzz the pgoutput row and message decoders for a while (FUZZTIME=30s)
 
 demo: build ## throwaway PostgreSQL + walhook + receiver; writes outbox rows; Ctrl-C cleans up (DEMO_ONCE=1 exits when done)
 	$(PGTMP) ./examples/demo/demo.sh
+
+bench: ## end-to-end benchmarks vs pg_recvlogical on a throwaway PostgreSQL; writes docs/benchmarks.md (BENCH_ROWS, BENCH_RUNS)
+	$(PGTMP) $(GO) run ./bench
+	$(GO) test -run '^$$' -bench . -benchmem ./cdc ./outbox ./sender
 
 clean: ## remove build output
 	rm -rf bin

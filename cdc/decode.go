@@ -41,7 +41,16 @@ func (c Columns) names() [numCols]string {
 // outbox field sits in a tuple (-1 when the table has no such column).
 type relation struct {
 	index [numCols]int
+	// jsonPayload: the payload column is json or jsonb, which PostgreSQL has
+	// validated already; other types are checked row by row.
+	jsonPayload bool
 }
+
+// OIDs of PostgreSQL's JSON types.
+const (
+	oidJSON  = 114
+	oidJSONB = 3802
+)
 
 // newRelation maps the columns of an outbox table's RelationMessage.
 func newRelation(m *pglogrepl.RelationMessage, c Columns) (*relation, error) {
@@ -60,6 +69,10 @@ func newRelation(m *pglogrepl.RelationMessage, c Columns) (*relation, error) {
 		if r.index[i] < 0 {
 			return nil, fmt.Errorf("outbox table %s.%s has no column %q", m.Namespace, m.RelationName, name)
 		}
+	}
+	if p := r.index[colPayload]; p >= 0 {
+		t := m.Columns[p].DataType
+		r.jsonPayload = t == oidJSON || t == oidJSONB
 	}
 	return r, nil
 }
@@ -109,7 +122,7 @@ func decodeRow(rel *relation, tuple *pglogrepl.TupleData) (outbox.Event, error) 
 		e.Payload = emptyObject
 	case null[colPayload]:
 		e.Payload = json.RawMessage("null")
-	case !json.Valid(vals[colPayload]):
+	case !rel.jsonPayload && !json.Valid(vals[colPayload]):
 		return e, errors.New("payload is not valid JSON")
 	default:
 		// Tuple data points into the connection's read buffer: copy it.
