@@ -5,7 +5,7 @@ TESTARGS ?=
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -s -w -X github.com/walhook/walhook/sender.Version=$(VERSION)
 
-.PHONY: help test fuzz demo bench build vet clean
+.PHONY: help test test-chaos fuzz demo bench build vet clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ vet: ## gofmt check and go vet
 
 test: vet ## all tests with -race against a throwaway PostgreSQL (started and stopped here)
 	$(PGTMP) $(GO) test -race -count=1 -timeout 15m $(TESTARGS) ./...
+
+test-chaos: ## the long runs: a 1,000,000-row transaction under 256 MiB (WALHOOK_MILLION_ROWS to change)
+	WALHOOK_CHAOS=1 $(PGTMP) $(GO) test -count=1 -timeout 20m -run 'TestMillionRowTransaction' -v ./cmd/walhook
 
 fuzz: ## fuzz the pgoutput row and message decoders for a while (FUZZTIME=30s)
 	$(GO) test ./cdc -run '^$$' -fuzz '^FuzzDecodeRow$$' -fuzztime $${FUZZTIME:-30s}
