@@ -7,6 +7,7 @@ import (
 	"fmt"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
 	"github.com/walhook/walhook/outbox"
 )
 
@@ -234,4 +235,48 @@ func decodeReplayMessage(content []byte) (outbox.Change, error) {
 	}
 	m.Event.WebhookID = m.WebhookID
 	return outbox.Change{Kind: outbox.ChangeReplay, SubscriptionID: m.Subscription, Event: m.Event}, nil
+}
+
+// RecoverPrefix is the prefix of the messages `walhook recover` writes: outbox
+// rows again, with their original ids.
+const RecoverPrefix = "walhook.recover"
+
+func decodeRecoverMessage(content []byte) (outbox.Event, error) {
+	var e outbox.Event
+	if err := json.Unmarshal(content, &e); err != nil {
+		return e, fmt.Errorf("recover message: %v", err)
+	}
+	if e.ID == "" || e.Type == "" {
+		return e, errors.New("recover message: id and type are required")
+	}
+	if len(e.Payload) == 0 {
+		e.Payload = emptyObject
+	}
+	return e, nil
+}
+
+// RecoverSQL returns the statement `walhook recover` runs after recreating the
+// slot: every outbox row whose numeric id is above highWater, or (when the
+// table has created_at) created since, goes out again as a walhook.recover
+// message with its original id, in id order. It returns the count.
+func RecoverSQL(cfg Config, hasCreatedAt bool) string {
+	cfg = cfg.WithDefaults()
+	col := func(name, fallback string) string {
+		if name == "" {
+			return fallback
+		}
+		return pgx.Identifier{name}.Sanitize()
+	}
+	id := col(cfg.Columns.ID, "")
+	cond := "(" + id + "::text ~ '^[0-9]+$' AND " + id + "::text::numeric > $1::numeric)"
+	if hasCreatedAt {
+		cond += " OR created_at >= $2"
+	}
+	return `SELECT count(*) FROM (SELECT pg_logical_emit_message(true, '` + RecoverPrefix + `', jsonb_build_object(
+	  'ID', ` + id + `::text, 'Type', ` + col(cfg.Columns.Event, "''") + `::text,
+	  'ResourceID', coalesce(` + col(cfg.Columns.ResourceID, "NULL") + `::text, ''),
+	  'Tenant', coalesce(` + col(cfg.Columns.Tenant, "NULL") + `::text, ''),
+	  'Payload', coalesce(` + col(cfg.Columns.Payload, "NULL") + `::jsonb, '{}'::jsonb),
+	  'CommitTime', now())::text)
+	FROM ` + cfg.Table.Sanitize() + ` WHERE ` + cond + ` ORDER BY ` + id + `) recovered`
 }

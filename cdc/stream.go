@@ -339,6 +339,19 @@ func (s *Stream) connect(ctx context.Context) error {
 	return nil
 }
 
+// missingSlot explains a missing slot: never created (run setup), or lost
+// after walhook delivered here (recover).
+func (s *Stream) missingSlot(ctx context.Context) error {
+	res, err := s.conn.Exec(ctx, "SELECT high_water_id::text, updated_at::text FROM walhook.state WHERE slot = "+quoteLiteral(s.cfg.Slot)).ReadAll()
+	if err == nil && len(res) == 1 && len(res[0].Rows) == 1 {
+		row := res[0].Rows[0]
+		return fmt.Errorf("replication slot %q is missing although walhook delivered through it (up to outbox id %s, %s): "+
+			"it was dropped, or lost in a failover; events since then are not in any slot. Run `walhook recover` to "+
+			"recreate it and redeliver the outbox rows above that mark", s.cfg.Slot, row[0], row[1])
+	}
+	return fmt.Errorf("replication slot %q does not exist in this database: run `walhook setup`", s.cfg.Slot)
+}
+
 // fitStatusMaxAge keeps status updates well inside the server's
 // wal_sender_timeout, so that the server never drops walhook while the stream is
 // paused for backpressure and does not see its keepalive requests.
@@ -391,7 +404,7 @@ func (s *Stream) slotPosition(ctx context.Context) (outbox.LSN, error) {
 		return 0, fmt.Errorf("look up replication slot: %w", err)
 	}
 	if len(res) != 1 || len(res[0].Rows) == 0 {
-		return 0, permanent(fmt.Errorf("replication slot %q does not exist in this database: run `walhook setup`", s.cfg.Slot))
+		return 0, permanent(s.missingSlot(ctx))
 	}
 	row := res[0].Rows[0]
 	if plugin := string(row[0]); plugin != "pgoutput" {
@@ -510,6 +523,9 @@ func (s *Stream) handleWAL(at outbox.LSN, wal []byte) error {
 		switch m.Prefix {
 		case MessagePrefix:
 			e, err := decodeMessage(outbox.LSN(m.LSN), m.Content)
+			s.queueEvent(at, e, err)
+		case RecoverPrefix:
+			e, err := decodeRecoverMessage(m.Content)
 			s.queueEvent(at, e, err)
 		case SubscriptionPrefix, ReplayPrefix:
 			decode := decodeSubscriptionMessage

@@ -16,6 +16,7 @@ type Acker struct {
 	mu    sync.Mutex
 	open  []*Txn // transactions not yet finished, in stream order
 	flush LSN
+	high  uint64 // highest numeric outbox id in a finished transaction (the high-water mark)
 }
 
 // Txn tracks one transaction's outstanding deliveries.
@@ -24,6 +25,7 @@ type Txn struct {
 	committed bool
 	end       LSN
 	time      time.Time // commit time
+	maxID     uint64    // highest numeric outbox id among its events
 }
 
 // NewAcker starts at the slot's confirmed flush position.
@@ -58,6 +60,20 @@ func (a *Acker) Add(t *Txn, n int) {
 	a.mu.Lock()
 	t.pending += n
 	a.mu.Unlock()
+}
+
+// SawID records a numeric outbox row id of t, for the high-water mark.
+func (a *Acker) SawID(t *Txn, id uint64) {
+	a.mu.Lock()
+	t.maxID = max(t.maxID, id)
+	a.mu.Unlock()
+}
+
+// HighWater is the highest numeric outbox id of a finished transaction.
+func (a *Acker) HighWater() uint64 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.high
 }
 
 // Commit records t's end LSN; t finishes once its deliveries are done.
@@ -120,6 +136,7 @@ func (a *Acker) advance() {
 		if t.end > a.flush {
 			a.flush = t.end
 		}
+		a.high = max(a.high, t.maxID)
 	}
 	clear(a.open[:i]) // let finished transactions be collected; append reallocates as the slice moves on
 	a.open = a.open[i:]

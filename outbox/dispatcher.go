@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -109,14 +110,15 @@ type Dispatcher struct {
 	cfg DispatcherConfig
 
 	// Owned by Run's goroutine.
-	subs    []*running // in creation order
-	byID    map[string]*running
-	txn     *Txn // the open transaction
-	ctx     context.Context
-	workers sync.WaitGroup
-	started bool          // routing was loaded once
-	drain   chan struct{} // closed at ChangeDrained: schedulers finish what is in flight
-	drained chan struct{} // closed when every scheduler has stopped after that
+	subs     []*running // in creation order
+	byID     map[string]*running
+	txn      *Txn   // the open transaction
+	txnMaxID uint64 // highest numeric outbox id seen in it
+	ctx      context.Context
+	workers  sync.WaitGroup
+	started  bool          // routing was loaded once
+	drain    chan struct{} // closed at ChangeDrained: schedulers finish what is in flight
+	drained  chan struct{} // closed when every scheduler has stopped after that
 }
 
 // running is a subscription with its scheduler.
@@ -238,7 +240,7 @@ func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 	case ChangeStart:
 		if d.txn != nil { // the stream was cut inside it: it comes again whole
 			d.cfg.Acker.Abort(d.txn)
-			d.txn = nil
+			d.txn, d.txnMaxID = nil, 0
 		}
 		for _, r := range d.subs {
 			r.sent = false
@@ -248,6 +250,9 @@ func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 		d.txn = d.cfg.Acker.Begin(c.Event.CommitTime)
 	case ChangeEvent:
 		d.cfg.Metrics.events.Inc()
+		if id, err := strconv.ParseUint(c.Event.ID, 10, 64); err == nil {
+			d.txnMaxID = max(d.txnMaxID, id)
+		}
 		for _, r := range d.subs {
 			if !r.sub.Matches(&c.Event) {
 				continue
@@ -273,6 +278,10 @@ func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 		r.sent = true
 		return enqueue(ctx, r, delivery{event: c.Event, txn: d.txn})
 	case ChangeCommit:
+		if d.txnMaxID > 0 {
+			d.cfg.Acker.SawID(d.txn, d.txnMaxID)
+			d.txnMaxID = 0
+		}
 		d.cfg.Acker.Commit(d.txn, c.LSN)
 		d.txn = nil
 		// Schedulers hold partial batches while a transaction streams in.

@@ -28,7 +28,7 @@ func metricNames(t *testing.T) map[string]bool {
 		Acker: acker, Metrics: m, Logger: zerolog.Nop()})
 	_ = d
 	stream := cdc.NewStream(cdc.Config{Registerer: reg}, acker, zerolog.Nop())
-	newProber(reg, nil, m, stream, zerolog.Nop())
+	newProber(reg, nil, m, acker, stream, zerolog.Nop())
 	names := map[string]bool{}
 	families, err := reg.Gather()
 	if err != nil {

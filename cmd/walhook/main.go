@@ -42,6 +42,7 @@ Usage:
   walhook setup    [--config FILE] [--dry-run]      create schema, outbox, emit(), publication, slot
   walhook run      [--config FILE] [--log-format F] stream the slot and deliver hooks
   walhook teardown [--config FILE] [--drop-schema]  drop the slot and publication (and the schema)
+  walhook recover  [--config FILE] [--since D]       after a slot loss: recreate it, redeliver outbox rows above the mark
   walhook status   [--config FILE] [--json]          slot, lag, retained WAL, per subscription backlog (from the database)
   walhook subscriptions list [--tenant T]           API subscriptions in the database, and the config's
   walhook subscriptions add --event E --target-url URL [--tenant T] [--secret S]
@@ -135,6 +136,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		err = serve(ctx, cfg, log)
 	case "status":
 		err = status(ctx, cfg, f.asJSON, stdout)
+	case "recover":
+		err = recoverSlot(ctx, cfg, f.since, stdout)
 	case "dlq":
 		err = dlqCommand(ctx, cfg, f.dlq, stdout)
 	case "subscriptions":
@@ -160,6 +163,7 @@ type cliFlags struct {
 	addr                       string
 	subs                       subscriptionFlags
 	dlq                        dlqFlags
+	since                      time.Duration
 }
 
 // newFlagSet defines cmd's flags into f; nil for an unknown command.
@@ -183,6 +187,8 @@ func newFlagSet(cmd string, getenv func(string) string, f *cliFlags) *flag.FlagS
 	case "run":
 	case "status":
 		fs.BoolVar(&f.asJSON, "json", false, "print JSON")
+	case "recover":
+		fs.DurationVar(&f.since, "since", 0, "also redeliver rows created this long ago or later (default: from 10m before the high-water mark)")
 	case "subscriptions":
 		f.subs.register(fs)
 	case "dlq":

@@ -40,10 +40,13 @@ type prober struct {
 
 	retention time.Duration // prune walhook.outbox rows older than this; 0 = never
 	pruned    time.Time
+
+	acker     *outbox.Acker
+	lastState string // confirmed LSN and high-water mark last written
 }
 
-func newProber(reg prometheus.Registerer, store *pgstore.Store, m *outbox.Metrics, stream *cdc.Stream, log zerolog.Logger) *prober {
-	p := &prober{store: store, metrics: m, stream: stream, log: log,
+func newProber(reg prometheus.Registerer, store *pgstore.Store, m *outbox.Metrics, acker *outbox.Acker, stream *cdc.Stream, log zerolog.Logger) *prober {
+	p := &prober{store: store, metrics: m, acker: acker, stream: stream, log: log,
 		lag: prometheus.NewGauge(prometheus.GaugeOpts{Name: "walhook_replication_lag_bytes",
 			Help: "WAL written on the server minus the slot's confirmed flush position."}),
 		retained: prometheus.NewGauge(prometheus.GaugeOpts{Name: "walhook_slot_retained_wal_bytes",
@@ -88,6 +91,16 @@ func (p *prober) probe(ctx context.Context) error {
 	p.metrics.SetStored(subs)
 	if h := p.stream.Health(); h != cdc.Streaming && h != cdc.Stalled {
 		return nil // only the replica holding the slot reports and prunes
+	}
+	// The high-water mark: proof that walhook delivered here, for slot-loss
+	// detection and `walhook recover`. Written only when it moved.
+	if high := p.acker.HighWater(); slot.Exists && high > 0 {
+		if st := fmt.Sprint(slot.ConfirmedFlush, high); st != p.lastState {
+			if err := p.store.WriteState(ctx, slot.ConfirmedFlush, high); err != nil {
+				return err
+			}
+			p.lastState = st
+		}
 	}
 	if p.retention > 0 && time.Since(p.pruned) >= pruneInterval {
 		p.pruned = time.Now()

@@ -42,7 +42,7 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	cdcCfg.Registerer = reg
 	stream := cdc.NewStream(cdcCfg, acker, log)
 	store := pgstore.New(pool, cfg.Slot)
-	prober := newProber(reg, store, metrics, stream, log.With().Str("component", "probe").Logger())
+	prober := newProber(reg, store, metrics, acker, stream, log.With().Str("component", "probe").Logger())
 	if cfg.table == cdc.DefaultTable {
 		prober.retention = cfg.retention // other tables are the application's to prune
 	}

@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/walhook/walhook/cdc"
@@ -32,6 +34,38 @@ func setup(ctx context.Context, cfg *Config, dryRun bool, out io.Writer) error {
 		return nil
 	}
 	return withLock(ctx, cfg, func(conn *pgx.Conn) error {
+		if err := refuseLostSlot(ctx, conn, cfg); err != nil {
+			return err
+		}
+		return createAll(ctx, conn, cfg, stmts, out)
+	})
+}
+
+// refuseLostSlot stops setup from quietly creating a new slot where one was
+// lost: the events between the loss and now would be skipped.
+func refuseLostSlot(ctx context.Context, conn *pgx.Conn, cfg *Config) error {
+	var lost bool
+	var high string
+	err := conn.QueryRow(ctx, `SELECT to_regclass('walhook.state') IS NOT NULL`).Scan(&lost)
+	if err != nil || !lost {
+		return err
+	}
+	err = conn.QueryRow(ctx, `SELECT high_water_id::text FROM walhook.state s WHERE slot = $1
+		AND NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = s.slot)`, cfg.Slot).Scan(&high)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	return fmt.Errorf("slot: %q is missing although walhook delivered through it (up to outbox id %s): it was dropped or "+
+		"lost in a failover. `walhook recover` recreates it and redelivers the outbox rows above that mark; "+
+		"setup will not create a fresh slot that skips them", cfg.Slot, high)
+}
+
+// createAll runs the setup statements and checks the result.
+func createAll(ctx context.Context, conn *pgx.Conn, cfg *Config, stmts []string, out io.Writer) error {
+	{
 		for _, s := range stmts {
 			if _, err := conn.Exec(ctx, s); err != nil {
 				return fmt.Errorf("%s: %w", firstLine(s), err)
@@ -44,6 +78,52 @@ func setup(ctx context.Context, cfg *Config, dryRun bool, out io.Writer) error {
 			return err
 		}
 		fmt.Fprintf(out, "walhook is set up: outbox %s, publication %s, slot %s\n", cfg.table, cfg.Publication, cfg.Slot)
+		return nil
+	}
+}
+
+// recoverSlot is `walhook recover`: after a slot loss, recreate the slot and
+// send the outbox rows above the high-water mark again (with their ids, so
+// receivers can drop the ones they had), plus rows created since shortly
+// before the mark was written, for transactions that committed late.
+func recoverSlot(ctx context.Context, cfg *Config, since time.Duration, out io.Writer) error {
+	return withLock(ctx, cfg, func(conn *pgx.Conn) error {
+		var exists bool
+		if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)`, cfg.Slot).Scan(&exists); err != nil {
+			return err
+		}
+		if exists {
+			return fmt.Errorf("slot %q exists: nothing to recover", cfg.Slot)
+		}
+		var high string
+		var updated time.Time
+		err := conn.QueryRow(ctx, `SELECT high_water_id::text, updated_at FROM walhook.state WHERE slot = $1`, cfg.Slot).Scan(&high, &updated)
+		if err != nil {
+			return fmt.Errorf("no high-water mark for slot %q (walhook never delivered through it): run `walhook setup`", cfg.Slot)
+		}
+		if err := createAll(ctx, conn, cfg, setupSQL(cfg), out); err != nil {
+			return err
+		}
+		var hasCreatedAt bool
+		conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2
+			AND column_name = 'created_at')`, cfg.table.Schema, cfg.table.Name).Scan(&hasCreatedAt)
+		from := updated.Add(-10 * time.Minute)
+		if since > 0 {
+			from = time.Now().Add(-since)
+		}
+		args := []any{high}
+		if hasCreatedAt {
+			args = append(args, from)
+		}
+		var n int64
+		if err := conn.QueryRow(ctx, cdc.RecoverSQL(cfg.cdcConfig(), hasCreatedAt), args...).Scan(&n); err != nil {
+			return fmt.Errorf("redeliver outbox rows: %w", err)
+		}
+		fmt.Fprintf(out, "recovered: slot %s recreated; %d outbox rows above id %s", cfg.Slot, n, high)
+		if hasCreatedAt {
+			fmt.Fprintf(out, " or created since %s", from.UTC().Format(time.RFC3339))
+		}
+		fmt.Fprintln(out, " go out again with their original ids")
 		return nil
 	})
 }

@@ -88,6 +88,7 @@ $fn$`,
   host        text        NOT NULL,
   report      jsonb       NOT NULL
 )`,
+		StateSQL,
 		`CREATE TABLE IF NOT EXISTS walhook.routing_log (
   slot            text    NOT NULL,
   seq             numeric NOT NULL,

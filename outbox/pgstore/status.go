@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -130,4 +131,53 @@ func (s *Store) PruneOutbox(ctx context.Context, retention time.Duration, limit 
 			return total, nil
 		}
 	}
+}
+
+// State is the durable high-water mark of a slot (walhook.state): proof that
+// walhook delivered on this database, and from where a recovery starts.
+type State struct {
+	SystemID  string
+	Timeline  int32
+	Confirmed string // LSN
+	HighWater uint64 // highest outbox id of a finished transaction
+	UpdatedAt time.Time
+}
+
+// StateSQL creates walhook.state.
+const StateSQL = `CREATE TABLE IF NOT EXISTS walhook.state (
+  slot              text        PRIMARY KEY,
+  system_identifier text        NOT NULL,
+  timeline          int         NOT NULL,
+  confirmed_lsn     pg_lsn      NOT NULL,
+  high_water_id     numeric     NOT NULL,
+  updated_at        timestamptz NOT NULL
+)`
+
+// WriteState records the high-water mark.
+func (s *Store) WriteState(ctx context.Context, confirmed string, high uint64) error {
+	_, err := s.pool.Exec(ctx, `
+		INSERT INTO walhook.state (slot, system_identifier, timeline, confirmed_lsn, high_water_id, updated_at)
+		SELECT $1, (SELECT system_identifier::text FROM pg_control_system()), (SELECT timeline_id FROM pg_control_checkpoint()),
+		       $2::pg_lsn, $3::numeric, now()
+		ON CONFLICT (slot) DO UPDATE SET system_identifier = EXCLUDED.system_identifier, timeline = EXCLUDED.timeline,
+		       confirmed_lsn = EXCLUDED.confirmed_lsn,
+		       high_water_id = greatest(walhook.state.high_water_id, EXCLUDED.high_water_id), updated_at = now()`,
+		s.slot, confirmed, strconv.FormatUint(high, 10))
+	return err
+}
+
+// ReadState reads the high-water mark; nil when walhook never delivered here.
+func (s *Store) ReadState(ctx context.Context) (*State, error) {
+	var st State
+	var high string
+	err := s.pool.QueryRow(ctx, `SELECT system_identifier, timeline, confirmed_lsn::text, high_water_id::text, updated_at
+		FROM walhook.state WHERE slot = $1`, s.slot).Scan(&st.SystemID, &st.Timeline, &st.Confirmed, &high, &st.UpdatedAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	st.HighWater, _ = strconv.ParseUint(high, 10, 64)
+	return &st, nil
 }
