@@ -32,6 +32,7 @@ type Store interface {
 	DeleteSubscriptionStrict(ctx context.Context, id string) error
 	ListDeadLetters(ctx context.Context, f pgstore.DeadLetterFilter, limit int) ([]pgstore.DeadLetterRow, error)
 	ReplayDeadLetters(ctx context.Context, f pgstore.DeadLetterFilter) (int64, error)
+	EnableSubscription(ctx context.Context, id string) error
 }
 
 // Verifier runs the X-Hook-Secret handshake (sender.Sender).
@@ -76,6 +77,7 @@ func (a *API) Register(mux *http.ServeMux) {
 	mux.HandleFunc("PATCH /v1/subscriptions/{id}", a.handle(a.patch))
 	mux.HandleFunc("DELETE /v1/subscriptions/{id}", a.handle(a.delete))
 	mux.HandleFunc("POST /v1/subscriptions/{id}/rotate-secret", a.handle(a.rotate))
+	mux.HandleFunc("POST /v1/subscriptions/{id}/enable", a.handle(a.enable))
 	mux.HandleFunc("GET /v1/dead-letters", a.handle(a.listDead))
 	mux.HandleFunc("POST /v1/dead-letters/{id}/replay", a.handle(a.replayOne))
 	mux.HandleFunc("POST /v1/dead-letters/replay", a.handle(a.replayMany))
@@ -201,6 +203,7 @@ type View struct {
 	Secret       string     `json:"secret,omitempty"`
 	VerifyIntent bool       `json:"verify_intent"`
 	ReadOnly     bool       `json:"read_only"`
+	DisabledAt   *time.Time `json:"disabled_at"` // set while endpoint health has it off (POST .../enable)
 	CreatedAt    *time.Time `json:"created_at,omitempty"`
 	UpdatedAt    *time.Time `json:"updated_at,omitempty"`
 	outbox.Options
@@ -209,7 +212,7 @@ type View struct {
 func (a *API) view(r *outbox.SubscriptionRow) View {
 	opts, _ := r.Options.Resolve("", a.cfg.Defaults)
 	return View{ID: r.ID, Events: r.Events, TargetURL: r.TargetURL, Tenant: r.Tenant, VerifyIntent: r.VerifyIntent,
-		CreatedAt: &r.CreatedAt, UpdatedAt: &r.UpdatedAt, Options: outbox.OptionsOf(opts)}
+		CreatedAt: &r.CreatedAt, UpdatedAt: &r.UpdatedAt, DisabledAt: r.DisabledAt, Options: outbox.OptionsOf(opts)}
 }
 
 func staticView(s *outbox.Subscription) View {
@@ -459,6 +462,21 @@ func (a *API) rotate(_ http.ResponseWriter, r *http.Request, c caller) (int, any
 		return 0, nil, notFound(err, row.ID)
 	}
 	return http.StatusOK, map[string]any{"secret": req.Secret, "previous_secret_valid_until": until.UTC()}, nil
+}
+
+func (a *API) enable(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
+	static, row, err := a.find(r, c)
+	switch {
+	case err != nil:
+		return 0, nil, err
+	case static != nil:
+		return 0, nil, fail(http.StatusConflict, "subscription %q is defined in the config file: restart walhook to enable it", static.ID)
+	}
+	if err := a.cfg.Store.EnableSubscription(r.Context(), row.ID); err != nil {
+		return 0, nil, notFound(err, row.ID)
+	}
+	row.DisabledAt = nil
+	return http.StatusOK, a.view(row), nil
 }
 
 func notFound(err error, id string) error {

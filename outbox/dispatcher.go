@@ -74,6 +74,10 @@ type Store interface {
 	Reschedule(ctx context.Context, rows []int64, attempts int, next time.Time, reason string) error
 	// DropParked deletes every parked event of a subscription.
 	DropParked(ctx context.Context, subscription string) error
+	// DisableSubscription marks a dynamic subscription disabled (endpoint health).
+	DisableSubscription(ctx context.Context, id string) error
+	// DeadLetterParked moves a subscription's parked events to the dead letters.
+	DeadLetterParked(ctx context.Context, subscription, reason string) error
 }
 
 // ParkedEvent is an event in walhook.deliveries.

@@ -54,6 +54,7 @@ type memStore struct {
 	parked     []parkedRow
 	nextRow    int64
 	everParked int
+	disabled   []string
 }
 
 func (m *memStore) RecordRouting(_ context.Context, c RoutingChange) error {
@@ -351,5 +352,25 @@ func (m *memStore) DropParked(_ context.Context, sub string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.parked = slices.DeleteFunc(m.parked, func(r parkedRow) bool { return r.sub == sub })
+	return nil
+}
+
+func (m *memStore) DisableSubscription(_ context.Context, id string) error {
+	m.mu.Lock()
+	m.disabled = append(m.disabled, id)
+	m.mu.Unlock()
+	return nil
+}
+
+func (m *memStore) DeadLetterParked(_ context.Context, sub, reason string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.parked = slices.DeleteFunc(m.parked, func(r parkedRow) bool {
+		if r.sub == sub {
+			m.dead = append(m.dead, DeadLetter{Subscription: sub, Event: r.Event, Reason: reason})
+			return true
+		}
+		return false
+	})
 	return nil
 }

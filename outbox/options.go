@@ -27,6 +27,7 @@ type Options struct {
 	MaxInFlight      *int     `yaml:"max_in_flight" json:"max_in_flight,omitzero"`
 	ParkAfter        Duration `yaml:"park_after" json:"park_after,omitzero"`
 	RetryFor         Duration `yaml:"retry_for" json:"retry_for,omitzero"`
+	DisableAfter     Duration `yaml:"disable_after" json:"disable_after,omitzero"`
 }
 
 // Duration is a duration as text ("10s", "5m"). It keeps the text, so that
@@ -93,6 +94,7 @@ func (o Options) Resolve(prefix string, base DeliveryOptions) (DeliveryOptions, 
 	dur(&r.BatchWait, o.BatchWait, "batch_wait", true)
 	dur(&r.ParkAfter, o.ParkAfter, "park_after", false)
 	dur(&r.RetryFor, o.RetryFor, "retry_for", false)
+	dur(&r.DisableAfter, o.DisableAfter, "disable_after", false)
 	count(&r.BatchMax, o.BatchMax, "batch_max", 1)
 	count(&r.BatchBytes, o.BatchBytes, "batch_bytes", 1024)
 	count(&r.MaxPayloadBytes, o.MaxPayloadBytes, "max_payload_bytes", 1)
@@ -140,6 +142,7 @@ func (o Options) Merge(p Options) Options {
 	setDur(&o.BatchWait, p.BatchWait)
 	setDur(&o.ParkAfter, p.ParkAfter)
 	setDur(&o.RetryFor, p.RetryFor)
+	setDur(&o.DisableAfter, p.DisableAfter)
 	for _, f := range []struct{ dst, v **int }{
 		{&o.BatchMax, &p.BatchMax}, {&o.BatchBytes, &p.BatchBytes},
 		{&o.MaxPayloadBytes, &p.MaxPayloadBytes}, {&o.MaxInFlight, &p.MaxInFlight},
@@ -164,6 +167,6 @@ func OptionsOf(d DeliveryOptions) Options {
 		Timeout: Dur(d.Timeout), RetryInitial: Dur(d.RetryInitial), RetryMaxInterval: Dur(d.RetryMaxInterval),
 		Debounce: Dur(d.Debounce), MaxWait: Dur(d.MaxWait), BatchWait: Dur(d.BatchWait),
 		BatchMax: &d.BatchMax, BatchBytes: &d.BatchBytes, MaxPayloadBytes: &d.MaxPayloadBytes, MaxInFlight: &d.MaxInFlight,
-		Payload: &payload, ResourceURL: &url, ParkAfter: Dur(d.ParkAfter), RetryFor: Dur(d.RetryFor),
+		Payload: &payload, ResourceURL: &url, ParkAfter: Dur(d.ParkAfter), RetryFor: Dur(d.RetryFor), DisableAfter: Dur(d.DisableAfter),
 	}
 }

@@ -90,3 +90,33 @@ func TestParkedEventsBecomeDeadLettersAfterRetryFor(t *testing.T) {
 		}
 	})
 }
+
+func TestFailingSubscriptionIsDisabled(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHarness(t, func(o *DeliveryOptions) {
+			o.ParkAfter = time.Minute
+			o.DisableAfter = time.Hour
+			o.RetryMaxInterval = time.Minute
+		})
+		h.rec.answer = func(*Batch) error { return failure{status: 503, retryable: true} }
+		h.commit(event(1, "x", "a"), event(2, "x", "a"), event(3, "x", "b"))
+		time.Sleep(2 * time.Hour)
+		synctest.Wait()
+		if len(h.store.disabled) != 0 {
+			t.Errorf("a static subscription was marked disabled in the store")
+		}
+		if len(h.store.dead) != 3 || len(h.store.parked) != 0 {
+			t.Fatalf("%d dead letters, %d parked; want 3 and 0", len(h.store.dead), len(h.store.parked))
+		}
+		attempts := len(h.rec.batches)
+		last := h.commit(event(4, "x", "c")) // a disabled subscription dead-letters at once
+		time.Sleep(time.Hour)
+		synctest.Wait()
+		if len(h.store.dead) != 4 || len(h.rec.batches) != attempts {
+			t.Errorf("%d dead letters, %d more attempts: want the new event dead-lettered unsent", len(h.store.dead), len(h.rec.batches)-attempts)
+		}
+		if f := h.acker.Flush(); f != last {
+			t.Errorf("flush = %v, want %v", f, last)
+		}
+	})
+}

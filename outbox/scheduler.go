@@ -45,6 +45,8 @@ type scheduler struct {
 	inTxn       bool      // events came that their transaction's commit has not followed yet
 	gone        bool      // the target answered 410: drop everything
 	closing     bool      // deleted: deliver what is held, then stop
+	failingFrom time.Time // first failure since the last success; zero while healthy
+	disabled    bool      // dead-letter everything (the subscription is disabled)
 	results     chan result
 }
 
@@ -101,6 +103,10 @@ func newScheduler(d *Dispatcher, s *Subscription, in <-chan delivery) *scheduler
 }
 
 func (s *scheduler) setSubscription(sub *Subscription) {
+	if s.sub != nil && s.sub.Disabled && !sub.Disabled {
+		s.disabled, s.failingFrom = false, time.Time{}
+		s.log.Info().Msg("subscription enabled")
+	}
 	s.sub, s.opts = sub, sub.Delivery
 	s.opts.MaxInFlight = min(max(s.opts.MaxInFlight, 1), 1024)
 	s.opts.BatchMax = max(s.opts.BatchMax, 1)
@@ -164,6 +170,9 @@ func (s *scheduler) handleEvent(dv delivery) {
 		return
 	case dv.update != nil:
 		s.setSubscription(dv.update) // batches from now on use it
+		if dv.update.Disabled && !s.disabled {
+			s.disable()
+		}
 		return
 	case dv.close:
 		s.closing = true
@@ -174,6 +183,14 @@ func (s *scheduler) handleEvent(dv delivery) {
 		return
 	}
 	s.inTxn = true
+	if s.disabled {
+		if s.d.deadLetter(s.ctx, DeadLetter{Subscription: s.sub.ID, Event: dv.event,
+			WebhookID: WebhookID(s.sub.ID, []Event{dv.event}), Reason: disabledReason}) == nil {
+			s.d.cfg.Acker.Done(dv.txn)
+			s.d.cfg.Metrics.finished(s.sub.ID, "dead_lettered", []Event{dv.event})
+		}
+		return
+	}
 	now := s.now()
 	k := s.key(dv.event.ResourceID)
 	ev := dv.event
@@ -435,8 +452,13 @@ func (s *scheduler) handleResult(r result) {
 		s.unsubscribe()
 		return
 	}
-	if s.gone {
-		return // released already
+	if s.gone || s.disabled {
+		return // released or dead-lettered already
+	}
+	if r.err == nil {
+		s.failingFrom = time.Time{}
+	} else if s.failingFrom.IsZero() {
+		s.failingFrom = j.first
 	}
 	if r.err == nil || r.dead {
 		outcome := "dead_lettered"
@@ -461,6 +483,10 @@ func (s *scheduler) handleResult(r result) {
 	}
 	s.log.Debug().Str("webhook_id", j.batch.WebhookID).Int("attempt", j.attempt).Err(r.err).Dur("retry_in", wait).Msg("attempt failed")
 	now := s.now()
+	if !s.disabled && now.Sub(s.failingFrom) >= s.opts.DisableAfter {
+		s.disable() // the batch's events are among those it dead-letters
+		return
+	}
 	switch {
 	case j.parked:
 		s.retryParked(j, r.err, now.Add(wait))
@@ -674,6 +700,39 @@ func (s *scheduler) closed() error {
 	s.d.cfg.Metrics.removeSubscription(s.sub.ID)
 	s.log.Info().Msg("deleted subscription drained")
 	return nil
+}
+
+const disabledReason = "subscription disabled: its endpoint failed for disable_after without a success"
+
+// disable turns a failing subscription off: what it holds, parked or in
+// memory, becomes dead letters (replayable), and so does every later event,
+// until it is enabled again.
+func (s *scheduler) disable() {
+	s.disabled = true
+	s.log.Error().Dur("disable_after", s.opts.DisableAfter).Msg("subscription disabled: its endpoint keeps failing")
+	if !s.sub.Static && !s.sub.Disabled {
+		id := s.sub.ID
+		retryForever(s.ctx, s.log, "cannot mark subscription disabled", func() error {
+			return s.d.cfg.Store.DisableSubscription(s.ctx, id)
+		})
+	}
+	retryForever(s.ctx, s.log, "cannot dead-letter parked events", func() error {
+		return s.d.cfg.Store.DeadLetterParked(s.ctx, s.sub.ID, disabledReason)
+	})
+	for _, k := range s.keys {
+		for _, it := range k.items {
+			if s.d.deadLetter(s.ctx, DeadLetter{Subscription: s.sub.ID, Event: it.ev,
+				WebhookID: WebhookID(s.sub.ID, []Event{it.ev}), Reason: disabledReason}) != nil {
+				return // shutting down: unacked, replayed
+			}
+			s.d.cfg.Acker.Done(it.txn)
+		}
+		s.d.cfg.Metrics.deliveries.WithLabelValues(s.sub.ID, "dead_lettered").Add(float64(len(k.items)))
+	}
+	clear(s.keys)
+	s.ready, s.retries, s.timers, s.feeds = nil, nil, nil, nil
+	s.pending, s.readyEvents = 0, 0
+	s.gatherUntil = time.Time{}
 }
 
 // report publishes the in-memory backlog for metrics.

@@ -21,6 +21,9 @@ type Subscription struct {
 	// Static subscriptions come from the config file: trusted targets,
 	// read-only, and a 410 from them is a dead letter.
 	Static bool
+
+	// Disabled subscriptions dead-letter their events (endpoint health).
+	Disabled bool
 }
 
 // Secrets returns the secrets that sign a delivery at now: the current one, and
@@ -62,6 +65,8 @@ type DeliveryOptions struct {
 
 	ParkAfter time.Duration // failing this long, a resource's events move to walhook.deliveries; default 30s
 	RetryFor  time.Duration // parked events failing this long become dead letters; default 72h
+
+	DisableAfter time.Duration // failing this long without one success disables the subscription; default 24h
 }
 
 // DefaultDeliveryOptions are used where config sets nothing.
@@ -78,6 +83,7 @@ var DefaultDeliveryOptions = DeliveryOptions{
 	MaxInFlight:      16,
 	ParkAfter:        30 * time.Second,
 	RetryFor:         72 * time.Hour,
+	DisableAfter:     24 * time.Hour,
 }
 
 // Batched reports whether request bodies are arrays.
@@ -132,6 +138,7 @@ type SubscriptionRow struct {
 	PreviousSecretUntil *time.Time `json:"previous_secret_until"`
 	Options             Options    `json:"options"`
 	VerifyIntent        bool       `json:"verify_intent"`
+	DisabledAt          *time.Time `json:"disabled_at"`
 	CreatedAt           time.Time  `json:"created_at"`
 	UpdatedAt           time.Time  `json:"updated_at"`
 }
@@ -142,7 +149,8 @@ func (r *SubscriptionRow) Subscription(defaults DeliveryOptions) (*Subscription,
 	if err != nil {
 		return nil, err
 	}
-	s := &Subscription{ID: r.ID, Events: r.Events, TargetURL: r.TargetURL, Secret: r.Secret, Delivery: opts}
+	s := &Subscription{ID: r.ID, Events: r.Events, TargetURL: r.TargetURL, Secret: r.Secret, Delivery: opts,
+		Disabled: r.DisabledAt != nil}
 	if r.Tenant != nil {
 		s.Tenant = *r.Tenant
 	}

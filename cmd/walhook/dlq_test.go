@@ -87,3 +87,56 @@ func TestDeadLetterReplayKeepsTheWebhookID(t *testing.T) {
 		t.Errorf("dlq purge: %d %s", code, out)
 	}
 }
+
+// TestEndpointHealthDisablesAndEnables: an API subscription failing for
+// disable_after is disabled, its events become dead letters; enable turns it
+// back on and a replay delivers what was dead-lettered.
+func TestEndpointHealthDisablesAndEnables(t *testing.T) {
+	t.Parallel()
+	var mu sync.Mutex
+	down := true
+	srv := sendertest.NewServer(t, func(_ int, r *sendertest.Request) (int, http.Header) {
+		if s := r.Header.Get("X-Hook-Secret"); s != "" {
+			return 200, http.Header{"X-Hook-Secret": {s}}
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if down {
+			return http.StatusServiceUnavailable, nil
+		}
+		return http.StatusNoContent, nil
+	})
+	e, api := apiEnv(t, "")
+	_, sub := api.do("POST", "/v1/subscriptions", map[string]any{"event": "*", "target_url": srv.HooksURL(),
+		"disable_after": "2s", "park_after": "1s", "retry_initial": "100ms", "retry_max_interval": "200ms"})
+	id := sub["id"].(string)
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id) VALUES ('x', 'a'), ('x', 'b')`)
+	e.eventually(30*time.Second, "the subscription to be disabled", func() bool {
+		_, got := api.do("GET", "/v1/subscriptions/"+id, nil)
+		return got["disabled_at"] != nil
+	})
+	e.eventually(30*time.Second, "its events dead-lettered", func() bool {
+		var n int
+		e.db.Pool.QueryRow(context.Background(), `SELECT count(*) FROM walhook.dead_letters WHERE subscription = $1`, id).Scan(&n)
+		return n == 2
+	})
+	if code, out, _ := e.walhook("subscriptions", "list"); code != 0 || !strings.Contains(out, "disabled since") {
+		t.Errorf("subscriptions list:\n%s", out)
+	}
+	mu.Lock()
+	down = false
+	mu.Unlock()
+	if status, got := api.do("POST", "/v1/subscriptions/"+id+"/enable", nil); status != 200 || got["disabled_at"] != nil {
+		t.Fatalf("enable: %d %v", status, got)
+	}
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id) VALUES ('after', 'c')`)
+	srv.Wait(t, 30*time.Second, "a delivery after enable", func(q []sendertest.Request) bool {
+		return len(sendertest.Delivered(hooksOnly(q))) == 1
+	})
+	if code, _, _ := e.walhook("dlq", "replay", "--subscription", id); code != 0 {
+		t.Fatal("dlq replay failed")
+	}
+	srv.Wait(t, 30*time.Second, "the dead letters replayed", func(q []sendertest.Request) bool {
+		return len(sendertest.Delivered(hooksOnly(q))) == 3
+	})
+}

@@ -59,12 +59,16 @@ func subscriptionsCommand(ctx context.Context, cfg *Config, f subscriptionFlags,
 			return fmt.Errorf("list subscriptions: %w", err)
 		}
 		tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "ID\tEVENTS\tTARGET\tTENANT\tSOURCE")
+		fmt.Fprintln(tw, "ID\tEVENTS\tTARGET\tTENANT\tSOURCE\tSTATE")
 		for _, s := range cfg.subs {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\tconfig\n", s.ID, strings.Join(s.Events, ","), s.TargetURL, s.Tenant)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\tconfig\tenabled\n", s.ID, strings.Join(s.Events, ","), s.TargetURL, s.Tenant)
 		}
 		for _, r := range rows {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\tapi\n", r.ID, strings.Join(r.Events, ","), r.TargetURL, deref(r.Tenant))
+			state := "enabled"
+			if r.DisabledAt != nil {
+				state = "disabled since " + r.DisabledAt.UTC().Format("2006-01-02T15:04:05Z")
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\tapi\t%s\n", r.ID, strings.Join(r.Events, ","), r.TargetURL, deref(r.Tenant), state)
 		}
 		return tw.Flush()
 	case "add":

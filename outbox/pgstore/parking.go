@@ -78,3 +78,18 @@ func (s *Store) DropParked(ctx context.Context, subscription string) error {
 	_, err := s.pool.Exec(ctx, `DELETE FROM walhook.deliveries WHERE subscription = $1`, subscription)
 	return err
 }
+
+// DeadLetterParked moves a subscription's parked events to the dead letters.
+func (s *Store) DeadLetterParked(ctx context.Context, subscription, reason string) error {
+	_, err := s.pool.Exec(ctx, `
+		WITH moved AS (DELETE FROM walhook.deliveries WHERE subscription = $1 RETURNING *)
+		INSERT INTO walhook.dead_letters (subscription, event_id, event, resource_id, tenant, payload, committed_at,
+		       webhook_id, reason, attempts, first_attempt_at, last_attempt_at, sequence)
+		SELECT subscription, event_id, event->>'Type', nullif(resource_id, ''), nullif(event->>'Tenant', ''), event->'Payload',
+		       (event->>'CommitTime')::timestamptz, NULL, $2, attempts, since, now(), (event->>'Seq')::numeric
+		  FROM moved ORDER BY id`, subscription, reason)
+	if err != nil {
+		return fmt.Errorf("dead-letter parked deliveries: %w", err)
+	}
+	return nil
+}

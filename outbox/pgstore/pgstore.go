@@ -51,6 +51,7 @@ func SchemaSQL() []string {
   updated_at            timestamptz NOT NULL DEFAULT now()
 )`,
 		`CREATE INDEX IF NOT EXISTS subscriptions_tenant_idx ON walhook.subscriptions (tenant)`,
+		`ALTER TABLE walhook.subscriptions ADD COLUMN IF NOT EXISTS disabled_at timestamptz`,
 		// Every change rides the replication stream, in its transaction
 		// (docs/subscriptions.md).
 		`CREATE OR REPLACE FUNCTION walhook.subscription_changed() RETURNS trigger

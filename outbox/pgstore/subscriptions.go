@@ -16,13 +16,13 @@ import (
 var ErrNotFound = errors.New("subscription not found")
 
 const subscriptionColumns = `id, events, target_url, tenant, secret, previous_secret, previous_secret_until,
-	options, verify_intent, created_at, updated_at`
+	options, verify_intent, created_at, updated_at, disabled_at`
 
 func scanRow(row pgx.Row) (*outbox.SubscriptionRow, error) {
 	var r outbox.SubscriptionRow
 	var opts []byte
 	err := row.Scan(&r.ID, &r.Events, &r.TargetURL, &r.Tenant, &r.Secret, &r.PreviousSecret, &r.PreviousSecretUntil,
-		&opts, &r.VerifyIntent, &r.CreatedAt, &r.UpdatedAt)
+		&opts, &r.VerifyIntent, &r.CreatedAt, &r.UpdatedAt, &r.DisabledAt)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, ErrNotFound
 	}
@@ -176,4 +176,21 @@ func (s *Store) LoadRouting(ctx context.Context, at outbox.LSN) ([]outbox.Subscr
 		out = append(out, r)
 	}
 	return out, tx.Commit(ctx)
+}
+
+// DisableSubscription marks a subscription disabled; the change reaches the
+// pipeline through the stream.
+func (s *Store) DisableSubscription(ctx context.Context, id string) error {
+	_, err := s.pool.Exec(ctx, `UPDATE walhook.subscriptions SET disabled_at = now(), updated_at = now()
+		WHERE id = $1 AND disabled_at IS NULL`, id)
+	return err
+}
+
+// EnableSubscription turns a disabled subscription back on.
+func (s *Store) EnableSubscription(ctx context.Context, id string) error {
+	tag, err := s.pool.Exec(ctx, `UPDATE walhook.subscriptions SET disabled_at = NULL, updated_at = now() WHERE id = $1`, id)
+	if err == nil && tag.RowsAffected() == 0 {
+		return ErrNotFound
+	}
+	return err
 }
