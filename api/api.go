@@ -370,8 +370,16 @@ func (a *API) find(r *http.Request, c caller) (*outbox.Subscription, *outbox.Sub
 	return nil, row, err
 }
 
-func readOnly(s *outbox.Subscription) error {
-	return fail(http.StatusConflict, "subscription %q is read-only: it is defined in the config file", s.ID)
+// findWritable is find for changes: a static subscription is read-only.
+func (a *API) findWritable(r *http.Request, c caller) (*outbox.SubscriptionRow, error) {
+	static, row, err := a.find(r, c)
+	switch {
+	case err != nil:
+		return nil, err
+	case static != nil:
+		return nil, fail(http.StatusConflict, "subscription %q is read-only: it is defined in the config file", static.ID)
+	}
+	return row, nil
 }
 
 func (a *API) get(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
@@ -386,12 +394,9 @@ func (a *API) get(_ http.ResponseWriter, r *http.Request, c caller) (int, any, e
 }
 
 func (a *API) patch(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
-	static, row, err := a.find(r, c)
-	switch {
-	case err != nil:
+	row, err := a.findWritable(r, c)
+	if err != nil {
 		return 0, nil, err
-	case static != nil:
-		return 0, nil, readOnly(static)
 	}
 	var req Request
 	if err := decode(r, &req); err != nil {
@@ -422,12 +427,9 @@ func (a *API) patch(_ http.ResponseWriter, r *http.Request, c caller) (int, any,
 }
 
 func (a *API) delete(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
-	static, row, err := a.find(r, c)
-	switch {
-	case err != nil:
+	row, err := a.findWritable(r, c)
+	if err != nil {
 		return 0, nil, err
-	case static != nil:
-		return 0, nil, readOnly(static)
 	}
 	if err := a.cfg.Store.DeleteSubscriptionStrict(r.Context(), row.ID); err != nil {
 		return 0, nil, notFound(err, row.ID)
@@ -437,12 +439,9 @@ func (a *API) delete(_ http.ResponseWriter, r *http.Request, c caller) (int, any
 }
 
 func (a *API) rotate(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
-	static, row, err := a.find(r, c)
-	switch {
-	case err != nil:
+	row, err := a.findWritable(r, c)
+	if err != nil {
 		return 0, nil, err
-	case static != nil:
-		return 0, nil, readOnly(static)
 	}
 	var req struct {
 		Secret string `json:"secret"`
@@ -465,12 +464,9 @@ func (a *API) rotate(_ http.ResponseWriter, r *http.Request, c caller) (int, any
 }
 
 func (a *API) enable(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
-	static, row, err := a.find(r, c)
-	switch {
-	case err != nil:
+	row, err := a.findWritable(r, c)
+	if err != nil {
 		return 0, nil, err
-	case static != nil:
-		return 0, nil, fail(http.StatusConflict, "subscription %q is defined in the config file: restart walhook to enable it", static.ID)
 	}
 	if err := a.cfg.Store.EnableSubscription(r.Context(), row.ID); err != nil {
 		return 0, nil, notFound(err, row.ID)
