@@ -2,6 +2,7 @@ package cdc
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -80,14 +81,56 @@ func newRelation(m *pglogrepl.RelationMessage, c Columns) (*relation, error) {
 
 var emptyObject = json.RawMessage(`{}`)
 
+// column is one value of a tuple as pgoutput sends it: its kind ('n' null,
+// 'u' unchanged TOAST, 't' text, 'b' binary) and its bytes, which point into the
+// message (and so into the connection's read buffer).
+type column struct {
+	kind byte
+	data []byte
+}
+
+// parseInsert reads an Insert message ('I', relation id, 'N', the new tuple)
+// into cols without allocating; cols is reused by the caller.
+func parseInsert(wal []byte, cols []column) (uint32, []column, error) {
+	if len(wal) < 8 || wal[0] != 'I' || wal[5] != 'N' {
+		return 0, cols, errors.New("not an insert message with a new tuple")
+	}
+	rel := binary.BigEndian.Uint32(wal[1:5])
+	n := int(binary.BigEndian.Uint16(wal[6:8]))
+	cols = cols[:0]
+	p := 8
+	for range n {
+		if p >= len(wal) {
+			return rel, cols, fmt.Errorf("tuple ends after %d of %d columns", len(cols), n)
+		}
+		c := column{kind: wal[p]}
+		p++
+		switch c.kind {
+		case 't', 'b':
+			if p+4 > len(wal) {
+				return rel, cols, errors.New("tuple: column length cut off")
+			}
+			l := int(binary.BigEndian.Uint32(wal[p : p+4]))
+			p += 4
+			if l < 0 || l > len(wal)-p {
+				return rel, cols, fmt.Errorf("tuple: column of %d bytes in %d left", l, len(wal)-p)
+			}
+			c.data = wal[p : p+l]
+			p += l
+		case 'n', 'u':
+		default:
+			return rel, cols, fmt.Errorf("tuple: unknown column kind %q", c.kind)
+		}
+		cols = append(cols, c)
+	}
+	return rel, cols, nil
+}
+
 // decodeRow turns an inserted outbox row into an event. CommitTime is left for
 // the caller. On error the returned event holds whatever could be read (at least
 // its ID, when the row has one).
-func decodeRow(rel *relation, tuple *pglogrepl.TupleData) (outbox.Event, error) {
+func decodeRow(rel *relation, cols []column) (outbox.Event, error) {
 	var e outbox.Event
-	if tuple == nil {
-		return e, errors.New("insert without a tuple")
-	}
 	var vals [numCols][]byte
 	var null [numCols]bool
 	for i, idx := range rel.index {
@@ -95,17 +138,16 @@ func decodeRow(rel *relation, tuple *pglogrepl.TupleData) (outbox.Event, error) 
 			null[i] = true
 			continue
 		}
-		if idx >= len(tuple.Columns) || tuple.Columns[idx] == nil {
-			return e, fmt.Errorf("row has %d columns, outbox column %d missing", len(tuple.Columns), idx)
+		if idx >= len(cols) {
+			return e, fmt.Errorf("row has %d columns, outbox column %d missing", len(cols), idx)
 		}
-		col := tuple.Columns[idx]
-		switch col.DataType {
-		case pglogrepl.TupleDataTypeNull:
+		switch col := cols[idx]; col.kind {
+		case 'n':
 			null[i] = true
-		case pglogrepl.TupleDataTypeText:
-			vals[i] = col.Data
+		case 't':
+			vals[i] = col.data
 		default:
-			return e, fmt.Errorf("column %d: unexpected tuple data type %q", idx, col.DataType)
+			return e, fmt.Errorf("column %d: unexpected tuple data type %q", idx, col.kind)
 		}
 	}
 	if null[colID] || len(vals[colID]) == 0 {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -73,20 +74,22 @@ type Stream struct {
 	yield     atomic.Bool   // drop the connection: the server is shutting down
 
 	// Owned by Run's goroutine.
-	conn       *pgconn.PgConn
-	start      outbox.LSN // the slot's confirmed flush position at start
-	received   outbox.LSN // the newest WAL position received
-	sentFlush  outbox.LSN
-	sentAt     time.Time
-	maxAge     time.Duration // StatusMaxAge fitted to the server's wal_sender_timeout
-	stalled    bool          // reported as stalled (logged once)
-	relations  map[uint32]*relation
-	commitTime time.Time  // of the open transaction
-	commitLSN  outbox.LSN // of the open transaction: the base of its events' sequence
-	txnIndex   uint64     // events so far in the open transaction
-	inTxn      bool
-	txnEvents  bool            // the open transaction has produced a change
-	pending    []outbox.Change // changes waiting for room in out (at most two)
+	conn         *pgconn.PgConn
+	start        outbox.LSN // the slot's confirmed flush position at start
+	received     outbox.LSN // the newest WAL position received
+	sentFlush    outbox.LSN
+	sentAt       time.Time
+	maxAge       time.Duration // StatusMaxAge fitted to the server's wal_sender_timeout
+	stalled      bool          // reported as stalled (logged once)
+	readDeadline time.Time     // when the current read deadline expires
+	cols         []column      // reused by parseInsert
+	relations    map[uint32]*relation
+	commitTime   time.Time  // of the open transaction
+	commitLSN    outbox.LSN // of the open transaction: the base of its events' sequence
+	txnIndex     uint64     // events so far in the open transaction
+	inTxn        bool
+	txnEvents    bool            // the open transaction has produced a change
+	pending      []outbox.Change // changes waiting for room in out (at most two)
 }
 
 // NewStream returns a Stream that confirms what acker says is finished.
@@ -319,6 +322,7 @@ func (s *Stream) connect(ctx context.Context) error {
 	s.sentFlush, s.received = s.start, s.start
 	s.relations = map[uint32]*relation{}
 	s.inTxn, s.txnEvents, s.stalled = false, false, false
+	s.readDeadline = time.Time{}
 	// The pipeline loads the subscriptions in force at the start position.
 	s.pending = append(s.pending[:0], outbox.Change{Kind: outbox.ChangeStart, LSN: s.start})
 	err = pglogrepl.StartReplication(ctx, s.conn, s.cfg.Slot, pglogrepl.LSN(s.start), pglogrepl.StartReplicationOptions{
@@ -421,12 +425,17 @@ func (s *Stream) slotPosition(ctx context.Context) (outbox.LSN, error) {
 }
 
 // receive reads one message, waiting at most one status interval.
+//
+// A read deadline, moved once per status interval, bounds the wait; a
+// per-message context would cost pgconn a watcher goroutine per message.
 func (s *Stream) receive(ctx context.Context) error {
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.StatusInterval)
-	msg, err := s.conn.ReceiveMessage(rctx)
-	cancel()
+	if now := time.Now(); now.After(s.readDeadline) {
+		s.readDeadline = now.Add(s.cfg.StatusInterval)
+		s.conn.Conn().SetReadDeadline(s.readDeadline)
+	}
+	msg, err := s.conn.ReceiveMessage(context.Background())
 	if err != nil {
-		if pgconn.Timeout(err) && ctx.Err() == nil {
+		if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() && ctx.Err() == nil {
 			return nil
 		}
 		return fmt.Errorf("receive replication message: %w", err)
@@ -480,6 +489,20 @@ func (s *Stream) handleCopyData(ctx context.Context, data []byte) error {
 
 // handleWAL decodes one pgoutput message and queues the change it makes, if any.
 func (s *Stream) handleWAL(at outbox.LSN, wal []byte) error {
+	if len(wal) > 0 && wal[0] == 'I' { // the hot path: outbox rows, decoded without allocating per column
+		relID, cols, err := parseInsert(wal, s.cols)
+		s.cols = cols
+		if err != nil {
+			return permanent(fmt.Errorf("parse pgoutput insert at %s: %w", at, err))
+		}
+		rel := s.relations[relID]
+		if rel == nil {
+			return nil // a table of the publication that is not the outbox
+		}
+		e, err := decodeRow(rel, cols)
+		s.queueEvent(at, e, err)
+		return nil
+	}
 	m, err := parseWAL(wal)
 	if err != nil {
 		return fmt.Errorf("parse pgoutput message at %s: %w", at, err)
@@ -509,13 +532,6 @@ func (s *Stream) handleWAL(at outbox.LSN, wal []byte) error {
 			return permanent(err) // the table no longer has a configured column: stop rather than dead-letter every row
 		}
 		s.relations[m.RelationID] = rel
-	case *pglogrepl.InsertMessage:
-		rel := s.relations[m.RelationID]
-		if rel == nil {
-			return nil // a table of the publication that is not the outbox
-		}
-		e, err := decodeRow(rel, m.Tuple)
-		s.queueEvent(at, e, err)
 	case *pglogrepl.LogicalDecodingMessage:
 		if !m.Transactional {
 			return nil
