@@ -5,16 +5,19 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/walhook/walhook/internal/pgtest"
+	"github.com/walhook/walhook/sender/sendertest"
 )
 
 func TestMain(m *testing.M) {
@@ -211,4 +214,18 @@ func jsonEqual(got json.RawMessage, want string) bool {
 		return false
 	}
 	return reflect.DeepEqual(a, b)
+}
+
+// downServer is an endpoint that answers 503 while down is set (it starts
+// down), and 204 otherwise.
+func downServer(t *testing.T) (*sendertest.Server, *atomic.Bool) {
+	down := &atomic.Bool{}
+	down.Store(true)
+	srv := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) {
+		if down.Load() {
+			return http.StatusServiceUnavailable, nil
+		}
+		return http.StatusNoContent, nil
+	})
+	return srv, down
 }

@@ -11,12 +11,9 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/walhook/walhook/sender/sendertest"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata/*.golden")
@@ -54,14 +51,7 @@ func metric(body, name, labels string) float64 {
 
 func TestMetricsFollowAnOutage(t *testing.T) {
 	t.Parallel()
-	var down atomic.Bool
-	down.Store(true)
-	srv := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) {
-		if down.Load() {
-			return http.StatusServiceUnavailable, nil
-		}
-		return http.StatusNoContent, nil
-	})
+	srv, down := downServer(t)
 	e := newEnv(t, "defaults: {retry_initial: 100ms, retry_max_interval: 200ms, park_after: 1h}\nsubscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`))
 	e.setup()
 	r := e.start()

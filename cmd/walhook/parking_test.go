@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"net/http"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -15,14 +13,7 @@ import (
 // nothing; when the endpoint returns, every event arrives in per-resource order.
 func TestEndpointDownDoesNotPinWAL(t *testing.T) {
 	t.Parallel()
-	var down atomic.Bool
-	down.Store(true)
-	srv := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) {
-		if down.Load() {
-			return http.StatusServiceUnavailable, nil
-		}
-		return http.StatusNoContent, nil
-	})
+	srv, down := downServer(t)
 	e := newEnv(t, "defaults: {park_after: 1s, retry_initial: 100ms, retry_max_interval: 300ms}\nsubscriptions:\n"+
 		sub("s", srv.HooksURL(), `["*"]`))
 	e.setup()
