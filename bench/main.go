@@ -57,7 +57,7 @@ func run() error {
 		return err
 	}
 	defer os.RemoveAll(tmp)
-	for _, p := range []string{"cmd/walhook", "bench/receiver"} {
+	for _, p := range []string{"cmd/walhook", "bench/receiver", "bench/relay"} {
 		if out, err := exec.Command("go", "build", "-o", filepath.Join(tmp, filepath.Base(p)), "./"+p).CombinedOutput(); err != nil {
 			return fmt.Errorf("build %s: %v\n%s", p, err, out)
 		}
@@ -100,6 +100,19 @@ func run() error {
 		add(fmt.Sprintf("latency at %d events/s (synchronous_commit=on), 10s", eps), "",
 			fmt.Sprintf("commit → receipt p50 %.2f ms, p99 %.2f ms, max %.2f ms", l["p50_ms"], l["p99_ms"], l["max_ms"]),
 			fmt.Sprintf("%v events received", l["events"]))
+	}
+	for _, v := range []struct {
+		name     string
+		interval time.Duration
+	}{{"walhook", 0}, {"relay_100ms", 100 * time.Millisecond}, {"relay_1s", time.Second}} {
+		s, err := versus(v.name, v.interval)
+		if err != nil {
+			return err
+		}
+		add(fmt.Sprintf("versus a polling relay, 1,000 events/s for 10s: %s", strings.ReplaceAll(v.name, "_", " every ")), "",
+			fmt.Sprintf("latency p50 %.2f ms, p99 %.2f ms", s["p50_ms"], s["p99_ms"]),
+			fmt.Sprintf("database CPU %.2f s/100k events, WAL %.0f B/event, %.1f transactions/s idle",
+				s["db_cpu_per_100k"], s["wal_bytes_per_event"], s["idle_tps"]))
 	}
 	return writeDoc(table, rows, unbatched, runs)
 }
@@ -290,6 +303,17 @@ func latency(eps int, d time.Duration) (map[string]any, error) {
 		return nil, err
 	}
 	http.Post("http://"+recvAddr+"/reset", "", nil)
+	total := produce(db, eps, d)
+	if err := waitEvents(total, time.Minute); err != nil {
+		return nil, err
+	}
+	return receiverStats(), nil
+}
+
+// produce commits single-row transactions at eps for d from 4 connections,
+// synchronously; it returns how many.
+func produce(db string, eps int, d time.Duration) int {
+	ctx := context.Background()
 	const producers = 4
 	var wg sync.WaitGroup
 	total := 0
@@ -309,22 +333,116 @@ func latency(eps int, d time.Duration) (map[string]any, error) {
 			defer tick.Stop()
 			for i := range per * int(d.Seconds()) {
 				<-tick.C
-				c.Exec(ctx, `INSERT INTO walhook.outbox (event, resource_id) VALUES ('x', $1)`, strconv.Itoa(p*1000000+i))
+				c.Exec(ctx, `INSERT INTO walhook.outbox (event, resource_id, payload) VALUES ('x', $1, '{"name": "Ada"}')`, strconv.Itoa(p*1000000+i))
 			}
 		}()
 	}
 	wg.Wait()
-	if err := waitEvents(total, time.Minute); err != nil {
-		return nil, err
-	}
+	return total
+}
+
+func receiverStats() map[string]any {
 	resp, err := http.Get("http://" + recvAddr + "/stats?latency=1")
 	if err != nil {
-		return nil, err
+		return nil
 	}
 	defer resp.Body.Close()
 	var s map[string]any
 	json.NewDecoder(resp.Body).Decode(&s)
+	return s
+}
+
+// versus runs walhook or the polling relay against the same workload: idle
+// transactions per second, then 1,000 events/s for 10s: latency, database CPU
+// and WAL per event.
+func versus(name string, relayInterval time.Duration) (map[string]any, error) {
+	dbName := "bench_vs_" + name
+	db, err := newDB(dbName)
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := config(db, "    batch_max: 1\n")
+	if err != nil {
+		return nil, err
+	}
+	if err := walhook("setup", "--config", cfg); err != nil {
+		return nil, err
+	}
+	ctx := context.Background()
+	c, err := pgx.Connect(ctx, db)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close(ctx)
+	var consumer *exec.Cmd
+	if relayInterval > 0 {
+		c.Exec(ctx, `SELECT pg_drop_replication_slot($1)`, dbName) // the relay reads the table
+		consumer = exec.Command(filepath.Join(bin, "relay"), "-db", db, "-target", "http://"+recvAddr+"/hooks",
+			"-interval", relayInterval.String())
+	} else {
+		consumer = exec.Command(filepath.Join(bin, "walhook"), "run", "--config", cfg)
+	}
+	if err := consumer.Start(); err != nil {
+		return nil, err
+	}
+	defer stop(consumer)
+	http.Post("http://"+recvAddr+"/reset", "", nil)
+	c.Exec(ctx, `INSERT INTO walhook.outbox (event) VALUES ('warmup')`)
+	if err := waitEvents(1, time.Minute); err != nil {
+		return nil, err
+	}
+	xacts := func() float64 {
+		var n float64
+		c.QueryRow(ctx, `SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1`, dbName).Scan(&n)
+		return n
+	}
+	const idle = 5 * time.Second
+	c.Exec(ctx, `SELECT pg_stat_clear_snapshot()`)
+	x0 := xacts()
+	time.Sleep(idle) // the measurement window
+	c.Exec(ctx, `SELECT pg_stat_clear_snapshot()`)
+	idleTPS := (xacts() - x0 - 1) / idle.Seconds() // minus our own query
+
+	http.Post("http://"+recvAddr+"/reset", "", nil)
+	var wal0 string
+	c.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&wal0)
+	cpu0 := postgresCPU()
+	n := produce(db, 1000, 10*time.Second)
+	if err := waitEvents(n, time.Minute); err != nil {
+		return nil, err
+	}
+	for relayInterval > 0 { // the relay's deletes are part of its cost: wait for them
+		var left int
+		c.QueryRow(ctx, `SELECT count(*) FROM walhook.outbox`).Scan(&left)
+		if left == 0 {
+			break
+		}
+		time.Sleep(50 * time.Millisecond) // poll interval
+	}
+	cpu := postgresCPU() - cpu0
+	var walBytes float64
+	c.QueryRow(ctx, `SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::pg_lsn)`, wal0).Scan(&walBytes)
+	s := receiverStats()
+	s["idle_tps"] = idleTPS
+	s["db_cpu_per_100k"] = cpu / float64(n) * 100000
+	s["wal_bytes_per_event"] = walBytes / float64(n)
 	return s, nil
+}
+
+// postgresCPU sums the CPU seconds of every postgres process on the machine
+// (the throwaway cluster's).
+func postgresCPU() float64 {
+	dirs, _ := filepath.Glob("/proc/[0-9]*/stat")
+	total := 0.0
+	for _, d := range dirs {
+		b, err := os.ReadFile(d)
+		if err != nil || !strings.Contains(string(b), "(postgres)") {
+			continue
+		}
+		pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(d)))
+		total += cpuSeconds(pid)
+	}
+	return total
 }
 
 func waitEvents(n int, timeout time.Duration) error {
