@@ -303,7 +303,9 @@ func latency(eps int, d time.Duration) (map[string]any, error) {
 		return nil, err
 	}
 	http.Post("http://"+recvAddr+"/reset", "", nil)
-	total := produce(db, eps, d)
+	done := make(chan struct{})
+	defer close(done)
+	total := produce(db, eps, d, done)
 	if err := waitEvents(total, time.Minute); err != nil {
 		return nil, err
 	}
@@ -311,8 +313,9 @@ func latency(eps int, d time.Duration) (map[string]any, error) {
 }
 
 // produce commits single-row transactions at eps for d from 4 connections,
-// synchronously; it returns how many.
-func produce(db string, eps int, d time.Duration) int {
+// synchronously; it returns how many, and closes the connections when done is
+// closed (so that their CPU can be measured first).
+func produce(db string, eps int, d time.Duration, done <-chan struct{}) int {
 	ctx := context.Background()
 	const producers = 4
 	var wg sync.WaitGroup
@@ -322,12 +325,13 @@ func produce(db string, eps int, d time.Duration) int {
 		total += per * int(d.Seconds())
 		wg.Add(1)
 		go func() {
-			defer wg.Done()
 			c, err := pgx.Connect(ctx, db)
 			if err != nil {
+				wg.Done()
 				return
 			}
 			defer c.Close(ctx)
+			defer func() { wg.Done(); <-done }() // done producing; the connection stays until measured
 			c.Exec(ctx, `SET synchronous_commit = on`)
 			tick := time.NewTicker(time.Second / time.Duration(per))
 			defer tick.Stop()
@@ -407,7 +411,9 @@ func versus(name string, relayInterval time.Duration) (map[string]any, error) {
 	var wal0 string
 	c.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&wal0)
 	cpu0 := postgresCPU()
-	n := produce(db, 1000, 10*time.Second)
+	done := make(chan struct{})
+	defer close(done)
+	n := produce(db, 1000, 10*time.Second, done)
 	if err := waitEvents(n, time.Minute); err != nil {
 		return nil, err
 	}
@@ -419,7 +425,7 @@ func versus(name string, relayInterval time.Duration) (map[string]any, error) {
 		}
 		time.Sleep(50 * time.Millisecond) // poll interval
 	}
-	cpu := postgresCPU() - cpu0
+	cpu := postgresCPU() - cpu0 // before done closes the producers' connections
 	var walBytes float64
 	c.QueryRow(ctx, `SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::pg_lsn)`, wal0).Scan(&walBytes)
 	s := receiverStats()
@@ -429,14 +435,19 @@ func versus(name string, relayInterval time.Duration) (map[string]any, error) {
 	return s, nil
 }
 
-// postgresCPU sums the CPU seconds of every postgres process on the machine
-// (the throwaway cluster's).
+// postgresCPU sums the CPU seconds of the postgres processes on the machine
+// (the throwaway cluster's), but autovacuum, which may still be busy with an
+// earlier scenario's tables. Only processes alive at both readings count: the
+// producers keep their connections open until the second.
 func postgresCPU() float64 {
 	dirs, _ := filepath.Glob("/proc/[0-9]*/stat")
 	total := 0.0
 	for _, d := range dirs {
 		b, err := os.ReadFile(d)
 		if err != nil || !strings.Contains(string(b), "(postgres)") {
+			continue
+		}
+		if cmd, _ := os.ReadFile(filepath.Join(filepath.Dir(d), "cmdline")); strings.Contains(string(cmd), "autovacuum") {
 			continue
 		}
 		pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(d)))
