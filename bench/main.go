@@ -4,7 +4,8 @@
 // URL in WALHOOK_TEST_DATABASE_URL, its binaries in PG_BINDIR).
 //
 // BENCH_ROWS (default 200000) rows for the backlog drain, BENCH_UNBATCHED
-// (30000) for the unbatched run, BENCH_RUNS (2) runs of each.
+// (30000) for the unbatched run, BENCH_RUNS (2) runs of each; BENCH_SCENARIOS
+// (drain,unbatched,latency,versus) picks scenarios.
 package main
 
 import (
@@ -73,7 +74,11 @@ func run() error {
 
 	var table [][]string
 	add := func(row ...string) { table = append(table, row); fmt.Println(strings.Join(row, " | ")) }
-	for r := 1; r <= runs; r++ {
+	want := func(name string) bool {
+		list := os.Getenv("BENCH_SCENARIOS")
+		return list == "" || strings.Contains(","+list+",", ","+name+",")
+	}
+	for r := 1; r <= runs && want("drain"); r++ {
 		drain, err := backlogDrain(r, rows)
 		if err != nil {
 			return err
@@ -83,7 +88,7 @@ func run() error {
 			fmt.Sprintf("walhook (batch_max 1000) %.0f events/s = %.2f× pg_recvlogical", drain.rate, drain.rate/drain.refRate),
 			fmt.Sprintf("walhook %.2f CPU-s/100k, peak RSS %d MiB; walsender CPU-busy %.0f%%", drain.cpuPer100k, drain.rssMiB, 100*drain.walsenderBusy))
 	}
-	for r := 1; r <= runs; r++ {
+	for r := 1; r <= runs && want("unbatched"); r++ {
 		u, err := unbatchedDrain(r, unbatched)
 		if err != nil {
 			return err
@@ -93,6 +98,9 @@ func run() error {
 			fmt.Sprintf("walhook %.2f CPU-s/100k, peak RSS %d MiB", u.cpuPer100k, u.rssMiB))
 	}
 	for _, eps := range []int{1000, 5000} {
+		if !want("latency") {
+			break
+		}
 		l, err := latency(eps, 10*time.Second)
 		if err != nil {
 			return err
@@ -104,7 +112,10 @@ func run() error {
 	for _, v := range []struct {
 		name     string
 		interval time.Duration
-	}{{"walhook", 0}, {"relay_100ms", 100 * time.Millisecond}, {"relay_1s", time.Second}} {
+	}{{"relay_100ms", 100 * time.Millisecond}, {"relay_1s", time.Second}, {"walhook", 0}} {
+		if !want("versus") {
+			break
+		}
 		s, err := versus(v.name, v.interval)
 		if err != nil {
 			return err
