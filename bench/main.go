@@ -9,7 +9,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -27,6 +26,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/walhook/walhook/internal/procstat"
 )
 
 type result struct {
@@ -150,6 +150,18 @@ func newDB(name string) (string, error) {
 	return u.String(), nil
 }
 
+// prepare makes a fresh database for a scenario, with a config (extra: the
+// subscription's options) on which `walhook setup` has run.
+func prepare(name, extra string) (db, cfg string, err error) {
+	if db, err = newDB(name); err != nil {
+		return "", "", err
+	}
+	if cfg, err = config(db, extra); err != nil {
+		return "", "", err
+	}
+	return db, cfg, walhook("setup", "--config", cfg)
+}
+
 func config(db, extra string) (string, error) {
 	path := filepath.Join(tmp, "walhook.yaml")
 	u, _ := url.Parse(db)
@@ -186,15 +198,8 @@ func backlog(db string, rows, per int) error {
 
 func backlogDrain(run, rows int) (drainResult, error) {
 	var r drainResult
-	db, err := newDB(fmt.Sprintf("bench_drain_%d", run))
+	db, cfg, err := prepare(fmt.Sprintf("bench_drain_%d", run), "    batch_max: 1000\n")
 	if err != nil {
-		return r, err
-	}
-	cfg, err := config(db, "    batch_max: 1000\n")
-	if err != nil {
-		return r, err
-	}
-	if err := walhook("setup", "--config", cfg); err != nil {
 		return r, err
 	}
 	ctx := context.Background()
@@ -237,29 +242,22 @@ func backlogDrain(run, rows int) (drainResult, error) {
 		c.QueryRow(ctx, `SELECT coalesce(active_pid, 0) FROM pg_replication_slots WHERE slot_name = $1`, fmt.Sprintf("bench_drain_%d", run)).Scan(&walsender)
 		time.Sleep(5 * time.Millisecond) // poll interval
 	}
-	wsBefore = cpuSeconds(walsender)
+	wsBefore = procstat.CPUSeconds(walsender)
 	if err := waitEvents(rows, 10*time.Minute); err != nil {
 		return r, err
 	}
 	took := time.Since(start).Seconds()
 	r.rate = float64(rows) / took
-	r.cpuPer100k = cpuSeconds(wh.Process.Pid) / float64(rows) * 100000
-	r.rssMiB = peakRSS(wh.Process.Pid)
-	r.walsenderBusy = (cpuSeconds(walsender) - wsBefore) / took
+	r.cpuPer100k = procstat.CPUSeconds(wh.Process.Pid) / float64(rows) * 100000
+	r.rssMiB = procstat.PeakRSSMiB(wh.Process.Pid)
+	r.walsenderBusy = (procstat.CPUSeconds(walsender) - wsBefore) / took
 	return r, nil
 }
 
 func unbatchedDrain(run, n int) (drainResult, error) {
 	var r drainResult
-	db, err := newDB(fmt.Sprintf("bench_unbatched_%d", run))
+	db, cfg, err := prepare(fmt.Sprintf("bench_unbatched_%d", run), "    batch_max: 1\n    max_in_flight: 16\n")
 	if err != nil {
-		return r, err
-	}
-	cfg, err := config(db, "    batch_max: 1\n    max_in_flight: 16\n")
-	if err != nil {
-		return r, err
-	}
-	if err := walhook("setup", "--config", cfg); err != nil {
 		return r, err
 	}
 	if err := backlog(db, n, 1); err != nil {
@@ -279,21 +277,14 @@ func unbatchedDrain(run, n int) (drainResult, error) {
 		return r, err
 	}
 	r.rate = float64(n) / time.Since(start).Seconds()
-	r.cpuPer100k = cpuSeconds(wh.Process.Pid) / float64(n) * 100000
-	r.rssMiB = peakRSS(wh.Process.Pid)
+	r.cpuPer100k = procstat.CPUSeconds(wh.Process.Pid) / float64(n) * 100000
+	r.rssMiB = procstat.PeakRSSMiB(wh.Process.Pid)
 	return r, nil
 }
 
 func latency(eps int, d time.Duration) (map[string]any, error) {
-	db, err := newDB(fmt.Sprintf("bench_latency_%d", eps))
+	db, cfg, err := prepare(fmt.Sprintf("bench_latency_%d", eps), "    batch_max: 1\n")
 	if err != nil {
-		return nil, err
-	}
-	cfg, err := config(db, "    batch_max: 1\n")
-	if err != nil {
-		return nil, err
-	}
-	if err := walhook("setup", "--config", cfg); err != nil {
 		return nil, err
 	}
 	wh := exec.Command(filepath.Join(bin, "walhook"), "run", "--config", cfg)
@@ -372,15 +363,8 @@ func receiverStats() map[string]any {
 // and WAL per event.
 func versus(name string, relayInterval time.Duration) (map[string]any, error) {
 	dbName := "bench_vs_" + name
-	db, err := newDB(dbName)
+	db, cfg, err := prepare(dbName, "    batch_max: 1\n")
 	if err != nil {
-		return nil, err
-	}
-	cfg, err := config(db, "    batch_max: 1\n")
-	if err != nil {
-		return nil, err
-	}
-	if err := walhook("setup", "--config", cfg); err != nil {
 		return nil, err
 	}
 	ctx := context.Background()
@@ -462,7 +446,7 @@ func postgresCPU() float64 {
 			continue
 		}
 		pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(d)))
-		total += cpuSeconds(pid)
+		total += procstat.CPUSeconds(pid)
 	}
 	return total
 }
@@ -495,36 +479,6 @@ func stop(c *exec.Cmd) {
 	case <-time.After(20 * time.Second):
 		c.Process.Kill()
 	}
-}
-
-// cpuSeconds reads a process's user+system CPU time from /proc.
-func cpuSeconds(pid int) float64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0
-	}
-	s := string(b)
-	fields := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
-	u, _ := strconv.ParseFloat(fields[11], 64)
-	k, _ := strconv.ParseFloat(fields[12], 64)
-	return (u + k) / 100 // USER_HZ
-}
-
-// peakRSS reads a process's peak resident set (VmHWM) in MiB.
-func peakRSS(pid int) int {
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "VmHWM:"); ok {
-			kb, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
-			return kb / 1024
-		}
-	}
-	return 0
 }
 
 func writeDoc(table [][]string, rows, unbatched, runs int) error {

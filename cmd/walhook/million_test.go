@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"fmt"
 	"os"
 	"os/exec"
@@ -11,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/walhook/walhook/internal/procstat"
 	"github.com/walhook/walhook/sender/sendertest"
 )
 
@@ -48,7 +48,7 @@ func TestMillionRowTransaction(t *testing.T) {
 	peak := 0
 	counted := 0
 	e.eventually(10*time.Minute, "every event delivered", func() bool {
-		peak = max(peak, peakRSSMiB(cmd.Process.Pid))
+		peak = max(peak, procstat.PeakRSSMiB(cmd.Process.Pid))
 		reqs := srv.Requests()
 		for _, r := range reqs[counted:] {
 			events += int64(strings.Count(string(r.Body), `"type":`))
@@ -56,25 +56,9 @@ func TestMillionRowTransaction(t *testing.T) {
 		counted = len(reqs)
 		return events >= int64(rows)
 	})
-	peak = max(peak, peakRSSMiB(cmd.Process.Pid))
+	peak = max(peak, procstat.PeakRSSMiB(cmd.Process.Pid))
 	t.Logf("%d events in %s; walhook peak RSS %d MiB", events, time.Since(start).Round(time.Millisecond), peak)
 	if peak >= 256 {
 		t.Errorf("peak RSS %d MiB, want under 256", peak)
 	}
-}
-
-func peakRSSMiB(pid int) int {
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "VmHWM:"); ok {
-			kb, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
-			return kb / 1024
-		}
-	}
-	return 0
 }

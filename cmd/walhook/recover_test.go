@@ -32,6 +32,8 @@ func TestSlotLossIsNeverSilent(t *testing.T) {
 	}
 
 	e.exec(`INSERT INTO walhook.outbox (event, resource_id) SELECT 'x', 'r' FROM generate_series(6, 8)`)
+	// The stopped walhook's walsender lets go of the slot a moment later.
+	e.eventually(30*time.Second, "the slot to be released", func() bool { return !e.slotActive() })
 	e.exec(`SELECT pg_drop_replication_slot($1)`, e.db.Name)
 	code, _, stderr := e.walhook("run")
 	if code != exitFail || !strings.Contains(stderr, "walhook recover") || !strings.Contains(stderr, "up to outbox id 5") {
