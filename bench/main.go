@@ -3,15 +3,17 @@
 // docs/benchmarks.md. Run it with `make bench` (a throwaway PostgreSQL, its
 // URL in WALHOOK_TEST_DATABASE_URL, its binaries in PG_BINDIR).
 //
-// BENCH_ROWS (default 200000) rows for the backlog drain, BENCH_UNBATCHED
-// (30000) for the unbatched run, BENCH_RUNS (2) runs of each; BENCH_SCENARIOS
+// BENCH_ROWS (default 1000000) rows for the backlog drain, BENCH_UNBATCHED
+// (100000) for the unbatched run, BENCH_RUNS (2) runs of each; BENCH_SCENARIOS
 // (drain,unbatched,latency,versus) picks scenarios.
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/url"
@@ -51,7 +53,7 @@ func run() error {
 	if base == "" {
 		return fmt.Errorf("WALHOOK_TEST_DATABASE_URL is not set: run `make bench`")
 	}
-	rows, unbatched, runs := envInt("BENCH_ROWS", 200000), envInt("BENCH_UNBATCHED", 30000), envInt("BENCH_RUNS", 2)
+	rows, unbatched, runs := envInt("BENCH_ROWS", 1000000), envInt("BENCH_UNBATCHED", 100000), envInt("BENCH_RUNS", 2)
 	var err error
 	tmp, err = os.MkdirTemp("", "walhook-bench-")
 	if err != nil {
@@ -93,7 +95,9 @@ func run() error {
 		if err != nil {
 			return err
 		}
-		add(fmt.Sprintf("unbatched, %d single-row txns, run %d", unbatched, r), "",
+		floor := httpFloor(unbatched)
+		add(fmt.Sprintf("unbatched, %d single-row txns, run %d", unbatched, r),
+			fmt.Sprintf("net/http client alone %.0f requests/s, %.2f CPU-s/100k", floor.rate, floor.cpuPer100k),
 			fmt.Sprintf("walhook (batch_max 1) %.0f events/s", u.rate),
 			fmt.Sprintf("walhook %.2f CPU-s/100k, peak RSS %d MiB", u.cpuPer100k, u.rssMiB))
 	}
@@ -252,6 +256,43 @@ func backlogDrain(run, rows int) (drainResult, error) {
 	r.rssMiB = procstat.PeakRSSMiB(wh.Process.Pid)
 	r.walsenderBusy = (procstat.CPUSeconds(walsender) - wsBefore) / took
 	return r, nil
+}
+
+// httpFloor measures Go's HTTP client alone, in this process: n POSTs of a
+// 500-byte body to the receiver, 16 in flight, as walhook sends them unbatched.
+// It is the floor for one request per event.
+func httpFloor(n int) drainResult {
+	http.Post("http://"+recvAddr+"/reset", "", nil)
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 32}}
+	body := []byte(`{"data":"` + strings.Repeat("x", 480) + `"}`)
+	jobs := make(chan struct{}, n)
+	for range n {
+		jobs <- struct{}{}
+	}
+	close(jobs)
+	cpu0, start := selfCPU(), time.Now()
+	var wg sync.WaitGroup
+	for range 16 {
+		wg.Go(func() {
+			for range jobs {
+				resp, err := client.Post("http://"+recvAddr+"/hooks", "application/json", bytes.NewReader(body))
+				if err != nil {
+					continue
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+			}
+		})
+	}
+	wg.Wait()
+	client.CloseIdleConnections()
+	return drainResult{rate: float64(n) / time.Since(start).Seconds(), cpuPer100k: (selfCPU() - cpu0) / float64(n) * 100000}
+}
+
+func selfCPU() float64 {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return float64(ru.Utime.Nano()+ru.Stime.Nano()) / 1e9
 }
 
 func unbatchedDrain(run, n int) (drainResult, error) {

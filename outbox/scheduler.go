@@ -21,8 +21,8 @@ const envelopeOverhead = 256
 
 // scheduler delivers one subscription's events: per-key order, debounce,
 // batching, retries and max_in_flight (see docs/scheduler.md). One goroutine,
-// run, owns every field below; sends run in their own goroutines and report
-// back through results.
+// run, owns every field below; sends run in a pool of sender goroutines (as
+// many as were ever in flight at once) and report back through results.
 type scheduler struct {
 	sub   *Subscription
 	opts  DeliveryOptions
@@ -47,6 +47,8 @@ type scheduler struct {
 	closing     bool      // deleted: deliver what is held, then stop
 	failingFrom time.Time // first failure since the last success; zero while healthy
 	disabled    bool      // dead-letter everything (the subscription is disabled)
+	senders     int       // sender goroutines started
+	jobs        chan *job // to the senders
 	results     chan result
 }
 
@@ -98,6 +100,7 @@ func newScheduler(d *Dispatcher, s *Subscription, in <-chan delivery) *scheduler
 	}
 	sc.setSubscription(s)
 	// Room for every send that can be in flight, under any later options.
+	sc.jobs = make(chan *job, 1024)
 	sc.results = make(chan result, 1024)
 	return sc
 }
@@ -120,6 +123,7 @@ func (s *scheduler) run(ctx context.Context) error {
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	defer s.sends.Wait()
+	defer close(s.jobs) // the senders stop once their sends are back
 	report := time.NewTicker(2 * time.Second)
 	defer report.Stop()
 	draining := false
@@ -367,7 +371,6 @@ func (s *scheduler) assemble(now time.Time) *job {
 	}
 	j.batch = NewBatch(s.sub, events...)
 	j.first = now
-	j.backoff = s.newBackoff()
 	return j
 }
 
@@ -379,13 +382,23 @@ func (s *scheduler) popReady() {
 	k.queued = false
 }
 
-// start sends j in its own goroutine.
+// start hands j to a sender, starting one when all are busy. Senders outlive
+// their jobs: a goroutine per request would cost a fresh stack every time.
 func (s *scheduler) start(ctx context.Context, j *job) {
 	s.inFlight++
 	j.attempt++
-	s.sends.Add(1)
-	go func() {
-		defer s.sends.Done()
+	if s.inFlight > s.senders {
+		s.senders++
+		s.sends.Add(1)
+		go s.sender(ctx)
+	}
+	s.jobs <- j // buffered beyond max_in_flight: never blocks
+}
+
+// sender delivers jobs until run closes jobs.
+func (s *scheduler) sender(ctx context.Context) {
+	defer s.sends.Done()
+	for j := range s.jobs {
 		// Only what the job captured: the loop may replace s.sub meanwhile.
 		sub := j.batch.Subscription
 		r := result{job: j, err: s.d.cfg.Deliverer.Deliver(ctx, j.batch)}
@@ -400,7 +413,7 @@ func (s *scheduler) start(ctx context.Context, j *job) {
 			r.dead = s.deadLetter(ctx, j, r.err) == nil
 		}
 		s.results <- r // buffered to max_in_flight: never blocks
-	}()
+	}
 }
 
 func (s *scheduler) deadLetter(ctx context.Context, j *job, cause error) error {
@@ -476,6 +489,9 @@ func (s *scheduler) handleResult(r result) {
 	}
 	if !retryable(r.err) {
 		return // shutting down before the dead letter was stored: it stays unacked
+	}
+	if j.backoff == nil {
+		j.backoff = s.newBackoff() // most jobs never fail: made at the first failure
 	}
 	wait := j.backoff.NextBackOff()
 	if f, ok := errors.AsType[Failure](r.err); ok && f.RetryAfter() > wait {

@@ -107,14 +107,15 @@ func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 		return &DeliveryError{Err: scrubURL(err), Reason: "request failed", retry: true}
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
+		io.Copy(io.Discard, io.LimitReader(resp.Body, 2*maxResponseBody)) // let small bodies reuse the connection
+		return nil
+	}
 	prefix, err := io.ReadAll(io.LimitReader(resp.Body, maxResponseBody))
 	if err != nil && ctx.Err() != nil {
 		return &DeliveryError{Status: resp.StatusCode, Err: scrubURL(err), Reason: "reading response", retry: true}
 	}
-	io.Copy(io.Discard, io.LimitReader(resp.Body, maxResponseBody)) // let small bodies reuse the connection
-	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
-		return nil
-	}
+	io.Copy(io.Discard, io.LimitReader(resp.Body, maxResponseBody))
 	return newStatusError(resp, prefix, s.now())
 }
 
