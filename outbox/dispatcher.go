@@ -174,28 +174,35 @@ func (d *Dispatcher) Run(ctx context.Context, changes <-chan Change) error {
 	for _, s := range d.cfg.Subscriptions {
 		d.add(s)
 	}
-	for {
+	for ctx.Err() == nil {
+		var c Change
+		var ok bool
 		select {
-		case <-ctx.Done():
-			return nil
-		case c, ok := <-changes:
-			if ok && c.Kind == ChangeDrained {
-				close(d.drain)
-				d.workers.Wait() // each scheduler stops once its sends are back
-				close(d.drained)
+		case c, ok = <-changes: // the common case, without locking ctx's channel too
+		default:
+			select {
+			case <-ctx.Done():
 				return nil
-			}
-			if !ok {
-				return nil
-			}
-			if err := d.handleChange(ctx, c); err != nil {
-				if errors.Is(err, context.Canceled) {
-					return nil
-				}
-				return err
+			case c, ok = <-changes:
 			}
 		}
+		if !ok {
+			return nil
+		}
+		if c.Kind == ChangeDrained {
+			close(d.drain)
+			d.workers.Wait() // each scheduler stops once its sends are back
+			close(d.drained)
+			return nil
+		}
+		if err := d.handleChange(ctx, c); err != nil {
+			if errors.Is(err, context.Canceled) {
+				return nil
+			}
+			return err
+		}
 	}
+	return nil
 }
 
 func (d *Dispatcher) add(s *Subscription) {
@@ -406,6 +413,11 @@ func (d *Dispatcher) loadRouting(ctx context.Context, at LSN) error {
 }
 
 func enqueue(ctx context.Context, r *running, dv delivery) error {
+	select {
+	case r.queue <- dv: // the common case, without locking ctx's channel too
+		return nil
+	default:
+	}
 	select {
 	case r.queue <- dv:
 		return nil

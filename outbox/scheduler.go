@@ -127,6 +127,7 @@ func (s *scheduler) run(ctx context.Context) error {
 	report := time.NewTicker(2 * time.Second)
 	defer report.Stop()
 	draining := false
+	var armed time.Time // the timer's deadline
 	for {
 		if s.closing && s.pending == 0 && s.inFlight == 0 {
 			return s.closed()
@@ -138,24 +139,29 @@ func (s *scheduler) run(ctx context.Context) error {
 			s.handleResult(<-s.results) // only let what is in flight come back
 			continue
 		}
-		s.dispatch(ctx)
+		now := s.now()
+		s.dispatch(ctx, now)
 		in := s.in
 		if s.pending >= pendingLimit {
 			in = nil // backpressure
 		}
 		var wake <-chan time.Time
-		if at, ok := s.nextWake(); ok {
-			timer.Reset(max(at.Sub(s.now()), 0))
+		if at, ok := s.nextWake(now); ok {
+			if !at.Equal(armed) {
+				timer.Reset(max(at.Sub(now), 0))
+				armed = at
+			}
 			wake = timer.C
 		}
 		select {
 		case <-ctx.Done():
 			return nil
 		case dv := <-in:
-			s.handleEvent(dv)
+			s.take(dv)
 		case r := <-s.results:
 			s.handleResult(r)
 		case <-wake:
+			armed = time.Time{}
 			s.handleTimers()
 		case <-report.C:
 			s.report()
@@ -165,9 +171,27 @@ func (s *scheduler) run(ctx context.Context) error {
 	}
 }
 
+// take handles dv and whatever else waits in the input, up to a burst: one
+// select per burst instead of one per event.
+func (s *scheduler) take(dv delivery) {
+	now := s.now()
+	s.handleEvent(dv, now)
+	for range 256 {
+		if s.pending >= pendingLimit {
+			return
+		}
+		select {
+		case dv := <-s.in:
+			s.handleEvent(dv, now)
+		default:
+			return
+		}
+	}
+}
+
 // handleEvent queues an event under its key, merging it into the key's tail item
 // when debounce allows.
-func (s *scheduler) handleEvent(dv delivery) {
+func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 	switch {
 	case dv.commit:
 		s.inTxn = false
@@ -195,7 +219,6 @@ func (s *scheduler) handleEvent(dv delivery) {
 		}
 		return
 	}
-	now := s.now()
 	k := s.key(dv.event.ResourceID)
 	ev := dv.event
 	ev.Coalesced = 1
@@ -280,7 +303,7 @@ func (s *scheduler) schedule(k *key, now time.Time) {
 
 // dispatch starts as many sends as max_in_flight allows: due retries first, then
 // new batches.
-func (s *scheduler) dispatch(ctx context.Context) {
+func (s *scheduler) dispatch(ctx context.Context, now time.Time) {
 	for s.inFlight < s.opts.MaxInFlight && len(s.retries) > 0 {
 		j := s.retries[0]
 		s.retries = s.retries[1:]
@@ -295,7 +318,6 @@ func (s *scheduler) dispatch(ctx context.Context) {
 			s.start(ctx, j)
 		}
 	}
-	now := s.now()
 	for s.inFlight < s.opts.MaxInFlight && len(s.ready) > 0 {
 		if s.opts.Batched() {
 			if s.gatherUntil.IsZero() {
@@ -798,12 +820,12 @@ func (s *scheduler) release() {
 	s.gatherUntil = time.Time{}
 }
 
-func (s *scheduler) nextWake() (time.Time, bool) {
+func (s *scheduler) nextWake(now time.Time) (time.Time, bool) {
 	var at time.Time
 	if len(s.timers) > 0 {
 		at = s.timers[0].at
 	}
-	gathering := len(s.ready) > 0 && s.inFlight < s.opts.MaxInFlight && s.gatherUntil.After(s.now())
+	gathering := len(s.ready) > 0 && s.inFlight < s.opts.MaxInFlight && s.gatherUntil.After(now)
 	if gathering && (at.IsZero() || s.gatherUntil.Before(at)) {
 		at = s.gatherUntil
 	}
