@@ -1,11 +1,9 @@
 package cdc
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"strconv"
 	"strings"
@@ -74,6 +72,7 @@ type Stream struct {
 	drain     chan struct{} // closed by Drain: stop reading, keep confirming
 	drained   bool          // the Drained change is queued
 	yield     atomic.Bool   // drop the connection: the server is shutting down
+	stalled   atomic.Bool   // the stream saw the server silent for StallTimeout (and logged it)
 
 	// Owned by Run's goroutine.
 	conn         *pgconn.PgConn
@@ -82,7 +81,6 @@ type Stream struct {
 	sentFlush    outbox.LSN
 	sentAt       time.Time
 	maxAge       time.Duration // StatusMaxAge fitted to the server's wal_sender_timeout
-	stalled      bool          // reported as stalled (logged once)
 	readDeadline time.Time     // when the current read deadline expires
 	cols         []column      // reused by parseInsert
 	relations    map[uint32]*relation
@@ -144,7 +142,9 @@ const (
 // not the server, is slow.
 func (s *Stream) Health() State {
 	st := s.state.Load().(State)
-	if st == Streaming && !s.paused.Load() && time.Since(time.Unix(0, s.lastHeard.Load())) > s.cfg.StallTimeout {
+	// The stream declares a stall itself, so that /readyz and the log agree;
+	// should the stream's goroutine hang, the silence shows a while later.
+	if st == Streaming && (s.stalled.Load() || !s.paused.Load() && s.quiet() > 2*s.cfg.StallTimeout) {
 		return Stalled
 	}
 	return st
@@ -308,11 +308,6 @@ func (s *Stream) connect(ctx context.Context) error {
 	}
 	pc.RuntimeParams["replication"] = "database"
 	pc.RuntimeParams["application_name"] = "walhook"
-	// A backlog streams in faster than pgproto3's 8 KiB reads take it: a larger
-	// buffer makes fewer read calls.
-	pc.BuildFrontend = func(r io.Reader, w io.Writer) *pgproto3.Frontend {
-		return pgproto3.NewFrontend(bufio.NewReaderSize(r, 64<<10), w)
-	}
 	s.conn, err = pgconn.ConnectConfig(ctx, pc)
 	if err != nil {
 		return fmt.Errorf("connect for replication: %w", err)
@@ -328,7 +323,8 @@ func (s *Stream) connect(ctx context.Context) error {
 	}
 	s.sentFlush, s.received = s.start, s.start
 	s.relations = map[uint32]*relation{}
-	s.inTxn, s.txnEvents, s.stalled = false, false, false
+	s.inTxn, s.txnEvents = false, false
+	s.stalled.Store(false)
 	s.readDeadline = time.Time{}
 	// The pipeline loads the subscriptions in force at the start position.
 	s.pending = append(s.pending[:0], outbox.Change{Kind: outbox.ChangeStart, LSN: s.start})
@@ -438,13 +434,19 @@ func (s *Stream) slotPosition(ctx context.Context) (outbox.LSN, error) {
 // clock is read once per message: on this path it is a measurable cost.
 func (s *Stream) receive(ctx context.Context) error {
 	if s.readDeadline.IsZero() {
-		s.readDeadline = time.Now().Add(s.cfg.StatusInterval)
+		now := time.Now()
+		s.readDeadline = now.Add(s.cfg.StatusInterval)
+		// Wake when the silence becomes a stall, to declare it on time.
+		if stall := now.Add(s.cfg.StallTimeout - s.quiet() + time.Millisecond); stall.After(now) && stall.Before(s.readDeadline) {
+			s.readDeadline = stall
+		}
 		s.conn.Conn().SetReadDeadline(s.readDeadline)
 	}
 	msg, err := s.conn.ReceiveMessage(context.Background())
 	if err != nil {
 		if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() && ctx.Err() == nil {
 			s.readDeadline = time.Time{} // set afresh for the next read
+			s.noticeStall(s.quiet())
 			return nil
 		}
 		return fmt.Errorf("receive replication message: %w", err)
@@ -454,8 +456,7 @@ func (s *Stream) receive(ctx context.Context) error {
 	if s.readDeadline.Sub(now) < s.cfg.StatusInterval/2 {
 		s.readDeadline = time.Time{} // moved before the next read
 	}
-	if s.stalled {
-		s.stalled = false
+	if s.stalled.Load() && s.stalled.Swap(false) {
 		s.log.Info().Msg("stream resumed")
 	}
 	switch msg := msg.(type) {
@@ -604,19 +605,27 @@ func sequence(commit outbox.LSN, index uint64) uint64 {
 	return uint64(commit)<<16 | min(index, 0xffff)
 }
 
+// quiet is how long the server has been silent.
+func (s *Stream) quiet() time.Duration { return time.Since(time.Unix(0, s.lastHeard.Load())) }
+
+// noticeStall declares a stall, once, when the server has been silent for
+// StallTimeout while the stream was reading (a pause for backpressure is none).
+func (s *Stream) noticeStall(quiet time.Duration) {
+	if quiet > s.cfg.StallTimeout && !s.paused.Load() && !s.stalled.Swap(true) {
+		s.log.Error().Dur("silent_for", quiet).Msg("stream stalled: the server does not answer")
+	}
+}
+
 // sendStatus confirms the finished position. Unless forced, it only sends when the
 // position moved or the last update is StatusMaxAge old.
 func (s *Stream) sendStatus(ctx context.Context, force bool) error {
 	flush := max(s.acker.Flush(), s.start)
 	// A quiet server is asked for a reply: a live walsender answers at once, a
 	// frozen one or a half-open connection does not (stall detection).
-	quiet := time.Since(time.Unix(0, s.lastHeard.Load()))
+	quiet := s.quiet()
 	askReply := !s.paused.Load() && quiet > s.cfg.StallTimeout/3
-	if quiet > s.cfg.StallTimeout && !s.stalled && !s.paused.Load() {
-		s.stalled = true
-		s.log.Error().Dur("silent_for", quiet).Msg("stream stalled: the server does not answer")
-	}
-	if s.stalled && quiet > 2*s.cfg.StallTimeout {
+	s.noticeStall(quiet)
+	if s.stalled.Load() && quiet > 2*s.cfg.StallTimeout {
 		return errStalled // reconnect
 	}
 	if !force && !askReply && flush == s.sentFlush && time.Since(s.sentAt) < s.maxAge {
