@@ -1,12 +1,17 @@
 package sender
 
 import (
+	"context"
 	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"testing"
 	"time"
 
 	"github.com/walhook/walhook/outbox"
+	"github.com/walhook/walhook/sender/ssrf"
 )
 
 var benchPayload = json.RawMessage(`{"name": "Ada Lovelace", "email": "ada@example.com", "company": "Analytical Engines Ltd", "address": {"street": "12 St James's Square", "city": "London", "country": "GB"}, "tags": ["vip", "math", "poetry"], "notes": "First programmer; wrote notes on the Analytical Engine.", "score": 98.5}`)
@@ -40,8 +45,34 @@ func BenchmarkBatchBodyAndSign(b *testing.B) {
 	key, _ := ParseSecret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
 	b.ReportAllocs()
 	for b.Loop() {
-		body := Body(batch)
+		body := AppendBody(nil, batch)
 		Sign(key, batch.WebhookID, 1700000000, body)
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/1000, "ns/event")
+}
+
+// BenchmarkDeliverBatch sends batches of 1,000 to a local endpoint, per request:
+// body, signature and the HTTP round trip, with the body buffer recycled.
+func BenchmarkDeliverBatch(b *testing.B) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	defer srv.Close()
+	sub := &outbox.Subscription{ID: "crm", TargetURL: srv.URL, Secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+		Delivery: outbox.DefaultDeliveryOptions, Static: true}
+	sub.Delivery.BatchMax = 1000
+	events := make([]outbox.Event, 1000)
+	for i := range events {
+		events[i] = benchEvent(i)
+	}
+	batch := outbox.NewBatch(sub, events...)
+	s := New(&ssrf.Guard{})
+	defer s.Close()
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := s.Deliver(context.Background(), batch); err != nil {
+			b.Fatal(err)
+		}
+	}
 }

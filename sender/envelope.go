@@ -2,6 +2,7 @@ package sender
 
 import (
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -10,15 +11,15 @@ import (
 	"github.com/walhook/walhook/outbox"
 )
 
-// Body encodes the request body of b: one envelope, or with batching (batch_max
-// > 1) a JSON array of envelopes, even of one.
-func Body(b *outbox.Batch) []byte {
+// AppendBody appends the request body of b to buf: one envelope, or with
+// batching (batch_max > 1) a JSON array of envelopes, even of one.
+func AppendBody(buf []byte, b *outbox.Batch) []byte {
 	opts := &b.Subscription.Delivery
 	size := 0
 	for i := range b.Events {
 		size += len(b.Events[i].Payload) + 256
 	}
-	buf := make([]byte, 0, size)
+	buf = slices.Grow(buf, size)
 	if !opts.Batched() {
 		return AppendEnvelope(buf, &b.Events[0], opts)
 	}

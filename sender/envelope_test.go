@@ -49,27 +49,27 @@ func TestBodies(t *testing.T) {
 	full := sub(func(*outbox.DeliveryOptions) {})
 	coalesced := ev("12", "c1", `{"name": "Ada"}`)
 	coalesced.Coalesced = 12
-	golden(t, "single", Body(outbox.NewBatch(full, coalesced)))
+	golden(t, "single", AppendBody(nil, outbox.NewBatch(full, coalesced)))
 
 	skinny := sub(func(o *outbox.DeliveryOptions) {
 		o.Payload = outbox.PayloadSkinny
 		o.ResourceURL = "https://api.example.com/contacts/{resource_id}"
 	})
-	golden(t, "skinny", Body(outbox.NewBatch(skinny, ev("7", "c 1/x", `{"secret": 1}`))))
+	golden(t, "skinny", AppendBody(nil, outbox.NewBatch(skinny, ev("7", "c 1/x", `{"secret": 1}`))))
 
 	small := sub(func(o *outbox.DeliveryOptions) {
 		o.MaxPayloadBytes = 8
 		o.ResourceURL = "https://api.example.com/c/{resource_id}"
 	})
-	golden(t, "truncated", Body(outbox.NewBatch(small, ev("8", "c1", `{"big": "xxxxxxxx"}`))))
+	golden(t, "truncated", AppendBody(nil, outbox.NewBatch(small, ev("8", "c1", `{"big": "xxxxxxxx"}`))))
 
 	batched := sub(func(o *outbox.DeliveryOptions) { o.BatchMax = 100 })
-	golden(t, "batch", Body(outbox.NewBatch(batched, ev("1", "c1", `{}`), ev("2", "", `[1,2]`))))
-	golden(t, "batch_of_one", Body(outbox.NewBatch(batched, ev("3", "c1", `null`))))
+	golden(t, "batch", AppendBody(nil, outbox.NewBatch(batched, ev("1", "c1", `{}`), ev("2", "", `[1,2]`))))
+	golden(t, "batch_of_one", AppendBody(nil, outbox.NewBatch(batched, ev("3", "c1", `null`))))
 
 	odd := ev("\"quoted\"\\", "line\nbreak\t\x01", `{}`)
 	odd.Type = "bad utf8 \xff and é"
-	golden(t, "escaping", Body(outbox.NewBatch(full, odd)))
+	golden(t, "escaping", AppendBody(nil, outbox.NewBatch(full, odd)))
 }
 
 // FuzzAppendString checks the hand-written JSON string encoder against

@@ -13,6 +13,8 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/walhook/walhook/outbox"
@@ -78,10 +80,9 @@ func (s *Sender) Close() {
 // Deliver sends b once. It returns nil on 2xx and a *DeliveryError otherwise.
 func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	sub := b.Subscription
-	body := Body(b)
 	ctx, cancel := context.WithTimeout(ctx, sub.Delivery.Timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, sub.TargetURL, bytes.NewReader(body))
+	body, req, err := newRequest(ctx, b)
 	if err != nil {
 		return &DeliveryError{Reason: "build request: " + err.Error()}
 	}
@@ -117,6 +118,66 @@ func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	}
 	io.Copy(io.Discard, io.LimitReader(resp.Body, maxResponseBody))
 	return newStatusError(resp, prefix, s.now())
+}
+
+// newRequest builds b's request. A large body comes from bodies and goes back
+// once the transport has closed every reader of it; a small one is copied out,
+// so that net/http, knowing it is in memory, sends it in one write with the
+// headers.
+func newRequest(ctx context.Context, b *outbox.Batch) ([]byte, *http.Request, error) {
+	buf := bodies.Get().(*[]byte)
+	*buf = AppendBody((*buf)[:0], b)
+	if len(*buf) < pooledBodyMin {
+		body := bytes.Clone(*buf)
+		bodies.Put(buf)
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, b.Subscription.TargetURL, bytes.NewReader(body))
+		return body, req, err
+	}
+	pb := &pooledBody{buf: buf}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, b.Subscription.TargetURL, pb.reader())
+	if err != nil {
+		return nil, nil, err
+	}
+	req.ContentLength = int64(len(*buf))
+	req.GetBody = func() (io.ReadCloser, error) { return pb.reader(), nil }
+	return *buf, req, nil
+}
+
+// pooledBodyMin is the smallest body that is recycled.
+const pooledBodyMin = 16 << 10
+
+// bodies recycles request bodies: a batch of a thousand events is half a
+// megabyte, which would otherwise be allocated, zeroed and collected per request.
+var bodies = sync.Pool{New: func() any { return new([]byte) }}
+
+// pooledBody is a request body that goes back to bodies once the transport has
+// closed every reader of it: it may still be writing it after the response has
+// come, and it may ask for it again (GetBody) to retry on a fresh connection.
+type pooledBody struct {
+	buf  *[]byte
+	refs atomic.Int32
+}
+
+func (pb *pooledBody) reader() io.ReadCloser {
+	pb.refs.Add(1)
+	return &bodyReader{Reader: bytes.NewReader(*pb.buf), pb: pb}
+}
+
+func (pb *pooledBody) release() {
+	if pb.refs.Add(-1) == 0 {
+		bodies.Put(pb.buf)
+	}
+}
+
+type bodyReader struct {
+	*bytes.Reader
+	pb   *pooledBody
+	once sync.Once
+}
+
+func (r *bodyReader) Close() error {
+	r.once.Do(r.pb.release)
+	return nil
 }
 
 func newStatusError(resp *http.Response, body []byte, now time.Time) *DeliveryError {

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -200,5 +201,45 @@ func TestVerifyIntent(t *testing.T) {
 	}
 	if h := echo.Requests()[0].Header.Get("X-Hook-Secret"); len(h) < 16 {
 		t.Errorf("X-Hook-Secret %q is not random enough", h)
+	}
+}
+
+// Request bodies are recycled: concurrent deliveries of different batches must
+// each arrive whole and signed.
+func TestRecycledBodiesStayIntact(t *testing.T) {
+	srv := sendertest.NewServer(t, nil)
+	s := sender.New(&ssrf.Guard{})
+	defer s.Close()
+	sub := testSub(srv.HooksURL())
+	sub.Delivery.BatchMax = 100
+	const n = 40
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			events := make([]outbox.Event, 50)
+			for j := range events {
+				events[j] = testEvent()
+				events[j].ID = strconv.Itoa(i*100 + j)
+				events[j].Payload = json.RawMessage(`"` + strings.Repeat(strconv.Itoa(i%10), 2000) + `"`)
+			}
+			if err := s.Deliver(context.Background(), outbox.NewBatch(sub, events...)); err != nil {
+				t.Errorf("Deliver: %v", err)
+			}
+		})
+	}
+	wg.Wait()
+	wh, _ := standardwebhooks.NewWebhook(secret)
+	reqs := srv.Requests()
+	if len(reqs) != n {
+		t.Fatalf("%d requests recorded, want %d", len(reqs), n)
+	}
+	for _, r := range reqs {
+		if err := wh.Verify(r.Body, r.Header); err != nil {
+			t.Fatalf("body changed under its signature: %v", err)
+		}
+		var envs []struct{ ID string }
+		if err := json.Unmarshal(r.Body, &envs); err != nil || len(envs) != 50 {
+			t.Fatalf("body is not the 50-event batch: %v", err)
+		}
 	}
 }

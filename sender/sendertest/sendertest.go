@@ -48,7 +48,10 @@ func NewServer(t testing.TB, respond Responder) *Server {
 func (s *Server) HooksURL() string { return s.URL + "/hooks" }
 
 func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
-	body, _ := io.ReadAll(r.Body)
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		return // the sender went away mid-request (killed): no endpoint sees this request
+	}
 	req := Request{Header: r.Header.Clone(), Body: body, At: time.Now()}
 	s.mu.Lock()
 	n := len(s.reqs)
