@@ -29,8 +29,8 @@ const maxResponseBody = 4 << 10
 
 // Sender delivers batches over HTTP. It is safe for concurrent use.
 type Sender struct {
-	trusted   *http.Client // static subscriptions: any target
-	guarded   *http.Client // dynamic subscriptions: safe targets only, checked at dial
+	trusted   *transport // static subscriptions: any target
+	guarded   *transport // dynamic subscriptions: safe targets only, checked at dial
 	userAgent string
 	now       func() time.Time
 }
@@ -40,35 +40,42 @@ type Sender struct {
 func New(guard *ssrf.Guard) *Sender {
 	dialer := &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}
 	return &Sender{
-		trusted:   newClient(dialer.DialContext),
-		guarded:   newClient(guard.DialContext(dialer)),
+		trusted:   newTransport(dialer.DialContext),
+		guarded:   newTransport(guard.DialContext(dialer)),
 		userAgent: "walhook/" + Version,
 		now:       time.Now,
 	}
 }
 
-func newClient(dial func(ctx context.Context, network, addr string) (net.Conn, error)) *http.Client {
-	return &http.Client{
-		Transport: &http.Transport{
+func newTransport(dial func(ctx context.Context, network, addr string) (net.Conn, error)) *transport {
+	return &transport{
+		dial:        dial,
+		proxy:       http.ProxyFromEnvironment,
+		maxIdle:     32,
+		idleTimeout: 90 * time.Second,
+		fallback: &http.Transport{ // through a proxy
 			Proxy:               http.ProxyFromEnvironment,
 			DialContext:         dial,
 			ForceAttemptHTTP2:   true,
 			MaxIdleConns:        256,
 			MaxIdleConnsPerHost: 32,
 			IdleConnTimeout:     90 * time.Second,
-			TLSHandshakeTimeout: 5 * time.Second,
-		},
-		CheckRedirect: func(*http.Request, []*http.Request) error {
-			return http.ErrUseLastResponse
+			TLSHandshakeTimeout: tlsHandshakeTimeout,
 		},
 	}
 }
 
-func (s *Sender) client(sub *outbox.Subscription) *http.Client {
-	if sub.Static {
-		return s.trusted
+// roundTrip sends req as is: redirects are not followed (a 3xx is a failed
+// attempt), and credentials in the target URL become basic auth.
+func (s *Sender) roundTrip(sub *outbox.Subscription, req *http.Request) (*http.Response, error) {
+	if u := req.URL.User; u != nil && req.Header.Get("Authorization") == "" {
+		password, _ := u.Password()
+		req.SetBasicAuth(u.Username(), password)
 	}
-	return s.guarded
+	if sub == nil || !sub.Static {
+		return s.guarded.RoundTrip(req)
+	}
+	return s.trusted.RoundTrip(req)
 }
 
 // Close closes idle connections.
@@ -103,7 +110,7 @@ func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	req.Header.Set("webhook-timestamp", strconv.FormatInt(ts, 10))
 	req.Header.Set("webhook-signature", strings.Join(sigs, " "))
 
-	resp, err := s.client(sub).Do(req)
+	resp, err := s.roundTrip(sub, req)
 	if err != nil {
 		return &DeliveryError{Err: scrubURL(err), Reason: "request failed", retry: true}
 	}
@@ -215,7 +222,7 @@ func (s *Sender) VerifyIntent(ctx context.Context, target string, timeout time.D
 	req.Header.Set("content-type", "application/json")
 	req.Header.Set("user-agent", s.userAgent)
 	req.Header.Set("X-Hook-Secret", secret)
-	resp, err := s.guarded.Do(req)
+	resp, err := s.roundTrip(nil, req)
 	if err != nil {
 		return fmt.Errorf("target unreachable: %v", scrubURL(err))
 	}

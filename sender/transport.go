@@ -1,0 +1,306 @@
+package sender
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// transport is a lean HTTP/1.1 round tripper for webhook requests: the request
+// goes out in one write, the response is read in the caller's goroutine, and
+// keep-alive connections are pooled per target. net/http's Transport runs two
+// goroutines per connection and hands every request and response between them;
+// at one request per event that was half of walhook's CPU (docs/performance.md).
+//
+// Requests through a proxy (HTTP_PROXY, HTTPS_PROXY) and to schemes other than
+// http and https go to fallback.
+type transport struct {
+	dial        func(ctx context.Context, network, addr string) (net.Conn, error)
+	tlsConfig   *tls.Config // cloned per connection; nil: the system's roots
+	proxy       func(*http.Request) (*url.URL, error)
+	fallback    http.RoundTripper
+	maxIdle     int           // idle connections kept per target
+	idleTimeout time.Duration // an idle connection older than this is closed
+
+	mu   sync.Mutex
+	idle map[string][]*conn // by scheme://host:port, most recently used last
+}
+
+type conn struct {
+	net.Conn
+	key    string
+	br     *bufio.Reader
+	bw     *bufio.Writer
+	idleAt time.Time
+}
+
+const tlsHandshakeTimeout = 5 * time.Second
+
+// aLongTimeAgo is a deadline that makes pending I/O fail at once.
+var aLongTimeAgo = time.Unix(1, 0)
+
+func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.URL.Scheme != "http" && req.URL.Scheme != "https" {
+		return t.fallback.RoundTrip(req)
+	}
+	if p, err := t.proxy(req); err != nil || p != nil {
+		return t.fallback.RoundTrip(req)
+	}
+	if req.ContentLength < 0 || req.ContentLength == 0 && req.Body != nil && req.Body != http.NoBody {
+		return t.fallback.RoundTrip(req) // a body of unknown length
+	}
+	for retried := false; ; retried = true {
+		c, reused, err := t.get(req)
+		if err != nil {
+			closeBody(req)
+			return nil, err
+		}
+		resp, err := t.exchange(c, req)
+		if err == nil {
+			return resp, nil
+		}
+		c.Close()
+		// A kept-alive connection the server closed meanwhile fails before
+		// any answer: send once more on a fresh one. The receiver dedups by
+		// webhook-id should it have seen the first attempt after all.
+		if !reused || retried || req.GetBody == nil || !errors.Is(err, errNoAnswer) || req.Context().Err() != nil {
+			closeBody(req)
+			return nil, err
+		}
+		body, gerr := req.GetBody()
+		if gerr != nil {
+			return nil, err
+		}
+		req = req.Clone(req.Context())
+		req.Body = body
+	}
+}
+
+func closeBody(req *http.Request) {
+	if req.Body != nil {
+		req.Body.Close()
+	}
+}
+
+// errNoAnswer wraps failures that happened before any byte of a response came.
+var errNoAnswer = errors.New("connection closed before an answer")
+
+// exchange writes req on c and reads the response head. The response body, once
+// closed, puts c back into the pool when it can be reused.
+func (t *transport) exchange(c *conn, req *http.Request) (*http.Response, error) {
+	ctx := req.Context()
+	deadline, _ := ctx.Deadline()
+	c.SetDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(aLongTimeAgo) })
+	if err := writeRequest(c.bw, req); err != nil {
+		stop()
+		return nil, fmt.Errorf("%w: %w", errNoAnswer, ctxErr(ctx, err))
+	}
+	for {
+		if _, err := c.br.Peek(1); err != nil {
+			stop()
+			return nil, fmt.Errorf("%w: %w", errNoAnswer, ctxErr(ctx, err))
+		}
+		resp, err := http.ReadResponse(c.br, req)
+		if err != nil {
+			stop()
+			return nil, ctxErr(ctx, err)
+		}
+		if resp.StatusCode >= 100 && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
+			continue // 100 Continue, 103 Early Hints: the answer follows
+		}
+		resp.Body = &body{ReadCloser: resp.Body, t: t, c: c, resp: resp, stop: stop}
+		return resp, nil
+	}
+}
+
+// ctxErr prefers the context's error: a deadline or a cancellation shows as an
+// I/O timeout on the connection.
+func ctxErr(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if d, ok := ctx.Deadline(); ok && !time.Now().Before(d) {
+		return context.DeadlineExceeded // the connection's deadline fired first
+	}
+	return err
+}
+
+// writeRequest writes req's head and body: small bodies leave in one write with
+// the head.
+func writeRequest(bw *bufio.Writer, req *http.Request) error {
+	host := req.Host
+	if host == "" {
+		host = req.URL.Host
+	}
+	bw.WriteString(req.Method)
+	bw.WriteByte(' ')
+	bw.WriteString(req.URL.RequestURI())
+	bw.WriteString(" HTTP/1.1\r\nHost: ")
+	bw.WriteString(host)
+	bw.WriteString("\r\n")
+	for k, vs := range req.Header {
+		for _, v := range vs {
+			if !validHeader(k, v) {
+				return fmt.Errorf("invalid header %q", k)
+			}
+			bw.WriteString(k)
+			bw.WriteString(": ")
+			bw.WriteString(v)
+			bw.WriteString("\r\n")
+		}
+	}
+	bw.WriteString("Content-Length: ")
+	bw.WriteString(strconv.FormatInt(req.ContentLength, 10))
+	bw.WriteString("\r\n\r\n")
+	if req.Body != nil {
+		n, err := io.Copy(bw, req.Body)
+		req.Body.Close()
+		if err != nil {
+			return err
+		}
+		if n != req.ContentLength {
+			return fmt.Errorf("request body is %d bytes, not %d", n, req.ContentLength)
+		}
+	}
+	return bw.Flush()
+}
+
+// validHeader rejects what would break the request's framing: a header name or
+// value with CR, LF or other control characters.
+func validHeader(k, v string) bool {
+	if k == "" {
+		return false
+	}
+	for i := 0; i < len(k); i++ {
+		if c := k[i]; c <= ' ' || c == ':' || c >= 0x7f {
+			return false
+		}
+	}
+	for i := 0; i < len(v); i++ {
+		if c := v[i]; c < ' ' && c != '\t' || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// body is a response body; closing it reads a small remainder and returns the
+// connection to the pool when the exchange ended cleanly.
+type body struct {
+	io.ReadCloser
+	t    *transport
+	c    *conn
+	resp *http.Response
+	stop func() bool
+	once sync.Once
+}
+
+func (b *body) Close() error {
+	b.once.Do(func() {
+		n, err := io.Copy(io.Discard, io.LimitReader(b.ReadCloser, maxResponseBody+1))
+		b.ReadCloser.Close()
+		interrupted := !b.stop() // the context ended: the deadline is spoiled
+		if err != nil || n > maxResponseBody || b.resp.Close || interrupted {
+			b.c.Close()
+			return
+		}
+		b.c.SetDeadline(time.Time{})
+		b.t.put(b.c)
+	})
+	return nil
+}
+
+// get returns an idle connection to req's target, or dials one.
+func (t *transport) get(req *http.Request) (c *conn, reused bool, err error) {
+	key := req.URL.Scheme + "://" + canonicalAddr(req.URL)
+	now := time.Now()
+	t.mu.Lock()
+	for list := t.idle[key]; len(list) > 0; list = t.idle[key] {
+		c = list[len(list)-1]
+		t.idle[key] = list[:len(list)-1]
+		if now.Sub(c.idleAt) < t.idleTimeout {
+			t.mu.Unlock()
+			return c, true, nil
+		}
+		c.Close()
+	}
+	t.mu.Unlock()
+	c, err = t.connect(req.Context(), req.URL, key)
+	return c, false, err
+}
+
+func (t *transport) connect(ctx context.Context, u *url.URL, key string) (*conn, error) {
+	nc, err := t.dial(ctx, "tcp", canonicalAddr(u))
+	if err != nil {
+		return nil, err
+	}
+	if u.Scheme == "https" {
+		cfg := &tls.Config{}
+		if t.tlsConfig != nil {
+			cfg = t.tlsConfig.Clone()
+		}
+		cfg.ServerName = u.Hostname()
+		cfg.NextProtos = []string{"http/1.1"}
+		tc := tls.Client(nc, cfg)
+		hctx, cancel := context.WithTimeout(ctx, tlsHandshakeTimeout)
+		defer cancel()
+		if err := tc.HandshakeContext(hctx); err != nil {
+			nc.Close()
+			return nil, err
+		}
+		nc = tc
+	}
+	return &conn{Conn: nc, key: key, br: bufio.NewReaderSize(nc, 4<<10), bw: bufio.NewWriterSize(nc, 16<<10)}, nil
+}
+
+func (t *transport) put(c *conn) {
+	c.idleAt = time.Now()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if len(t.idle[c.key]) >= t.maxIdle {
+		c.Close()
+		return
+	}
+	if t.idle == nil {
+		t.idle = map[string][]*conn{}
+	}
+	t.idle[c.key] = append(t.idle[c.key], c)
+}
+
+// CloseIdleConnections closes the pooled connections.
+func (t *transport) CloseIdleConnections() {
+	t.mu.Lock()
+	idle := t.idle
+	t.idle = nil
+	t.mu.Unlock()
+	for _, list := range idle {
+		for _, c := range list {
+			c.Close()
+		}
+	}
+	if f, ok := t.fallback.(interface{ CloseIdleConnections() }); ok {
+		f.CloseIdleConnections()
+	}
+}
+
+// canonicalAddr is u's host:port, with the scheme's default port.
+func canonicalAddr(u *url.URL) string {
+	port := u.Port()
+	if port == "" {
+		port = "80"
+		if u.Scheme == "https" {
+			port = "443"
+		}
+	}
+	return net.JoinHostPort(u.Hostname(), port)
+}
