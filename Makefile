@@ -31,7 +31,7 @@ fuzz: ## fuzz the pgoutput row and message decoders for a while (FUZZTIME=30s)
 demo: build ## throwaway PostgreSQL + walhook + receiver; writes outbox rows; Ctrl-C cleans up (DEMO_ONCE=1 exits when done)
 	$(PGTMP) ./examples/demo/demo.sh
 
-bench: ## end-to-end benchmarks vs pg_recvlogical on a throwaway PostgreSQL; writes docs/benchmarks.md (BENCH_ROWS, BENCH_RUNS)
+bench: ## end-to-end benchmarks with their references on a throwaway PostgreSQL; writes docs/benchmarks.md (BENCH_ROWS, BENCH_UNBATCHED, BENCH_RUNS, BENCH_SCENARIOS)
 	$(PGTMP) $(GO) run ./bench
 	$(GO) test -run '^$$' -bench . -benchmem ./cdc ./outbox ./sender
 

@@ -101,38 +101,48 @@ func run() error {
 			fmt.Sprintf("walhook (batch_max 1) %.0f events/s", u.rate),
 			fmt.Sprintf("walhook %.2f CPU-s/100k, peak RSS %d MiB", u.cpuPer100k, u.rssMiB))
 	}
-	for _, eps := range []int{1000, 5000} {
-		if !want("latency") {
-			break
+	for r := 1; r <= runs && want("latency"); r++ {
+		for _, eps := range []int{1000, 5000} {
+			f, err := decodingFloor(eps, 10*time.Second)
+			if err != nil {
+				return err
+			}
+			l, err := latency(eps, 10*time.Second)
+			if err != nil {
+				return err
+			}
+			add(fmt.Sprintf("latency at %d events/s (synchronous_commit=on), 10s, run %d", eps, r),
+				fmt.Sprintf("commit → decoded (bare pgoutput consumer) p50 %.2f ms, p99 %.2f ms, max %.2f ms", f["p50_ms"], f["p99_ms"], f["max_ms"]),
+				fmt.Sprintf("commit → receipt p50 %.2f ms, p99 %.2f ms, max %.2f ms", l["p50_ms"], l["p99_ms"], l["max_ms"]),
+				fmt.Sprintf("%v events received", l["events"]))
 		}
-		f, err := decodingFloor(eps, 10*time.Second)
-		if err != nil {
-			return err
-		}
-		l, err := latency(eps, 10*time.Second)
-		if err != nil {
-			return err
-		}
-		add(fmt.Sprintf("latency at %d events/s (synchronous_commit=on), 10s", eps),
-			fmt.Sprintf("commit → decoded (bare pgoutput consumer) p50 %.2f ms, p99 %.2f ms, max %.2f ms", f["p50_ms"], f["p99_ms"], f["max_ms"]),
-			fmt.Sprintf("commit → receipt p50 %.2f ms, p99 %.2f ms, max %.2f ms", l["p50_ms"], l["p99_ms"], l["max_ms"]),
-			fmt.Sprintf("%v events received", l["events"]))
 	}
-	for _, v := range []struct {
-		name     string
-		interval time.Duration
-	}{{"relay_100ms", 100 * time.Millisecond}, {"relay_1s", time.Second}, {"walhook", 0}} {
-		if !want("versus") {
-			break
+	consumers := []struct {
+		name, label string
+		interval    time.Duration
+	}{
+		{"relay_100ms", "relay every 100ms", 100 * time.Millisecond},
+		{"relay_1s", "relay every 1s", time.Second},
+		{"pg_recvlogical", "pg_recvlogical (reference)", 0},
+		{"walhook", "walhook", 0},
+	}
+	for r := 1; r <= runs && want("versus"); r++ {
+		for _, v := range consumers {
+			s, err := versus(v.name, v.interval)
+			if err != nil {
+				return err
+			}
+			latency := fmt.Sprintf("latency p50 %.2f ms, p99 %.2f ms", s["p50_ms"], s["p99_ms"])
+			if v.name == "pg_recvlogical" {
+				latency = "(streams to /dev/null: decoding only, nothing delivered)"
+			}
+			resources := fmt.Sprintf("database CPU %.2f s/100k events, WAL %.0f B/event, %.1f transactions/s idle",
+				s["db_cpu_per_100k"], s["wal_bytes_per_event"], s["idle_tps"])
+			if ws, ok := s["walsender_cpu_per_100k"]; ok {
+				resources += fmt.Sprintf("; of it the walsender %.2f s/100k", ws)
+			}
+			add(fmt.Sprintf("versus a polling relay, 1,000 events/s for 10s, run %d: %s", r, v.label), "", latency, resources)
 		}
-		s, err := versus(v.name, v.interval)
-		if err != nil {
-			return err
-		}
-		add(fmt.Sprintf("versus a polling relay, 1,000 events/s for 10s: %s", strings.ReplaceAll(v.name, "_", " every ")), "",
-			fmt.Sprintf("latency p50 %.2f ms, p99 %.2f ms", s["p50_ms"], s["p99_ms"]),
-			fmt.Sprintf("database CPU %.2f s/100k events, WAL %.0f B/event, %.1f transactions/s idle",
-				s["db_cpu_per_100k"], s["wal_bytes_per_event"], s["idle_tps"]))
 	}
 	return writeDoc(table, rows, unbatched, runs)
 }
@@ -420,7 +430,11 @@ func versus(name string, relayInterval time.Duration) (map[string]any, error) {
 	}
 	defer c.Close(ctx)
 	var consumer *exec.Cmd
-	if relayInterval > 0 {
+	streams := relayInterval == 0 // walhook or pg_recvlogical: a walsender decodes for it
+	if name == "pg_recvlogical" {
+		consumer = exec.Command(filepath.Join(os.Getenv("PG_BINDIR"), "pg_recvlogical"), "-d", db, "-S", dbName, "--start",
+			"-o", "proto_version=1", "-o", "publication_names=walhook", "-s", "1", "-f", "/dev/null")
+	} else if relayInterval > 0 {
 		c.Exec(ctx, `SELECT pg_drop_replication_slot($1)`, dbName) // the relay reads the table
 		consumer = exec.Command(filepath.Join(bin, "relay"), "-db", db, "-target", "http://"+recvAddr+"/hooks",
 			"-interval", relayInterval.String())
@@ -433,8 +447,12 @@ func versus(name string, relayInterval time.Duration) (map[string]any, error) {
 	defer stop(consumer)
 	http.Post("http://"+recvAddr+"/reset", "", nil)
 	c.Exec(ctx, `INSERT INTO walhook.outbox (event) VALUES ('warmup')`)
-	if err := waitEvents(1, time.Minute); err != nil {
+	if err := consumed(c, dbName, name, 1); err != nil {
 		return nil, err
+	}
+	var walsender int
+	if streams {
+		c.QueryRow(ctx, `SELECT coalesce(active_pid, 0) FROM pg_replication_slots WHERE slot_name = $1`, dbName).Scan(&walsender)
 	}
 	xacts := func() float64 {
 		var n float64
@@ -451,11 +469,11 @@ func versus(name string, relayInterval time.Duration) (map[string]any, error) {
 	http.Post("http://"+recvAddr+"/reset", "", nil)
 	var wal0 string
 	c.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&wal0)
-	cpu0 := postgresCPU()
+	cpu0, ws0 := postgresCPU(), procstat.CPUSeconds(walsender)
 	done := make(chan struct{})
 	defer close(done)
 	n := produce(db, 1000, 10*time.Second, done)
-	if err := waitEvents(n, time.Minute); err != nil {
+	if err := consumed(c, dbName, name, n); err != nil {
 		return nil, err
 	}
 	for relayInterval > 0 { // the relay's deletes are part of its cost: wait for them
@@ -469,7 +487,13 @@ func versus(name string, relayInterval time.Duration) (map[string]any, error) {
 	cpu := postgresCPU() - cpu0 // before done closes the producers' connections
 	var walBytes float64
 	c.QueryRow(ctx, `SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::pg_lsn)`, wal0).Scan(&walBytes)
-	s := receiverStats()
+	s := map[string]any{}
+	if name != "pg_recvlogical" {
+		s = receiverStats()
+	}
+	if streams {
+		s["walsender_cpu_per_100k"] = (procstat.CPUSeconds(walsender) - ws0) / float64(n) * 100000
+	}
 	s["idle_tps"] = idleTPS
 	s["db_cpu_per_100k"] = cpu / float64(n) * 100000
 	s["wal_bytes_per_event"] = walBytes / float64(n)
@@ -480,6 +504,26 @@ func versus(name string, relayInterval time.Duration) (map[string]any, error) {
 // (the throwaway cluster's), but autovacuum, which may still be busy with an
 // earlier scenario's tables. Only processes alive at both readings count: the
 // producers keep their connections open until the second.
+// consumed waits until the consumer has taken n events: the receiver counts
+// them; pg_recvlogical's walsender has sent everything written so far.
+func consumed(c *pgx.Conn, slot, name string, n int) error {
+	if name != "pg_recvlogical" {
+		return waitEvents(n, time.Minute)
+	}
+	ctx := context.Background()
+	var end string
+	c.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&end)
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) { // poll interval
+		var done bool
+		c.QueryRow(ctx, `SELECT coalesce(bool_or(r.sent_lsn >= $2::pg_lsn), false) FROM pg_stat_replication r
+			JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1`, slot, end).Scan(&done)
+		if done {
+			return nil
+		}
+	}
+	return fmt.Errorf("pg_recvlogical did not catch up with %s", end)
+}
+
 func postgresCPU() float64 {
 	dirs, _ := filepath.Glob("/proc/[0-9]*/stat")
 	total := 0.0
@@ -548,16 +592,25 @@ func writeDoc(table [][]string, rows, unbatched, runs int) error {
 		fmt.Fprintf(&b, "| %s |\n", strings.Join(r, " | "))
 	}
 	b.WriteString(`
-- pg_recvlogical: ` + "`pg_recvlogical --start -o proto_version=1 -o publication_names=walhook -E <end> -f /dev/null`" + ` on a
-  second slot holding the same backlog: PostgreSQL's decoding ceiling, nothing delivered.
-- walhook: ` + "`walhook run`" + ` draining into the receiver; rate = events / (start of the process → last event received),
-  so it includes start-up. CPU-s from /proc/<pid>/stat; peak RSS is VmHWM; walsender CPU-busy = its CPU
-  seconds during the drain / drain seconds.
-- Latency: 4 producers at the given total rate, synchronous_commit=on, commit time from the envelope's
-  timestamp, receipt time at the receiver (same clock).
+How each figure is taken (targets and the analysis: [performance.md](performance.md)):
 
-Micro-benchmarks (` + "`go test -run '^$' -bench . ./cdc ./outbox ./sender`" + `) cover the hot path with allocations:
-decoding a pgoutput insert, routing, envelope encoding, batch body and signing.
+- Backlog drain: ` + "`pg_recvlogical --start -o proto_version=1 -o publication_names=walhook -E <end> -f /dev/null`" + `
+  on a second slot holding the same backlog is PostgreSQL's decoding ceiling, nothing delivered. walhook
+  (` + "`walhook run`" + `, batch_max 1000) drains into the receiver; rate = events / (start of the process → last
+  event received), so it includes start-up. CPU-s from /proc/<pid>/stat; peak RSS is VmHWM; walsender
+  CPU-busy = its CPU seconds during walhook's drain / drain seconds.
+- Unbatched: one request per event, max_in_flight 16. The reference is Go's net/http client alone, in the
+  bench process, posting a 500-byte body with 16 in flight to the same receiver: the cost of a request.
+- Latency: 4 producers at the given total rate, synchronous_commit=on; commit time from the envelope's
+  timestamp, receipt time at the receiver (same clock). The reference is a bare consumer on a temporary
+  pgoutput slot under the same producers, timestamping each insert as it is decoded: PostgreSQL's own floor.
+- Versus: the same 10,000 single-row transactions at 1,000/s consumed by bench/relay (poll, deliver,
+  DELETE), by pg_recvlogical (-s 1, to /dev/null), and by walhook. Database CPU is every postgres process
+  but autovacuum, the producers' backends included; idle transactions/s over 5 s with nothing to do.
+
+Micro-benchmarks (` + "`go test -run '^$' -bench . -benchmem ./cdc ./outbox ./sender`" + `) cover the hot path with
+allocations: decoding a pgoutput insert, routing, envelope encoding, batch body and signing, a batch
+delivery.
 `)
 	return os.WriteFile("docs/benchmarks.md", []byte(b.String()), 0o644)
 }
