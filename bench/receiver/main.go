@@ -28,24 +28,12 @@ func main() {
 	http.HandleFunc("POST /hooks", func(w http.ResponseWriter, r *http.Request) {
 		now := time.Now()
 		body, _ := io.ReadAll(r.Body)
-		var envs []struct {
-			Timestamp time.Time `json:"timestamp"`
-		}
-		if len(body) > 0 && body[0] == '[' {
-			json.Unmarshal(body, &envs)
-		} else {
-			envs = envs[:0]
-			var one struct {
-				Timestamp time.Time `json:"timestamp"`
-			}
-			json.Unmarshal(body, &one)
-			envs = append(envs, one)
-		}
+		stamps := timestamps(body)
 		s.mu.Lock()
 		s.requests++
-		s.events += len(envs)
-		for _, e := range envs {
-			s.latencies = append(s.latencies, float64(now.Sub(e.Timestamp).Microseconds())/1000)
+		s.events += len(stamps)
+		for _, t := range stamps {
+			s.latencies = append(s.latencies, float64(now.Sub(t).Microseconds())/1000)
 		}
 		s.mu.Unlock()
 		w.WriteHeader(http.StatusNoContent)
@@ -68,4 +56,50 @@ func main() {
 		s.mu.Unlock()
 	})
 	log.Fatal(http.ListenAndServe(*listen, nil))
+}
+
+// timestamps returns the "timestamp" of each envelope in body (one envelope or
+// an array of them). It scans the JSON instead of decoding it: decoding a batch
+// of 1,000 took the receiver more CPU than walhook spent sending it, on the
+// same two cores.
+func timestamps(body []byte) []time.Time {
+	envelopeDepth := 1
+	if len(body) > 0 && body[0] == '[' {
+		envelopeDepth = 2
+	}
+	var out []time.Time
+	depth, wantValue := 0, false
+	for i := 0; i < len(body); i++ {
+		switch body[i] {
+		case '{', '[':
+			depth++
+		case '}', ']':
+			depth--
+		case '"':
+			end := i + 1
+			for end < len(body) && body[end] != '"' {
+				if body[end] == '\\' {
+					end++
+				}
+				end++
+			}
+			str := body[i+1 : min(end, len(body))]
+			next := end + 1
+			for next < len(body) && (body[next] == ' ' || body[next] == '\n') {
+				next++
+			}
+			isKey := next < len(body) && body[next] == ':'
+			switch {
+			case isKey:
+				wantValue = depth == envelopeDepth && string(str) == "timestamp"
+			case wantValue:
+				if t, err := time.Parse(time.RFC3339Nano, string(str)); err == nil {
+					out = append(out, t)
+				}
+				wantValue = false
+			}
+			i = end
+		}
+	}
+	return out
 }
