@@ -89,10 +89,11 @@ func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	sub := b.Subscription
 	ctx, cancel := context.WithTimeout(ctx, sub.Delivery.Timeout)
 	defer cancel()
-	body, req, err := newRequest(ctx, b)
+	body, req, release, err := newRequest(ctx, b)
 	if err != nil {
 		return &DeliveryError{Reason: "build request: " + err.Error()}
 	}
+	defer release()
 	now := s.now()
 	ts := now.Unix()
 	// During a secret rotation's overlap both secrets sign, space-separated.
@@ -127,27 +128,29 @@ func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	return newStatusError(resp, prefix, s.now())
 }
 
-// newRequest builds b's request. A large body comes from bodies and goes back
-// once the transport has closed every reader of it; a small one is copied out,
-// so that net/http, knowing it is in memory, sends it in one write with the
-// headers.
-func newRequest(ctx context.Context, b *outbox.Batch) ([]byte, *http.Request, error) {
+// newRequest builds b's request. A large body comes from bodies; it goes back
+// once release has been called and the transport has closed every reader of
+// it. A small one is copied out, so that net/http, knowing it is in memory,
+// sends it in one write with the headers.
+func newRequest(ctx context.Context, b *outbox.Batch) (body []byte, req *http.Request, release func(), err error) {
 	buf := bodies.Get().(*[]byte)
 	*buf = AppendBody((*buf)[:0], b)
 	if len(*buf) < pooledBodyMin {
 		body := bytes.Clone(*buf)
 		bodies.Put(buf)
 		req, err := http.NewRequestWithContext(ctx, http.MethodPost, b.Subscription.TargetURL, bytes.NewReader(body))
-		return body, req, err
+		return body, req, func() {}, err
 	}
 	pb := &pooledBody{buf: buf}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, b.Subscription.TargetURL, pb.reader())
+	pb.refs.Store(1) // the caller's, until release: a retry may ask for the body again
+	req, err = http.NewRequestWithContext(ctx, http.MethodPost, b.Subscription.TargetURL, pb.reader())
 	if err != nil {
-		return nil, nil, err
+		pb.release()
+		return nil, nil, nil, err
 	}
 	req.ContentLength = int64(len(*buf))
 	req.GetBody = func() (io.ReadCloser, error) { return pb.reader(), nil }
-	return *buf, req, nil
+	return *buf, req, pb.release, nil
 }
 
 // pooledBodyMin is the smallest body that is recycled.
@@ -157,9 +160,10 @@ const pooledBodyMin = 16 << 10
 // megabyte, which would otherwise be allocated, zeroed and collected per request.
 var bodies = sync.Pool{New: func() any { return new([]byte) }}
 
-// pooledBody is a request body that goes back to bodies once the transport has
-// closed every reader of it: it may still be writing it after the response has
-// come, and it may ask for it again (GetBody) to retry on a fresh connection.
+// pooledBody is a request body that goes back to bodies once Deliver is done
+// with it and the transport has closed every reader of it: the transport may
+// still be writing it after the response has come, and may ask for it again
+// (GetBody) to retry on a fresh connection.
 type pooledBody struct {
 	buf  *[]byte
 	refs atomic.Int32

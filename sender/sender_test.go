@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync"
@@ -241,5 +242,36 @@ func TestRecycledBodiesStayIntact(t *testing.T) {
 		if err := json.Unmarshal(r.Body, &envs); err != nil || len(envs) != 50 {
 			t.Fatalf("body is not the 50-event batch: %v", err)
 		}
+	}
+}
+
+// A target that answers at once without reading a large body (413, say) is
+// heard, not waited out until the attempt's deadline.
+func TestEarlyAnswerToALargeBody(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusRequestEntityTooLarge) // without reading the body
+	}))
+	defer srv.Close()
+	s := sender.New(&ssrf.Guard{})
+	defer s.Close()
+	sub := testSub(srv.URL)
+	sub.Delivery.BatchMax = 1000
+	sub.Delivery.Timeout = 20 * time.Second
+	// More than the socket buffers on this path hold: 16 MB.
+	events := make([]outbox.Event, 256)
+	payload := json.RawMessage(`"` + strings.Repeat("x", 64<<10) + `"`)
+	for i := range events {
+		events[i] = testEvent()
+		events[i].ID = strconv.Itoa(i)
+		events[i].Payload = payload
+	}
+	start := time.Now()
+	err := s.Deliver(context.Background(), outbox.NewBatch(sub, events...))
+	var de *sender.DeliveryError
+	if !errors.As(err, &de) || de.Status != http.StatusRequestEntityTooLarge {
+		t.Fatalf("err = %v, want the 413", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("the answer took %s: the attempt waited for its deadline", d)
 	}
 }

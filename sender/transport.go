@@ -21,8 +21,12 @@ import (
 // goroutines per connection and hands every request and response between them;
 // at one request per event that was half of walhook's CPU (docs/performance.md).
 //
-// Requests through a proxy (HTTP_PROXY, HTTPS_PROXY) and to schemes other than
-// http and https go to fallback.
+// Requests through a proxy (HTTP_PROXY, HTTPS_PROXY), to schemes other than
+// http and https, and with bodies over maxLeanBody go to fallback: writing and
+// reading in turn, the lean transport would wait out its deadline on a target
+// that answers early (413, say) without reading a large body, where net/http,
+// reading while it writes, sees the answer. Large bodies are batches, whose
+// per-request cost hardly counts.
 type transport struct {
 	dial        func(ctx context.Context, network, addr string) (net.Conn, error)
 	tlsConfig   *tls.Config // cloned per connection; nil: the system's roots
@@ -45,6 +49,10 @@ type conn struct {
 
 const tlsHandshakeTimeout = 5 * time.Second
 
+// maxLeanBody is the largest body the lean transport sends: less than the
+// socket buffers between walhook and the target take without the target reading.
+const maxLeanBody = 64 << 10
+
 // aLongTimeAgo is a deadline that makes pending I/O fail at once.
 var aLongTimeAgo = time.Unix(1, 0)
 
@@ -55,8 +63,9 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if p, err := t.proxy(req); err != nil || p != nil {
 		return t.fallback.RoundTrip(req)
 	}
-	if req.ContentLength < 0 || req.ContentLength == 0 && req.Body != nil && req.Body != http.NoBody {
-		return t.fallback.RoundTrip(req) // a body of unknown length
+	if req.ContentLength < 0 || req.ContentLength == 0 && req.Body != nil && req.Body != http.NoBody ||
+		req.ContentLength > maxLeanBody {
+		return t.fallback.RoundTrip(req) // a body of unknown length, or a large one
 	}
 	for retried := false; ; retried = true {
 		c, reused, err := t.get(req)
