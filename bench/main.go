@@ -5,7 +5,7 @@
 //
 // BENCH_ROWS (default 1000000) rows for the backlog drain, BENCH_UNBATCHED
 // (100000) for the unbatched run, BENCH_RUNS (2) runs of each; BENCH_SCENARIOS
-// (drain,unbatched,latency,versus) picks scenarios.
+// (drain,unbatched,latency,versus,busy) picks scenarios.
 package main
 
 import (
@@ -142,6 +142,20 @@ func run() error {
 				resources += fmt.Sprintf("; of it the walsender %.2f s/100k", ws)
 			}
 			add(fmt.Sprintf("versus a polling relay, 1,000 events/s for 10s, run %d: %s", r, v.label), "", latency, resources)
+		}
+	}
+	for r := 1; r <= runs && want("busy"); r++ {
+		for _, consumer := range []string{"none", "pg_recvlogical", "walhook"} {
+			b, err := busyPrimary(consumer)
+			if err != nil {
+				return err
+			}
+			label := map[string]string{"none": "slot not streamed", "pg_recvlogical": "pg_recvlogical (reference)", "walhook": "walhook"}[consumer]
+			res := fmt.Sprintf("all postgres processes %.2f CPU-s/100k transactions", b["db_cpu_per_100k"])
+			if ws, ok := b["walsender_cpu_per_100k"]; ok {
+				res = fmt.Sprintf("walsender %.2f CPU-s/100k transactions, the consumer itself %.2f; ", ws, b["consumer_cpu_per_100k"]) + res
+			}
+			add(fmt.Sprintf("busy primary: pgbench simple-update at 1,000 txns/s for 10s, no outbox rows, run %d: %s", r, label), "", "", res)
 		}
 	}
 	return writeDoc(table, rows, unbatched, runs)
@@ -604,6 +618,9 @@ How each figure is taken (targets and the analysis: [performance.md](performance
 - Latency: 4 producers at the given total rate, synchronous_commit=on; commit time from the envelope's
   timestamp, receipt time at the receiver (same clock). The reference is a bare consumer on a temporary
   pgoutput slot under the same producers, timestamping each insert as it is decoded: PostgreSQL's own floor.
+- Busy primary: pgbench simple-update (no outbox rows) at 1,000 transactions/s for 10 s, with the slot not
+  streamed, streamed by pg_recvlogical, and by walhook: what streaming costs a database whose transactions
+  are mostly not walhook's. The total swings with pgbench's own backends; the walsender's share is steady.
 - Versus: the same 10,000 single-row transactions at 1,000/s consumed by bench/relay (poll, deliver,
   DELETE), by pg_recvlogical (-s 1, to /dev/null), and by walhook. Database CPU is every postgres process
   but autovacuum, the producers' backends included; idle transactions/s over 5 s with nothing to do.
