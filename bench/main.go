@@ -606,7 +606,8 @@ func writeDoc(table [][]string, rows, unbatched, runs int) error {
 		fmt.Fprintf(&b, "| %s |\n", strings.Join(r, " | "))
 	}
 	b.WriteString(`
-How each figure is taken (targets and the analysis: [performance.md](performance.md)):
+The targets, what was profiled where one is missed, and each change measured before and after are in
+[performance.md](performance.md). How each figure is taken:
 
 - Backlog drain: ` + "`pg_recvlogical --start -o proto_version=1 -o publication_names=walhook -E <end> -f /dev/null`" + `
   on a second slot holding the same backlog is PostgreSQL's decoding ceiling, nothing delivered. walhook
