@@ -37,8 +37,7 @@ func busyPrimary(consumer string) (map[string]float64, error) {
 	var cmd *exec.Cmd
 	switch consumer {
 	case "pg_recvlogical":
-		cmd = exec.Command(filepath.Join(os.Getenv("PG_BINDIR"), "pg_recvlogical"), "-d", db, "-S", dbName, "--start",
-			"-o", "proto_version=1", "-o", "publication_names=walhook", "-s", "1", "-f", "/dev/null")
+		cmd = recvlogical(db, dbName, "-s", "1")
 	case "walhook":
 		cmd = exec.Command(filepath.Join(bin, "walhook"), "run", "--config", cfg)
 	}

@@ -251,8 +251,7 @@ func backlogDrain(run, rows int) (drainResult, error) {
 	c.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&end)
 
 	start := time.Now()
-	out, err := exec.Command(filepath.Join(os.Getenv("PG_BINDIR"), "pg_recvlogical"), "-d", db, "-S", "reference", "--start",
-		"-o", "proto_version=1", "-o", "publication_names=walhook", "-E", end, "-f", "/dev/null").CombinedOutput()
+	out, err := recvlogical(db, "reference", "-E", end).CombinedOutput()
 	if err != nil {
 		return r, fmt.Errorf("pg_recvlogical: %v\n%s", err, out)
 	}
@@ -446,8 +445,7 @@ func versus(name string, relayInterval time.Duration) (map[string]any, error) {
 	var consumer *exec.Cmd
 	streams := relayInterval == 0 // walhook or pg_recvlogical: a walsender decodes for it
 	if name == "pg_recvlogical" {
-		consumer = exec.Command(filepath.Join(os.Getenv("PG_BINDIR"), "pg_recvlogical"), "-d", db, "-S", dbName, "--start",
-			"-o", "proto_version=1", "-o", "publication_names=walhook", "-s", "1", "-f", "/dev/null")
+		consumer = recvlogical(db, dbName, "-s", "1")
 	} else if relayInterval > 0 {
 		c.Exec(ctx, `SELECT pg_drop_replication_slot($1)`, dbName) // the relay reads the table
 		consumer = exec.Command(filepath.Join(bin, "relay"), "-db", db, "-target", "http://"+recvAddr+"/hooks",
@@ -536,6 +534,14 @@ func consumed(c *pgx.Conn, slot, name string, n int) error {
 		}
 	}
 	return fmt.Errorf("pg_recvlogical did not catch up with %s", end)
+}
+
+// recvlogical is pg_recvlogical streaming slot with pgoutput to /dev/null:
+// PostgreSQL's decoding, nothing delivered.
+func recvlogical(db, slot string, args ...string) *exec.Cmd {
+	args = append([]string{"-d", db, "-S", slot, "--start", "-o", "proto_version=1", "-o", "publication_names=walhook",
+		"-f", "/dev/null"}, args...)
+	return exec.Command(filepath.Join(os.Getenv("PG_BINDIR"), "pg_recvlogical"), args...)
 }
 
 func postgresCPU() float64 {
