@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -44,7 +45,7 @@ type conn struct {
 	key    string
 	br     *bufio.Reader
 	bw     *bufio.Writer
-	idleAt time.Time
+	expire *time.Timer // closes the connection after idleTimeout in the pool
 }
 
 const tlsHandshakeTimeout = 5 * time.Second
@@ -232,16 +233,14 @@ func (b *body) Close() error {
 // get returns an idle connection to req's target, or dials one.
 func (t *transport) get(req *http.Request) (c *conn, reused bool, err error) {
 	key := req.URL.Scheme + "://" + canonicalAddr(req.URL)
-	now := time.Now()
 	t.mu.Lock()
-	for list := t.idle[key]; len(list) > 0; list = t.idle[key] {
+	if list := t.idle[key]; len(list) > 0 {
 		c = list[len(list)-1]
+		list[len(list)-1] = nil
 		t.idle[key] = list[:len(list)-1]
-		if now.Sub(c.idleAt) < t.idleTimeout {
-			t.mu.Unlock()
-			return c, true, nil
-		}
-		c.Close()
+		t.mu.Unlock()
+		c.expire.Stop() // should it be firing, it no longer finds c in the pool
+		return c, true, nil
 	}
 	t.mu.Unlock()
 	c, err = t.connect(req.Context(), req.URL, key)
@@ -273,7 +272,6 @@ func (t *transport) connect(ctx context.Context, u *url.URL, key string) (*conn,
 }
 
 func (t *transport) put(c *conn) {
-	c.idleAt = time.Now()
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if len(t.idle[c.key]) >= t.maxIdle {
@@ -284,6 +282,30 @@ func (t *transport) put(c *conn) {
 		t.idle = map[string][]*conn{}
 	}
 	t.idle[c.key] = append(t.idle[c.key], c)
+	// Idle connections do not outlive idleTimeout, also to targets that are
+	// never asked for again (a deleted subscription's).
+	if c.expire == nil {
+		c.expire = time.AfterFunc(t.idleTimeout, func() { t.expire(c) })
+	} else {
+		c.expire.Reset(t.idleTimeout)
+	}
+}
+
+// expire closes c if it is still idle in the pool.
+func (t *transport) expire(c *conn) {
+	t.mu.Lock()
+	list := t.idle[c.key]
+	i := slices.Index(list, c)
+	if i >= 0 {
+		t.idle[c.key] = slices.Delete(list, i, i+1)
+		if len(t.idle[c.key]) == 0 {
+			delete(t.idle, c.key)
+		}
+	}
+	t.mu.Unlock()
+	if i >= 0 {
+		c.Close()
+	}
 }
 
 // CloseIdleConnections closes the pooled connections.
@@ -294,6 +316,7 @@ func (t *transport) CloseIdleConnections() {
 	t.mu.Unlock()
 	for _, list := range idle {
 		for _, c := range list {
+			c.expire.Stop()
 			c.Close()
 		}
 	}

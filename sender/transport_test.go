@@ -18,14 +18,18 @@ import (
 // countingServer is a real endpoint that counts the connections it accepted.
 type countingServer struct {
 	*httptest.Server
-	conns atomic.Int32
+	conns  atomic.Int32
+	closed atomic.Int32
 }
 
 func newCountingServer(t *testing.T, tls bool, h http.HandlerFunc) *countingServer {
 	s := &countingServer{Server: httptest.NewUnstartedServer(h)}
 	s.Config.ConnState = func(_ net.Conn, st http.ConnState) {
-		if st == http.StateNew {
+		switch st {
+		case http.StateNew:
 			s.conns.Add(1)
+		case http.StateClosed:
+			s.closed.Add(1)
 		}
 	}
 	if tls {
@@ -166,5 +170,26 @@ func TestTransportSendsThroughAProxy(t *testing.T) {
 	post(t, tr, "http://receiver.example/hooks", "x")
 	if got, _ := seen.Load().(string); got != "http://receiver.example/hooks" {
 		t.Fatalf("proxy saw %q", got)
+	}
+}
+
+// An idle connection is closed after idleTimeout even when its target is never
+// asked for again (a deleted subscription's).
+func TestTransportClosesIdleConnections(t *testing.T) {
+	srv := newCountingServer(t, false, echo)
+	tr := testTransport(srv.Server)
+	tr.idleTimeout = 50 * time.Millisecond
+	post(t, tr, srv.URL, "x")
+	deadline := time.Now().Add(5 * time.Second)
+	for srv.closed.Load() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the idle connection is still open")
+		}
+		time.Sleep(10 * time.Millisecond) // poll interval
+	}
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	if len(tr.idle) != 0 {
+		t.Errorf("pool still holds %v", tr.idle)
 	}
 }
