@@ -53,7 +53,7 @@ func newTransport(dial func(ctx context.Context, network, addr string) (net.Conn
 		proxy:       http.ProxyFromEnvironment,
 		maxIdle:     32,
 		idleTimeout: 90 * time.Second,
-		fallback: &http.Transport{ // through a proxy
+		fallback: &http.Transport{ // through a proxy, and large bodies (transport.go)
 			Proxy:               http.ProxyFromEnvironment,
 			DialContext:         dial,
 			ForceAttemptHTTP2:   true,
@@ -130,8 +130,9 @@ func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 
 // newRequest builds b's request. A large body comes from bodies; it goes back
 // once release has been called and the transport has closed every reader of
-// it. A small one is copied out, so that net/http, knowing it is in memory,
-// sends it in one write with the headers.
+// it. A small one is copied out into a plain bytes.Reader: cheap, and on the
+// proxy path net/http, knowing it is in memory, sends it with the headers in
+// one write.
 func newRequest(ctx context.Context, b *outbox.Batch) (body []byte, req *http.Request, release func(), err error) {
 	buf := bodies.Get().(*[]byte)
 	*buf = AppendBody((*buf)[:0], b)
