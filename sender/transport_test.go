@@ -152,6 +152,8 @@ func TestTransportHonoursTheContext(t *testing.T) {
 	if d := time.Since(start); d > 5*time.Second {
 		t.Errorf("returned after %s", d)
 	}
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
 	if len(tr.idle) != 0 {
 		t.Error("an interrupted connection went back to the pool")
 	}
