@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"strconv"
 	"strings"
@@ -28,8 +29,9 @@ type Config struct {
 	Columns        Columns               // outbox column names; default DefaultColumns
 	StatusInterval time.Duration         // how often the flush position is checked and sent when it moved; default 1s
 	StatusMaxAge   time.Duration         // a status update is sent at least this often; default 10s, or a third of the server's wal_sender_timeout if less
-	StallTimeout   time.Duration         // silence from the server after which the stream counts as stalled; default 30s
+	StallTimeout   time.Duration         // silence from the server that ends a session; default 30s, at most half the server's wal_sender_timeout
 	Registerer     prometheus.Registerer // for walhook_active; default none
+	Budget         *outbox.Budget        // bytes of events held downstream: reading pauses while it is full; default unbounded
 }
 
 // WithDefaults fills zero fields.
@@ -54,6 +56,9 @@ func (c Config) WithDefaults() Config {
 	}
 	if c.StallTimeout == 0 {
 		c.StallTimeout = 30 * time.Second
+	}
+	if c.Budget == nil {
+		c.Budget = outbox.NewBudget(math.MaxInt64)
 	}
 	return c
 }
@@ -81,6 +86,10 @@ type Stream struct {
 	sentFlush    outbox.LSN
 	sentAt       time.Time
 	maxAge       time.Duration // StatusMaxAge fitted to the server's wal_sender_timeout
+	stall        time.Duration // StallTimeout fitted to the server's wal_sender_timeout
+	epoch        *outbox.Epoch // the session's hold of the slot
+	epochs       uint64        // epochs started
+	drainSent    bool          // the Drained change was handed on
 	readDeadline time.Time     // when the current read deadline expires
 	cols         []column      // reused by parseInsert
 	relations    map[uint32]*relation
@@ -95,7 +104,7 @@ type Stream struct {
 // NewStream returns a Stream that confirms what acker says is finished.
 func NewStream(cfg Config, acker *outbox.Acker, log zerolog.Logger) *Stream {
 	cfg = cfg.WithDefaults()
-	s := &Stream{cfg: cfg, acker: acker, maxAge: cfg.StatusMaxAge, log: log.With().Str("component", "cdc").Logger(),
+	s := &Stream{cfg: cfg, acker: acker, maxAge: cfg.StatusMaxAge, stall: cfg.StallTimeout, log: log.With().Str("component", "cdc").Logger(),
 		active: prometheus.NewGauge(prometheus.GaugeOpts{Name: "walhook_active",
 			Help: "1 on the replica that holds the slot and streams; 0 on a standby."})}
 	if cfg.Registerer != nil {
@@ -144,7 +153,7 @@ func (s *Stream) Health() State {
 	st := s.state.Load().(State)
 	// The stream declares a stall itself, so that /readyz and the log agree;
 	// should the stream's goroutine hang, the silence shows a while later.
-	if st == Streaming && (s.stalled.Load() || !s.paused.Load() && s.quiet() > 2*s.cfg.StallTimeout) {
+	if st == Streaming && (s.stalled.Load() || s.quiet() > 2*s.cfg.StallTimeout) {
 		return Stalled
 	}
 	return st
@@ -163,6 +172,17 @@ func (s *Stream) Run(ctx context.Context, out chan<- outbox.Change) error {
 	for {
 		streamed, err := s.session(ctx, out, lost)
 		if ctx.Err() != nil {
+			return nil
+		}
+		if s.draining() {
+			// Stopping, and the session (so its epoch) ended: nothing is in
+			// flight any more. The pipeline still hears that the drain is over.
+			if !s.drainSent {
+				select {
+				case out <- outbox.Change{Kind: outbox.ChangeDrained}:
+				case <-ctx.Done():
+				}
+			}
 			return nil
 		}
 		if _, ok := errors.AsType[*permanentError](err); ok {
@@ -197,6 +217,8 @@ func (s *Stream) session(ctx context.Context, out chan<- outbox.Change, reconnec
 		return false, err
 	}
 	defer s.conn.Close(context.Background())
+	// Runs before the close: the epoch's sends stop before the slot is free.
+	defer func() { s.epoch.End(fmt.Errorf("session ended: %w", err)) }()
 	s.lastHeard.Store(time.Now().UnixNano())
 	s.state.Store(Streaming)
 	s.active.Set(1)
@@ -216,28 +238,32 @@ func (s *Stream) session(ctx context.Context, out chan<- outbox.Change, reconnec
 		if ctx.Err() != nil {
 			return true, s.stop()
 		}
+		if err := s.epoch.Err(); err != nil { // the pipeline gave the slot up
+			s.stop()
+			return true, err
+		}
 		if s.yield.Swap(false) {
 			s.stop() // confirm what is finished, then leave
 			return true, errYield
 		}
 		var err error
-		if len(s.pending) > 0 {
+		switch {
+		case len(s.pending) > 0:
+			if s.handOn(out) {
+				continue
+			}
 			// Backpressure: stop reading, keep answering.
+			s.paused.Store(true)
 			select {
 			case out <- s.pending[0]:
-				s.pending = s.pending[1:]
-			default:
-				s.paused.Store(true)
-				select {
-				case out <- s.pending[0]:
-					s.pending = s.pending[1:]
-				case <-tick.C:
-					err = s.sendStatus(ctx, false)
-				case <-ctx.Done():
-				}
-				s.paused.Store(false)
+				s.handedOn()
+			case <-tick.C:
+				err = s.heartbeat(ctx)
+			case <-ctx.Done():
+			case <-s.epoch.Context().Done():
 			}
-		} else if s.drained || (!s.inTxn && s.draining()) {
+			s.paused.Store(false)
+		case s.drained || (!s.inTxn && s.draining()):
 			// Shutting down: everything decoded is handed on; only confirm.
 			if !s.drained {
 				s.drained = true
@@ -248,8 +274,20 @@ func (s *Stream) session(ctx context.Context, out chan<- outbox.Change, reconnec
 			case <-tick.C:
 				err = s.sendStatus(ctx, false)
 			case <-ctx.Done():
+			case <-s.epoch.Context().Done():
 			}
-		} else {
+		case s.cfg.Budget.Full():
+			// The events held downstream fill the memory budget.
+			s.paused.Store(true)
+			select {
+			case <-s.cfg.Budget.Freed():
+			case <-tick.C:
+				err = s.heartbeat(ctx)
+			case <-ctx.Done():
+			case <-s.epoch.Context().Done():
+			}
+			s.paused.Store(false)
+		default:
 			select {
 			case <-tick.C:
 				err = s.sendStatus(ctx, false)
@@ -264,6 +302,40 @@ func (s *Stream) session(ctx context.Context, out chan<- outbox.Change, reconnec
 			return true, err
 		}
 	}
+}
+
+// handOn passes the first pending change on if the pipeline has room.
+func (s *Stream) handOn(out chan<- outbox.Change) bool {
+	select {
+	case out <- s.pending[0]:
+		s.handedOn()
+		return true
+	default:
+		return false
+	}
+}
+
+func (s *Stream) handedOn() {
+	if s.pending[0].Kind == outbox.ChangeDrained {
+		s.drainSent = true
+	}
+	s.pending = s.pending[1:]
+}
+
+// heartbeat keeps a paused stream's lease: it confirms, and when the server
+// has been quiet for a third of the stall timeout it asks for a reply and
+// reads one message, so a dead server is noticed while paused too (the
+// epoch must end before the server can give the slot to another process;
+// docs/design.md, "Ownership"). A paused stream so reads at most one message
+// per third of the stall timeout.
+func (s *Stream) heartbeat(ctx context.Context) error {
+	if err := s.sendStatus(ctx, false); err != nil {
+		return err
+	}
+	if s.quiet() > s.stall/3 {
+		return s.receive(ctx)
+	}
+	return nil
 }
 
 var (
@@ -326,8 +398,6 @@ func (s *Stream) connect(ctx context.Context) error {
 	s.inTxn, s.txnEvents = false, false
 	s.stalled.Store(false)
 	s.readDeadline = time.Time{}
-	// The pipeline loads the subscriptions in force at the start position.
-	s.pending = append(s.pending[:0], outbox.Change{Kind: outbox.ChangeStart, LSN: s.start})
 	err = pglogrepl.StartReplication(ctx, s.conn, s.cfg.Slot, pglogrepl.LSN(s.start), pglogrepl.StartReplicationOptions{
 		PluginArgs: []string{
 			"proto_version '1'",
@@ -343,6 +413,12 @@ func (s *Stream) connect(ctx context.Context) error {
 		return fmt.Errorf("start replication on slot %q: %w", s.cfg.Slot, err)
 	}
 	s.sentAt = time.Now()
+	// The slot is ours: a new epoch. The pipeline starts it from the
+	// database's state at the start position.
+	s.epochs++
+	s.epoch = outbox.NewEpoch(ctx, s.epochs)
+	s.cfg.Budget.Reset(s.epochs)
+	s.pending = append(s.pending[:0], outbox.Change{Kind: outbox.ChangeStart, LSN: s.start, Epoch: s.epoch})
 	return nil
 }
 
@@ -361,7 +437,9 @@ func (s *Stream) missingSlot(ctx context.Context) error {
 
 // fitStatusMaxAge keeps status updates well inside the server's
 // wal_sender_timeout, so that the server never drops walhook while the stream is
-// paused for backpressure and does not see its keepalive requests.
+// paused for backpressure and does not see its keepalive requests; and the
+// stall timeout within half of it, so that a session whose server went silent
+// ends before the server would let another process take the slot.
 func (s *Stream) fitStatusMaxAge(ctx context.Context) error {
 	res, err := s.conn.Exec(ctx, "SHOW wal_sender_timeout").ReadAll()
 	if err != nil {
@@ -374,8 +452,12 @@ func (s *Stream) fitStatusMaxAge(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("read wal_sender_timeout: %w", err)
 	}
+	s.maxAge, s.stall = s.cfg.StatusMaxAge, s.cfg.StallTimeout
 	if timeout > 0 && timeout/3 < s.maxAge {
 		s.maxAge = timeout / 3
+	}
+	if timeout > 0 && timeout/2 < s.stall {
+		s.stall = timeout / 2
 	}
 	return nil
 }
@@ -437,7 +519,7 @@ func (s *Stream) receive(ctx context.Context) error {
 		now := time.Now()
 		s.readDeadline = now.Add(s.cfg.StatusInterval)
 		// Wake when the silence becomes a stall, to declare it on time.
-		if stall := now.Add(s.cfg.StallTimeout - s.quiet() + time.Millisecond); stall.After(now) && stall.Before(s.readDeadline) {
+		if stall := now.Add(s.stall - s.quiet() + time.Millisecond); stall.After(now) && stall.Before(s.readDeadline) {
 			s.readDeadline = stall
 		}
 		s.conn.Conn().SetReadDeadline(s.readDeadline)
@@ -570,6 +652,9 @@ func (s *Stream) handleWAL(at outbox.LSN, wal []byte) error {
 			s.beginLazily()
 			c.Event.Seq = sequence(s.commitLSN, s.txnIndex)
 			s.txnIndex++
+			if c.Kind == outbox.ChangeReplay {
+				s.cfg.Budget.Hold(s.epoch.N, outbox.EventSize(&c.Event))
+			}
 			s.pending = append(s.pending, c)
 		}
 	}
@@ -586,6 +671,7 @@ func (s *Stream) beginLazily() {
 
 func (s *Stream) queueEvent(at outbox.LSN, e outbox.Event, err error) {
 	s.beginLazily()
+	s.cfg.Budget.Hold(s.epoch.N, outbox.EventSize(&e)) // released downstream, when the event is finished
 	e.CommitTime = s.commitTime
 	e.Seq = sequence(s.commitLSN, s.txnIndex)
 	s.txnIndex++
@@ -608,10 +694,10 @@ func sequence(commit outbox.LSN, index uint64) uint64 {
 // quiet is how long the server has been silent.
 func (s *Stream) quiet() time.Duration { return time.Since(time.Unix(0, s.lastHeard.Load())) }
 
-// noticeStall declares a stall, once, when the server has been silent for
-// StallTimeout while the stream was reading (a pause for backpressure is none).
+// noticeStall declares a stall, once, when the server has been silent for the
+// stall timeout (a paused stream still reads now and then: heartbeat).
 func (s *Stream) noticeStall(quiet time.Duration) {
-	if quiet > s.cfg.StallTimeout && !s.paused.Load() && !s.stalled.Swap(true) {
+	if quiet > s.stall && !s.stalled.Swap(true) {
 		s.log.Error().Dur("silent_for", quiet).Msg("stream stalled: the server does not answer")
 	}
 }
@@ -623,10 +709,10 @@ func (s *Stream) sendStatus(ctx context.Context, force bool) error {
 	// A quiet server is asked for a reply: a live walsender answers at once, a
 	// frozen one or a half-open connection does not (stall detection).
 	quiet := s.quiet()
-	askReply := !s.paused.Load() && quiet > s.cfg.StallTimeout/3
+	askReply := quiet > s.stall/3
 	s.noticeStall(quiet)
-	if s.stalled.Load() && quiet > 2*s.cfg.StallTimeout {
-		return errStalled // reconnect
+	if s.stalled.Load() {
+		return errStalled // end the epoch and reconnect
 	}
 	if !force && !askReply && flush == s.sentFlush && time.Since(s.sentAt) < s.maxAge {
 		return nil

@@ -41,6 +41,17 @@ func (a *Acker) Begin(commit time.Time) *Txn {
 	return t
 }
 
+// Reset forgets every transaction: a new epoch starts at start, the slot's
+// confirmed position, and the stream brings the unfinished ones again. The
+// flush position never moves back: what was finished stays finished.
+func (a *Acker) Reset(start LSN) {
+	a.mu.Lock()
+	clear(a.open)
+	a.open = a.open[:0]
+	a.flush = max(a.flush, start)
+	a.mu.Unlock()
+}
+
 // Abort forgets a transaction that will never commit in this stream (the
 // connection was lost inside it; the stream replays it whole as a new one).
 func (a *Acker) Abort(t *Txn) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"slices"
 	"strconv"
 	"sync"
@@ -50,7 +51,15 @@ type RoutingChange struct {
 }
 
 // Store keeps what must survive a restart.
+//
+// Writes to walhook.deliveries and to a subscription's disabled state are
+// fenced: Acquire takes the lease of a new epoch, and once another process
+// has taken a newer one, those writes fail with ErrFenced (docs/design.md,
+// "Ownership"). Errors that retrying cannot fix wrap ErrPermanent.
 type Store interface {
+	// Acquire takes the delivery lease for a new epoch of this process.
+	Acquire(ctx context.Context) error
+
 	DeadLetter(ctx context.Context, d DeadLetter) error
 	// RecordRouting stores an applied subscription change, before its
 	// transaction may be acknowledged.
@@ -61,13 +70,14 @@ type Store interface {
 	// DeleteSubscription removes a dynamic subscription (after a 410 Gone).
 	DeleteSubscription(ctx context.Context, id string) error
 
-	// Parking (docs/parking.md). Park appends events of one subscription to
+	// Parking (docs/parking.md). Park adds events of one subscription to
 	// walhook.deliveries, ignoring ones already there.
 	Park(ctx context.Context, subscription string, events []ParkedEvent) error
 	// ParkedKeys lists the resources of a subscription that have parked events.
 	ParkedKeys(ctx context.Context, subscription string) ([]ParkedKey, error)
-	// NextParked returns up to limit parked events of one resource, in order.
-	NextParked(ctx context.Context, subscription, resource string, limit int) ([]ParkedEvent, error)
+	// NextParked returns a resource's parked events in sequence order: up to
+	// limit of them and maxBytes of payload (at least one).
+	NextParked(ctx context.Context, subscription, resource string, limit, maxBytes int) ([]ParkedEvent, error)
 	// Unpark deletes delivered or dead-lettered rows.
 	Unpark(ctx context.Context, rows []int64) error
 	// Reschedule records a failed attempt of rows.
@@ -79,6 +89,15 @@ type Store interface {
 	// DeadLetterParked moves a subscription's parked events to the dead letters.
 	DeadLetterParked(ctx context.Context, subscription, reason string) error
 }
+
+var (
+	// ErrFenced means another process took a newer delivery lease: this
+	// process's epoch is over.
+	ErrFenced = errors.New("another walhook process took over delivery (lease fenced)")
+	// ErrPermanent marks a store error that retrying cannot fix (the data
+	// cannot be stored as it is).
+	ErrPermanent = errors.New("permanent store error")
+)
 
 // ParkedEvent is an event in walhook.deliveries.
 type ParkedEvent struct {
@@ -93,6 +112,7 @@ type ParkedEvent struct {
 type ParkedKey struct {
 	Resource    string
 	NextAttempt time.Time
+	MaxSeq      uint64 // the highest sequence parked for it
 }
 
 // DispatcherConfig configures a Dispatcher.
@@ -104,6 +124,7 @@ type DispatcherConfig struct {
 	Store         Store
 	Logger        zerolog.Logger
 	Metrics       *Metrics // default: registered nowhere
+	Budget        *Budget  // bytes held in memory, shared with the stream; default NewBudget(0)
 	QueueSize     int      // pending deliveries per subscription before the stream pauses; default 1024
 }
 
@@ -118,11 +139,15 @@ type Dispatcher struct {
 	byID     map[string]*running
 	txn      *Txn   // the open transaction
 	txnMaxID uint64 // highest numeric outbox id seen in it
-	ctx      context.Context
+	epoch    *Epoch // the slot's current hold; nil before the first Start
 	workers  sync.WaitGroup
-	started  bool          // routing was loaded once
 	drain    chan struct{} // closed at ChangeDrained: schedulers finish what is in flight
 	drained  chan struct{} // closed when every scheduler has stopped after that
+
+	// Config-file subscriptions that endpoint health disabled stay disabled
+	// until walhook restarts, across epochs. Written by schedulers.
+	mu             sync.Mutex
+	disabledStatic map[string]bool
 }
 
 // running is a subscription with its scheduler.
@@ -138,6 +163,7 @@ type running struct {
 type delivery struct {
 	event  Event
 	txn    *Txn
+	size   int64         // what the event holds of the budget
 	commit bool          // no event: the transaction of the previous events committed
 	update *Subscription // no event: the subscription changed
 	close  bool          // no event: the subscription was deleted; drain and stop
@@ -154,7 +180,11 @@ func NewDispatcher(cfg DispatcherConfig) *Dispatcher {
 	if cfg.Metrics == nil {
 		cfg.Metrics = NewMetrics(prometheus.NewRegistry(), cfg.Acker)
 	}
-	return &Dispatcher{cfg: cfg, byID: map[string]*running{}, drain: make(chan struct{}), drained: make(chan struct{})}
+	if cfg.Budget == nil {
+		cfg.Budget = NewBudget(0)
+	}
+	return &Dispatcher{cfg: cfg, byID: map[string]*running{}, drain: make(chan struct{}), drained: make(chan struct{}),
+		disabledStatic: map[string]bool{}}
 }
 
 // Drained is closed once Run has stopped after a ChangeDrained: the sends in
@@ -164,16 +194,12 @@ func (d *Dispatcher) Drained() <-chan struct{} { return d.drained }
 
 // Run consumes changes until ctx ends or changes closes. Reading pauses (and so
 // does the stream behind it) while a subscription's queue is full.
+//
+// Schedulers run only inside an epoch: a ChangeStart begins one, and when it
+// ends every scheduler stops and the changes of its session that are still
+// queued are dropped (the next session streams them again).
 func (d *Dispatcher) Run(ctx context.Context, changes <-chan Change) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer func() {
-		cancel()
-		d.workers.Wait()
-	}()
-	d.ctx = ctx
-	for _, s := range d.cfg.Subscriptions {
-		d.add(s)
-	}
+	defer d.stopEpoch()
 	for ctx.Err() == nil {
 		var c Change
 		var ok bool
@@ -189,15 +215,21 @@ func (d *Dispatcher) Run(ctx context.Context, changes <-chan Change) error {
 		if !ok {
 			return nil
 		}
-		if c.Kind == ChangeDrained {
+		switch {
+		case c.Kind == ChangeDrained:
 			close(d.drain)
 			d.workers.Wait() // each scheduler stops once its sends are back
 			close(d.drained)
 			return nil
+		case c.Kind == ChangeStart:
+			d.startEpoch(ctx, c)
+			continue
+		case d.epoch == nil || d.epoch.Err() != nil:
+			continue // the tail of an ended session
 		}
-		if err := d.handleChange(ctx, c); err != nil {
-			if errors.Is(err, context.Canceled) {
-				return nil
+		if err := d.handleChange(d.epoch.Context(), c); err != nil {
+			if d.epoch.Err() != nil || errors.Is(err, context.Canceled) {
+				continue
 			}
 			return err
 		}
@@ -205,10 +237,76 @@ func (d *Dispatcher) Run(ctx context.Context, changes <-chan Change) error {
 	return nil
 }
 
+// startEpoch stops the previous epoch's schedulers and starts this one's,
+// from what the database says at the start position: the lease, the
+// subscriptions in force there, and (each scheduler) the parked resources.
+// When that cannot be read for a while the epoch is given up: the stream
+// leaves the slot and tries again, rather than deliver from a partial state.
+func (d *Dispatcher) startEpoch(ctx context.Context, c Change) {
+	d.stopEpoch()
+	e := c.Epoch
+	if e == nil { // tests drive the Dispatcher without a stream
+		var n uint64
+		if d.epoch != nil {
+			n = d.epoch.N
+		}
+		e = NewEpoch(ctx, n+1)
+		d.cfg.Budget.Reset(e.N)
+	}
+	d.epoch = e
+	d.cfg.Acker.Reset(c.LSN)
+	ectx := e.Context()
+	var rows []SubscriptionRow
+	lctx, cancel := context.WithTimeout(ectx, 10*time.Second)
+	err := retryForever(lctx, d.cfg.Logger, "cannot take over delivery", func() error {
+		if err := d.cfg.Store.Acquire(lctx); err != nil {
+			return err
+		}
+		var err error
+		rows, err = d.cfg.Store.LoadRouting(lctx, c.LSN)
+		return err
+	})
+	cancel()
+	if err != nil {
+		if ectx.Err() == nil {
+			d.cfg.Logger.Error().Err(err).Msg("cannot take over delivery: leaving the slot to try again")
+			e.End(fmt.Errorf("take over delivery: %w", err))
+		}
+		return
+	}
+	for _, s := range d.cfg.Subscriptions {
+		d.mu.Lock()
+		if d.disabledStatic[s.ID] {
+			cp := *s
+			cp.Disabled = true
+			s = &cp
+		}
+		d.mu.Unlock()
+		d.add(s)
+	}
+	for i := range rows {
+		d.subscribe(ectx, &rows[i])
+	}
+	d.cfg.Logger.Info().Uint64("epoch", e.N).Stringer("start_lsn", c.LSN).Int("dynamic", len(rows)).
+		Int("static", len(d.cfg.Subscriptions)).Msg("delivering: subscriptions loaded")
+}
+
+// stopEpoch ends the current epoch, if any, and waits for its schedulers:
+// after it returns nothing of that epoch sends or writes anything.
+func (d *Dispatcher) stopEpoch() {
+	if d.epoch == nil {
+		return
+	}
+	d.epoch.End(nil)
+	d.workers.Wait()
+	d.subs, d.txn, d.txnMaxID = nil, nil, 0
+	clear(d.byID)
+}
+
 func (d *Dispatcher) add(s *Subscription) {
 	r := &running{sub: s, queue: make(chan delivery, d.cfg.QueueSize), done: make(chan struct{})}
 	r.sc = newScheduler(d, s, r.queue)
-	ctx, cancel := context.WithCancel(d.ctx)
+	ctx, cancel := context.WithCancel(d.epoch.Context())
 	r.cancel = cancel
 	d.subs = append(d.subs, r)
 	d.byID[s.ID] = r
@@ -217,46 +315,13 @@ func (d *Dispatcher) add(s *Subscription) {
 	go func() {
 		defer d.workers.Done()
 		defer close(r.done)
+		defer cancel()
 		r.sc.run(ctx)
 	}()
 }
 
-// remove stops a subscription's scheduler and releases what it held: its
-// events count as finished (the subscription is gone).
-func (d *Dispatcher) remove(r *running) {
-	r.cancel()
-	<-r.done
-	r.sc.release()
-	retryForever(d.ctx, d.cfg.Logger, "cannot drop parked events", func() error {
-		return d.cfg.Store.DropParked(d.ctx, r.sub.ID)
-	})
-	for {
-		select {
-		case dv := <-r.queue:
-			if dv.txn != nil {
-				d.cfg.Acker.Done(dv.txn)
-			}
-			continue
-		default:
-		}
-		break
-	}
-	delete(d.byID, r.sub.ID)
-	d.cfg.Metrics.removeSubscription(r.sub.ID)
-	d.subs = slices.DeleteFunc(d.subs, func(x *running) bool { return x == r })
-}
-
 func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 	switch c.Kind {
-	case ChangeStart:
-		if d.txn != nil { // the stream was cut inside it: it comes again whole
-			d.cfg.Acker.Abort(d.txn)
-			d.txn, d.txnMaxID = nil, 0
-		}
-		for _, r := range d.subs {
-			r.sent = false
-		}
-		return d.loadRouting(ctx, c.LSN)
 	case ChangeBegin:
 		d.txn = d.cfg.Acker.Begin(c.Event.CommitTime)
 	case ChangeEvent:
@@ -264,30 +329,41 @@ func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 		if id, err := strconv.ParseUint(c.Event.ID, 10, 64); err == nil {
 			d.txnMaxID = max(d.txnMaxID, id)
 		}
+		// The stream held the event's size once; each delivery holds it.
+		size, routed := EventSize(&c.Event), 0
 		for _, r := range d.subs {
 			if !r.sub.Matches(&c.Event) {
 				continue
 			}
+			if routed++; routed > 1 {
+				d.cfg.Budget.Hold(d.epoch.N, size)
+			}
 			d.cfg.Acker.Add(d.txn, 1)
 			r.sent = true
-			if err := enqueue(ctx, r, delivery{event: c.Event, txn: d.txn}); err != nil {
+			if err := enqueue(ctx, r, delivery{event: c.Event, txn: d.txn, size: size}); err != nil {
 				return err
 			}
 		}
+		if routed == 0 {
+			d.cfg.Budget.Release(d.epoch.N, size)
+		}
 	case ChangeMalformed:
+		defer d.cfg.Budget.Release(d.epoch.N, EventSize(&c.Event))
 		d.cfg.Logger.Warn().Str("event_id", c.Event.ID).Str("reason", c.Reason).Msg("malformed outbox row dead-lettered")
 		return d.deadLetter(ctx, DeadLetter{Event: c.Event, Reason: c.Reason})
 	case ChangeSubscription:
 		return d.handleSubscription(ctx, c)
 	case ChangeReplay:
+		size := EventSize(&c.Event)
 		r := d.byID[c.SubscriptionID]
 		if r == nil {
+			defer d.cfg.Budget.Release(d.epoch.N, size)
 			return d.deadLetter(ctx, DeadLetter{Subscription: c.SubscriptionID, Event: c.Event, WebhookID: c.Event.WebhookID,
 				Reason: "replay: the subscription no longer exists"})
 		}
 		d.cfg.Acker.Add(d.txn, 1)
 		r.sent = true
-		return enqueue(ctx, r, delivery{event: c.Event, txn: d.txn})
+		return enqueue(ctx, r, delivery{event: c.Event, txn: d.txn, size: size})
 	case ChangeCommit:
 		if d.txnMaxID > 0 {
 			d.cfg.Acker.SawID(d.txn, d.txnMaxID)
@@ -364,54 +440,6 @@ func (d *Dispatcher) unsubscribe(ctx context.Context, id string) error {
 	return enqueue(ctx, r, delivery{close: true})
 }
 
-// loadRouting sets the dynamic subscriptions to those in force at the stream's
-// start position.
-//
-// On a reconnect the routing in memory is kept if the load fails for a few
-// seconds: it differs from the one at the start position only if a
-// subscription changed in the replayed window, and blocking here would block
-// confirmations too (a PostgreSQL fast shutdown waits for those, and refuses
-// the new connections a load needs: a deadlock).
-func (d *Dispatcher) loadRouting(ctx context.Context, at LSN) error {
-	var rows []SubscriptionRow
-	load := func(ctx context.Context) func() error {
-		return func() error {
-			var err error
-			rows, err = d.cfg.Store.LoadRouting(ctx, at)
-			return err
-		}
-	}
-	if d.started {
-		lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		err := retryForever(lctx, d.cfg.Logger, "cannot load subscriptions", load(lctx))
-		cancel()
-		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			d.cfg.Logger.Warn().Msg("subscriptions not reloaded after a reconnect: keeping those in memory")
-			return nil
-		}
-	} else if err := retryForever(ctx, d.cfg.Logger, "cannot load subscriptions", load(ctx)); err != nil {
-		return err
-	}
-	d.started = true
-	keep := map[string]bool{}
-	for i := range rows {
-		keep[rows[i].ID] = true
-		if err := d.subscribe(ctx, &rows[i]); err != nil {
-			return err
-		}
-	}
-	for _, r := range append([]*running(nil), d.subs...) {
-		if !r.sub.Static && !keep[r.sub.ID] {
-			d.remove(r)
-		}
-	}
-	d.cfg.Logger.Info().Int("dynamic", len(rows)).Int("static", len(d.cfg.Subscriptions)).Msg("subscriptions loaded")
-	return nil
-}
-
 func enqueue(ctx context.Context, r *running, dv delivery) error {
 	select {
 	case r.queue <- dv: // the common case, without locking ctx's channel too
@@ -428,14 +456,25 @@ func enqueue(ctx context.Context, r *running, dv delivery) error {
 
 // deadLetter writes dl, retrying until it is stored or ctx ends: an event is not
 // finished before its dead letter is durable.
+//
+// A dead letter the store refuses for good (ErrPermanent) is logged and counted
+// as dropped: retrying would wedge the stream on it and pin the slot.
 func (d *Dispatcher) deadLetter(ctx context.Context, dl DeadLetter) error {
-	return retryForever(ctx, d.cfg.Logger, "cannot write dead letter", func() error {
+	err := retryForever(ctx, d.cfg.Logger, "cannot write dead letter", func() error {
 		return d.cfg.Store.DeadLetter(ctx, dl)
 	})
+	if errors.Is(err, ErrPermanent) {
+		d.cfg.Logger.Error().Err(err).Str("subscription", dl.Subscription).Str("event_id", dl.Event.ID).
+			Msg("event dropped: the store cannot hold its dead letter")
+		d.cfg.Metrics.deliveries.WithLabelValues(dl.Subscription, "dropped").Inc()
+		return nil
+	}
+	return err
 }
 
 // retryForever runs f until it succeeds or ctx ends, logging the first failure
-// and the recovery once.
+// and the recovery once. Errors that retrying cannot fix (ErrPermanent,
+// ErrFenced) are returned at once.
 func retryForever(ctx context.Context, log zerolog.Logger, what string, f func() error) error {
 	b := backoff.NewExponentialBackOff(backoff.WithMaxElapsedTime(0), backoff.WithMaxInterval(30*time.Second))
 	for failed := false; ; failed = true {
@@ -448,6 +487,9 @@ func retryForever(ctx context.Context, log zerolog.Logger, what string, f func()
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		if errors.Is(err, ErrPermanent) || errors.Is(err, ErrFenced) {
+			return err
 		}
 		if !failed {
 			log.Error().Err(err).Msg(what + "; retrying")

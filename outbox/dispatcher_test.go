@@ -1,6 +1,7 @@
 package outbox
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -56,6 +57,8 @@ type memStore struct {
 	everParked int
 	disabled   []string
 }
+
+func (m *memStore) Acquire(context.Context) error { return nil }
 
 func (m *memStore) RecordRouting(_ context.Context, c RoutingChange) error {
 	m.mu.Lock()
@@ -136,6 +139,7 @@ func TestDispatcherRetriesWithBackoffThenAcks(t *testing.T) {
 		ch := make(chan Change, 16)
 		ctx, cancel := context.WithCancel(t.Context())
 		done := make(chan error)
+		ch <- Change{Kind: ChangeStart}
 		go func() { done <- d.Run(ctx, ch) }()
 		start := time.Now()
 		feed(ch, ev("1", "a"))
@@ -184,6 +188,7 @@ func TestDispatcherHonoursRetryAfterUpToCap(t *testing.T) {
 			Deliverer: del, Store: &memStore{}, Logger: zerolog.Nop()})
 		ch := make(chan Change, 16)
 		go d.Run(t.Context(), ch)
+		ch <- Change{Kind: ChangeStart}
 		feed(ch, ev("1", "a"))
 		time.Sleep(time.Minute)
 		synctest.Wait()
@@ -210,6 +215,7 @@ func TestDispatcherDeadLettersPermanentFailureAndGoesOn(t *testing.T) {
 			Deliverer: del, Store: store, Logger: zerolog.Nop()})
 		ch := make(chan Change, 16)
 		go d.Run(t.Context(), ch)
+		ch <- Change{Kind: ChangeStart}
 		feed(ch, ev("1", "a"), ev("2", "a"))
 		synctest.Wait()
 		if len(store.dead) != 1 || store.dead[0].Event.ID != "1" || store.dead[0].Status != 400 || store.dead[0].Attempts != 1 {
@@ -233,6 +239,7 @@ func TestDispatcherRoutesAndKeepsOrderPerSubscription(t *testing.T) {
 			Store: &memStore{}, Logger: zerolog.Nop(), QueueSize: 1})
 		ch := make(chan Change)
 		go d.Run(t.Context(), ch)
+		ch <- Change{Kind: ChangeStart}
 		feed(ch, ev("1", "contact.created"), ev("2", "order.placed"), ev("3", "contact.updated"))
 		synctest.Wait()
 		got := map[string][]string{}
@@ -260,6 +267,7 @@ func TestDispatcherStopsWithoutAckingUnfinished(t *testing.T) {
 		ch := make(chan Change, 16)
 		ctx, cancel := context.WithCancel(t.Context())
 		done := make(chan error)
+		ch <- Change{Kind: ChangeStart}
 		go func() { done <- d.Run(ctx, ch) }()
 		feed(ch, ev("1", "a"))
 		time.Sleep(time.Hour)
@@ -314,20 +322,26 @@ func (m *memStore) ParkedKeys(_ context.Context, sub string) ([]ParkedKey, error
 		if r.sub == sub && !slices.ContainsFunc(out, func(k ParkedKey) bool { return k.Resource == r.Event.ResourceID }) {
 			out = append(out, ParkedKey{Resource: r.Event.ResourceID, NextAttempt: r.NextAttempt})
 		}
+		for i := range out {
+			if out[i].Resource == r.Event.ResourceID {
+				out[i].MaxSeq = max(out[i].MaxSeq, r.Event.Seq)
+			}
+		}
 	}
 	return out, nil
 }
 
-func (m *memStore) NextParked(_ context.Context, sub, resource string, limit int) ([]ParkedEvent, error) {
+func (m *memStore) NextParked(_ context.Context, sub, resource string, limit, _ int) ([]ParkedEvent, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var out []ParkedEvent
-	for _, r := range m.parked { // appended in order
-		if r.sub == sub && r.Event.ResourceID == resource && len(out) < limit {
+	for _, r := range m.parked {
+		if r.sub == sub && r.Event.ResourceID == resource {
 			out = append(out, r.ParkedEvent)
 		}
 	}
-	return out, nil
+	slices.SortStableFunc(out, func(a, b ParkedEvent) int { return cmp.Compare(a.Event.Seq, b.Event.Seq) })
+	return out[:min(limit, len(out))], nil
 }
 
 func (m *memStore) Unpark(_ context.Context, rows []int64) error {

@@ -64,7 +64,7 @@ const (
 	ChangeMalformed                          // an outbox row that could not be decoded
 	ChangeCommit                             // the open transaction commits at LSN
 	ChangeIdle                               // the server's WAL end while no transaction is open
-	ChangeStart                              // the stream (re)starts at LSN: load the routing in force there
+	ChangeStart                              // the stream (re)starts at LSN with the slot: a new Epoch
 	ChangeSubscription                       // a dynamic subscription changed in the open transaction
 	ChangeDrained                            // shutting down: nothing follows; finish what is in flight
 	ChangeReplay                             // a dead letter replayed to SubscriptionID (Event.WebhookID set)
@@ -81,4 +81,5 @@ type Change struct {
 	// deletion of SubscriptionID; Event.Seq orders it in the stream.
 	Row            []byte
 	SubscriptionID string
+	Epoch          *Epoch // ChangeStart: the epoch the session starts
 }

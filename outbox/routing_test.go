@@ -65,10 +65,12 @@ func TestSubscriptionChangesApplyInStreamOrder(t *testing.T) {
 func TestStartLoadsTheRoutingInForceThere(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		h := newHarness(t, func(o *DeliveryOptions) {})
+		h.store.mu.Lock()
 		h.store.routing = []RoutingChange{
 			{Commit: 100, ID: "old", Row: row("old", "*")},
 			{Commit: 200, ID: "later", Row: row("later", "*")}, // committed after the start: replayed by the stream
 		}
+		h.store.mu.Unlock()
 		h.in <- Change{Kind: ChangeStart, LSN: 150}
 		h.commit(event(1, "a", "r"))
 		time.Sleep(time.Second)

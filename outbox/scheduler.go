@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -47,6 +48,8 @@ type scheduler struct {
 	closing     bool      // deleted: deliver what is held, then stop
 	failingFrom time.Time // first failure since the last success; zero while healthy
 	disabled    bool      // dead-letter everything (the subscription is disabled)
+	gen         int       // bumped when held events are let go (disable, enable, release): older results change nothing
+	epoch       uint64    // the Dispatcher's epoch, for the budget
 	senders     int       // sender goroutines started
 	jobs        chan *job // to the senders
 	results     chan result
@@ -60,9 +63,10 @@ type key struct {
 	timerSet bool // a debounce or feed deadline is in timers
 
 	// Parked keys live in walhook.deliveries (docs/parking.md).
-	parked bool
-	feedAt time.Time // when to send the next parked rows
-	feed   bool      // in feeds
+	parked    bool
+	parkedSeq uint64    // the highest sequence parked for it: the table holds or has finished everything up to it
+	feedAt    time.Time // when to send the next parked rows
+	feed      bool      // in feeds
 }
 
 type item struct {
@@ -72,6 +76,7 @@ type item struct {
 	readyAt time.Time
 	sent    bool  // in a batch: never merged into again
 	row     int64 // parked: its row in walhook.deliveries
+	size    int64 // what it holds of the budget (0 for parked rows)
 }
 
 // job is one batch and its attempts.
@@ -83,7 +88,9 @@ type job struct {
 	attempt int
 	first   time.Time
 	backoff *backoff.ExponentialBackOff
-	parked  bool // items are parked rows
+	parked  bool      // items are parked rows
+	gen     int       // the scheduler's gen when the attempt started
+	cutAt   time.Time // the attempt is cut off here (park_after passes meanwhile); zero: only timeout bounds it
 }
 
 type result struct {
@@ -94,11 +101,12 @@ type result struct {
 }
 
 func newScheduler(d *Dispatcher, s *Subscription, in <-chan delivery) *scheduler {
-	sc := &scheduler{in: in, d: d, now: time.Now,
+	sc := &scheduler{in: in, d: d, now: time.Now, epoch: d.epoch.N,
 		log:  d.cfg.Logger.With().Str("subscription", s.ID).Logger(),
 		keys: map[string]*key{},
 	}
 	sc.setSubscription(s)
+	sc.disabled = s.Disabled // disabled before this epoch: stays so
 	// Room for every send that can be in flight, under any later options.
 	sc.jobs = make(chan *job, 1024)
 	sc.results = make(chan result, 1024)
@@ -108,6 +116,7 @@ func newScheduler(d *Dispatcher, s *Subscription, in <-chan delivery) *scheduler
 func (s *scheduler) setSubscription(sub *Subscription) {
 	if s.sub != nil && s.sub.Disabled && !sub.Disabled {
 		s.disabled, s.failingFrom = false, time.Time{}
+		s.gen++ // what was in flight when it was disabled was dead-lettered then
 		s.log.Info().Msg("subscription enabled")
 	}
 	s.sub, s.opts = sub, sub.Delivery
@@ -206,7 +215,7 @@ func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 		s.closing = true
 		return
 	case s.gone:
-		s.d.cfg.Acker.Done(dv.txn)
+		s.done(dv.txn, dv.size)
 		s.d.cfg.Metrics.deliveries.WithLabelValues(s.sub.ID, "dropped").Inc()
 		return
 	}
@@ -214,7 +223,7 @@ func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 	if s.disabled {
 		if s.d.deadLetter(s.ctx, DeadLetter{Subscription: s.sub.ID, Event: dv.event,
 			WebhookID: WebhookID(s.sub.ID, []Event{dv.event}), Reason: disabledReason}) == nil {
-			s.d.cfg.Acker.Done(dv.txn)
+			s.done(dv.txn, dv.size)
 			s.d.cfg.Metrics.finished(s.sub.ID, "dead_lettered", []Event{dv.event})
 		}
 		return
@@ -223,31 +232,73 @@ func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 	ev := dv.event
 	ev.Coalesced = 1
 	if k.parked {
-		// Behind the parked rows, and finished once written.
-		if s.park([]ParkedEvent{{Event: ev, NextAttempt: k.feedAt, Since: now}}) == nil {
-			s.d.cfg.Acker.Done(dv.txn)
-		}
+		s.handleParkedEvent(k, dv, ev, now)
 		return
 	}
-	if s.opts.Debounce > 0 && len(k.items) > 0 {
-		if tail := k.items[len(k.items)-1]; !tail.sent && tail.ev.Type == ev.Type && tail.ev.WebhookID == "" && ev.WebhookID == "" {
+	// Order is by sequence, not arrival: an event older than the unsent tail
+	// (a replayed dead letter) goes before it.
+	at := len(k.items)
+	for at > 0 && !k.items[at-1].sent && k.items[at-1].ev.Seq > ev.Seq {
+		at--
+	}
+	if s.opts.Debounce > 0 && at == len(k.items) && at > 0 {
+		if tail := k.items[at-1]; !tail.sent && tail.ev.Type == ev.Type && tail.ev.WebhookID == "" && ev.WebhookID == "" {
 			// The older event is superseded: its delivery is done (docs/scheduler.md).
-			s.d.cfg.Acker.Done(tail.txn)
+			s.done(tail.txn, tail.size)
 			s.d.cfg.Metrics.coalesced.WithLabelValues(s.sub.ID).Inc()
 			ev.Coalesced = tail.ev.Coalesced + 1
-			tail.ev, tail.txn = ev, dv.txn
+			tail.ev, tail.txn, tail.size = ev, dv.txn, dv.size
 			tail.readyAt = s.readyAt(tail.first, now)
 			return
 		}
 	}
-	it := &item{ev: ev, txn: dv.txn, first: now, readyAt: s.readyAt(now, now)}
-	k.items = append(k.items, it)
+	it := &item{ev: ev, txn: dv.txn, size: dv.size, first: now, readyAt: s.readyAt(now, now)}
+	k.items = slices.Insert(k.items, at, it)
 	s.pending++
 	if k.queued {
 		s.readyEvents++
 	}
-	if len(k.items) == 1 {
+	if len(k.items) == 1 || at == 0 {
 		s.schedule(k, now)
+	}
+}
+
+// handleParkedEvent puts an event of a parked key in the table, in sequence
+// order, and finishes it once written. An event at or below the key's parked
+// high-water mark that is not a dead-letter replay was streamed again (after
+// a restart or takeover): the table holds it or it was finished, so it is
+// finished without a request (docs/parking.md).
+func (s *scheduler) handleParkedEvent(k *key, dv delivery, ev Event, now time.Time) {
+	if ev.WebhookID == "" && ev.Seq <= k.parkedSeq {
+		s.done(dv.txn, dv.size)
+		return
+	}
+	err := s.park([]ParkedEvent{{Event: ev, NextAttempt: k.feedAt, Since: now}})
+	if errors.Is(err, ErrPermanent) {
+		s.unstorable(ev, dv.txn, dv.size, err)
+		return
+	}
+	if err == nil {
+		k.parkedSeq = max(k.parkedSeq, ev.Seq)
+		s.done(dv.txn, dv.size)
+	}
+}
+
+// done finishes one delivery: the Acker's count and the budget's bytes.
+func (s *scheduler) done(t *Txn, size int64) {
+	s.d.cfg.Acker.Done(t)
+	s.d.cfg.Budget.Release(s.epoch, size)
+}
+
+// unstorable dead-letters an event the store refused to park for good (a
+// payload its jsonb cannot hold): the stream goes on, nothing is retried
+// forever.
+func (s *scheduler) unstorable(ev Event, t *Txn, size int64, cause error) {
+	s.log.Error().Err(cause).Str("event_id", ev.ID).Msg("cannot park the event: dead-lettered")
+	if s.d.deadLetter(s.ctx, DeadLetter{Subscription: s.sub.ID, Event: ev, WebhookID: WebhookID(s.sub.ID, []Event{ev}),
+		Reason: "cannot be parked: " + cause.Error()}) == nil {
+		s.done(t, size)
+		s.d.cfg.Metrics.finished(s.sub.ID, "dead_lettered", []Event{ev})
 	}
 }
 
@@ -326,7 +377,7 @@ func (s *scheduler) dispatch(ctx context.Context, now time.Time) {
 			// Wait for a fuller batch until batch_wait has passed, and while
 			// more events are sure to come: the transaction is still streaming
 			// in, or events wait in the input (unless memory is full).
-			midBurst := (s.inTxn || len(s.in) > 0) && s.pending < pendingLimit
+			midBurst := (s.inTxn || len(s.in) > 0) && s.pending < pendingLimit && !s.d.cfg.Budget.Full()
 			if s.readyEvents < s.opts.BatchMax && (now.Before(s.gatherUntil) || midBurst) {
 				return
 			}
@@ -409,6 +460,14 @@ func (s *scheduler) popReady() {
 func (s *scheduler) start(ctx context.Context, j *job) {
 	s.inFlight++
 	j.attempt++
+	j.gen = s.gen
+	// park_after also runs while an attempt does: one that would outlast it is
+	// cut off there, and its failure parks the batch (an endpoint that
+	// accepts and never answers must not pin the slot for a whole timeout).
+	j.cutAt = time.Time{}
+	if at := j.first.Add(s.opts.ParkAfter); !j.parked && s.now().Add(s.opts.Timeout).After(at) {
+		j.cutAt = at
+	}
 	if s.inFlight > s.senders {
 		s.senders++
 		s.sends.Add(1)
@@ -423,7 +482,14 @@ func (s *scheduler) sender(ctx context.Context) {
 	for j := range s.jobs {
 		// Only what the job captured: the loop may replace s.sub meanwhile.
 		sub := j.batch.Subscription
-		r := result{job: j, err: s.d.cfg.Deliverer.Deliver(ctx, j.batch)}
+		actx, cancel := ctx, context.CancelFunc(nil)
+		if !j.cutAt.IsZero() {
+			actx, cancel = context.WithDeadline(ctx, j.cutAt)
+		}
+		r := result{job: j, err: s.d.cfg.Deliverer.Deliver(actx, j.batch)}
+		if cancel != nil {
+			cancel()
+		}
 		if ctx.Err() == nil {
 			s.d.cfg.Metrics.attempt(sub.ID, r.err)
 		}
@@ -487,7 +553,7 @@ func (s *scheduler) handleResult(r result) {
 		s.unsubscribe()
 		return
 	}
-	if s.gone || s.disabled {
+	if s.gone || s.disabled || j.gen != s.gen {
 		return // released or dead-lettered already
 	}
 	if r.err == nil {
@@ -528,7 +594,9 @@ func (s *scheduler) handleResult(r result) {
 	switch {
 	case j.parked:
 		s.retryParked(j, r.err, now.Add(wait))
-	case now.Sub(j.first) >= s.opts.ParkAfter:
+	case now.Sub(j.first) >= s.opts.ParkAfter || s.d.cfg.Budget.Full():
+		// Failing for park_after, or failing while memory is full: the
+		// endpoint is failing anyway, its events make room in the table.
 		s.parkJob(j, now.Add(wait))
 	default:
 		heap.Push(&s.timers, timerEntry{at: now.Add(wait), job: j})
@@ -549,7 +617,7 @@ func (s *scheduler) loadParked() error {
 	now := s.now()
 	for _, pk := range keys {
 		k := s.key(pk.Resource)
-		k.parked, k.feedAt = true, pk.NextAttempt
+		k.parked, k.feedAt, k.parkedSeq = true, pk.NextAttempt, pk.MaxSeq
 		s.schedule(k, now)
 	}
 	if len(keys) > 0 {
@@ -558,11 +626,23 @@ func (s *scheduler) loadParked() error {
 	return nil
 }
 
-// park writes events to walhook.deliveries; on error ctx ended.
+// park writes events to walhook.deliveries. On error nothing is finished:
+// the epoch ended, or (ErrPermanent) the store cannot hold them.
 func (s *scheduler) park(events []ParkedEvent) error {
-	return retryForever(s.ctx, s.log, "cannot park deliveries", func() error {
+	return s.store("cannot park deliveries", func() error {
 		return s.d.cfg.Store.Park(s.ctx, s.sub.ID, events)
 	})
+}
+
+// store runs a store write until it succeeds, the epoch ends, or it fails for
+// good. Fenced, the epoch is over: another process delivers now.
+func (s *scheduler) store(what string, f func() error) error {
+	err := retryForever(s.ctx, s.log, what, f)
+	if errors.Is(err, ErrFenced) {
+		s.log.Warn().Msg("another walhook process took over delivery: stopping")
+		s.d.epoch.End(err)
+	}
+	return err
 }
 
 // parkJob parks every key of a batch that failed for park_after: its items
@@ -573,7 +653,7 @@ func (s *scheduler) parkJob(j *job, next time.Time) {
 		// A deleted subscription's failing events are not kept for days.
 		for _, k := range j.keys {
 			for _, it := range k.items {
-				s.d.cfg.Acker.Done(it.txn)
+				s.done(it.txn, it.size)
 			}
 			s.d.cfg.Metrics.deliveries.WithLabelValues(s.sub.ID, "dropped").Add(float64(len(k.items)))
 			s.pending -= len(k.items)
@@ -586,9 +666,10 @@ func (s *scheduler) parkJob(j *job, next time.Time) {
 	// The endpoint keeps failing: keys that waited as long for a free request
 	// slot go too, without an attempt, or the slot would stay pinned by them.
 	now := s.now()
+	full := s.d.cfg.Budget.Full()
 	kept := s.ready[:0]
 	for _, k := range s.ready {
-		if now.Sub(k.items[0].first) >= s.opts.ParkAfter {
+		if full || now.Sub(k.items[0].first) >= s.opts.ParkAfter {
 			s.readyEvents -= len(k.items)
 			k.queued = false
 			keys = append(keys, k)
@@ -606,11 +687,29 @@ func (s *scheduler) parkJob(j *job, next time.Time) {
 				events[i].Attempts, events[i].Since = j.attempt, j.first
 			}
 		}
-		if s.park(events) != nil {
-			return // shutting down: nothing acked, all replayed
+		err := s.park(events)
+		if errors.Is(err, ErrPermanent) {
+			// One of them the store cannot hold: park them one by one, and
+			// dead-letter what cannot be parked.
+			err = nil
+			for i, it := range k.items {
+				if e := s.park(events[i : i+1]); errors.Is(e, ErrPermanent) {
+					s.unstorable(it.ev, it.txn, it.size, e)
+					it.txn, it.size = nil, 0
+				} else if e != nil {
+					err = e
+					break
+				}
+			}
+		}
+		if err != nil {
+			return // the epoch ended: nothing acked, all replayed
 		}
 		for _, it := range k.items {
-			s.d.cfg.Acker.Done(it.txn)
+			if it.txn != nil {
+				s.done(it.txn, it.size)
+			}
+			k.parkedSeq = max(k.parkedSeq, it.ev.Seq)
 		}
 		s.pending -= len(k.items)
 		n += len(k.items)
@@ -628,11 +727,18 @@ func (s *scheduler) feedJob(k *key) *job {
 	var rows []ParkedEvent
 	err := retryForever(s.ctx, s.log, "cannot read parked deliveries", func() error {
 		var err error
-		rows, err = s.d.cfg.Store.NextParked(s.ctx, s.sub.ID, k.id, s.opts.BatchMax)
+		rows, err = s.d.cfg.Store.NextParked(s.ctx, s.sub.ID, k.id, s.opts.BatchMax, s.opts.BatchBytes)
 		return err
 	})
 	if err != nil {
 		return nil
+	}
+	// A replayed dead letter keeps its webhook-id: it goes alone.
+	for i, r := range rows {
+		if r.Event.WebhookID != "" {
+			rows = rows[:max(i, 1)]
+			break
+		}
 	}
 	if len(rows) == 0 {
 		k.parked = false
@@ -667,7 +773,7 @@ func (s *scheduler) finishParked(j *job) {
 	for i, it := range j.items {
 		rows[i] = it.row
 	}
-	if retryForever(s.ctx, s.log, "cannot unpark deliveries", func() error { return s.d.cfg.Store.Unpark(s.ctx, rows) }) != nil {
+	if s.store("cannot unpark deliveries", func() error { return s.d.cfg.Store.Unpark(s.ctx, rows) }) != nil {
 		return
 	}
 	k := j.keys[0]
@@ -688,7 +794,7 @@ func (s *scheduler) retryParked(j *job, cause error, next time.Time) {
 	for i, it := range j.items {
 		rows[i] = it.row
 	}
-	err := retryForever(s.ctx, s.log, "cannot reschedule parked deliveries", func() error {
+	err := s.store("cannot reschedule parked deliveries", func() error {
 		return s.d.cfg.Store.Reschedule(s.ctx, rows, j.attempt, next, cause.Error())
 	})
 	if err != nil {
@@ -713,7 +819,7 @@ func (s *scheduler) newBackoff() *backoff.ExponentialBackOff {
 // its keys send their next items.
 func (s *scheduler) finish(j *job) {
 	for _, it := range j.items {
-		s.d.cfg.Acker.Done(it.txn)
+		s.done(it.txn, it.size)
 	}
 	s.pending -= len(j.items)
 	now := s.now()
@@ -732,7 +838,7 @@ func (s *scheduler) finish(j *job) {
 // closed ends a deleted subscription's scheduler once it has drained: its
 // parked rows go, and its metrics.
 func (s *scheduler) closed() error {
-	retryForever(s.ctx, s.log, "cannot drop parked events", func() error {
+	s.store("cannot drop parked events", func() error {
 		return s.d.cfg.Store.DropParked(s.ctx, s.sub.ID)
 	})
 	s.d.cfg.Metrics.removeSubscription(s.sub.ID)
@@ -747,23 +853,33 @@ const disabledReason = "subscription disabled: its endpoint failed for disable_a
 // until it is enabled again.
 func (s *scheduler) disable() {
 	s.disabled = true
+	s.gen++ // what is in flight is dead-lettered here; its result changes nothing
 	s.log.Error().Dur("disable_after", s.opts.DisableAfter).Msg("subscription disabled: its endpoint keeps failing")
-	if !s.sub.Static && !s.sub.Disabled {
+	switch {
+	case s.sub.Static:
+		s.d.mu.Lock()
+		s.d.disabledStatic[s.sub.ID] = true
+		s.d.mu.Unlock()
+	case !s.sub.Disabled:
 		id := s.sub.ID
-		retryForever(s.ctx, s.log, "cannot mark subscription disabled", func() error {
+		if s.store("cannot mark subscription disabled", func() error {
 			return s.d.cfg.Store.DisableSubscription(s.ctx, id)
-		})
+		}) != nil {
+			return // the epoch ended
+		}
 	}
-	retryForever(s.ctx, s.log, "cannot dead-letter parked events", func() error {
+	if s.store("cannot dead-letter parked events", func() error {
 		return s.d.cfg.Store.DeadLetterParked(s.ctx, s.sub.ID, disabledReason)
-	})
+	}) != nil {
+		return
+	}
 	for _, k := range s.keys {
 		for _, it := range k.items {
 			if s.d.deadLetter(s.ctx, DeadLetter{Subscription: s.sub.ID, Event: it.ev,
 				WebhookID: WebhookID(s.sub.ID, []Event{it.ev}), Reason: disabledReason}) != nil {
-				return // shutting down: unacked, replayed
+				return // the epoch ended: unacked, replayed
 			}
-			s.d.cfg.Acker.Done(it.txn)
+			s.done(it.txn, it.size)
 		}
 		s.d.cfg.Metrics.deliveries.WithLabelValues(s.sub.ID, "dead_lettered").Add(float64(len(k.items)))
 	}
@@ -797,7 +913,7 @@ func (s *scheduler) unsubscribe() {
 	s.sends.Add(1)
 	go func() {
 		defer s.sends.Done()
-		retryForever(s.ctx, s.log, "cannot delete gone subscription", func() error {
+		s.store("cannot delete gone subscription", func() error {
 			return s.d.cfg.Store.DeleteSubscription(s.ctx, id)
 		})
 	}()
@@ -806,10 +922,11 @@ func (s *scheduler) unsubscribe() {
 // release finishes every event the scheduler holds without sending it. Only
 // for a subscription that is gone: after run returned, or from run itself.
 func (s *scheduler) release() {
+	s.gen++
 	dropped := 0
 	for _, k := range s.keys {
 		for _, it := range k.items {
-			s.d.cfg.Acker.Done(it.txn)
+			s.done(it.txn, it.size)
 		}
 		dropped += len(k.items)
 	}

@@ -59,6 +59,7 @@ func newHarness(t *testing.T, opts func(*DeliveryOptions)) *harness {
 		Deliverer: h.rec, Store: h.store, Logger: zerolog.Nop()})
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan struct{})
+	h.in <- Change{Kind: ChangeStart}
 	go func() { d.Run(ctx, h.in); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
 	return h

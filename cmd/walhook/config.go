@@ -25,21 +25,22 @@ import (
 // from the environment as WALHOOK_<KEY> (WALHOOK_DATABASE_URL, ...), which wins
 // over the file.
 type Config struct {
-	DatabaseURL     string               `yaml:"database_url"`     // required
-	Listen          string               `yaml:"listen"`           // health endpoint address; default 127.0.0.1:8080
-	Slot            string               `yaml:"slot"`             // replication slot; default walhook
-	Publication     string               `yaml:"publication"`      // publication; default walhook
-	OutboxTable     string               `yaml:"outbox_table"`     // schema.table; default walhook.outbox
-	OutboxColumns   map[string]string    `yaml:"outbox_columns"`   // id, event, resource_id, tenant, payload; "" = no such column
-	LogLevel        string               `yaml:"log_level"`        // debug, info, warn, error; default info
-	AdminToken      string               `yaml:"admin_token"`      // bearer token of the API; required off loopback
-	AuthURL         string               `yaml:"auth_url"`         // forward auth for subscribers without the admin token
-	AllowTargets    []string             `yaml:"allow_targets"`    // CIDRs or host names API subscriptions may target anyway
-	RotationOverlap outbox.Duration      `yaml:"rotation_overlap"` // how long a rotated-out secret keeps signing; default 24h
-	StallTimeout    outbox.Duration      `yaml:"stall_timeout"`    // server silence that counts as a stalled stream; default 30s
-	ReadyMaxLag     outbox.Duration      `yaml:"ready_max_lag"`    // /readyz fails when replication lag exceeds it; default 0 = off
-	ShutdownTimeout outbox.Duration      `yaml:"shutdown_timeout"` // on SIGTERM, how long deliveries in flight may finish; default 15s
-	OutboxRetention outbox.Duration      `yaml:"outbox_retention"` // walhook.outbox rows older than this are deleted; default 24h, 0 = keep
+	DatabaseURL     string               `yaml:"database_url"`      // required
+	Listen          string               `yaml:"listen"`            // health endpoint address; default 127.0.0.1:8080
+	Slot            string               `yaml:"slot"`              // replication slot; default walhook
+	Publication     string               `yaml:"publication"`       // publication; default walhook
+	OutboxTable     string               `yaml:"outbox_table"`      // schema.table; default walhook.outbox
+	OutboxColumns   map[string]string    `yaml:"outbox_columns"`    // id, event, resource_id, tenant, payload; "" = no such column
+	LogLevel        string               `yaml:"log_level"`         // debug, info, warn, error; default info
+	AdminToken      string               `yaml:"admin_token"`       // bearer token of the API; required off loopback
+	AuthURL         string               `yaml:"auth_url"`          // forward auth for subscribers without the admin token
+	AllowTargets    []string             `yaml:"allow_targets"`     // CIDRs or host names API subscriptions may target anyway
+	RotationOverlap outbox.Duration      `yaml:"rotation_overlap"`  // how long a rotated-out secret keeps signing; default 24h
+	StallTimeout    outbox.Duration      `yaml:"stall_timeout"`     // server silence that counts as a stalled stream; default 30s
+	ReadyMaxLag     outbox.Duration      `yaml:"ready_max_lag"`     // /readyz fails when replication lag exceeds it; default 0 = off
+	ShutdownTimeout outbox.Duration      `yaml:"shutdown_timeout"`  // on SIGTERM, how long deliveries in flight may finish; default 15s
+	OutboxRetention outbox.Duration      `yaml:"outbox_retention"`  // walhook.outbox rows older than this are deleted; default 24h, 0 = keep
+	MaxPendingBytes int64                `yaml:"max_pending_bytes"` // bytes of events held in memory before the stream pauses; default 64 MiB
 	Defaults        outbox.Options       `yaml:"defaults"`
 	Subscriptions   []SubscriptionConfig `yaml:"subscriptions"`
 
@@ -192,6 +193,9 @@ func (c *Config) Validate(withSubscriptions bool) error {
 			*d.dst = v
 		}
 	}
+	if c.MaxPendingBytes < 0 || c.MaxPendingBytes > 0 && c.MaxPendingBytes < 1<<20 {
+		bad("max_pending_bytes: %d must be at least 1048576 (1 MiB); default %d", c.MaxPendingBytes, outbox.DefaultMaxPendingBytes)
+	}
 	if withSubscriptions {
 		c.subs = nil
 		seen := map[string]bool{}
@@ -299,7 +303,7 @@ func isLoopback(host string) bool {
 func (c *Config) cdcConfig() cdc.Config {
 	return cdc.Config{
 		DatabaseURL: c.DatabaseURL, Slot: c.Slot, Publication: c.Publication,
-		Table: c.table, Columns: c.columns, StallTimeout: c.stall,
+		Table: c.table, Columns: c.columns, StallTimeout: c.stall, Budget: outbox.NewBudget(c.MaxPendingBytes),
 	}
 }
 

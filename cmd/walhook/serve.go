@@ -51,6 +51,7 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		Defaults:      cfg.defaults,
 		Metrics:       metrics,
 		Acker:         acker,
+		Budget:        cdcCfg.Budget,
 		Deliverer:     snd,
 		Store:         store,
 		Logger:        log.With().Str("component", "outbox").Logger(),

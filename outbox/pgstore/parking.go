@@ -4,90 +4,131 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/walhook/walhook/outbox"
 )
 
-// Park appends events to walhook.deliveries in order (the identity column keeps
-// it); an event already parked for the subscription is skipped.
+// Writes here are fenced by the delivery lease (Store.fenced).
+
+// Park adds events to walhook.deliveries; an event already parked for the
+// subscription is skipped. Rows are read in sequence order. The payload is
+// stored as text, apart from the rest of the event.
 func (s *Store) Park(ctx context.Context, subscription string, events []outbox.ParkedEvent) error {
 	batch := &pgx.Batch{}
 	for _, e := range events {
-		ev, err := json.Marshal(e.Event)
+		ev := e.Event
+		payload := string(ev.Payload)
+		ev.Payload = nil
+		evJSON, err := json.Marshal(ev)
 		if err != nil {
 			return err
 		}
-		batch.Queue(`INSERT INTO walhook.deliveries (subscription, resource_id, event_id, event, attempts, since, next_attempt_at)
-			VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (subscription, event_id) DO NOTHING`,
-			subscription, e.Event.ResourceID, e.Event.ID, ev, e.Attempts, e.Since, e.NextAttempt)
+		batch.Queue(`INSERT INTO walhook.deliveries (subscription, resource_id, event_id, event, payload, sequence, attempts, since, next_attempt_at)
+			VALUES ($1, $2, $3, $4, $5, $6::numeric, $7, $8, $9) ON CONFLICT (subscription, event_id) DO NOTHING`,
+			subscription, e.Event.ResourceID, e.Event.ID, evJSON, payload, strconv.FormatUint(e.Event.Seq, 10),
+			e.Attempts, e.Since, e.NextAttempt)
 	}
-	if err := s.pool.SendBatch(ctx, batch).Close(); err != nil {
-		return fmt.Errorf("park deliveries: %w", err)
+	err := s.fenced(ctx, func(tx pgx.Tx) error { return tx.SendBatch(ctx, batch).Close() })
+	if err != nil {
+		return classify(fmt.Errorf("park deliveries: %w", err))
 	}
 	return nil
 }
 
-// ParkedKeys lists the resources with parked events and when each is due.
+// ParkedKeys lists the resources with parked events, when each is due, and the
+// highest sequence parked for each.
 func (s *Store) ParkedKeys(ctx context.Context, subscription string) ([]outbox.ParkedKey, error) {
-	rows, err := s.pool.Query(ctx, `SELECT resource_id, min(next_attempt_at) FROM walhook.deliveries
+	rows, err := s.pool.Query(ctx, `SELECT resource_id, min(next_attempt_at),
+		coalesce(max(coalesce(sequence, (event->>'Seq')::numeric)), 0)::text FROM walhook.deliveries
 		WHERE subscription = $1 GROUP BY resource_id`, subscription)
 	if err != nil {
 		return nil, fmt.Errorf("read parked resources: %w", err)
 	}
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (outbox.ParkedKey, error) {
 		var k outbox.ParkedKey
-		err := r.Scan(&k.Resource, &k.NextAttempt)
+		var seq string
+		if err := r.Scan(&k.Resource, &k.NextAttempt, &seq); err != nil {
+			return k, err
+		}
+		k.MaxSeq, err = strconv.ParseUint(seq, 10, 64)
 		return k, err
 	})
 }
 
-// NextParked returns a resource's oldest parked events.
-func (s *Store) NextParked(ctx context.Context, subscription, resource string, limit int) ([]outbox.ParkedEvent, error) {
-	rows, err := s.pool.Query(ctx, `SELECT id, event, attempts, since, next_attempt_at FROM walhook.deliveries
-		WHERE subscription = $1 AND resource_id = $2 ORDER BY id LIMIT $3`, subscription, resource, limit)
+// NextParked returns a resource's oldest parked events by sequence: at most
+// limit, and no more payload than maxBytes (but at least one).
+func (s *Store) NextParked(ctx context.Context, subscription, resource string, limit, maxBytes int) ([]outbox.ParkedEvent, error) {
+	rows, err := s.pool.Query(ctx, `SELECT id, event, payload, attempts, since, next_attempt_at FROM (
+		  SELECT id, event, payload, attempts, since, next_attempt_at, sequence,
+		         row_number() OVER w AS n, sum(coalesce(length(payload), 0)) OVER w AS bytes
+		    FROM walhook.deliveries WHERE subscription = $1 AND resource_id = $2
+		  WINDOW w AS (ORDER BY sequence NULLS FIRST, id)
+		  ORDER BY sequence NULLS FIRST, id LIMIT $3) d
+		WHERE n = 1 OR bytes <= $4 ORDER BY n`, subscription, resource, limit, maxBytes)
 	if err != nil {
 		return nil, fmt.Errorf("read parked deliveries: %w", err)
 	}
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (outbox.ParkedEvent, error) {
 		var e outbox.ParkedEvent
 		var ev []byte
-		if err := r.Scan(&e.Row, &ev, &e.Attempts, &e.Since, &e.NextAttempt); err != nil {
+		var payload *string
+		if err := r.Scan(&e.Row, &ev, &payload, &e.Attempts, &e.Since, &e.NextAttempt); err != nil {
 			return e, err
 		}
-		return e, json.Unmarshal(ev, &e.Event)
+		if err := json.Unmarshal(ev, &e.Event); err != nil {
+			return e, err
+		}
+		if payload != nil { // older rows keep the payload in event
+			e.Event.Payload = json.RawMessage(*payload)
+		}
+		return e, nil
 	})
 }
 
 // Unpark deletes rows that were delivered or dead-lettered.
 func (s *Store) Unpark(ctx context.Context, rows []int64) error {
-	_, err := s.pool.Exec(ctx, `DELETE FROM walhook.deliveries WHERE id = ANY($1)`, rows)
-	return err
+	return s.fenced(ctx, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `DELETE FROM walhook.deliveries WHERE id = ANY($1)`, rows)
+		return err
+	})
 }
 
 // Reschedule records a failed attempt.
 func (s *Store) Reschedule(ctx context.Context, rows []int64, attempts int, next time.Time, reason string) error {
-	_, err := s.pool.Exec(ctx, `UPDATE walhook.deliveries SET attempts = $2, next_attempt_at = $3, last_error = $4
-		WHERE id = ANY($1)`, rows, attempts, next, reason)
-	return err
+	return s.fenced(ctx, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `UPDATE walhook.deliveries SET attempts = $2, next_attempt_at = $3, last_error = $4
+			WHERE id = ANY($1)`, rows, attempts, next, reason)
+		return err
+	})
 }
 
 // DropParked deletes a subscription's parked events.
 func (s *Store) DropParked(ctx context.Context, subscription string) error {
-	_, err := s.pool.Exec(ctx, `DELETE FROM walhook.deliveries WHERE subscription = $1`, subscription)
-	return err
+	return s.fenced(ctx, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `DELETE FROM walhook.deliveries WHERE subscription = $1`, subscription)
+		return err
+	})
 }
 
 // DeadLetterParked moves a subscription's parked events to the dead letters.
 func (s *Store) DeadLetterParked(ctx context.Context, subscription, reason string) error {
-	_, err := s.pool.Exec(ctx, `
-		WITH moved AS (DELETE FROM walhook.deliveries WHERE subscription = $1 RETURNING *)
-		INSERT INTO walhook.dead_letters (subscription, event_id, event, resource_id, tenant, payload, committed_at,
-		       webhook_id, reason, attempts, first_attempt_at, last_attempt_at, sequence)
-		SELECT subscription, event_id, event->>'Type', nullif(resource_id, ''), nullif(event->>'Tenant', ''), event->'Payload',
-		       (event->>'CommitTime')::timestamptz, NULL, $2, attempts, since, now(), (event->>'Seq')::numeric
-		  FROM moved ORDER BY id`, subscription, reason)
+	err := s.fenced(ctx, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `
+			WITH moved AS (DELETE FROM walhook.deliveries WHERE subscription = $1 RETURNING *)
+			INSERT INTO walhook.dead_letters (subscription, event_id, event, resource_id, tenant, payload, payload_text,
+			       committed_at, webhook_id, reason, attempts, first_attempt_at, last_attempt_at, sequence)
+			SELECT subscription, event_id, event->>'Type', nullif(resource_id, ''), nullif(event->>'Tenant', ''),
+			       coalesce(walhook.try_jsonb(payload), event->'Payload'),
+			       CASE WHEN payload IS NOT NULL AND walhook.try_jsonb(payload) IS NULL THEN payload END,
+			       (event->>'CommitTime')::timestamptz, nullif(event->>'WebhookID', ''), $2, attempts, since, now(),
+			       coalesce(sequence, (event->>'Seq')::numeric)
+			  FROM moved ORDER BY id
+			ON CONFLICT DO NOTHING`, subscription, reason)
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("dead-letter parked deliveries: %w", err)
 	}

@@ -5,11 +5,16 @@ package pgstore
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"os"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/walhook/walhook/outbox"
 )
@@ -82,6 +87,40 @@ $fn$`,
   UNIQUE (subscription, event_id)
 )`,
 		`CREATE INDEX IF NOT EXISTS deliveries_resource_idx ON walhook.deliveries (subscription, resource_id, id)`,
+		// Parked rows are ordered by sequence, never by arrival
+		// (docs/parking.md); the payload is kept as text, which can hold any
+		// JSON (jsonb refuses \u0000 and lone surrogates).
+		`ALTER TABLE walhook.deliveries ADD COLUMN IF NOT EXISTS sequence numeric`,
+		`ALTER TABLE walhook.deliveries ADD COLUMN IF NOT EXISTS payload text`,
+		`UPDATE walhook.deliveries SET sequence = (event->>'Seq')::numeric WHERE sequence IS NULL`,
+		`CREATE INDEX IF NOT EXISTS deliveries_sequence_idx ON walhook.deliveries (subscription, resource_id, sequence, id)`,
+		// The delivery lease: the epoch of the process that holds the slot;
+		// parked-row writes check it (docs/design.md, "Ownership").
+		`CREATE TABLE IF NOT EXISTS walhook.lease (
+  slot        text        PRIMARY KEY,
+  epoch       bigint      NOT NULL,
+  owner       text        NOT NULL,
+  acquired_at timestamptz NOT NULL
+)`,
+		`CREATE OR REPLACE FUNCTION walhook.try_jsonb(t text) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE AS $fn$
+BEGIN
+  RETURN t::jsonb;
+EXCEPTION WHEN others THEN
+  RETURN NULL;
+END
+$fn$`,
+		// A payload jsonb cannot hold is kept as text.
+		`ALTER TABLE walhook.dead_letters ADD COLUMN IF NOT EXISTS payload_text text`,
+		// One dead letter per subscription and event: a row streamed again
+		// after a reconnect is not dead-lettered twice.
+		`DO $do$ BEGIN
+  IF to_regclass('walhook.dead_letters_event_key') IS NULL THEN
+    DELETE FROM walhook.dead_letters a USING walhook.dead_letters b
+     WHERE a.id > b.id AND coalesce(a.subscription, '') = coalesce(b.subscription, '') AND a.event_id = b.event_id;
+    CREATE UNIQUE INDEX dead_letters_event_key ON walhook.dead_letters ((coalesce(subscription, '')), event_id);
+  END IF;
+END $do$`,
 		// What the active replica last reported, for `walhook status`.
 		`CREATE TABLE IF NOT EXISTS walhook.status (
   slot        text        PRIMARY KEY,
@@ -114,14 +153,16 @@ func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''
 
 // Store implements outbox.Store on a pool, for one slot.
 type Store struct {
-	pool *pgxpool.Pool
-	slot string
+	pool  *pgxpool.Pool
+	slot  string
+	epoch atomic.Int64 // the lease taken by Acquire; 0 before
 }
 
 // New returns a Store using pool; slot names the stream whose routing it keeps.
 func New(pool *pgxpool.Pool, slot string) *Store { return &Store{pool: pool, slot: slot} }
 
-// DeadLetter records d durably.
+// DeadLetter records d durably, once per subscription and event. A payload
+// that jsonb cannot hold is kept as text (payload_text).
 func (s *Store) DeadLetter(ctx context.Context, d outbox.DeadLetter) error {
 	e := d.Event
 	var payload any
@@ -130,16 +171,66 @@ func (s *Store) DeadLetter(ctx context.Context, d outbox.DeadLetter) error {
 	}
 	_, err := s.pool.Exec(ctx, `
 		INSERT INTO walhook.dead_letters
-		  (subscription, event_id, event, resource_id, tenant, payload, committed_at,
+		  (subscription, event_id, event, resource_id, tenant, payload, payload_text, committed_at,
 		   webhook_id, status, reason, attempts, first_attempt_at, last_attempt_at, sequence)
-		VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14::numeric)`,
+		VALUES ($1, $2, $3, $4, $5, walhook.try_jsonb($6::text),
+		        CASE WHEN $6::text IS NOT NULL AND walhook.try_jsonb($6::text) IS NULL THEN $6::text END,
+		        $7, $8, $9, $10, $11, $12, $13, $14::numeric)
+		ON CONFLICT DO NOTHING`,
 		null(d.Subscription), e.ID, null(e.Type), null(e.ResourceID), null(e.Tenant), payload,
 		nullTime(e.CommitTime), null(d.WebhookID), nullInt(d.Status), d.Reason, d.Attempts,
 		nullTime(d.FirstAttempt), nullTime(d.LastAttempt), strconv.FormatUint(e.Seq, 10))
 	if err != nil {
-		return fmt.Errorf("insert dead letter: %w", err)
+		return classify(fmt.Errorf("insert dead letter: %w", err))
 	}
 	return nil
+}
+
+// classify marks errors that retrying cannot fix: the data itself is refused
+// (SQLSTATE classes 22, data exception, and 23, integrity constraint).
+func classify(err error) error {
+	if pgErr, ok := errors.AsType[*pgconn.PgError](err); ok && (strings.HasPrefix(pgErr.Code, "22") || strings.HasPrefix(pgErr.Code, "23")) {
+		return fmt.Errorf("%w: %w", outbox.ErrPermanent, err)
+	}
+	return err
+}
+
+// Acquire takes the delivery lease of the slot for a new epoch: from now on
+// an older epoch's fenced writes, in this process or another, fail.
+func (s *Store) Acquire(ctx context.Context) error {
+	host, _ := os.Hostname()
+	var epoch int64
+	err := s.pool.QueryRow(ctx, `INSERT INTO walhook.lease (slot, epoch, owner, acquired_at) VALUES ($1, 1, $2, now())
+		ON CONFLICT (slot) DO UPDATE SET epoch = walhook.lease.epoch + 1, owner = EXCLUDED.owner, acquired_at = now()
+		RETURNING epoch`, s.slot, fmt.Sprintf("%s/%d", host, os.Getpid())).Scan(&epoch)
+	if err != nil {
+		return fmt.Errorf("take the delivery lease (run walhook setup after an upgrade): %w", err)
+	}
+	s.epoch.Store(epoch)
+	return nil
+}
+
+// fenced runs f in a transaction that holds the lease row shared: it fails
+// with outbox.ErrFenced unless this process's epoch is still the newest, and
+// a newer Acquire waits until it is done.
+func (s *Store) fenced(ctx context.Context, f func(tx pgx.Tx) error) error {
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx))
+	var epoch int64
+	err = tx.QueryRow(ctx, `SELECT epoch FROM walhook.lease WHERE slot = $1 FOR SHARE`, s.slot).Scan(&epoch)
+	if errors.Is(err, pgx.ErrNoRows) || err == nil && epoch != s.epoch.Load() {
+		return outbox.ErrFenced
+	}
+	if err != nil {
+		return err
+	}
+	if err := f(tx); err != nil {
+		return err
+	}
+	return tx.Commit(ctx)
 }
 
 func null(s string) any {

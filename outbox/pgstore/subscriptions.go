@@ -181,9 +181,11 @@ func (s *Store) LoadRouting(ctx context.Context, at outbox.LSN) ([]outbox.Subscr
 // DisableSubscription marks a subscription disabled; the change reaches the
 // pipeline through the stream.
 func (s *Store) DisableSubscription(ctx context.Context, id string) error {
-	_, err := s.pool.Exec(ctx, `UPDATE walhook.subscriptions SET disabled_at = now(), updated_at = now()
-		WHERE id = $1 AND disabled_at IS NULL`, id)
-	return err
+	return s.fenced(ctx, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `UPDATE walhook.subscriptions SET disabled_at = now(), updated_at = now()
+			WHERE id = $1 AND disabled_at IS NULL`, id)
+		return err
+	})
 }
 
 // EnableSubscription turns a disabled subscription back on.

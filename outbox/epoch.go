@@ -1,0 +1,136 @@
+package outbox
+
+import (
+	"context"
+	"errors"
+	"sync"
+)
+
+// Epoch is one hold of the replication slot: it starts when a stream session
+// has the slot and ends when that session ends (docs/design.md, "Ownership").
+// Everything the pipeline does for the session runs under its context, so
+// ending the epoch stops every send, retry and store write it started.
+type Epoch struct {
+	N   uint64 // increases with every epoch of a process
+	ctx context.Context
+	end context.CancelCauseFunc
+}
+
+// ErrEpochEnded is the cause of an epoch's end when none is given.
+var ErrEpochEnded = errors.New("outbox: the epoch ended")
+
+// NewEpoch starts epoch n under parent.
+func NewEpoch(parent context.Context, n uint64) *Epoch {
+	ctx, end := context.WithCancelCause(parent)
+	return &Epoch{N: n, ctx: ctx, end: end}
+}
+
+// Context is done once the epoch has ended.
+func (e *Epoch) Context() context.Context { return e.ctx }
+
+// End ends the epoch; the first cause is kept. The stream ends it when its
+// session ends; the pipeline ends it to give the slot up (the stream then
+// leaves the slot and reconnects), for example when another replica fenced it.
+func (e *Epoch) End(cause error) {
+	if cause == nil {
+		cause = ErrEpochEnded
+	}
+	e.end(cause)
+}
+
+// Err is nil while the epoch lasts, and then why it ended.
+func (e *Epoch) Err() error {
+	if e.ctx.Err() == nil {
+		return nil
+	}
+	return context.Cause(e.ctx)
+}
+
+// Budget bounds the bytes of events held in memory, from the stream to the
+// senders: the stream stops reading while it is full (docs/design.md,
+// "Memory"). Holds and releases belong to an epoch; Reset starts a new one and
+// forgets the old one's, whose late releases are then ignored. Safe for
+// concurrent use.
+type Budget struct {
+	limit int64
+	mu    sync.Mutex
+	epoch uint64
+	used  int64
+	freed chan struct{} // signalled when used drops below limit
+}
+
+// DefaultMaxPendingBytes is max_pending_bytes' default.
+const DefaultMaxPendingBytes = 64 << 20
+
+// NewBudget returns a budget of limit bytes (DefaultMaxPendingBytes if <= 0).
+func NewBudget(limit int64) *Budget {
+	if limit <= 0 {
+		limit = DefaultMaxPendingBytes
+	}
+	return &Budget{limit: limit, freed: make(chan struct{}, 1)}
+}
+
+// Reset starts epoch's accounting at zero.
+func (b *Budget) Reset(epoch uint64) {
+	b.mu.Lock()
+	b.epoch, b.used = epoch, 0
+	b.mu.Unlock()
+	b.signal()
+}
+
+// Hold counts n more bytes of epoch, even beyond the limit: it never blocks;
+// whoever reads checks Full.
+func (b *Budget) Hold(epoch uint64, n int64) {
+	b.mu.Lock()
+	if epoch == b.epoch {
+		b.used += n
+	}
+	b.mu.Unlock()
+}
+
+// Release gives back n bytes that epoch held.
+func (b *Budget) Release(epoch uint64, n int64) {
+	if n == 0 {
+		return
+	}
+	b.mu.Lock()
+	if epoch != b.epoch {
+		b.mu.Unlock()
+		return
+	}
+	wasFull := b.used >= b.limit
+	b.used -= n
+	free := wasFull && b.used < b.limit
+	b.mu.Unlock()
+	if free {
+		b.signal()
+	}
+}
+
+// Full reports whether the held bytes reached the limit.
+func (b *Budget) Full() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.used >= b.limit
+}
+
+// Used is the bytes held in the current epoch.
+func (b *Budget) Used() int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.used
+}
+
+// Freed is signalled when the budget stops being full.
+func (b *Budget) Freed() <-chan struct{} { return b.freed }
+
+func (b *Budget) signal() {
+	select {
+	case b.freed <- struct{}{}:
+	default:
+	}
+}
+
+// EventSize is what an event is charged against the budget: its payload and
+// an estimate of the rest.
+func EventSize(e *Event) int64 { return int64(len(e.Payload)) + envelopeOverhead }
