@@ -125,3 +125,37 @@ func TestStaticGoneIsADeadLetter(t *testing.T) {
 		}
 	})
 }
+
+// TestReenableWhileInFlightFinishesOnce: subscription dyn is disabled while
+// its request is in flight (its events are dead-lettered then) and enabled
+// again before the request comes back. The late success must not finish the
+// event a second time: static s still owes it, so the flush stays behind.
+func TestReenableWhileInFlightFinishesOnce(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHarness(t, nil)
+		release := make(chan struct{})
+		h.rec.answer = func(b *Batch) error {
+			if b.Subscription.ID == "dyn" {
+				<-release // in flight until the test says
+				return nil
+			}
+			return failure{status: 503, retryable: true} // s keeps failing: it owes the event
+		}
+		h.change("dyn", row("dyn", "*"))
+		start := h.lsn
+		end := h.commit(event(1, "a", "r"))
+		synctest.Wait()
+		disabled := SubscriptionRow{ID: "dyn", Events: []string{"*"}, TargetURL: "http://x/dyn", Secret: "whsec_x",
+			DisabledAt: new(time.Now())}
+		b, _ := json.Marshal(disabled)
+		h.change("dyn", b)
+		h.change("dyn", row("dyn", "*"))
+		synctest.Wait()
+		close(release)
+		time.Sleep(time.Second)
+		synctest.Wait()
+		if f := h.acker.Flush(); f >= end {
+			t.Errorf("flush = %v, at or past the event's transaction (%v, after %v) that s still owes", f, end, start)
+		}
+	})
+}

@@ -222,3 +222,83 @@ subscriptions:
 		t.Error("the payload did not arrive as written")
 	}
 }
+
+// TestDisabledStaysDisabledAfterRestart: an API subscription that endpoint
+// health disabled dead-letters without an attempt after a restart too.
+func TestDisabledStaysDisabledAfterRestart(t *testing.T) {
+	t.Parallel()
+	down := &atomic.Bool{}
+	down.Store(true)
+	srv := sendertest.NewServer(t, func(n int, r *sendertest.Request) (int, http.Header) {
+		if s := r.Header.Get("X-Hook-Secret"); s != "" {
+			return 200, http.Header{"X-Hook-Secret": {s}}
+		}
+		return switchable(down)(n, r)
+	})
+	e := newEnv(t, "admin_token: "+adminToken+"\nallow_targets: [127.0.0.1/32]\n")
+	e.setup()
+	r := e.start()
+	api := client{t: t, base: e.addr(r), token: adminToken}
+	_, created := api.do("POST", "/v1/subscriptions", map[string]any{"event": "*", "target_url": srv.HooksURL(),
+		"disable_after": "1s", "park_after": "500ms", "retry_initial": "50ms", "retry_max_interval": "100ms"})
+	id := created["id"].(string)
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id) VALUES ('x', 'a')`)
+	e.eventually(30*time.Second, "the subscription to be disabled", func() bool {
+		_, got := api.do("GET", "/v1/subscriptions/"+id, nil)
+		return got["disabled_at"] != nil
+	})
+	e.waitCaughtUp()
+	r.stop()
+	down.Store(false)
+	e.start()
+	attempts := len(hooksOnly(srv.Requests()))
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id) VALUES ('after', 'b')`)
+	e.eventually(30*time.Second, "the event after the restart dead-lettered", func() bool {
+		var n int
+		e.db.Pool.QueryRow(context.Background(), `SELECT count(*) FROM walhook.dead_letters WHERE subscription = $1 AND event = 'after'`, id).Scan(&n)
+		return n == 1
+	})
+	if got := len(hooksOnly(srv.Requests())); got != attempts {
+		t.Errorf("%d attempts after the restart, want none: the subscription is disabled", got-attempts)
+	}
+}
+
+// TestLosingTheSlotStopsDelivery: the walsender freezes while walhook feeds
+// parked rows to a failing endpoint. Once the stream declares the stall, the
+// epoch is over: nothing more is sent until the stream holds the slot again.
+func TestLosingTheSlotStopsDelivery(t *testing.T) {
+	t.Parallel()
+	down := &atomic.Bool{}
+	down.Store(true)
+	srv := sendertest.NewServer(t, switchable(down))
+	e := newEnv(t, "stall_timeout: 2s\ndefaults: {park_after: 500ms, retry_initial: 50ms, retry_max_interval: 100ms}\nsubscriptions:\n"+
+		sub("s", srv.HooksURL(), `["*"]`))
+	e.setup()
+	r := e.start()
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id) SELECT 'x', 'r' || g FROM generate_series(1, 5) g`)
+	e.eventually(30*time.Second, "5 parked rows", func() bool { return e.parked() == 5 })
+	srv.WaitN(t, len(srv.Requests())+10, 30*time.Second)
+	var pid int
+	e.db.Pool.QueryRow(context.Background(), `SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1`, e.db.Name).Scan(&pid)
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Skipf("cannot stop the walsender (%v): needs the same user as PostgreSQL, or root", err)
+	}
+	defer syscall.Kill(pid, syscall.SIGCONT)
+	// The frozen walsender still holds the slot: the reconnect waits for it.
+	e.eventually(30*time.Second, "the stall to end the session", func() bool {
+		return strings.Contains(r.log.String(), "slot in use by another process")
+	})
+	n := len(srv.Requests())
+	// An observation window of ten retry intervals: a process without the
+	// slot must stay silent through it.
+	window := time.NewTimer(time.Second)
+	<-window.C
+	if got := len(srv.Requests()); got != n {
+		t.Errorf("%d requests after the slot was lost", got-n)
+	}
+	syscall.Kill(pid, syscall.SIGCONT)
+	down.Store(false)
+	srv.Wait(t, 60*time.Second, "the parked rows after the slot is back", func(q []sendertest.Request) bool {
+		return len(sendertest.Delivered(q)) == 5
+	})
+}
