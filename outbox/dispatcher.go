@@ -354,6 +354,12 @@ func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 	case ChangeSubscription:
 		return d.handleSubscription(ctx, c)
 	case ChangeReplay:
+		// A replay always carries a webhook-id (the one it would have had
+		// alone, if it was stored without): that is what marks it as one
+		// downstream (sent alone, never merged, ordered by its own sequence).
+		if c.Event.WebhookID == "" {
+			c.Event.WebhookID = WebhookID(c.SubscriptionID, []Event{c.Event})
+		}
 		size := EventSize(&c.Event)
 		r := d.byID[c.SubscriptionID]
 		if r == nil {

@@ -302,3 +302,26 @@ func TestLosingTheSlotStopsDelivery(t *testing.T) {
 		return len(sendertest.Delivered(q)) == 5
 	})
 }
+
+// TestParkAfterCutsAHangingAttempt: a target that accepts and never answers
+// would hold the slot for a whole timeout; park_after runs during the attempt
+// and parks it, and the slot moves on.
+func TestParkAfterCutsAHangingAttempt(t *testing.T) {
+	t.Parallel()
+	hang := make(chan struct{})
+	srv := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) {
+		<-hang
+		return http.StatusNoContent, nil
+	})
+	defer close(hang)
+	e := newEnv(t, "subscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`, "    timeout: 60s\n    park_after: 1s\n"))
+	e.setup()
+	e.start()
+	start := time.Now()
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id) VALUES ('x', 'a')`)
+	e.eventually(30*time.Second, "the event parked", func() bool { return e.parked() == 1 })
+	e.waitCaughtUp()
+	if d := time.Since(start); d > 20*time.Second {
+		t.Errorf("parked after %s with park_after 1s and timeout 60s", d)
+	}
+}
