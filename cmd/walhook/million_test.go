@@ -122,4 +122,3 @@ func tail(s string, lines int) string {
 	l := strings.Split(strings.TrimRight(s, "\n"), "\n")
 	return strings.Join(l[max(len(l)-lines, 0):], "\n")
 }
-
