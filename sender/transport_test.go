@@ -112,7 +112,7 @@ func TestTransportDropsConnectionsThatCannotBeReused(t *testing.T) {
 		switch r.URL.Path {
 		case "/big":
 			w.WriteHeader(http.StatusInternalServerError)
-			w.Write(bytes.Repeat([]byte("x"), 64<<10)) // chunked, beyond what is read
+			w.Write(bytes.Repeat([]byte("x"), 2*maxResponseBody)) // chunked, beyond what is read
 		case "/close":
 			w.Header().Set("Connection", "close")
 		}
