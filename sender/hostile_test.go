@@ -144,3 +144,32 @@ func TestErrorExcerptIsCleanText(t *testing.T) {
 		t.Errorf("excerpt has %d characters, want 200 and the ellipsis: %q", n, de.Body)
 	}
 }
+
+// The whole attempt, connect to last byte, ends at the subscription's timeout:
+// a target that accepts and never answers, one that trickles its headers a
+// byte at a time, one that trickles its body.
+func TestSlowTargetsEndAtTheTimeout(t *testing.T) {
+	const timeout = 1500 * time.Millisecond
+	for _, p := range paths {
+		for _, tt := range []struct {
+			name   string
+			behave sendertest.Behavior
+		}{
+			{"hang", sendertest.Hang()},
+			{"trickled headers", sendertest.Trickle("HTTP/1.1 200 OK\r\nX-Slow: "+strings.Repeat("a", 100)+"\r\n\r\n", 200*time.Millisecond)},
+			{"trickled body", sendertest.Trickle("HTTP/1.1 500 Internal Server Error\r\nContent-Length: 100\r\n\r\n"+strings.Repeat("a", 100), 50*time.Millisecond)},
+		} {
+			t.Run(p.name+" "+tt.name, func(t *testing.T) {
+				h := sendertest.NewHostile(t, tt.behave)
+				de, took := deliver(t, hostileBatch(h.URL, p.big, timeout))
+				if de == nil || !de.Retryable() || !errors.Is(de, context.DeadlineExceeded) && !strings.Contains(de.Error(), "deadline exceeded") {
+					t.Fatalf("err = %v, want the attempt's deadline", de)
+				}
+				if took < timeout || took > timeout+2*time.Second {
+					t.Errorf("the attempt took %s with a timeout of %s", took, timeout)
+				}
+				h.WaitEnded(t, 1, 10*time.Second)
+			})
+		}
+	}
+}
