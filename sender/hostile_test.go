@@ -173,3 +173,29 @@ func TestSlowTargetsEndAtTheTimeout(t *testing.T) {
 		}
 	}
 }
+
+// A dynamic subscription's target that the guard refuses at dial time fails
+// for good with "target not allowed", instead of being retried for retry_for
+// as a network error.
+func TestRefusedTargetIsAPermanentFailure(t *testing.T) {
+	srv := sendertest.NewServer(t, nil)
+	for _, target := range []string{srv.HooksURL(), strings.Replace(srv.HooksURL(), "127.0.0.1", "localhost", 1)} {
+		sub := testSub(target)
+		sub.Static = false
+		err := sender.New(&ssrf.Guard{}).Deliver(context.Background(), outbox.NewBatch(sub, testEvent()))
+		var de *sender.DeliveryError
+		if !errors.As(err, &de) || de.Retryable() || de.Reason != "target not allowed" || !errors.Is(err, ssrf.ErrForbidden) {
+			t.Fatalf("%s: err = %v, want a permanent \"target not allowed\"", target, err)
+		}
+		if !strings.HasPrefix(err.Error(), "target not allowed: ") || !strings.Contains(err.Error(), "loopback") {
+			t.Errorf("reason %q does not say why", err)
+		}
+	}
+	if n := len(srv.Requests()); n != 0 {
+		t.Fatalf("%d requests reached loopback", n)
+	}
+	err := sender.New(&ssrf.Guard{}).VerifyIntent(context.Background(), srv.HooksURL(), 5*time.Second)
+	if !errors.Is(err, ssrf.ErrForbidden) {
+		t.Errorf("VerifyIntent: err = %v, want target not allowed", err)
+	}
+}

@@ -143,10 +143,14 @@ func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	return newStatusError(resp, prefix[:n], s.now())
 }
 
-// requestError classifies an attempt that got no response: connection
-// refused, reset, timed out, a response that is not HTTP or has oversized
-// headers. All are retried.
+// requestError classifies an attempt that got no response. A target the SSRF
+// guard refused is not allowed now and will not be on a retry: it fails for
+// good. Everything else (connection refused, reset, timed out, a response
+// that is not HTTP or has oversized headers) is retried.
 func requestError(err error) *DeliveryError {
+	if fe, ok := errors.AsType[*ssrf.Error](err); ok {
+		return &DeliveryError{Reason: "target not allowed", Err: refusal{fe}}
+	}
 	if errors.Is(err, errHeadersTooLarge) {
 		return &DeliveryError{Reason: errHeadersTooLarge.Error(), retry: true}
 	}
@@ -270,6 +274,9 @@ func (s *Sender) VerifyIntent(ctx context.Context, target string, timeout time.D
 	req.Header.Set("X-Hook-Secret", secret)
 	resp, err := s.roundTrip(nil, req)
 	if err != nil {
+		if de := requestError(err); !de.retry {
+			return de // target not allowed
+		}
 		return fmt.Errorf("target unreachable: %v", scrubURL(err))
 	}
 	defer resp.Body.Close()
@@ -309,6 +316,13 @@ func scrubURL(err error) error {
 	}
 	return err
 }
+
+// refusal is the guard's refusal under the Reason "target not allowed": it
+// says only why, and still matches ssrf.ErrForbidden.
+type refusal struct{ e *ssrf.Error }
+
+func (r refusal) Error() string { return r.e.Detail }
+func (r refusal) Unwrap() error { return r.e }
 
 // DeliveryError is a failed attempt. It implements outbox.Failure.
 type DeliveryError struct {
