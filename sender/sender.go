@@ -47,33 +47,30 @@ type Sender struct {
 }
 
 // New returns a Sender with hardened clients; guard checks the addresses that
-// dynamic subscriptions' requests dial.
-func New(guard *ssrf.Guard) *Sender {
+// dynamic subscriptions' requests dial, or, through a proxy (HTTP_PROXY,
+// HTTPS_PROXY), the address each request is pinned to.
+func New(guard *ssrf.Guard) *Sender { return newSender(guard, http.ProxyFromEnvironment) }
+
+func newSender(guard *ssrf.Guard, proxy func(*http.Request) (*url.URL, error)) *Sender {
 	dialer := &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}
+	guarded := newTransport(guard.DialContext(dialer), proxy)
+	guarded.pinned = newPinnedProxy(guard.Pin, proxy, dialer.DialContext)
+	guarded.fallback.(*http.Transport).Proxy = nil // proxied requests all go to pinned
 	return &Sender{
-		trusted:   newTransport(dialer.DialContext),
-		guarded:   newTransport(guard.DialContext(dialer)),
+		trusted:   newTransport(dialer.DialContext, proxy),
+		guarded:   guarded,
 		userAgent: "walhook/" + Version,
 		now:       time.Now,
 	}
 }
 
-func newTransport(dial func(ctx context.Context, network, addr string) (net.Conn, error)) *transport {
+func newTransport(dial func(ctx context.Context, network, addr string) (net.Conn, error), proxy func(*http.Request) (*url.URL, error)) *transport {
 	return &transport{
 		dial:        dial,
-		proxy:       http.ProxyFromEnvironment,
+		proxy:       proxy,
 		maxIdle:     32,
 		idleTimeout: 90 * time.Second,
-		fallback: &http.Transport{ // through a proxy, and large bodies (transport.go)
-			Proxy:                  http.ProxyFromEnvironment,
-			DialContext:            dial,
-			ForceAttemptHTTP2:      true,
-			MaxIdleConns:           256,
-			MaxIdleConnsPerHost:    32,
-			IdleConnTimeout:        90 * time.Second,
-			TLSHandshakeTimeout:    tlsHandshakeTimeout,
-			MaxResponseHeaderBytes: maxResponseHeader,
-		},
+		fallback:    newNetHTTP(dial, proxy), // through a proxy, and large bodies (transport.go)
 	}
 }
 

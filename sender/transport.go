@@ -23,8 +23,9 @@ import (
 // goroutines per connection and hands every request and response between them;
 // at one request per event that was half of walhook's CPU (docs/performance.md).
 //
-// Requests through a proxy (HTTP_PROXY, HTTPS_PROXY), to schemes other than
-// http and https, and with bodies over maxLeanBody go to fallback: writing and
+// Requests through a proxy (HTTP_PROXY, HTTPS_PROXY) go to pinned when it is
+// set (dynamic subscriptions: proxy.go), else to fallback. Requests to schemes
+// other than http and https, and with bodies over maxLeanBody go to fallback: writing and
 // reading in turn, the lean transport would wait out its deadline on a target
 // that answers early (413, say) without reading a large body, where net/http,
 // reading while it writes, sees the answer. Large bodies are batches, whose
@@ -33,6 +34,7 @@ type transport struct {
 	dial        func(ctx context.Context, network, addr string) (net.Conn, error)
 	tlsConfig   *tls.Config // cloned per connection; nil: the system's roots
 	proxy       func(*http.Request) (*url.URL, error)
+	pinned      *pinnedProxy // nil: requests through a proxy go to fallback as they are
 	fallback    http.RoundTripper
 	maxIdle     int           // idle connections kept per target
 	idleTimeout time.Duration // an idle connection older than this is closed
@@ -84,14 +86,20 @@ var aLongTimeAgo = time.Unix(1, 0)
 
 func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if req.URL.Scheme != "http" && req.URL.Scheme != "https" {
-		return t.roundTripFallback(req)
+		return viaNetHTTP(t.fallback, req)
 	}
-	if p, err := t.proxy(req); err != nil || p != nil {
-		return t.roundTripFallback(req)
+	if p, err := t.proxy(req); err != nil {
+		closeBody(req)
+		return nil, fmt.Errorf("proxy: %w", err)
+	} else if p != nil {
+		if t.pinned != nil {
+			return t.pinned.roundTrip(req, p)
+		}
+		return viaNetHTTP(t.fallback, req)
 	}
 	if req.ContentLength < 0 || req.ContentLength == 0 && req.Body != nil && req.Body != http.NoBody ||
 		req.ContentLength > maxLeanBody {
-		return t.roundTripFallback(req) // a body of unknown length, or a large one
+		return viaNetHTTP(t.fallback, req) // a body of unknown length, or a large one
 	}
 	for retried := false; ; retried = true {
 		c, reused, err := t.get(req)
@@ -120,10 +128,25 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 }
 
-// roundTripFallback sends req with net/http. Its error for headers over
-// MaxResponseHeaderBytes is a bare string; TestHeaderLimitBothPaths pins it.
-func (t *transport) roundTripFallback(req *http.Request) (*http.Response, error) {
-	resp, err := t.fallback.RoundTrip(req)
+// newNetHTTP is a net/http transport with the lean one's limits.
+func newNetHTTP(dial func(ctx context.Context, network, addr string) (net.Conn, error), proxy func(*http.Request) (*url.URL, error)) *http.Transport {
+	return &http.Transport{
+		Proxy:                  proxy,
+		DialContext:            dial,
+		ForceAttemptHTTP2:      true,
+		MaxIdleConns:           256,
+		MaxIdleConnsPerHost:    32,
+		IdleConnTimeout:        90 * time.Second,
+		TLSHandshakeTimeout:    tlsHandshakeTimeout,
+		MaxResponseHeaderBytes: maxResponseHeader,
+	}
+}
+
+// viaNetHTTP sends req with rt, a net/http transport. Its error for headers
+// over MaxResponseHeaderBytes is a bare string, which
+// TestHugeResponseHeadersFailTheAttempt pins.
+func viaNetHTTP(rt http.RoundTripper, req *http.Request) (*http.Response, error) {
+	resp, err := rt.RoundTrip(req)
 	if err != nil && strings.Contains(err.Error(), "server response headers exceeded") {
 		return nil, errHeadersTooLarge
 	}
@@ -376,6 +399,9 @@ func (t *transport) CloseIdleConnections() {
 	}
 	if f, ok := t.fallback.(interface{ CloseIdleConnections() }); ok {
 		f.CloseIdleConnections()
+	}
+	if t.pinned != nil {
+		t.pinned.closeIdle()
 	}
 }
 

@@ -198,6 +198,45 @@ func parseIP(host string) (netip.Addr, bool) {
 	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}), true
 }
 
+// Pin chooses the address a request to host goes to when it goes through a
+// proxy, where the dial-time check sees only the proxy: host resolved now, and
+// the first of its addresses the guard allows, or a refusal when none is.
+// Sending to that address (with host in the Host header or TLS server name)
+// rather than to the name keeps the proxy from resolving it again, to
+// somewhere else. Like the dial-time check, and unlike CheckURL, it judges
+// only addresses (localhost is fine if 127.0.0.1 is allowed). A host named in
+// allow_targets is returned as it is.
+func (g *Guard) Pin(ctx context.Context, host string) (string, error) {
+	name := strings.ToLower(strings.TrimSuffix(host, "."))
+	if g.hosts[name] {
+		return host, nil
+	}
+	if ip, ok := parseIP(name); ok {
+		if err := g.CheckIP(ip); err != nil {
+			return "", err
+		}
+		return ip.String(), nil // one spelling: a proxy might read 0x7f.1 otherwise
+	}
+	addrs, err := net.DefaultResolver.LookupNetIP(ctx, "ip", name)
+	if err != nil {
+		return "", fmt.Errorf("resolve %s: %w", name, err)
+	}
+	var refusal error
+	for _, a := range addrs {
+		err := g.CheckIP(a)
+		if err == nil {
+			return a.Unmap().String(), nil
+		}
+		if refusal == nil {
+			refusal = err
+		}
+	}
+	if refusal == nil {
+		refusal = fmt.Errorf("resolve %s: no addresses", name)
+	}
+	return "", refusal
+}
+
 // DialContext returns a dial function that checks the IP actually dialed.
 func (g *Guard) DialContext(d *net.Dialer) func(ctx context.Context, network, addr string) (net.Conn, error) {
 	guarded := *d
