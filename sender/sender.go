@@ -243,8 +243,8 @@ func excerpt(body []byte) string {
 		return r
 	}, strings.ToValidUTF8(string(body), "\uFFFD"))
 	s = strings.TrimSpace(s)
-	i, n := 0, 0
-	for i = range s {
+	n := 0
+	for i := range s {
 		if n == maxExcerpt {
 			return s[:i] + "…"
 		}
