@@ -199,3 +199,32 @@ func TestRefusedTargetIsAPermanentFailure(t *testing.T) {
 		t.Errorf("VerifyIntent: err = %v, want target not allowed", err)
 	}
 }
+
+// The intent handshake, which any tenant triggers with one POST
+// /v1/subscriptions, reads no more of a hostile answer than a delivery.
+func TestVerifyIntentAgainstAHostileTarget(t *testing.T) {
+	guard, _ := ssrf.New([]string{"127.0.0.1"})
+	s := sender.New(guard)
+	defer s.Close()
+	for _, tt := range []struct {
+		name   string
+		behave sendertest.Behavior
+		want   string
+	}{
+		{"huge headers", sendertest.HugeHeader(200, 300<<20), "response headers exceed 64 KiB"},
+		{"endless body", sendertest.EndlessBody(200), "did not echo"},
+		{"hang", sendertest.Hang(), "deadline exceeded"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			h := sendertest.NewHostile(t, tt.behave)
+			err := s.VerifyIntent(context.Background(), h.URL, time.Second)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("err = %v, want %q", err, tt.want)
+			}
+			h.WaitEnded(t, 1, 10*time.Second)
+			if n := h.Written(); n > socketSlack {
+				t.Errorf("the target wrote %d MB before the sender hung up", n>>20)
+			}
+		})
+	}
+}
