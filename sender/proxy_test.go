@@ -131,6 +131,24 @@ func TestProxiedRequestsGoToTheCheckedAddress(t *testing.T) {
 	}
 }
 
+// An https:// proxy: the tunnel's CONNECT goes inside TLS to the proxy, the
+// target's TLS inside the tunnel.
+func TestThroughAnHTTPSProxy(t *testing.T) {
+	proxy := sendertest.NewTLSProxy(t, "")
+	pu, _ := url.Parse(proxy.URL)
+	guard, _ := ssrf.New([]string{"127.0.0.1"})
+	s, plain, secure := proxyTargets(t, guard, pu)
+	s.guarded.pinned.proxyTLS = proxy.Client().Transport.(*http.Transport).TLSClientConfig
+	for _, target := range []string{byName(plain.URL), byName(secure.URL)} {
+		if err := s.Deliver(context.Background(), dynamicBatch(target, false)); err != nil {
+			t.Fatalf("%s through an https proxy: %v", target, err)
+		}
+	}
+	if a := proxy.Asked(); len(a) != 2 || a[0].Method != http.MethodConnect || !strings.HasPrefix(a[1].Target, "127.0.0.1:") {
+		t.Errorf("the proxy was asked %+v", a)
+	}
+}
+
 // A name that resolves to a forbidden address when the request is sent (DNS
 // rebinding: it was public when the subscription was made) is refused before
 // the proxy is asked, for good, and without the proxy's credentials in the

@@ -35,6 +35,22 @@ type Asked struct {
 // NewProxy starts a proxy on listen ("127.0.0.1:0" when empty) that stops when
 // t ends.
 func NewProxy(t testing.TB, listen string) *Proxy {
+	p := newProxy(t, listen)
+	p.Start()
+	t.Cleanup(p.Close)
+	return p
+}
+
+// NewTLSProxy is NewProxy spoken to over TLS (an https:// proxy), with
+// httptest's certificate; Client() trusts it.
+func NewTLSProxy(t testing.TB, listen string) *Proxy {
+	p := newProxy(t, listen)
+	p.StartTLS()
+	t.Cleanup(p.Close)
+	return p
+}
+
+func newProxy(t testing.TB, listen string) *Proxy {
 	if listen == "" {
 		listen = "127.0.0.1:0"
 	}
@@ -44,8 +60,6 @@ func NewProxy(t testing.TB, listen string) *Proxy {
 	}
 	p := &Proxy{forward: &http.Transport{Proxy: nil}, tunnels: map[net.Conn]bool{}}
 	p.Server = &httptest.Server{Listener: ln, Config: &http.Server{Handler: http.HandlerFunc(p.serve)}}
-	p.Start()
-	t.Cleanup(p.Close)
 	return p
 }
 
