@@ -25,8 +25,8 @@ import (
 //
 // Requests through a proxy (HTTP_PROXY, HTTPS_PROXY) go to pinned when it is
 // set (dynamic subscriptions: proxy.go), else to fallback. Requests to schemes
-// other than http and https, and with bodies over maxLeanBody go to fallback: writing and
-// reading in turn, the lean transport would wait out its deadline on a target
+// other than http and https, and with bodies over maxLeanBody go to fallback:
+// writing and reading in turn, the lean transport would wait out its deadline on a target
 // that answers early (413, say) without reading a large body, where net/http,
 // reading while it writes, sees the answer. Large bodies are batches, whose
 // per-request cost hardly counts.

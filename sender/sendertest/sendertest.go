@@ -1,6 +1,7 @@
 // Package sendertest is a real HTTP endpoint for tests: it records every request
 // walhook sends, answers as a test scripts it, and lets tests wait for requests
-// without sleeping.
+// without sleeping. Hostile is a target that misbehaves on purpose (huge
+// headers, endless bodies, trickles, hangs); Proxy is a forward proxy.
 package sendertest
 
 import (
