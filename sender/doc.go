@@ -2,8 +2,12 @@
 //
 // Invariants:
 //   - One shared, hardened http.Client: redirects are never followed, each attempt
-//     has a deadline covering the whole exchange, and only a small prefix of a
-//     response body is read.
+//     has a deadline covering the whole exchange, response headers over 64 KiB
+//     fail it, and at most 64 KiB of a body is read (a longer one's connection
+//     is closed, not drained).
+//   - Dynamic subscriptions reach only addresses the ssrf.Guard allows, checked
+//     on the address dialed, or through a proxy on the address the tunnel is
+//     asked for (proxy.go); a refusal is a permanent failure.
 //   - Requests follow Standard Webhooks: webhook-id (from the batch, stable across
 //     retries), webhook-timestamp (fresh per attempt) and webhook-signature
 //     (v1, HMAC-SHA256 over "id.timestamp.body").

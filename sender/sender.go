@@ -24,8 +24,19 @@ import (
 // Version is walhook's version, sent in user-agent.
 var Version = "dev"
 
-// maxResponseBody is how much of a response body is read (for the error reason).
-const maxResponseBody = 4 << 10
+// Limits on what a target's answer may make walhook read: more header bytes
+// fail the attempt; a longer body is read only this far (the start of it is
+// the error's excerpt), and its connection is closed rather than drained.
+const (
+	maxResponseHeader = 64 << 10
+	maxResponseBody   = 64 << 10
+	maxExcerpt        = 200 // characters of a failed answer's body kept in its error
+)
+
+var (
+	errHeadersTooLarge = errors.New("response headers exceed 64 KiB")
+	errBodyTooLarge    = errors.New("response body exceeds 64 KiB")
+)
 
 // Sender delivers batches over HTTP. It is safe for concurrent use.
 type Sender struct {
@@ -36,32 +47,30 @@ type Sender struct {
 }
 
 // New returns a Sender with hardened clients; guard checks the addresses that
-// dynamic subscriptions' requests dial.
-func New(guard *ssrf.Guard) *Sender {
+// dynamic subscriptions' requests dial, or, through a proxy (HTTP_PROXY,
+// HTTPS_PROXY), the address each request is pinned to.
+func New(guard *ssrf.Guard) *Sender { return newSender(guard, http.ProxyFromEnvironment) }
+
+func newSender(guard *ssrf.Guard, proxy func(*http.Request) (*url.URL, error)) *Sender {
 	dialer := &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}
+	guarded := newTransport(guard.DialContext(dialer), proxy)
+	guarded.pinned = newPinnedProxy(guard.Pin, proxy, dialer.DialContext)
+	guarded.fallback.(*http.Transport).Proxy = nil // proxied requests all go to pinned
 	return &Sender{
-		trusted:   newTransport(dialer.DialContext),
-		guarded:   newTransport(guard.DialContext(dialer)),
+		trusted:   newTransport(dialer.DialContext, proxy),
+		guarded:   guarded,
 		userAgent: "walhook/" + Version,
 		now:       time.Now,
 	}
 }
 
-func newTransport(dial func(ctx context.Context, network, addr string) (net.Conn, error)) *transport {
+func newTransport(dial func(ctx context.Context, network, addr string) (net.Conn, error), proxy func(*http.Request) (*url.URL, error)) *transport {
 	return &transport{
 		dial:        dial,
-		proxy:       http.ProxyFromEnvironment,
+		proxy:       proxy,
 		maxIdle:     32,
 		idleTimeout: 90 * time.Second,
-		fallback: &http.Transport{ // through a proxy, and large bodies (transport.go)
-			Proxy:               http.ProxyFromEnvironment,
-			DialContext:         dial,
-			ForceAttemptHTTP2:   true,
-			MaxIdleConns:        256,
-			MaxIdleConnsPerHost: 32,
-			IdleConnTimeout:     90 * time.Second,
-			TLSHandshakeTimeout: tlsHandshakeTimeout,
-		},
+		fallback:    newNetHTTP(dial, proxy), // through a proxy, and large bodies (transport.go)
 	}
 }
 
@@ -113,19 +122,36 @@ func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 
 	resp, err := s.roundTrip(sub, req)
 	if err != nil {
-		return &DeliveryError{Err: scrubURL(err), Reason: "request failed", retry: true}
+		return requestError(err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
-		io.Copy(io.Discard, io.LimitReader(resp.Body, 2*maxResponseBody)) // let small bodies reuse the connection
+		io.Copy(io.Discard, io.LimitReader(resp.Body, maxResponseBody)) // let small bodies reuse the connection
 		return nil
 	}
-	prefix, err := io.ReadAll(io.LimitReader(resp.Body, maxResponseBody))
-	if err != nil && ctx.Err() != nil {
+	var prefix [4 * maxExcerpt]byte // maxExcerpt characters, of up to 4 bytes each
+	n, err := io.ReadFull(resp.Body, prefix[:])
+	if err == nil {
+		_, err = io.Copy(io.Discard, io.LimitReader(resp.Body, maxResponseBody-int64(n)))
+	}
+	if err != nil && err != io.ErrUnexpectedEOF && ctx.Err() != nil {
 		return &DeliveryError{Status: resp.StatusCode, Err: scrubURL(err), Reason: "reading response", retry: true}
 	}
-	io.Copy(io.Discard, io.LimitReader(resp.Body, maxResponseBody))
-	return newStatusError(resp, prefix, s.now())
+	return newStatusError(resp, prefix[:n], s.now())
+}
+
+// requestError classifies an attempt that got no response. A target the SSRF
+// guard refused is not allowed now and will not be on a retry: it fails for
+// good. Everything else (connection refused, reset, timed out, a response
+// that is not HTTP or has oversized headers) is retried.
+func requestError(err error) *DeliveryError {
+	if fe, ok := errors.AsType[*ssrf.Error](err); ok {
+		return &DeliveryError{Reason: "target not allowed", Err: refusal{fe}}
+	}
+	if errors.Is(err, errHeadersTooLarge) {
+		return &DeliveryError{Reason: errHeadersTooLarge.Error(), retry: true}
+	}
+	return &DeliveryError{Err: scrubURL(err), Reason: "request failed", retry: true}
 }
 
 // newRequest builds b's request. A large body comes from bodies; it goes back
@@ -202,13 +228,29 @@ func newStatusError(resp *http.Response, body []byte, now time.Time) *DeliveryEr
 	case code >= 300 && code < 400:
 		e.Reason = "redirect not followed"
 	}
-	if snippet := strings.TrimSpace(string(body)); snippet != "" {
-		if len(snippet) > 200 {
-			snippet = snippet[:200] + "…"
-		}
-		e.Body = snippet
-	}
+	e.Body = excerpt(body)
 	return e
+}
+
+// excerpt is the start of a failed answer's body as it goes into errors, logs
+// and dead letters (a text column): valid UTF-8, without NUL or other control
+// characters, at most maxExcerpt characters.
+func excerpt(body []byte) string {
+	s := strings.Map(func(r rune) rune {
+		if r < ' ' || r == 0x7f {
+			return ' '
+		}
+		return r
+	}, strings.ToValidUTF8(string(body), "\uFFFD"))
+	s = strings.TrimSpace(s)
+	n := 0
+	for i := range s {
+		if n == maxExcerpt {
+			return s[:i] + "…"
+		}
+		n++
+	}
+	return s
 }
 
 // VerifyIntent runs the REST Hooks handshake with a dynamic subscription's
@@ -229,6 +271,9 @@ func (s *Sender) VerifyIntent(ctx context.Context, target string, timeout time.D
 	req.Header.Set("X-Hook-Secret", secret)
 	resp, err := s.roundTrip(nil, req)
 	if err != nil {
+		if de := requestError(err); !de.retry {
+			return de // target not allowed
+		}
 		return fmt.Errorf("target unreachable: %v", scrubURL(err))
 	}
 	defer resp.Body.Close()
@@ -268,6 +313,13 @@ func scrubURL(err error) error {
 	}
 	return err
 }
+
+// refusal is the guard's refusal under the Reason "target not allowed": it
+// says only why, and still matches ssrf.ErrForbidden.
+type refusal struct{ e *ssrf.Error }
+
+func (r refusal) Error() string { return r.e.Detail }
+func (r refusal) Unwrap() error { return r.e }
 
 // DeliveryError is a failed attempt. It implements outbox.Failure.
 type DeliveryError struct {

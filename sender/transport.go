@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -22,9 +23,10 @@ import (
 // goroutines per connection and hands every request and response between them;
 // at one request per event that was half of walhook's CPU (docs/performance.md).
 //
-// Requests through a proxy (HTTP_PROXY, HTTPS_PROXY), to schemes other than
-// http and https, and with bodies over maxLeanBody go to fallback: writing and
-// reading in turn, the lean transport would wait out its deadline on a target
+// Requests through a proxy (HTTP_PROXY, HTTPS_PROXY) go to pinned when it is
+// set (dynamic subscriptions: proxy.go), else to fallback. Requests to schemes
+// other than http and https, and with bodies over maxLeanBody go to fallback:
+// writing and reading in turn, the lean transport would wait out its deadline on a target
 // that answers early (413, say) without reading a large body, where net/http,
 // reading while it writes, sees the answer. Large bodies are batches, whose
 // per-request cost hardly counts.
@@ -32,6 +34,7 @@ type transport struct {
 	dial        func(ctx context.Context, network, addr string) (net.Conn, error)
 	tlsConfig   *tls.Config // cloned per connection; nil: the system's roots
 	proxy       func(*http.Request) (*url.URL, error)
+	pinned      *pinnedProxy // nil: requests through a proxy go to fallback as they are
 	fallback    http.RoundTripper
 	maxIdle     int           // idle connections kept per target
 	idleTimeout time.Duration // an idle connection older than this is closed
@@ -43,12 +46,36 @@ type transport struct {
 type conn struct {
 	net.Conn
 	key    string
+	lr     limitedReader // under br: what one response may still read from the network
 	br     *bufio.Reader
 	bw     *bufio.Writer
 	expire *time.Timer // closes the connection after idleTimeout in the pool
 }
 
 const tlsHandshakeTimeout = 5 * time.Second
+
+// bodySlack is what a response may read beyond maxResponseBody for the
+// framing of a chunked body and what the read buffer holds ahead.
+const bodySlack = 4 << 10
+
+// limitedReader reads from r until n bytes have been read, then reports EOF.
+// It is reset for each response rather than allocated (cf. io.LimitedReader).
+type limitedReader struct {
+	r io.Reader
+	n int64
+}
+
+func (l *limitedReader) Read(p []byte) (int, error) {
+	if l.n <= 0 {
+		return 0, io.EOF
+	}
+	if int64(len(p)) > l.n {
+		p = p[:l.n]
+	}
+	n, err := l.r.Read(p)
+	l.n -= int64(n)
+	return n, err
+}
 
 // maxLeanBody is the largest body the lean transport sends: less than the
 // socket buffers between walhook and the target take without the target reading.
@@ -59,14 +86,20 @@ var aLongTimeAgo = time.Unix(1, 0)
 
 func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if req.URL.Scheme != "http" && req.URL.Scheme != "https" {
-		return t.fallback.RoundTrip(req)
+		return viaNetHTTP(t.fallback, req)
 	}
-	if p, err := t.proxy(req); err != nil || p != nil {
-		return t.fallback.RoundTrip(req)
+	if p, err := t.proxy(req); err != nil {
+		closeBody(req)
+		return nil, fmt.Errorf("proxy: %w", err)
+	} else if p != nil {
+		if t.pinned != nil {
+			return t.pinned.roundTrip(req, p)
+		}
+		return viaNetHTTP(t.fallback, req)
 	}
 	if req.ContentLength < 0 || req.ContentLength == 0 && req.Body != nil && req.Body != http.NoBody ||
 		req.ContentLength > maxLeanBody {
-		return t.fallback.RoundTrip(req) // a body of unknown length, or a large one
+		return viaNetHTTP(t.fallback, req) // a body of unknown length, or a large one
 	}
 	for retried := false; ; retried = true {
 		c, reused, err := t.get(req)
@@ -95,6 +128,31 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 }
 
+// newNetHTTP is a net/http transport with the lean one's limits.
+func newNetHTTP(dial func(ctx context.Context, network, addr string) (net.Conn, error), proxy func(*http.Request) (*url.URL, error)) *http.Transport {
+	return &http.Transport{
+		Proxy:                  proxy,
+		DialContext:            dial,
+		ForceAttemptHTTP2:      true,
+		MaxIdleConns:           256,
+		MaxIdleConnsPerHost:    32,
+		IdleConnTimeout:        90 * time.Second,
+		TLSHandshakeTimeout:    tlsHandshakeTimeout,
+		MaxResponseHeaderBytes: maxResponseHeader,
+	}
+}
+
+// viaNetHTTP sends req with rt, a net/http transport. Its error for headers
+// over MaxResponseHeaderBytes is a bare string, which
+// TestHugeResponseHeadersFailTheAttempt pins.
+func viaNetHTTP(rt http.RoundTripper, req *http.Request) (*http.Response, error) {
+	resp, err := rt.RoundTrip(req)
+	if err != nil && strings.Contains(err.Error(), "server response headers exceeded") {
+		return nil, errHeadersTooLarge
+	}
+	return resp, err
+}
+
 func closeBody(req *http.Request) {
 	if req.Body != nil {
 		req.Body.Close()
@@ -115,6 +173,10 @@ func (t *transport) exchange(c *conn, req *http.Request) (*http.Response, error)
 		stop()
 		return nil, fmt.Errorf("%w: %w", errNoAnswer, ctxErr(ctx, err))
 	}
+	// The heads of one answer, interim ones included, read at most
+	// maxResponseHeader bytes from the network; its body maxResponseBody
+	// (and the slack).
+	c.lr.n = maxResponseHeader
 	for {
 		if _, err := c.br.Peek(1); err != nil {
 			stop()
@@ -123,11 +185,15 @@ func (t *transport) exchange(c *conn, req *http.Request) (*http.Response, error)
 		resp, err := http.ReadResponse(c.br, req)
 		if err != nil {
 			stop()
+			if c.lr.n <= 0 {
+				return nil, errHeadersTooLarge
+			}
 			return nil, ctxErr(ctx, err)
 		}
 		if resp.StatusCode >= 100 && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
 			continue // 100 Continue, 103 Early Hints: the answer follows
 		}
+		c.lr.n = maxResponseBody + bodySlack
 		resp.Body = &body{ReadCloser: resp.Body, t: t, c: c, resp: resp, stop: stop}
 		return resp, nil
 	}
@@ -205,7 +271,8 @@ func validHeader(k, v string) bool {
 }
 
 // body is a response body; closing it reads a small remainder and returns the
-// connection to the pool when the exchange ended cleanly.
+// connection to the pool when the exchange ended cleanly. A body longer than
+// maxResponseBody is never read to its end: its connection is closed instead.
 type body struct {
 	io.ReadCloser
 	t    *transport
@@ -217,13 +284,21 @@ type body struct {
 
 func (b *body) Close() error {
 	b.once.Do(func() {
-		n, err := io.Copy(io.Discard, io.LimitReader(b.ReadCloser, maxResponseBody+1))
-		b.ReadCloser.Close()
+		// Reading the remainder ends at the connection's read limit; not so
+		// closing the body from http.ReadResponse, which reads to EOF however
+		// far that is. It is closed only once at EOF.
+		var err error
+		if b.resp.ContentLength > maxResponseBody {
+			err = errBodyTooLarge // known to be too long: not worth reading
+		} else {
+			_, err = io.Copy(io.Discard, b.ReadCloser)
+		}
 		interrupted := !b.stop() // the context ended: the deadline is spoiled
-		if err != nil || n > maxResponseBody || b.resp.Close || interrupted {
+		if err != nil || b.resp.Close || interrupted {
 			b.c.Close()
 			return
 		}
+		b.ReadCloser.Close()
 		b.c.SetDeadline(time.Time{})
 		b.t.put(b.c)
 	})
@@ -268,7 +343,9 @@ func (t *transport) connect(ctx context.Context, u *url.URL, key string) (*conn,
 		}
 		nc = tc
 	}
-	return &conn{Conn: nc, key: key, br: bufio.NewReaderSize(nc, 4<<10), bw: bufio.NewWriterSize(nc, 16<<10)}, nil
+	c := &conn{Conn: nc, key: key, lr: limitedReader{r: nc}, bw: bufio.NewWriterSize(nc, 16<<10)}
+	c.br = bufio.NewReaderSize(&c.lr, 4<<10)
+	return c, nil
 }
 
 func (t *transport) put(c *conn) {
@@ -322,6 +399,9 @@ func (t *transport) CloseIdleConnections() {
 	}
 	if f, ok := t.fallback.(interface{ CloseIdleConnections() }); ok {
 		f.CloseIdleConnections()
+	}
+	if t.pinned != nil {
+		t.pinned.closeIdle()
 	}
 }
 

@@ -42,7 +42,7 @@ func newCountingServer(t *testing.T, tls bool, h http.HandlerFunc) *countingServ
 }
 
 func testTransport(s *httptest.Server) *transport {
-	t := newTransport((&net.Dialer{}).DialContext)
+	t := newTransport((&net.Dialer{}).DialContext, http.ProxyFromEnvironment)
 	t.proxy = func(*http.Request) (*url.URL, error) { return nil, nil }
 	if s.TLS != nil {
 		t.tlsConfig = s.Client().Transport.(*http.Transport).TLSClientConfig
@@ -112,7 +112,7 @@ func TestTransportDropsConnectionsThatCannotBeReused(t *testing.T) {
 		switch r.URL.Path {
 		case "/big":
 			w.WriteHeader(http.StatusInternalServerError)
-			w.Write(bytes.Repeat([]byte("x"), 64<<10)) // chunked, beyond what is read
+			w.Write(bytes.Repeat([]byte("x"), 2*maxResponseBody)) // chunked, beyond what is read
 		case "/close":
 			w.Header().Set("Connection", "close")
 		}

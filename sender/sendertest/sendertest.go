@@ -1,9 +1,11 @@
 // Package sendertest is a real HTTP endpoint for tests: it records every request
 // walhook sends, answers as a test scripts it, and lets tests wait for requests
-// without sleeping.
+// without sleeping. Hostile is a target that misbehaves on purpose (huge
+// headers, endless bodies, trickles, hangs); Proxy is a forward proxy.
 package sendertest
 
 import (
+	"crypto/tls"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -14,6 +16,7 @@ import (
 
 // Request is one recorded request.
 type Request struct {
+	Host   string // the Host header
 	Header http.Header
 	Body   []byte
 	At     time.Time
@@ -35,12 +38,30 @@ type Server struct {
 // NewServer starts an endpoint that answers with respond (204 for all when nil)
 // and stops when t ends.
 func NewServer(t testing.TB, respond Responder) *Server {
+	s := newServer(respond)
+	s.Start()
+	t.Cleanup(s.Close)
+	return s
+}
+
+// NewTLSServer is NewServer over TLS with cert (httptest's own when cert is
+// empty; it names 127.0.0.1 and example.com).
+func NewTLSServer(t testing.TB, respond Responder, cert tls.Certificate) *Server {
+	s := newServer(respond)
+	if cert.Certificate != nil {
+		s.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
+	}
+	s.StartTLS()
+	t.Cleanup(s.Close)
+	return s
+}
+
+func newServer(respond Responder) *Server {
 	if respond == nil {
 		respond = func(int, *Request) (int, http.Header) { return http.StatusNoContent, nil }
 	}
 	s := &Server{changed: make(chan struct{}), respond: respond}
-	s.Server = httptest.NewServer(http.HandlerFunc(s.serve))
-	t.Cleanup(s.Close)
+	s.Server = httptest.NewUnstartedServer(http.HandlerFunc(s.serve))
 	return s
 }
 
@@ -52,7 +73,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		return // the sender went away mid-request (killed): no endpoint sees this request
 	}
-	req := Request{Header: r.Header.Clone(), Body: body, At: time.Now()}
+	req := Request{Host: r.Host, Header: r.Header.Clone(), Body: body, At: time.Now()}
 	s.mu.Lock()
 	n := len(s.reqs)
 	s.mu.Unlock()

@@ -20,6 +20,16 @@ import (
 // ErrForbidden is wrapped by every refusal.
 var ErrForbidden = errors.New("target not allowed")
 
+// Error is a refusal: "target not allowed: " and why. It wraps ErrForbidden.
+type Error struct {
+	Detail string // why, e.g. "127.0.0.1 is a loopback address"
+}
+
+func (e *Error) Error() string { return ErrForbidden.Error() + ": " + e.Detail }
+func (e *Error) Unwrap() error { return ErrForbidden }
+
+func refuse(format string, args ...any) error { return &Error{Detail: fmt.Sprintf(format, args...)} }
+
 // Guard decides which targets are allowed. The zero Guard allows only public
 // addresses.
 type Guard struct {
@@ -97,7 +107,7 @@ func (g *Guard) CheckIP(ip netip.Addr) error {
 	}
 	for _, p := range blocked {
 		if p.Contains(ip) {
-			return fmt.Errorf("%w: %s is a %s address", ErrForbidden, ip, kind(ip))
+			return refuse("%s is a %s address", ip, kind(ip))
 		}
 	}
 	return nil
@@ -127,10 +137,10 @@ func (g *Guard) CheckURL(ctx context.Context, raw string) error {
 		return fmt.Errorf("not an absolute URL")
 	}
 	if u.Scheme != "http" && u.Scheme != "https" {
-		return fmt.Errorf("%w: scheme %q (http or https only)", ErrForbidden, u.Scheme)
+		return refuse("scheme %q (http or https only)", u.Scheme)
 	}
 	if u.User != nil {
-		return fmt.Errorf("%w: credentials in the URL", ErrForbidden)
+		return refuse("credentials in the URL")
 	}
 	host := strings.ToLower(strings.TrimSuffix(u.Hostname(), "."))
 	if g.hosts[host] {
@@ -140,7 +150,7 @@ func (g *Guard) CheckURL(ctx context.Context, raw string) error {
 		return g.CheckIP(ip)
 	}
 	if host == "localhost" || strings.HasSuffix(host, ".localhost") {
-		return fmt.Errorf("%w: %s is a loopback name", ErrForbidden, host)
+		return refuse("%s is a loopback name", host)
 	}
 	addrs, err := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
 	if err != nil {
@@ -188,6 +198,45 @@ func parseIP(host string) (netip.Addr, bool) {
 	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}), true
 }
 
+// Pin chooses the address a request to host goes to when it goes through a
+// proxy, where the dial-time check sees only the proxy: host resolved now, and
+// the first of its addresses the guard allows, or a refusal when none is.
+// Sending to that address (with host in the Host header or TLS server name)
+// rather than to the name keeps the proxy from resolving it again, to
+// somewhere else. Like the dial-time check, and unlike CheckURL, it judges
+// only addresses (localhost is fine if 127.0.0.1 is allowed). A host named in
+// allow_targets is returned as it is.
+func (g *Guard) Pin(ctx context.Context, host string) (string, error) {
+	name := strings.ToLower(strings.TrimSuffix(host, "."))
+	if g.hosts[name] {
+		return host, nil
+	}
+	if ip, ok := parseIP(name); ok {
+		if err := g.CheckIP(ip); err != nil {
+			return "", err
+		}
+		return ip.String(), nil // one spelling: a proxy might read 0x7f.1 otherwise
+	}
+	addrs, err := net.DefaultResolver.LookupNetIP(ctx, "ip", name)
+	if err != nil {
+		return "", fmt.Errorf("resolve %s: %w", name, err)
+	}
+	var refusal error
+	for _, a := range addrs {
+		err := g.CheckIP(a)
+		if err == nil {
+			return a.Unmap().String(), nil
+		}
+		if refusal == nil {
+			refusal = err
+		}
+	}
+	if refusal == nil {
+		refusal = fmt.Errorf("resolve %s: no addresses", name)
+	}
+	return "", refusal
+}
+
 // DialContext returns a dial function that checks the IP actually dialed.
 func (g *Guard) DialContext(d *net.Dialer) func(ctx context.Context, network, addr string) (net.Conn, error) {
 	guarded := *d
@@ -198,7 +247,7 @@ func (g *Guard) DialContext(d *net.Dialer) func(ctx context.Context, network, ad
 		}
 		ip, err := netip.ParseAddr(host)
 		if err != nil {
-			return fmt.Errorf("%w: cannot read dialed address %q", ErrForbidden, address)
+			return refuse("cannot read dialed address %q", address)
 		}
 		return g.CheckIP(ip)
 	}

@@ -68,3 +68,24 @@ func TestDialRefusesForbiddenIPs(t *testing.T) {
 	}
 	resp.Body.Close()
 }
+
+// Pin resolves and checks at send time, like the dial-time check, and gives
+// one spelling of the address to send to.
+func TestPin(t *testing.T) {
+	ctx := context.Background()
+	g, _ := New([]string{"127.0.0.0/8", "receiver.internal"})
+	for host, want := range map[string]string{
+		"localhost": "127.0.0.1", "0x7f.1": "127.0.0.1", "2130706433": "127.0.0.1",
+		"receiver.internal": "receiver.internal", "93.184.216.34": "93.184.216.34",
+	} {
+		if got, err := g.Pin(ctx, host); err != nil || got != want {
+			t.Errorf("Pin(%s) = %q, %v; want %q", host, got, err, want)
+		}
+	}
+	closed, _ := New(nil)
+	for _, host := range []string{"localhost", "127.1", "::1", "169.254.169.254"} {
+		if _, err := closed.Pin(ctx, host); !errors.Is(err, ErrForbidden) {
+			t.Errorf("Pin(%s): err = %v, want ErrForbidden", host, err)
+		}
+	}
+}
