@@ -503,11 +503,12 @@ func NewID() string {
 	return "sub_" + hex.EncodeToString(b[:])
 }
 
-// deadFilter scopes a filter to what the caller may see.
+// deadFilter scopes a filter to what the caller may see: a tenant sees the dead
+// letters of the subscriptions it owns, whatever tenant their events name.
 func deadFilter(c caller, f pgstore.DeadLetterFilter) pgstore.DeadLetterFilter {
 	if !c.admin {
 		t := c.tenant
-		f.Tenant = &t
+		f.Owner = &t
 	}
 	return f
 }
