@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -93,6 +94,11 @@ func loadConfig(path string, getenv func(string) string) (*Config, error) {
 		if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) {
 			return nil, fmt.Errorf("config %s: %w", path, err)
 		}
+		// A second document would be ignored silently: refuse it.
+		var more yaml.Node
+		if err := dec.Decode(&more); !errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("config %s: more than one YAML document (a --- line): put every key in one document", path)
+		}
 	}
 	for key, field := range c.envKeys() {
 		if v := getenv("WALHOOK_" + strings.ToUpper(key)); v != "" {
@@ -158,7 +164,12 @@ func (c *Config) Validate(withSubscriptions bool) error {
 	}
 	c.defaults = defaults
 	if c.guard, err = ssrf.New(c.AllowTargets); err != nil {
-		bad("allow_targets: %v", err)
+		for _, e := range unjoin(err) {
+			bad("allow_targets: %v", e)
+		}
+	}
+	if err := checkAddr(c.Listen); err != nil {
+		bad("listen: %v", err)
 	}
 	if c.AuthURL != "" {
 		if u, err := url.Parse(c.AuthURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
@@ -205,6 +216,31 @@ func (c *Config) Validate(withSubscriptions bool) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// unjoin splits an errors.Join into its errors.
+func unjoin(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
+}
+
+// checkAddr checks a listen address (host:port, host optional, port a number)
+// before anything connects, so that a typo is a config error, not a failure
+// after the database connection.
+func checkAddr(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port (like 127.0.0.1:8080 or :8080)", addr)
+	}
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || strconv.FormatUint(n, 10) != port {
+		return fmt.Errorf("%q: the port must be a number from 0 to 65535", addr)
+	}
+	if host != "" && strings.ContainsAny(host, " \t\r\n/@[]") {
+		return fmt.Errorf("%q: %q is not a host name or address", addr, host)
+	}
+	return nil
 }
 
 func (sc SubscriptionConfig) subscription(key string, defaults outbox.DeliveryOptions, seen map[string]bool) (*outbox.Subscription, error) {

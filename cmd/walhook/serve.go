@@ -22,15 +22,17 @@ import (
 
 // serve is `walhook run`: stream → dispatcher → sender, plus the HTTP endpoint.
 func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
+	// Listen first: a port in use is found before the database connection.
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	defer ln.Close()
 	pool, err := connectPool(ctx, cfg)
 	if err != nil {
 		return err
 	}
 	defer pool.Close()
-	ln, err := net.Listen("tcp", cfg.Listen)
-	if err != nil {
-		return fmt.Errorf("listen: %w", err)
-	}
 
 	snd := sender.New(cfg.guard)
 	defer snd.Close()
