@@ -3,16 +3,13 @@ package api
 import (
 	"context"
 	"crypto/rand"
-	"crypto/subtle"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -52,12 +49,20 @@ type Config struct {
 	Verifier        Verifier
 	RotationOverlap time.Duration // default 24h
 	Logger          zerolog.Logger
+
+	// Against unauthenticated callers and a slow auth_url.
+	AuthTimeout         time.Duration // one auth_url call, connect to last byte; default 5s
+	AuthCacheTTL        time.Duration // how long an auth_url answer is reused; 0 = not at all; at most 30s
+	UnauthenticatedRate float64       // failed or token-less requests per second per client address (burst 4×); 0 = no limit
 }
 
 // API serves /v1/subscriptions.
 type API struct {
-	cfg  Config
-	auth *http.Client
+	cfg     Config
+	auth    *http.Client
+	authSem chan struct{} // bounds the auth_url calls in flight
+	cache   *authCache
+	limit   *limiter // nil: no limit
 }
 
 // New returns the API.
@@ -65,8 +70,17 @@ func New(cfg Config) *API {
 	if cfg.RotationOverlap == 0 {
 		cfg.RotationOverlap = 24 * time.Hour
 	}
-	return &API{cfg: cfg, auth: &http.Client{Timeout: 5 * time.Second,
-		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}}
+	if cfg.AuthTimeout == 0 {
+		cfg.AuthTimeout = 5 * time.Second
+	}
+	a := &API{cfg: cfg, authSem: make(chan struct{}, maxAuthCalls),
+		auth: &http.Client{Timeout: cfg.AuthTimeout,
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }},
+		cache: newAuthCache(min(cfg.AuthCacheTTL, maxAuthCacheTTL), time.Now)}
+	if cfg.UnauthenticatedRate > 0 {
+		a.limit = newLimiter(cfg.UnauthenticatedRate, time.Now)
+	}
+	return a
 }
 
 // Register adds the API's routes to mux.
@@ -109,6 +123,7 @@ func (a *API) handle(h handler) http.HandlerFunc {
 			writeJSON(w, http.StatusForbidden, map[string]string{"error": a.cfg.Disabled})
 			return
 		}
+		r.Body = http.MaxBytesReader(w, r.Body, MaxBodyBytes)
 		c, err := a.authenticate(r)
 		if err == nil {
 			var status int
@@ -124,6 +139,9 @@ func (a *API) handle(h handler) http.HandlerFunc {
 			a.cfg.Logger.Error().Err(err).Str("path", r.URL.Path).Msg("api request failed")
 			e = fail(http.StatusInternalServerError, "internal error")
 		}
+		if e.Status == http.StatusTooManyRequests {
+			w.Header().Set("Retry-After", "1")
+		}
 		writeJSON(w, e.Status, map[string]string{"error": e.Message})
 	}
 }
@@ -136,51 +154,6 @@ func writeJSON(w http.ResponseWriter, status int, body any) {
 	w.Header().Set("content-type", "application/json")
 	w.WriteHeader(status)
 	json.NewEncoder(w).Encode(body)
-}
-
-func (a *API) authenticate(r *http.Request) (caller, error) {
-	h := r.Header.Get("Authorization")
-	if a.cfg.AdminToken != "" {
-		if tok, ok := strings.CutPrefix(h, "Bearer "); ok &&
-			subtle.ConstantTimeCompare([]byte(tok), []byte(a.cfg.AdminToken)) == 1 {
-			return caller{admin: true}, nil
-		}
-	} else if a.cfg.AuthURL == "" {
-		return caller{admin: true}, nil // loopback only, without a token
-	}
-	if a.cfg.AuthURL == "" || h == "" {
-		return caller{}, fail(http.StatusUnauthorized, "missing or wrong bearer token")
-	}
-	tenant, err := a.forwardAuth(r.Context(), h)
-	if err != nil {
-		a.cfg.Logger.Debug().Err(err).Msg("forward auth refused")
-		return caller{}, fail(http.StatusUnauthorized, "not authorized")
-	}
-	return caller{tenant: tenant}, nil
-}
-
-// forwardAuth asks auth_url who the caller is.
-func (a *API) forwardAuth(ctx context.Context, authorization string) (string, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, a.cfg.AuthURL, nil)
-	if err != nil {
-		return "", err
-	}
-	req.Header.Set("Authorization", authorization)
-	resp, err := a.auth.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		return "", fmt.Errorf("auth_url answered %d", resp.StatusCode)
-	}
-	var who struct {
-		Tenant string `json:"tenant"`
-	}
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<10)).Decode(&who); err != nil || who.Tenant == "" {
-		return "", errors.New("auth_url named no tenant")
-	}
-	return who.Tenant, nil
 }
 
 // Request is the body of create and patch: a subscription's settable fields.
@@ -223,10 +196,16 @@ func staticView(s *outbox.Subscription) View {
 	return v
 }
 
+// MaxBodyBytes caps a request body; a larger one is answered 413.
+const MaxBodyBytes = 64 << 10
+
 func decode(r *http.Request, v any) error {
-	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec := json.NewDecoder(r.Body)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
+		if tooLarge := (*http.MaxBytesError)(nil); errors.As(err, &tooLarge) {
+			return fail(http.StatusRequestEntityTooLarge, "body: larger than %d bytes", MaxBodyBytes)
+		}
 		return fail(http.StatusBadRequest, "invalid JSON body: %v", err)
 	}
 	return nil

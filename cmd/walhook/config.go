@@ -44,6 +44,19 @@ type Config struct {
 	Defaults        outbox.Options       `yaml:"defaults"`
 	Subscriptions   []SubscriptionConfig `yaml:"subscriptions"`
 
+	// The listen port (and metrics_listen) against slow, idle and unauthenticated clients.
+	ReadTimeout         outbox.Duration `yaml:"read_timeout"`         // a request's header and body; default 15s
+	WriteTimeout        outbox.Duration `yaml:"write_timeout"`        // end of header to end of answer; default 30s
+	IdleTimeout         outbox.Duration `yaml:"idle_timeout"`         // a keep-alive connection between requests; default 60s
+	MaxConnections      *int            `yaml:"max_connections"`      // open connections; more are closed at once; default 4096
+	UnauthenticatedRate *float64        `yaml:"unauthenticated_rate"` // failed or token-less API requests per second per client address (burst 4×); default 5, 0 = no limit
+	AuthCacheTTL        outbox.Duration `yaml:"auth_cache_ttl"`       // how long an auth_url answer is reused; default 10s, at most 30s, 0 = off
+	AuthTimeout         outbox.Duration `yaml:"auth_timeout"`         // one auth_url call, connect to last byte; default 5s
+
+	// Metrics.
+	MetricsListen             string `yaml:"metrics_listen"`              // serve /metrics here instead of on listen; default "" = on listen
+	MetricsSubscriptionLabels *bool  `yaml:"metrics_subscription_labels"` // false: no subscription label (series summed); default true
+
 	// Derived by Validate.
 	table       cdc.Table
 	columns     cdc.Columns
@@ -55,6 +68,12 @@ type Config struct {
 	readyMaxLag time.Duration
 	shutdown    time.Duration
 	retention   time.Duration
+
+	readTimeout, writeTimeout, idleTimeout time.Duration
+	authCacheTTL, authTimeout              time.Duration
+	maxConnections                         int
+	unauthRate                             float64
+	subscriptionLabels                     bool
 }
 
 // SubscriptionConfig is one static subscription.
@@ -78,6 +97,8 @@ func (c *Config) envKeys() map[string]*string {
 		"log_level":    &c.LogLevel,
 		"admin_token":  &c.AdminToken,
 		"auth_url":     &c.AuthURL,
+
+		"metrics_listen": &c.MetricsListen,
 	}
 }
 
@@ -184,23 +205,58 @@ func (c *Config) Validate(withSubscriptions bool) error {
 		bad("rotation_overlap: %q is not a duration (like 24h)", overlap.Raw)
 	}
 	for _, d := range []struct {
-		key string
-		v   outbox.Duration
-		dst *time.Duration
-		def time.Duration
+		key      string
+		v        outbox.Duration
+		dst      *time.Duration
+		def      time.Duration
+		positive bool          // 0 is refused (a timeout of 0 would be none)
+		most     time.Duration // 0: no ceiling
 	}{
-		{"stall_timeout", c.StallTimeout, &c.stall, 30 * time.Second},
-		{"ready_max_lag", c.ReadyMaxLag, &c.readyMaxLag, 0},
-		{"shutdown_timeout", c.ShutdownTimeout, &c.shutdown, 15 * time.Second},
-		{"outbox_retention", c.OutboxRetention, &c.retention, 24 * time.Hour},
+		{key: "stall_timeout", v: c.StallTimeout, dst: &c.stall, def: 30 * time.Second},
+		{key: "ready_max_lag", v: c.ReadyMaxLag, dst: &c.readyMaxLag},
+		{key: "shutdown_timeout", v: c.ShutdownTimeout, dst: &c.shutdown, def: 15 * time.Second},
+		{key: "outbox_retention", v: c.OutboxRetention, dst: &c.retention, def: 24 * time.Hour},
+		{key: "read_timeout", v: c.ReadTimeout, dst: &c.readTimeout, def: 15 * time.Second, positive: true},
+		{key: "write_timeout", v: c.WriteTimeout, dst: &c.writeTimeout, def: 30 * time.Second, positive: true},
+		{key: "idle_timeout", v: c.IdleTimeout, dst: &c.idleTimeout, def: 60 * time.Second, positive: true},
+		{key: "auth_cache_ttl", v: c.AuthCacheTTL, dst: &c.authCacheTTL, def: 10 * time.Second, most: 30 * time.Second},
+		{key: "auth_timeout", v: c.AuthTimeout, dst: &c.authTimeout, def: 5 * time.Second, positive: true, most: time.Minute},
 	} {
 		*d.dst = d.def
-		if d.v.Set {
-			v, err := time.ParseDuration(d.v.Raw)
-			if err != nil || v < 0 {
-				bad("%s: %q is not a duration (like 30s)", d.key, d.v.Raw)
-			}
+		if !d.v.Set {
+			continue
+		}
+		v, err := time.ParseDuration(d.v.Raw)
+		if d.v.Raw == "0" {
+			v, err = 0, nil
+		}
+		switch {
+		case err != nil || v < 0 || (v == 0 && d.positive):
+			bad("%s: %q is not a positive duration (like 30s)", d.key, d.v.Raw)
+		case d.most > 0 && v > d.most:
+			bad("%s: %s is more than its ceiling %s", d.key, d.v.Raw, d.most)
+		default:
 			*d.dst = v
+		}
+	}
+	c.maxConnections = 4096
+	if c.MaxConnections != nil {
+		if c.maxConnections = *c.MaxConnections; c.maxConnections < 1 {
+			bad("max_connections: %d must be at least 1", *c.MaxConnections)
+		}
+	}
+	c.unauthRate = 5
+	if c.UnauthenticatedRate != nil {
+		if c.unauthRate = *c.UnauthenticatedRate; c.unauthRate < 0 || c.unauthRate != c.unauthRate {
+			bad("unauthenticated_rate: %v must be 0 (no limit) or more", *c.UnauthenticatedRate)
+		}
+	}
+	c.subscriptionLabels = c.MetricsSubscriptionLabels == nil || *c.MetricsSubscriptionLabels
+	if c.MetricsListen != "" {
+		if err := checkAddr(c.MetricsListen); err != nil {
+			bad("metrics_listen: %v", err)
+		} else if _, port, _ := net.SplitHostPort(c.Listen); c.MetricsListen == c.Listen && port != "0" {
+			bad("metrics_listen: %q is listen's address too; leave it empty to serve /metrics there", c.MetricsListen)
 		}
 	}
 	if withSubscriptions {
