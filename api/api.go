@@ -196,25 +196,13 @@ func staticView(s *outbox.Subscription) View {
 	return v
 }
 
-// MaxBodyBytes caps a request body; a larger one is answered 413.
-const MaxBodyBytes = 64 << 10
-
-func decode(r *http.Request, v any) error {
-	dec := json.NewDecoder(r.Body)
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		if tooLarge := (*http.MaxBytesError)(nil); errors.As(err, &tooLarge) {
-			return fail(http.StatusRequestEntityTooLarge, "body: larger than %d bytes", MaxBodyBytes)
-		}
-		return fail(http.StatusBadRequest, "invalid JSON body: %v", err)
-	}
-	return nil
-}
-
 func (a *API) create(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
 	var req Request
 	if err := decode(r, &req); err != nil {
 		return 0, nil, err
+	}
+	if req.Tenant != nil && *req.Tenant == "" {
+		req.Tenant = nil // "" is no tenant, as in PATCH
 	}
 	row := &outbox.SubscriptionRow{ID: NewID(), VerifyIntent: true, Secret: req.Secret, Tenant: req.Tenant}
 	if req.VerifyIntent != nil {
@@ -256,23 +244,24 @@ func scopeTenant(c caller, row *outbox.SubscriptionRow) error {
 // apply sets req's fields on row, validating them: events, target (safe, and
 // verified when it is new or changed), options.
 func (a *API) apply(ctx context.Context, row *outbox.SubscriptionRow, req *Request, create bool) error {
-	events := req.Events
-	if req.Event != "" {
-		if len(events) > 0 {
-			return fail(http.StatusBadRequest, "give event or events, not both")
-		}
-		events = []string{req.Event}
+	if err := checkRequest(req); err != nil {
+		return err
 	}
-	if len(events) > 0 || create {
-		if len(events) == 0 {
-			return fail(http.StatusBadRequest, "event: required (an event name, a pattern like contact.*, or *)")
+	switch {
+	case req.Event != "" && len(req.Events) > 0:
+		return fail(http.StatusBadRequest, "event: give event or events, not both")
+	case req.Event != "":
+		if err := outbox.CheckPattern(req.Event); err != nil {
+			return fail(http.StatusBadRequest, "event: %q: %v", req.Event, err)
 		}
-		for _, p := range events {
-			if !outbox.ValidPattern(p) {
-				return fail(http.StatusBadRequest, "event: %q is not an event name or pattern (contact.updated, contact.*, *)", p)
-			}
+		row.Events = []string{req.Event}
+	case create && len(req.Events) == 0:
+		return fail(http.StatusBadRequest, "event: required (an event name, a pattern like contact.*, or *)")
+	case req.Events != nil:
+		if err := outbox.CheckPatterns("events", req.Events); err != nil {
+			return fail(http.StatusBadRequest, "%v", err)
 		}
-		row.Events = events
+		row.Events = req.Events
 	}
 	row.Options = row.Options.Merge(req.Options)
 	if _, err := row.Options.Resolve("", a.cfg.Defaults); err != nil {
@@ -298,7 +287,10 @@ func (a *API) apply(ctx context.Context, row *outbox.SubscriptionRow, req *Reque
 }
 
 func (a *API) list(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
-	q := r.URL.Query()
+	q, err := query(r, "tenant", "event")
+	if err != nil {
+		return 0, nil, err
+	}
 	var tenant *string
 	if t := q.Get("tenant"); t != "" {
 		tenant = &t
@@ -338,7 +330,10 @@ func (a *API) list(_ http.ResponseWriter, r *http.Request, c caller) (int, any, 
 
 // find returns the caller's subscription id: a static one (read-only) or a row.
 func (a *API) find(r *http.Request, c caller) (*outbox.Subscription, *outbox.SubscriptionRow, error) {
-	id := r.PathValue("id")
+	id, err := pathID(r)
+	if err != nil {
+		return nil, nil, err
+	}
 	if i := slices.IndexFunc(a.cfg.Static, func(s *outbox.Subscription) bool { return s.ID == id }); i >= 0 && c.admin {
 		return a.cfg.Static[i], nil, nil
 	}
@@ -500,26 +495,31 @@ func parseTime(field, v string) (*time.Time, error) {
 	if err != nil {
 		return nil, fail(http.StatusBadRequest, "%s: %q is not an RFC 3339 time", field, v)
 	}
+	if t.Year() < 1 || t.Year() > 9999 {
+		return nil, fail(http.StatusBadRequest, "%s: %q is out of range", field, v)
+	}
 	return &t, nil
 }
 
 func (a *API) listDead(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
-	q := r.URL.Query()
+	q, err := query(r, "subscription", "since", "until", "limit")
+	if err != nil {
+		return 0, nil, err
+	}
 	f := pgstore.DeadLetterFilter{Subscription: q.Get("subscription"), All: true}
-	var err error
 	if f.Since, err = parseTime("since", q.Get("since")); err != nil {
 		return 0, nil, err
 	}
 	if f.Until, err = parseTime("until", q.Get("until")); err != nil {
 		return 0, nil, err
 	}
-	limit := 100
+	limit := int64(100)
 	if l := q.Get("limit"); l != "" {
-		if _, err := fmt.Sscanf(l, "%d", &limit); err != nil || limit < 1 || limit > 10000 {
-			return 0, nil, fail(http.StatusBadRequest, "limit: want 1 to 10000")
+		if limit, err = parseCount("limit", l, 1, 10000); err != nil {
+			return 0, nil, err
 		}
 	}
-	rows, err := a.cfg.Store.ListDeadLetters(r.Context(), deadFilter(c, f), limit)
+	rows, err := a.cfg.Store.ListDeadLetters(r.Context(), deadFilter(c, f), int(limit))
 	if err != nil {
 		return 0, nil, err
 	}
@@ -530,9 +530,9 @@ func (a *API) listDead(_ http.ResponseWriter, r *http.Request, c caller) (int, a
 }
 
 func (a *API) replayOne(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
-	var id int64
-	if _, err := fmt.Sscanf(r.PathValue("id"), "%d", &id); err != nil || id <= 0 {
-		return 0, nil, fail(http.StatusBadRequest, "id: not a dead letter id")
+	id, err := parseCount("id", r.PathValue("id"), 1, 1<<63-1)
+	if err != nil {
+		return 0, nil, err
 	}
 	n, err := a.cfg.Store.ReplayDeadLetters(r.Context(), deadFilter(c, pgstore.DeadLetterFilter{ID: id}))
 	if err != nil {
@@ -552,6 +552,9 @@ func (a *API) replayMany(_ http.ResponseWriter, r *http.Request, c caller) (int,
 		All          bool   `json:"all"`
 	}
 	if err := decode(r, &req); err != nil {
+		return 0, nil, err
+	}
+	if err := checkText("subscription", req.Subscription); err != nil {
 		return 0, nil, err
 	}
 	f := pgstore.DeadLetterFilter{Subscription: req.Subscription, All: req.All}

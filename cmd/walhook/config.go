@@ -41,6 +41,7 @@ type Config struct {
 	ReadyMaxLag     outbox.Duration      `yaml:"ready_max_lag"`    // /readyz fails when replication lag exceeds it; default 0 = off
 	ShutdownTimeout outbox.Duration      `yaml:"shutdown_timeout"` // on SIGTERM, how long deliveries in flight may finish; default 15s
 	OutboxRetention outbox.Duration      `yaml:"outbox_retention"` // walhook.outbox rows older than this are deleted; default 24h, 0 = keep
+	MaxTimeout      outbox.Duration      `yaml:"max_timeout"`      // ceiling of every subscription's timeout (API and file); default 60s
 	Defaults        outbox.Options       `yaml:"defaults"`
 	Subscriptions   []SubscriptionConfig `yaml:"subscriptions"`
 
@@ -104,12 +105,20 @@ func (c *Config) envKeys() map[string]*string {
 
 // loadConfig reads the file at path (none when path is ""), then the environment.
 func loadConfig(path string, getenv func(string) string) (*Config, error) {
-	c := &Config{}
+	var data []byte
 	if path != "" {
-		data, err := os.ReadFile(path)
-		if err != nil {
+		var err error
+		if data, err = os.ReadFile(path); err != nil {
 			return nil, fmt.Errorf("read config: %w", err)
 		}
+	}
+	return parseConfig(path, data, getenv)
+}
+
+// parseConfig is loadConfig after the file was read (data is nil without one).
+func parseConfig(path string, data []byte, getenv func(string) string) (*Config, error) {
+	c := &Config{}
+	if data != nil {
 		dec := yaml.NewDecoder(bytes.NewReader(data))
 		dec.KnownFields(true)
 		if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) {
@@ -179,7 +188,17 @@ func (c *Config) Validate(withSubscriptions bool) error {
 	default:
 		bad("log_level: %q must be debug, info, warn or error", c.LogLevel)
 	}
-	defaults, err := c.Defaults.Resolve("defaults.", outbox.DefaultDeliveryOptions)
+	base := outbox.DefaultDeliveryOptions
+	if c.MaxTimeout.Set {
+		v, err := time.ParseDuration(c.MaxTimeout.Raw)
+		if err != nil || v <= 0 {
+			bad("max_timeout: %q is not a positive duration (like 60s)", c.MaxTimeout.Raw)
+		} else {
+			base.MaxTimeout = v
+			base.Timeout = min(base.Timeout, v)
+		}
+	}
+	defaults, err := c.Defaults.Resolve("defaults.", base)
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -311,13 +330,8 @@ func (sc SubscriptionConfig) subscription(key string, defaults outbox.DeliveryOp
 		seen[sc.ID] = true
 		key = fmt.Sprintf("subscriptions[%s]", sc.ID)
 	}
-	if len(sc.Events) == 0 {
-		bad("%s.events: required (an event name, a pattern like contact.*, or *)", key)
-	}
-	for i, p := range sc.Events {
-		if !outbox.ValidPattern(p) {
-			bad("%s.events[%d]: %q is not an event name or pattern (contact.updated, contact.*, *)", key, i, p)
-		}
+	if err := outbox.CheckPatterns(key+".events", sc.Events); err != nil {
+		errs = append(errs, err)
 	}
 	if sc.TargetURL == "" {
 		bad("%s.target_url: required", key)
