@@ -66,3 +66,19 @@ func TestBadListenIsAConfigError(t *testing.T) {
 		}
 	}
 }
+
+// TestCLIChecksPatternsLikeTheAPI: `walhook subscriptions add` refuses the
+// patterns the API and the config file refuse, with the same check.
+func TestCLIChecksPatternsLikeTheAPI(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "c.yaml")
+	os.WriteFile(path, []byte("database_url: postgres://app@127.0.0.1:1/app\n"), 0o600)
+	for _, p := range []string{"a..b", "a b", "a\nb", "a.", "a*b"} {
+		var out, errb bytes.Buffer
+		code := run(context.Background(), []string{"subscriptions", "add", "--event", "ok", "--event", p,
+			"--target-url", "https://example.com/", "--config", path}, noEnv, &out, &errb)
+		if code != exitConfig || !strings.Contains(errb.String(), "--event[1]") {
+			t.Errorf("--event %q: exit %d, %q", p, code, errb.String())
+		}
+	}
+}
