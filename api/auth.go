@@ -110,6 +110,9 @@ func (a *API) forwardAuth(ctx context.Context, authorization string) (string, er
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<10)).Decode(&who); err != nil || who.Tenant == "" {
 		return "", errors.New("auth_url named no tenant")
 	}
+	if err := checkText("tenant", who.Tenant); err != nil {
+		return "", fmt.Errorf("auth_url named a tenant walhook cannot store: %w", err)
+	}
 	return who.Tenant, nil
 }
 

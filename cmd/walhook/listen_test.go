@@ -184,6 +184,8 @@ func countingAuth(t *testing.T) (*httptest.Server, *atomic.Int64) {
 			w.Write([]byte(`{"tenant": "a"}`))
 		case "Bearer slow":
 			<-r.Context().Done()
+		case "Bearer nul":
+			w.Write([]byte(`{"tenant": "a\u0000"}`))
 		default:
 			w.WriteHeader(http.StatusUnauthorized)
 		}
@@ -206,6 +208,9 @@ func TestForwardAuthIsCachedAndBounded(t *testing.T) {
 	}
 	if n := calls.Load(); n != 1 {
 		t.Errorf("auth_url called %d times for 10 requests with one token, want 1", n)
+	}
+	if status, got := (client{t: t, base: admin.base, token: "nul"}).do("GET", "/v1/subscriptions", nil); status != http.StatusUnauthorized {
+		t.Errorf("auth_url naming a tenant with a NUL: %d %v, want 401", status, got)
 	}
 	start := time.Now()
 	status, got := (client{t: t, base: admin.base, token: "slow"}).do("GET", "/v1/subscriptions", nil)
