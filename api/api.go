@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -58,11 +59,12 @@ type Config struct {
 
 // API serves /v1/subscriptions.
 type API struct {
-	cfg     Config
-	auth    *http.Client
-	authSem chan struct{} // bounds the auth_url calls in flight
-	cache   *authCache
-	limit   *limiter // nil: no limit
+	cfg      Config
+	auth     *http.Client
+	authSem  chan struct{} // bounds the auth_url calls in flight
+	cache    *authCache
+	limit    *limiter    // nil: no limit
+	authDown atomic.Bool // auth_url failing: logged once until it answers again
 }
 
 // New returns the API.

@@ -54,9 +54,15 @@ func (a *API) authenticate(r *http.Request) (caller, error) {
 		return caller{}, a.refuse(r)
 	}
 	tenant, err := a.forwardAuth(r.Context(), h)
+	if unavailable := errors.Is(err, errAuthUnavailable); a.authDown.CompareAndSwap(!unavailable, unavailable) {
+		if unavailable { // logged once per outage, and its end once
+			a.cfg.Logger.Warn().Err(err).Msg("forward auth unavailable")
+		} else {
+			a.cfg.Logger.Info().Msg("forward auth recovered")
+		}
+	}
 	switch {
 	case errors.Is(err, errAuthUnavailable):
-		a.cfg.Logger.Warn().Err(err).Msg("forward auth unavailable")
 		return caller{}, fail(http.StatusServiceUnavailable, "auth_url unavailable: try again")
 	case err != nil:
 		a.cfg.Logger.Debug().Err(err).Msg("forward auth refused")

@@ -35,8 +35,8 @@ func closedWithin(c net.Conn, limit time.Duration) (time.Duration, bool) {
 }
 
 // TestSlowClientsAreCutOff: connections that trickle a request body (with and
-// without a token) are closed at read_timeout, and an idle keep-alive
-// connection at idle_timeout (slowloris).
+// without a token) or a header are closed at read_timeout, and an idle
+// keep-alive connection at idle_timeout (slowloris).
 func TestSlowClientsAreCutOff(t *testing.T) {
 	t.Parallel()
 	_, api := apiEnv(t, "read_timeout: 1s\nidle_timeout: 1s\n")
@@ -56,7 +56,11 @@ func TestSlowClientsAreCutOff(t *testing.T) {
 		if i%2 == 0 {
 			auth = "Authorization: Bearer " + adminToken + "\r\n"
 		}
-		fmt.Fprintf(c, "POST /v1/subscriptions HTTP/1.1\r\nHost: x\r\n%sContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{", auth)
+		if i%4 == 3 { // the classic: a header that never ends
+			fmt.Fprint(c, "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+		} else {
+			fmt.Fprintf(c, "POST /v1/subscriptions HTTP/1.1\r\nHost: x\r\n%sContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{", auth)
+		}
 		conns[i] = c
 		wg.Add(1)
 		go func() { // the attacker: one byte every 100 ms, for as long as the server reads
@@ -68,7 +72,7 @@ func TestSlowClientsAreCutOff(t *testing.T) {
 				case <-stop:
 					return
 				case <-tick.C:
-					if _, err := c.Write([]byte(" ")); err != nil {
+					if _, err := c.Write([]byte("a")); err != nil {
 						return
 					}
 				}
