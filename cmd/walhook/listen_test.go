@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/walhook/walhook/sender/sendertest"
 )
 
@@ -302,4 +303,53 @@ func findLog(t *testing.T, e *env, r *runner, re string) string {
 		return v != ""
 	})
 	return v
+}
+
+// TestWithoutLabelMergesSeries: series that differ only in the dropped label
+// become one; counters and gauges add up, a gauge named in maxOf takes the
+// largest value, and the other labels stay apart.
+func TestWithoutLabelMergesSeries(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	done := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "done_total", Help: "x"}, []string{"subscription", "outcome"})
+	pending := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "pending", Help: "x"}, []string{"subscription"})
+	oldest := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "oldest_seconds", Help: "x"}, []string{"subscription"})
+	reg.MustRegister(done, pending, oldest)
+	done.WithLabelValues("a", "ok").Add(1)
+	done.WithLabelValues("b", "ok").Add(2)
+	done.WithLabelValues("b", "dead").Add(4)
+	pending.WithLabelValues("a").Set(3)
+	pending.WithLabelValues("b").Set(5)
+	oldest.WithLabelValues("a").Set(7)
+	oldest.WithLabelValues("b").Set(2)
+	mfs, err := withoutLabel{g: reg, label: "subscription", maxOf: map[string]bool{"oldest_seconds": true}}.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, mf := range mfs {
+		for _, m := range mf.Metric {
+			key := mf.GetName()
+			for _, lp := range m.Label {
+				if lp.GetName() == "subscription" {
+					t.Errorf("%s still has a subscription label", key)
+				}
+				key += "," + lp.GetName() + "=" + lp.GetValue()
+			}
+			switch {
+			case m.Counter != nil:
+				got[key] = m.Counter.GetValue()
+			case m.Gauge != nil:
+				got[key] = m.Gauge.GetValue()
+			}
+		}
+	}
+	want := map[string]float64{"done_total,outcome=ok": 3, "done_total,outcome=dead": 4, "pending": 8, "oldest_seconds": 7}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("%s = %v, want %v (all: %v)", k, got[k], v, got)
+		}
+	}
+	if len(got) != len(want) {
+		t.Errorf("series %v, want %v", got, want)
+	}
 }
