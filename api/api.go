@@ -3,16 +3,14 @@ package api
 import (
 	"context"
 	"crypto/rand"
-	"crypto/subtle"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"slices"
-	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -52,12 +50,21 @@ type Config struct {
 	Verifier        Verifier
 	RotationOverlap time.Duration // default 24h
 	Logger          zerolog.Logger
+
+	// Against unauthenticated callers and a slow auth_url.
+	AuthTimeout         time.Duration // one auth_url call, connect to last byte; default 5s
+	AuthCacheTTL        time.Duration // how long an auth_url answer is reused; 0 = not at all; at most 30s
+	UnauthenticatedRate float64       // failed or token-less requests per second per client address (burst 4×); 0 = no limit
 }
 
 // API serves /v1/subscriptions.
 type API struct {
-	cfg  Config
-	auth *http.Client
+	cfg      Config
+	auth     *http.Client
+	authSem  chan struct{} // bounds the auth_url calls in flight
+	cache    *authCache
+	limit    *limiter    // nil: no limit
+	authDown atomic.Bool // auth_url failing: logged once until it answers again
 }
 
 // New returns the API.
@@ -65,8 +72,17 @@ func New(cfg Config) *API {
 	if cfg.RotationOverlap == 0 {
 		cfg.RotationOverlap = 24 * time.Hour
 	}
-	return &API{cfg: cfg, auth: &http.Client{Timeout: 5 * time.Second,
-		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}}
+	if cfg.AuthTimeout == 0 {
+		cfg.AuthTimeout = 5 * time.Second
+	}
+	a := &API{cfg: cfg, authSem: make(chan struct{}, maxAuthCalls),
+		auth: &http.Client{Timeout: cfg.AuthTimeout,
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }},
+		cache: newAuthCache(min(cfg.AuthCacheTTL, maxAuthCacheTTL), time.Now)}
+	if cfg.UnauthenticatedRate > 0 {
+		a.limit = newLimiter(cfg.UnauthenticatedRate, time.Now)
+	}
+	return a
 }
 
 // Register adds the API's routes to mux.
@@ -109,6 +125,7 @@ func (a *API) handle(h handler) http.HandlerFunc {
 			writeJSON(w, http.StatusForbidden, map[string]string{"error": a.cfg.Disabled})
 			return
 		}
+		r.Body = http.MaxBytesReader(w, r.Body, MaxBodyBytes)
 		c, err := a.authenticate(r)
 		if err == nil {
 			var status int
@@ -124,6 +141,9 @@ func (a *API) handle(h handler) http.HandlerFunc {
 			a.cfg.Logger.Error().Err(err).Str("path", r.URL.Path).Msg("api request failed")
 			e = fail(http.StatusInternalServerError, "internal error")
 		}
+		if e.Status == http.StatusTooManyRequests {
+			w.Header().Set("Retry-After", "1")
+		}
 		writeJSON(w, e.Status, map[string]string{"error": e.Message})
 	}
 }
@@ -136,51 +156,6 @@ func writeJSON(w http.ResponseWriter, status int, body any) {
 	w.Header().Set("content-type", "application/json")
 	w.WriteHeader(status)
 	json.NewEncoder(w).Encode(body)
-}
-
-func (a *API) authenticate(r *http.Request) (caller, error) {
-	h := r.Header.Get("Authorization")
-	if a.cfg.AdminToken != "" {
-		if tok, ok := strings.CutPrefix(h, "Bearer "); ok &&
-			subtle.ConstantTimeCompare([]byte(tok), []byte(a.cfg.AdminToken)) == 1 {
-			return caller{admin: true}, nil
-		}
-	} else if a.cfg.AuthURL == "" {
-		return caller{admin: true}, nil // loopback only, without a token
-	}
-	if a.cfg.AuthURL == "" || h == "" {
-		return caller{}, fail(http.StatusUnauthorized, "missing or wrong bearer token")
-	}
-	tenant, err := a.forwardAuth(r.Context(), h)
-	if err != nil {
-		a.cfg.Logger.Debug().Err(err).Msg("forward auth refused")
-		return caller{}, fail(http.StatusUnauthorized, "not authorized")
-	}
-	return caller{tenant: tenant}, nil
-}
-
-// forwardAuth asks auth_url who the caller is.
-func (a *API) forwardAuth(ctx context.Context, authorization string) (string, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, a.cfg.AuthURL, nil)
-	if err != nil {
-		return "", err
-	}
-	req.Header.Set("Authorization", authorization)
-	resp, err := a.auth.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		return "", fmt.Errorf("auth_url answered %d", resp.StatusCode)
-	}
-	var who struct {
-		Tenant string `json:"tenant"`
-	}
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<10)).Decode(&who); err != nil || who.Tenant == "" {
-		return "", errors.New("auth_url named no tenant")
-	}
-	return who.Tenant, nil
 }
 
 // Request is the body of create and patch: a subscription's settable fields.
@@ -223,19 +198,13 @@ func staticView(s *outbox.Subscription) View {
 	return v
 }
 
-func decode(r *http.Request, v any) error {
-	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		return fail(http.StatusBadRequest, "invalid JSON body: %v", err)
-	}
-	return nil
-}
-
 func (a *API) create(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
 	var req Request
 	if err := decode(r, &req); err != nil {
 		return 0, nil, err
+	}
+	if req.Tenant != nil && *req.Tenant == "" {
+		req.Tenant = nil // "" is no tenant, as in PATCH
 	}
 	row := &outbox.SubscriptionRow{ID: NewID(), VerifyIntent: true, Secret: req.Secret, Tenant: req.Tenant}
 	if req.VerifyIntent != nil {
@@ -277,23 +246,24 @@ func scopeTenant(c caller, row *outbox.SubscriptionRow) error {
 // apply sets req's fields on row, validating them: events, target (safe, and
 // verified when it is new or changed), options.
 func (a *API) apply(ctx context.Context, row *outbox.SubscriptionRow, req *Request, create bool) error {
-	events := req.Events
-	if req.Event != "" {
-		if len(events) > 0 {
-			return fail(http.StatusBadRequest, "give event or events, not both")
-		}
-		events = []string{req.Event}
+	if err := checkRequest(req); err != nil {
+		return err
 	}
-	if len(events) > 0 || create {
-		if len(events) == 0 {
-			return fail(http.StatusBadRequest, "event: required (an event name, a pattern like contact.*, or *)")
+	switch {
+	case req.Event != "" && len(req.Events) > 0:
+		return fail(http.StatusBadRequest, "event: give event or events, not both")
+	case req.Event != "":
+		if err := outbox.CheckPattern(req.Event); err != nil {
+			return fail(http.StatusBadRequest, "event: %q: %v", req.Event, err)
 		}
-		for _, p := range events {
-			if !outbox.ValidPattern(p) {
-				return fail(http.StatusBadRequest, "event: %q is not an event name or pattern (contact.updated, contact.*, *)", p)
-			}
+		row.Events = []string{req.Event}
+	case create && len(req.Events) == 0:
+		return fail(http.StatusBadRequest, "event: required (an event name, a pattern like contact.*, or *)")
+	case req.Events != nil:
+		if err := outbox.CheckPatterns("events", req.Events); err != nil {
+			return fail(http.StatusBadRequest, "%v", err)
 		}
-		row.Events = events
+		row.Events = req.Events
 	}
 	row.Options = row.Options.Merge(req.Options)
 	if _, err := row.Options.Resolve("", a.cfg.Defaults); err != nil {
@@ -319,7 +289,10 @@ func (a *API) apply(ctx context.Context, row *outbox.SubscriptionRow, req *Reque
 }
 
 func (a *API) list(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
-	q := r.URL.Query()
+	q, err := query(r, "tenant", "event")
+	if err != nil {
+		return 0, nil, err
+	}
 	var tenant *string
 	if t := q.Get("tenant"); t != "" {
 		tenant = &t
@@ -359,7 +332,10 @@ func (a *API) list(_ http.ResponseWriter, r *http.Request, c caller) (int, any, 
 
 // find returns the caller's subscription id: a static one (read-only) or a row.
 func (a *API) find(r *http.Request, c caller) (*outbox.Subscription, *outbox.SubscriptionRow, error) {
-	id := r.PathValue("id")
+	id, err := pathID(r)
+	if err != nil {
+		return nil, nil, err
+	}
 	if i := slices.IndexFunc(a.cfg.Static, func(s *outbox.Subscription) bool { return s.ID == id }); i >= 0 && c.admin {
 		return a.cfg.Static[i], nil, nil
 	}
@@ -503,11 +479,12 @@ func NewID() string {
 	return "sub_" + hex.EncodeToString(b[:])
 }
 
-// deadFilter scopes a filter to what the caller may see.
+// deadFilter scopes a filter to what the caller may see: a tenant sees the dead
+// letters of the subscriptions it owns, whatever tenant their events name.
 func deadFilter(c caller, f pgstore.DeadLetterFilter) pgstore.DeadLetterFilter {
 	if !c.admin {
 		t := c.tenant
-		f.Tenant = &t
+		f.Owner = &t
 	}
 	return f
 }
@@ -520,26 +497,31 @@ func parseTime(field, v string) (*time.Time, error) {
 	if err != nil {
 		return nil, fail(http.StatusBadRequest, "%s: %q is not an RFC 3339 time", field, v)
 	}
+	if t.Year() < 1 || t.Year() > 9999 {
+		return nil, fail(http.StatusBadRequest, "%s: %q is out of range", field, v)
+	}
 	return &t, nil
 }
 
 func (a *API) listDead(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
-	q := r.URL.Query()
+	q, err := query(r, "subscription", "since", "until", "limit")
+	if err != nil {
+		return 0, nil, err
+	}
 	f := pgstore.DeadLetterFilter{Subscription: q.Get("subscription"), All: true}
-	var err error
 	if f.Since, err = parseTime("since", q.Get("since")); err != nil {
 		return 0, nil, err
 	}
 	if f.Until, err = parseTime("until", q.Get("until")); err != nil {
 		return 0, nil, err
 	}
-	limit := 100
+	limit := int64(100)
 	if l := q.Get("limit"); l != "" {
-		if _, err := fmt.Sscanf(l, "%d", &limit); err != nil || limit < 1 || limit > 10000 {
-			return 0, nil, fail(http.StatusBadRequest, "limit: want 1 to 10000")
+		if limit, err = parseCount("limit", l, 1, 10000); err != nil {
+			return 0, nil, err
 		}
 	}
-	rows, err := a.cfg.Store.ListDeadLetters(r.Context(), deadFilter(c, f), limit)
+	rows, err := a.cfg.Store.ListDeadLetters(r.Context(), deadFilter(c, f), int(limit))
 	if err != nil {
 		return 0, nil, err
 	}
@@ -550,9 +532,9 @@ func (a *API) listDead(_ http.ResponseWriter, r *http.Request, c caller) (int, a
 }
 
 func (a *API) replayOne(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
-	var id int64
-	if _, err := fmt.Sscanf(r.PathValue("id"), "%d", &id); err != nil || id <= 0 {
-		return 0, nil, fail(http.StatusBadRequest, "id: not a dead letter id")
+	id, err := parseCount("id", r.PathValue("id"), 1, 1<<63-1)
+	if err != nil {
+		return 0, nil, err
 	}
 	n, err := a.cfg.Store.ReplayDeadLetters(r.Context(), deadFilter(c, pgstore.DeadLetterFilter{ID: id}))
 	if err != nil {
@@ -572,6 +554,9 @@ func (a *API) replayMany(_ http.ResponseWriter, r *http.Request, c caller) (int,
 		All          bool   `json:"all"`
 	}
 	if err := decode(r, &req); err != nil {
+		return 0, nil, err
+	}
+	if err := checkText("subscription", req.Subscription); err != nil {
 		return 0, nil, err
 	}
 	f := pgstore.DeadLetterFilter{Subscription: req.Subscription, All: req.All}

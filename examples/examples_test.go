@@ -257,6 +257,7 @@ func apiPost(t *testing.T, addr string, body map[string]any) map[string]any {
 	b, _ := json.Marshal(body)
 	req, _ := http.NewRequest("POST", "http://"+addr+"/v1/subscriptions", bytes.NewReader(b))
 	req.Header.Set("Authorization", "Bearer example-token")
+	req.Header.Set("Content-Type", "application/json")
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)

@@ -66,7 +66,14 @@ func (d Duration) parse(key string, def time.Duration, zeroOK bool) (time.Durati
 	return v, nil
 }
 
-// Resolve applies o over base; errors name each bad key under prefix.
+// Bounds of the options, whoever sets them (config file, API).
+const (
+	MostBatchMax = 10000 // batch_max
+	MostInFlight = 1024  // max_in_flight
+)
+
+// Resolve applies o over base; errors name each bad key under prefix. A
+// timeout above base.MaxTimeout is refused.
 func (o Options) Resolve(prefix string, base DeliveryOptions) (DeliveryOptions, error) {
 	r := base
 	var errs []error
@@ -76,17 +83,24 @@ func (o Options) Resolve(prefix string, base DeliveryOptions) (DeliveryOptions, 
 			errs = append(errs, err)
 		}
 	}
-	count := func(dst *int, v *int, name string, least int) {
+	count := func(dst *int, v *int, name string, least, most int) {
 		if v == nil {
 			return
 		}
-		if *v < least {
+		switch {
+		case *v < least:
 			errs = append(errs, fmt.Errorf("%s%s: %d must be at least %d", prefix, name, *v, least))
+			return
+		case most > 0 && *v > most:
+			errs = append(errs, fmt.Errorf("%s%s: %d must be at most %d", prefix, name, *v, most))
 			return
 		}
 		*dst = *v
 	}
 	dur(&r.Timeout, o.Timeout, "timeout", false)
+	if o.Timeout.Set && base.MaxTimeout > 0 && r.Timeout > base.MaxTimeout {
+		errs = append(errs, fmt.Errorf("%stimeout: %s is more than max_timeout (%s)", prefix, o.Timeout.Raw, base.MaxTimeout))
+	}
 	dur(&r.RetryInitial, o.RetryInitial, "retry_initial", false)
 	dur(&r.RetryMaxInterval, o.RetryMaxInterval, "retry_max_interval", false)
 	dur(&r.Debounce, o.Debounce, "debounce", true)
@@ -95,10 +109,10 @@ func (o Options) Resolve(prefix string, base DeliveryOptions) (DeliveryOptions, 
 	dur(&r.ParkAfter, o.ParkAfter, "park_after", false)
 	dur(&r.RetryFor, o.RetryFor, "retry_for", false)
 	dur(&r.DisableAfter, o.DisableAfter, "disable_after", false)
-	count(&r.BatchMax, o.BatchMax, "batch_max", 1)
-	count(&r.BatchBytes, o.BatchBytes, "batch_bytes", 1024)
-	count(&r.MaxPayloadBytes, o.MaxPayloadBytes, "max_payload_bytes", 1)
-	count(&r.MaxInFlight, o.MaxInFlight, "max_in_flight", 1)
+	count(&r.BatchMax, o.BatchMax, "batch_max", 1, MostBatchMax)
+	count(&r.BatchBytes, o.BatchBytes, "batch_bytes", 1024, 0)
+	count(&r.MaxPayloadBytes, o.MaxPayloadBytes, "max_payload_bytes", 1, 0)
+	count(&r.MaxInFlight, o.MaxInFlight, "max_in_flight", 1, MostInFlight)
 	if o.Payload != nil {
 		switch p := PayloadMode(*o.Payload); p {
 		case PayloadFull, PayloadSkinny:
@@ -169,4 +183,24 @@ func OptionsOf(d DeliveryOptions) Options {
 		BatchMax: &d.BatchMax, BatchBytes: &d.BatchBytes, MaxPayloadBytes: &d.MaxPayloadBytes, MaxInFlight: &d.MaxInFlight,
 		Payload: &payload, ResourceURL: &url, ParkAfter: Dur(d.ParkAfter), RetryFor: Dur(d.RetryFor), DisableAfter: Dur(d.DisableAfter),
 	}
+}
+
+// clamped is o with the values that are out of bounds now brought inside
+// them: a stored subscription from before a bound, or from before the operator
+// lowered max_timeout, keeps being delivered, within the bounds.
+func (o Options) clamped(base DeliveryOptions) Options {
+	if o.Timeout.Set && base.MaxTimeout > 0 {
+		if d, err := time.ParseDuration(o.Timeout.Raw); err == nil && d > base.MaxTimeout {
+			o.Timeout = Dur(base.MaxTimeout)
+		}
+	}
+	clamp := func(v **int, most int) {
+		if *v != nil && **v > most {
+			m := most
+			*v = &m
+		}
+	}
+	clamp(&o.BatchMax, MostBatchMax)
+	clamp(&o.MaxInFlight, MostInFlight)
+	return o
 }

@@ -1,8 +1,13 @@
 package outbox
 
 import (
+	"errors"
+	"fmt"
+	"slices"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 )
 
 // Subscription is one receiver of hooks.
@@ -67,6 +72,10 @@ type DeliveryOptions struct {
 	RetryFor  time.Duration // parked events failing this long become dead letters; default 72h
 
 	DisableAfter time.Duration // failing this long without one success disables the subscription; default 24h
+
+	// MaxTimeout is the operator's ceiling of Timeout (max_timeout): Resolve
+	// refuses a higher one; default 60s, 0 = none. It is a bound, not an option.
+	MaxTimeout time.Duration
 }
 
 // DefaultDeliveryOptions are used where config sets nothing.
@@ -84,6 +93,7 @@ var DefaultDeliveryOptions = DeliveryOptions{
 	ParkAfter:        30 * time.Second,
 	RetryFor:         72 * time.Hour,
 	DisableAfter:     24 * time.Hour,
+	MaxTimeout:       60 * time.Second,
 }
 
 // Batched reports whether request bodies are arrays.
@@ -116,14 +126,60 @@ func MatchPattern(pattern, typ string) bool {
 	}
 }
 
-// ValidPattern reports whether p is a pattern MatchPattern understands: "*",
-// "prefix.*", or a name without "*".
-func ValidPattern(p string) bool {
-	if p == "*" {
-		return true
+// Bounds of a subscription's patterns.
+const (
+	MostPatterns   = 50  // patterns per subscription
+	MostPatternLen = 256 // bytes per pattern
+)
+
+// ValidPattern reports whether p is a pattern MatchPattern understands (see
+// CheckPattern).
+func ValidPattern(p string) bool { return CheckPattern(p) == nil }
+
+// CheckPattern says why p is not a pattern: it must be "*", a name, or a
+// name followed by ".*"; a name is dot-separated non-empty parts of valid
+// UTF-8 without "*", whitespace or control characters, at most
+// MostPatternLen bytes in all. Every place that takes patterns (config, API,
+// CLI) checks them here.
+func CheckPattern(p string) error {
+	switch {
+	case p == "":
+		return errors.New("empty (want an event name, a pattern like contact.*, or *)")
+	case len(p) > MostPatternLen:
+		return fmt.Errorf("longer than %d bytes", MostPatternLen)
+	case !utf8.ValidString(p):
+		return errors.New("not valid UTF-8")
+	case strings.IndexFunc(p, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }) >= 0:
+		return errors.New("contains whitespace or a control character")
+	case p == "*":
+		return nil
 	}
 	name := strings.TrimSuffix(p, ".*")
-	return name != "" && !strings.Contains(name, "*")
+	if strings.Contains(name, "*") {
+		return errors.New(`"*" only as the whole pattern or as a last ".*" part (contact.*, *)`)
+	}
+	if slices.Contains(strings.Split(name, "."), "") {
+		return errors.New(`an empty part between dots (like a..b, .a or a.)`)
+	}
+	return nil
+}
+
+// CheckPatterns checks a subscription's patterns: 1 to MostPatterns, each
+// one a pattern; the error names the index of a bad one under key.
+func CheckPatterns(key string, patterns []string) error {
+	if len(patterns) == 0 {
+		return fmt.Errorf("%s: required (an event name, a pattern like contact.*, or *)", key)
+	}
+	if len(patterns) > MostPatterns {
+		return fmt.Errorf("%s: %d patterns, at most %d", key, len(patterns), MostPatterns)
+	}
+	var errs []error
+	for i, p := range patterns {
+		if err := CheckPattern(p); err != nil {
+			errs = append(errs, fmt.Errorf("%s[%d]: %q: %w", key, i, p, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // SubscriptionRow is a dynamic subscription as stored in walhook.subscriptions
@@ -145,7 +201,7 @@ type SubscriptionRow struct {
 
 // Subscription resolves the row's options over defaults.
 func (r *SubscriptionRow) Subscription(defaults DeliveryOptions) (*Subscription, error) {
-	opts, err := r.Options.Resolve("", defaults)
+	opts, err := r.Options.clamped(defaults).Resolve("", defaults)
 	if err != nil {
 		return nil, err
 	}

@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -40,9 +41,23 @@ type Config struct {
 	ReadyMaxLag     outbox.Duration      `yaml:"ready_max_lag"`     // /readyz fails when replication lag exceeds it; default 0 = off
 	ShutdownTimeout outbox.Duration      `yaml:"shutdown_timeout"`  // on SIGTERM, how long deliveries in flight may finish; default 15s
 	OutboxRetention outbox.Duration      `yaml:"outbox_retention"`  // walhook.outbox rows older than this are deleted; default 24h, 0 = keep
+	MaxTimeout      outbox.Duration      `yaml:"max_timeout"`       // ceiling of every subscription's timeout (API and file); default 60s
 	MaxPendingBytes int64                `yaml:"max_pending_bytes"` // bytes of events held in memory before the stream pauses; default 64 MiB
 	Defaults        outbox.Options       `yaml:"defaults"`
 	Subscriptions   []SubscriptionConfig `yaml:"subscriptions"`
+
+	// The listen port (and metrics_listen) against slow, idle and unauthenticated clients.
+	ReadTimeout         outbox.Duration `yaml:"read_timeout"`         // a request's header and body; default 15s
+	WriteTimeout        outbox.Duration `yaml:"write_timeout"`        // end of header to end of answer; default 30s
+	IdleTimeout         outbox.Duration `yaml:"idle_timeout"`         // a keep-alive connection between requests; default 60s
+	MaxConnections      *int            `yaml:"max_connections"`      // open connections; more are closed at once; default 4096
+	UnauthenticatedRate *float64        `yaml:"unauthenticated_rate"` // failed or token-less API requests per second per client address (burst 4×); default 5, 0 = no limit
+	AuthCacheTTL        outbox.Duration `yaml:"auth_cache_ttl"`       // how long an auth_url answer is reused; default 10s, at most 30s, 0 = off
+	AuthTimeout         outbox.Duration `yaml:"auth_timeout"`         // one auth_url call, connect to last byte; default 5s
+
+	// Metrics.
+	MetricsListen             string `yaml:"metrics_listen"`              // serve /metrics here instead of on listen; default "" = on listen
+	MetricsSubscriptionLabels *bool  `yaml:"metrics_subscription_labels"` // false: no subscription label (series summed); default true
 
 	// Derived by Validate.
 	table       cdc.Table
@@ -55,6 +70,12 @@ type Config struct {
 	readyMaxLag time.Duration
 	shutdown    time.Duration
 	retention   time.Duration
+
+	readTimeout, writeTimeout, idleTimeout time.Duration
+	authCacheTTL, authTimeout              time.Duration
+	maxConnections                         int
+	unauthRate                             float64
+	subscriptionLabels                     bool
 }
 
 // SubscriptionConfig is one static subscription.
@@ -78,21 +99,36 @@ func (c *Config) envKeys() map[string]*string {
 		"log_level":    &c.LogLevel,
 		"admin_token":  &c.AdminToken,
 		"auth_url":     &c.AuthURL,
+
+		"metrics_listen": &c.MetricsListen,
 	}
 }
 
 // loadConfig reads the file at path (none when path is ""), then the environment.
 func loadConfig(path string, getenv func(string) string) (*Config, error) {
-	c := &Config{}
+	var data []byte
 	if path != "" {
-		data, err := os.ReadFile(path)
-		if err != nil {
+		var err error
+		if data, err = os.ReadFile(path); err != nil {
 			return nil, fmt.Errorf("read config: %w", err)
 		}
+	}
+	return parseConfig(path, data, getenv)
+}
+
+// parseConfig is loadConfig after the file was read (data is nil without one).
+func parseConfig(path string, data []byte, getenv func(string) string) (*Config, error) {
+	c := &Config{}
+	if data != nil {
 		dec := yaml.NewDecoder(bytes.NewReader(data))
 		dec.KnownFields(true)
 		if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) {
 			return nil, fmt.Errorf("config %s: %w", path, err)
+		}
+		// A second document would be ignored silently: refuse it.
+		var more yaml.Node
+		if err := dec.Decode(&more); !errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("config %s: more than one YAML document (a --- line): put every key in one document", path)
 		}
 	}
 	for key, field := range c.envKeys() {
@@ -153,13 +189,28 @@ func (c *Config) Validate(withSubscriptions bool) error {
 	default:
 		bad("log_level: %q must be debug, info, warn or error", c.LogLevel)
 	}
-	defaults, err := c.Defaults.Resolve("defaults.", outbox.DefaultDeliveryOptions)
+	base := outbox.DefaultDeliveryOptions
+	if c.MaxTimeout.Set {
+		v, err := time.ParseDuration(c.MaxTimeout.Raw)
+		if err != nil || v <= 0 {
+			bad("max_timeout: %q is not a positive duration (like 60s)", c.MaxTimeout.Raw)
+		} else {
+			base.MaxTimeout = v
+			base.Timeout = min(base.Timeout, v)
+		}
+	}
+	defaults, err := c.Defaults.Resolve("defaults.", base)
 	if err != nil {
 		errs = append(errs, err)
 	}
 	c.defaults = defaults
 	if c.guard, err = ssrf.New(c.AllowTargets); err != nil {
-		bad("allow_targets: %v", err)
+		for _, e := range unjoin(err) {
+			bad("allow_targets: %v", e)
+		}
+	}
+	if err := checkAddr(c.Listen); err != nil {
+		bad("listen: %v", err)
 	}
 	if c.AuthURL != "" {
 		if u, err := url.Parse(c.AuthURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
@@ -174,27 +225,62 @@ func (c *Config) Validate(withSubscriptions bool) error {
 		bad("rotation_overlap: %q is not a duration (like 24h)", overlap.Raw)
 	}
 	for _, d := range []struct {
-		key string
-		v   outbox.Duration
-		dst *time.Duration
-		def time.Duration
+		key      string
+		v        outbox.Duration
+		dst      *time.Duration
+		def      time.Duration
+		positive bool          // 0 is refused (a timeout of 0 would be none)
+		most     time.Duration // 0: no ceiling
 	}{
-		{"stall_timeout", c.StallTimeout, &c.stall, 30 * time.Second},
-		{"ready_max_lag", c.ReadyMaxLag, &c.readyMaxLag, 0},
-		{"shutdown_timeout", c.ShutdownTimeout, &c.shutdown, 15 * time.Second},
-		{"outbox_retention", c.OutboxRetention, &c.retention, 24 * time.Hour},
+		{key: "stall_timeout", v: c.StallTimeout, dst: &c.stall, def: 30 * time.Second},
+		{key: "ready_max_lag", v: c.ReadyMaxLag, dst: &c.readyMaxLag},
+		{key: "shutdown_timeout", v: c.ShutdownTimeout, dst: &c.shutdown, def: 15 * time.Second},
+		{key: "outbox_retention", v: c.OutboxRetention, dst: &c.retention, def: 24 * time.Hour},
+		{key: "read_timeout", v: c.ReadTimeout, dst: &c.readTimeout, def: 15 * time.Second, positive: true},
+		{key: "write_timeout", v: c.WriteTimeout, dst: &c.writeTimeout, def: 30 * time.Second, positive: true},
+		{key: "idle_timeout", v: c.IdleTimeout, dst: &c.idleTimeout, def: 60 * time.Second, positive: true},
+		{key: "auth_cache_ttl", v: c.AuthCacheTTL, dst: &c.authCacheTTL, def: 10 * time.Second, most: 30 * time.Second},
+		{key: "auth_timeout", v: c.AuthTimeout, dst: &c.authTimeout, def: 5 * time.Second, positive: true, most: time.Minute},
 	} {
 		*d.dst = d.def
-		if d.v.Set {
-			v, err := time.ParseDuration(d.v.Raw)
-			if err != nil || v < 0 {
-				bad("%s: %q is not a duration (like 30s)", d.key, d.v.Raw)
-			}
+		if !d.v.Set {
+			continue
+		}
+		v, err := time.ParseDuration(d.v.Raw)
+		if d.v.Raw == "0" {
+			v, err = 0, nil
+		}
+		switch {
+		case err != nil || v < 0 || (v == 0 && d.positive):
+			bad("%s: %q is not a positive duration (like 30s)", d.key, d.v.Raw)
+		case d.most > 0 && v > d.most:
+			bad("%s: %s is more than its ceiling %s", d.key, d.v.Raw, d.most)
+		default:
 			*d.dst = v
 		}
 	}
 	if c.MaxPendingBytes < 0 || c.MaxPendingBytes > 0 && c.MaxPendingBytes < 1<<20 {
 		bad("max_pending_bytes: %d must be at least 1048576 (1 MiB); default %d", c.MaxPendingBytes, outbox.DefaultMaxPendingBytes)
+	}
+	c.maxConnections = 4096
+	if c.MaxConnections != nil {
+		if c.maxConnections = *c.MaxConnections; c.maxConnections < 1 {
+			bad("max_connections: %d must be at least 1", *c.MaxConnections)
+		}
+	}
+	c.unauthRate = 5
+	if c.UnauthenticatedRate != nil {
+		if c.unauthRate = *c.UnauthenticatedRate; c.unauthRate < 0 || c.unauthRate != c.unauthRate {
+			bad("unauthenticated_rate: %v must be 0 (no limit) or more", *c.UnauthenticatedRate)
+		}
+	}
+	c.subscriptionLabels = c.MetricsSubscriptionLabels == nil || *c.MetricsSubscriptionLabels
+	if c.MetricsListen != "" {
+		if err := checkAddr(c.MetricsListen); err != nil {
+			bad("metrics_listen: %v", err)
+		} else if _, port, _ := net.SplitHostPort(c.Listen); c.MetricsListen == c.Listen && port != "0" {
+			bad("metrics_listen: %q is listen's address too; leave it empty to serve /metrics there", c.MetricsListen)
+		}
 	}
 	if withSubscriptions {
 		c.subs = nil
@@ -211,6 +297,31 @@ func (c *Config) Validate(withSubscriptions bool) error {
 	return errors.Join(errs...)
 }
 
+// unjoin splits an errors.Join into its errors.
+func unjoin(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
+}
+
+// checkAddr checks a listen address (host:port, host optional, port a number)
+// before anything connects, so that a typo is a config error, not a failure
+// after the database connection.
+func checkAddr(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port (like 127.0.0.1:8080 or :8080)", addr)
+	}
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || strconv.FormatUint(n, 10) != port {
+		return fmt.Errorf("%q: the port must be a number from 0 to 65535", addr)
+	}
+	if host != "" && strings.ContainsAny(host, " \t\r\n/@[]") {
+		return fmt.Errorf("%q: %q is not a host name or address", addr, host)
+	}
+	return nil
+}
+
 func (sc SubscriptionConfig) subscription(key string, defaults outbox.DeliveryOptions, seen map[string]bool) (*outbox.Subscription, error) {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
@@ -223,13 +334,8 @@ func (sc SubscriptionConfig) subscription(key string, defaults outbox.DeliveryOp
 		seen[sc.ID] = true
 		key = fmt.Sprintf("subscriptions[%s]", sc.ID)
 	}
-	if len(sc.Events) == 0 {
-		bad("%s.events: required (an event name, a pattern like contact.*, or *)", key)
-	}
-	for i, p := range sc.Events {
-		if !outbox.ValidPattern(p) {
-			bad("%s.events[%d]: %q is not an event name or pattern (contact.updated, contact.*, *)", key, i, p)
-		}
+	if err := outbox.CheckPatterns(key+".events", sc.Events); err != nil {
+		errs = append(errs, err)
 	}
 	if sc.TargetURL == "" {
 		bad("%s.target_url: required", key)

@@ -22,15 +22,24 @@ import (
 
 // serve is `walhook run`: stream → dispatcher → sender, plus the HTTP endpoint.
 func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
+	// Listen first: a port in use is found before the database connection.
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	defer ln.Close()
+	var metricsLn net.Listener
+	if cfg.MetricsListen != "" {
+		if metricsLn, err = net.Listen("tcp", cfg.MetricsListen); err != nil {
+			return fmt.Errorf("metrics_listen: %w", err)
+		}
+		defer metricsLn.Close()
+	}
 	pool, err := connectPool(ctx, cfg)
 	if err != nil {
 		return err
 	}
 	defer pool.Close()
-	ln, err := net.Listen("tcp", cfg.Listen)
-	if err != nil {
-		return fmt.Errorf("listen: %w", err)
-	}
 
 	snd := sender.New(cfg.guard)
 	defer snd.Close()
@@ -56,18 +65,35 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		Store:         store,
 		Logger:        log.With().Str("component", "outbox").Logger(),
 	})
+	conns := newConnMetrics(reg)
+	var gatherer prometheus.Gatherer = reg
+	if !cfg.subscriptionLabels {
+		gatherer = withoutLabel{g: reg, label: "subscription", maxOf: map[string]bool{"walhook_oldest_pending_seconds": true}}
+	}
+	metricsHandler := promhttp.HandlerFor(gatherer, promhttp.HandlerOpts{})
 	mux := routes()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	if metricsLn == nil {
+		mux.Handle("GET /metrics", metricsHandler)
+	}
 	mux.Handle("GET /readyz", readyz(stream, metrics, cfg.readyMaxLag))
 	api.New(api.Config{
 		AdminToken: cfg.AdminToken, AuthURL: cfg.AuthURL, Disabled: cfg.apiDisabled(),
 		Store: store, Static: cfg.subs, Defaults: cfg.defaults, Guard: cfg.guard, Verifier: snd,
 		RotationOverlap: cfg.overlap, Logger: log.With().Str("component", "api").Logger(),
+		AuthTimeout: cfg.authTimeout, AuthCacheTTL: cfg.authCacheTTL, UnauthenticatedRate: cfg.unauthRate,
 	}).Register(mux)
 	if reason := cfg.apiDisabled(); reason != "" {
 		log.Warn().Msg(reason)
 	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	srv := newServer(cfg, jsonErrors(mux))
+	servers := []*http.Server{srv}
+	listeners := []net.Listener{limitListen(ln, cfg.maxConnections, conns, "listen")}
+	if metricsLn != nil {
+		mm := routes()
+		mm.Handle("GET /metrics", metricsHandler)
+		servers = append(servers, newServer(cfg, jsonErrors(mm)))
+		listeners = append(listeners, limitListen(metricsLn, cfg.maxConnections, conns, "metrics_listen"))
+	}
 
 	// Shutdown in two steps: a signal (ctx) stops reading and new sends; the
 	// sends in flight get shutdown_timeout to finish; then the rest stops and
@@ -78,12 +104,14 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	g.Go(func() error { return stream.Run(gctx, changes) })
 	g.Go(func() error { return dispatcher.Run(gctx, changes) })
 	g.Go(func() error { return prober.Run(gctx) })
-	g.Go(func() error {
-		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("http: %w", err)
-		}
-		return nil
-	})
+	for i, srv := range servers {
+		g.Go(func() error {
+			if err := srv.Serve(listeners[i]); !errors.Is(err, http.ErrServerClosed) {
+				return fmt.Errorf("http: %w", err)
+			}
+			return nil
+		})
+	}
 	g.Go(func() error {
 		select {
 		case <-ctx.Done():
@@ -100,9 +128,17 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		stopRun()
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		defer cancel()
-		return srv.Shutdown(sctx)
+		var errs []error
+		for _, srv := range servers {
+			errs = append(errs, srv.Shutdown(sctx))
+		}
+		return errors.Join(errs...)
 	})
-	log.Info().Str("listen", ln.Addr().String()).Int("subscriptions", len(cfg.subs)).Msg("walhook running")
+	started := log.Info().Str("listen", ln.Addr().String()).Int("subscriptions", len(cfg.subs))
+	if metricsLn != nil {
+		started = started.Str("metrics_listen", metricsLn.Addr().String())
+	}
+	started.Msg("walhook running")
 	err = g.Wait()
 	log.Info().Msg("walhook stopped")
 	return err

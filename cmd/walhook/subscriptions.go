@@ -75,10 +75,8 @@ func subscriptionsCommand(ctx context.Context, cfg *Config, f subscriptionFlags,
 		if len(events) == 0 || *target == "" {
 			return usageError("walhook subscriptions add --event E [--event E2] --target-url URL [--tenant T] [--secret whsec_...]")
 		}
-		for _, p := range events {
-			if !outbox.ValidPattern(p) {
-				return usageError("--event: %q is not an event name or pattern (contact.updated, contact.*, *)", p)
-			}
+		if err := outbox.CheckPatterns("--event", events); err != nil {
+			return usageError("%v", err)
 		}
 		if err := cfg.guard.CheckURL(ctx, *target); err != nil {
 			return usageError("--target-url: %v (allow_targets can open it)", err)

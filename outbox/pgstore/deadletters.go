@@ -12,17 +12,21 @@ import (
 
 // DeadLetterFilter selects dead letters. An empty filter selects nothing
 // unless All is set.
+//
+// Owner is the subscription's owner (walhook.subscriptions.tenant), never the
+// event's tenant: a tenant's events also reach tenant-less and config-file
+// subscriptions, whose dead letters are the admin's alone.
 type DeadLetterFilter struct {
 	ID           int64      // one dead letter
 	Subscription string     // of one subscription
-	Tenant       *string    // of one tenant's events (forward-authenticated callers)
+	Owner        *string    // of the API subscriptions this tenant owns (forward-authenticated callers)
 	Since, Until *time.Time // created in [Since, Until)
 	All          bool
 }
 
 // Empty reports whether f selects nothing on its own (needs All).
 func (f DeadLetterFilter) Empty() bool {
-	return f.ID == 0 && f.Subscription == "" && f.Tenant == nil && f.Since == nil && f.Until == nil && !f.All
+	return f.ID == 0 && f.Subscription == "" && f.Owner == nil && f.Since == nil && f.Until == nil && !f.All
 }
 
 func (f DeadLetterFilter) where() (string, []any) {
@@ -38,8 +42,8 @@ func (f DeadLetterFilter) where() (string, []any) {
 	if f.Subscription != "" {
 		add("subscription = $?", f.Subscription)
 	}
-	if f.Tenant != nil {
-		add("tenant = $?", *f.Tenant)
+	if f.Owner != nil {
+		add("subscription IN (SELECT id FROM walhook.subscriptions WHERE tenant = $?)", *f.Owner)
 	}
 	if f.Since != nil {
 		add("created_at >= $?", *f.Since)

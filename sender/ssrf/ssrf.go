@@ -38,9 +38,10 @@ type Guard struct {
 }
 
 // New returns a Guard that also allows the given CIDRs, addresses or host names
-// (config allow_targets).
+// (config allow_targets). Its error names every bad entry, not only the first.
 func New(allow []string) (*Guard, error) {
 	g := &Guard{hosts: map[string]bool{}}
+	var errs []error
 	for _, a := range allow {
 		a = strings.TrimSpace(a)
 		if p, err := netip.ParsePrefix(a); err == nil {
@@ -52,9 +53,13 @@ func New(allow []string) (*Guard, error) {
 			continue
 		}
 		if a == "" || strings.ContainsAny(a, "/: ") {
-			return nil, fmt.Errorf("%q is neither a CIDR, an address nor a host name", a)
+			errs = append(errs, fmt.Errorf("%q is neither a CIDR, an address nor a host name", a))
+			continue
 		}
 		g.hosts[strings.ToLower(strings.TrimSuffix(a, "."))] = true
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
 	}
 	return g, nil
 }

@@ -1,0 +1,84 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// runConfig runs `walhook run` on yaml and returns its exit code and stderr.
+func runConfig(t *testing.T, yaml string) (int, string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "c.yaml")
+	if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var out, errb bytes.Buffer
+	code := run(context.Background(), []string{"run", "--config", path}, noEnv, &out, &errb)
+	return code, errb.String()
+}
+
+// TestConfigReportsEveryMistakeAtOnce: every bad allow_targets entry is named,
+// with the other bad keys, in one run.
+func TestConfigReportsEveryMistakeAtOnce(t *testing.T) {
+	t.Parallel()
+	code, stderr := runConfig(t, "database_url: postgres://app@127.0.0.1:1/app\nslot: Bad-Slot\n"+
+		"allow_targets: [10.0.0.0/8, 'not a/cidr', 'host:with:colons', receiver.internal, '']\n")
+	if code != exitConfig {
+		t.Errorf("exit %d, want %d", code, exitConfig)
+	}
+	for _, want := range []string{`allow_targets: "not a/cidr"`, `allow_targets: "host:with:colons"`, `allow_targets: ""`, "slot:"} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("stderr does not name %q:\n%s", want, stderr)
+		}
+	}
+}
+
+// TestConfigRefusesSeveralDocuments: a second YAML document is not silently
+// ignored (it might hold the subscriptions or the admin token).
+func TestConfigRefusesSeveralDocuments(t *testing.T) {
+	t.Parallel()
+	code, stderr := runConfig(t, "database_url: postgres://app@127.0.0.1:1/app\n---\nadmin_token: secret-in-doc-2\n")
+	if code != exitConfig || !strings.Contains(stderr, "more than one YAML document") {
+		t.Errorf("exit %d, stderr %q: want a config error about the second document", code, stderr)
+	}
+	if strings.Contains(stderr, "secret-in-doc-2") {
+		t.Errorf("stderr shows the token: %q", stderr)
+	}
+	// A lone leading --- is one document.
+	if code, stderr := runConfig(t, "---\ndatabase_url: postgres://app@127.0.0.1:1/app\nlisten: nowhere\n"); code != exitConfig || !strings.Contains(stderr, "listen:") {
+		t.Errorf("a leading ---: exit %d, %q", code, stderr)
+	}
+}
+
+// TestBadListenIsAConfigError: a malformed listen address is a config error
+// naming the key, found before connecting to the database (which here is
+// refused: a late check would report that instead).
+func TestBadListenIsAConfigError(t *testing.T) {
+	t.Parallel()
+	for _, listen := range []string{"8080", "127.0.0.1:http", "127.0.0.1:99999", "127.0.0.1:-1", "bad host:80", "127.0.0.1:"} {
+		code, stderr := runConfig(t, "database_url: postgres://app@127.0.0.1:1/app\nlisten: '"+listen+"'\n")
+		if code != exitConfig || !strings.Contains(stderr, "listen:") || strings.Contains(stderr, "connect to database") {
+			t.Errorf("listen %q: exit %d, stderr %q: want a config error naming listen", listen, code, stderr)
+		}
+	}
+}
+
+// TestCLIChecksPatternsLikeTheAPI: `walhook subscriptions add` refuses the
+// patterns the API and the config file refuse, with the same check.
+func TestCLIChecksPatternsLikeTheAPI(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "c.yaml")
+	os.WriteFile(path, []byte("database_url: postgres://app@127.0.0.1:1/app\n"), 0o600)
+	for _, p := range []string{"a..b", "a b", "a\nb", "a.", "a*b"} {
+		var out, errb bytes.Buffer
+		code := run(context.Background(), []string{"subscriptions", "add", "--event", "ok", "--event", p,
+			"--target-url", "https://example.com/", "--config", path}, noEnv, &out, &errb)
+		if code != exitConfig || !strings.Contains(errb.String(), "--event[1]") {
+			t.Errorf("--event %q: exit %d, %q", p, code, errb.String())
+		}
+	}
+}
