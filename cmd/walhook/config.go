@@ -40,6 +40,8 @@ type Config struct {
 	ReadyMaxLag     outbox.Duration      `yaml:"ready_max_lag"`    // /readyz fails when replication lag exceeds it; default 0 = off
 	ShutdownTimeout outbox.Duration      `yaml:"shutdown_timeout"` // on SIGTERM, how long deliveries in flight may finish; default 15s
 	OutboxRetention outbox.Duration      `yaml:"outbox_retention"` // walhook.outbox rows older than this are deleted; default 24h, 0 = keep
+	AcceptEmit      *bool                `yaml:"accept_emit"`      // logical messages with prefix walhook (walhook.emit) are events; default true
+	EmitRoles       []string             `yaml:"emit_roles"`       // setup: only these roles may EXECUTE walhook.emit; default none = leave its grants alone
 	Defaults        outbox.Options       `yaml:"defaults"`
 	Subscriptions   []SubscriptionConfig `yaml:"subscriptions"`
 
@@ -142,6 +144,13 @@ func (c *Config) Validate(withSubscriptions bool) error {
 	var err error
 	if c.table, err = cdc.ParseTable(c.OutboxTable); err != nil {
 		bad("outbox_table: %v", err)
+	} else if c.table == cdc.ControlTable {
+		bad("outbox_table: %s is walhook's control table", c.table)
+	}
+	for i, r := range c.EmitRoles {
+		if r == "" || strings.ContainsRune(r, 0) {
+			bad("emit_roles[%d]: %q is not a role name", i, r)
+		}
 	}
 	c.columns, err = parseColumns(c.OutboxColumns)
 	if err != nil {
@@ -300,6 +309,7 @@ func (c *Config) cdcConfig() cdc.Config {
 	return cdc.Config{
 		DatabaseURL: c.DatabaseURL, Slot: c.Slot, Publication: c.Publication,
 		Table: c.table, Columns: c.columns, StallTimeout: c.stall,
+		RejectEmit: c.AcceptEmit != nil && !*c.AcceptEmit, EmitRoles: c.EmitRoles,
 	}
 }
 
