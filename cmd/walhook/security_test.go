@@ -55,7 +55,7 @@ func sqlState(err error) string {
 func TestHostileRoleCannotForgeControlChanges(t *testing.T) {
 	t.Parallel()
 	victim, evil := sendertest.NewServer(t, nil), echoing(t)
-	e := newEnv(t, "subscriptions:\n"+sub("s", victim.HooksURL(), `["*"]`))
+	e := newEnv(t, "allow_targets: [127.0.0.1/32]\nsubscriptions:\n"+sub("s", victim.HooksURL(), `["*"]`))
 	e.setup()
 	r := e.start()
 	_, mallory := e.role("mallory")
