@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/walhook/walhook/sender/sendertest"
@@ -171,7 +172,8 @@ func TestEmitRolesAndAcceptEmit(t *testing.T) {
 
 // TestSetupUpgradesToTheControlTable: on an install made before walhook.control
 // (the trigger emitted logical messages), run refuses and says to run setup;
-// setup adds the table to the publication and replaces the trigger, and API
+// setup refuses while an older walhook streams the slot, and once it has
+// stopped adds the table to the publication and replaces the trigger; API
 // subscription changes work again.
 func TestSetupUpgradesToTheControlTable(t *testing.T) {
 	t.Parallel()
@@ -193,11 +195,29 @@ END $fn$`)
 	if code, _, stderr := e.walhook("run"); code != exitFail || !strings.Contains(stderr, "walhook.control") || !strings.Contains(stderr, "walhook setup") {
 		t.Fatalf("run on an old install: exit %d: %s", code, stderr)
 	}
+	// An older walhook streams the slot.
+	ctx := context.Background()
+	old, err := pgconn.Connect(ctx, e.db.URL+"&replication=database")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close(ctx)
+	err = pglogrepl.StartReplication(ctx, old, e.db.Name, 0, pglogrepl.StartReplicationOptions{
+		PluginArgs: []string{"proto_version '1'", "publication_names '" + e.db.Name + "'", "messages 'true'"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.eventually(10*time.Second, "the older walhook to hold the slot", e.slotActive)
+	if code, _, stderr := e.walhook("setup"); code != exitFail || !strings.Contains(stderr, "older than this version") {
+		t.Fatalf("setup under a running older walhook: exit %d: %s", code, stderr)
+	}
+	old.Close(ctx)
+	e.eventually(30*time.Second, "the slot to be released", func() bool { return !e.slotActive() })
 	e.setup()
 	var published, publicCanInsert bool
-	e.db.Pool.QueryRow(context.Background(), `SELECT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1
+	e.db.Pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1
 		AND schemaname = 'walhook' AND tablename = 'control')`, e.db.Name).Scan(&published)
-	e.db.Pool.QueryRow(context.Background(), `SELECT has_table_privilege('public', 'walhook.control', 'INSERT')`).Scan(&publicCanInsert)
+	e.db.Pool.QueryRow(ctx, `SELECT has_table_privilege('public', 'walhook.control', 'INSERT')`).Scan(&publicCanInsert)
 	if !published || publicCanInsert {
 		t.Errorf("after the upgrade: walhook.control published %v, insertable by PUBLIC %v", published, publicCanInsert)
 	}
