@@ -143,7 +143,13 @@ func emitGrantSQL(roles []string) []string {
 		fmt.Sprintf(`DO $do$
 DECLARE
   r record;
+  missing text;
 BEGIN
+  SELECT string_agg(n, ', ') INTO missing FROM unnest(ARRAY[%[2]s]::text[]) n
+   WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = n);
+  IF missing IS NOT NULL THEN
+    RAISE EXCEPTION 'emit_roles: no such role: %%', missing;
+  END IF;
   REVOKE EXECUTE ON FUNCTION %[1]s FROM PUBLIC;
   FOR r IN SELECT a.grantee::regrole::text AS name
              FROM pg_proc p, aclexplode(p.proacl) a

@@ -125,6 +125,10 @@ func TestEmitRolesAndAcceptEmit(t *testing.T) {
 	ctx := context.Background()
 	app, appConn := e.role("app")
 	other, otherConn := e.role("other")
+	e.writeConfig("emit_roles: [" + app + ", nosuch]\n")
+	if code, _, stderr := e.walhook("setup"); code != exitFail || !strings.Contains(stderr, "emit_roles: no such role: nosuch") {
+		t.Errorf("setup with a role that does not exist: exit %d: %s", code, stderr)
+	}
 	e.writeConfig("emit_roles: [" + app + "]\n")
 	e.setup()
 	e.exec(`GRANT USAGE ON SCHEMA walhook TO ` + other) // so that only EXECUTE stands in its way
