@@ -24,9 +24,10 @@ test: vet ## all tests with -race against a throwaway PostgreSQL (started and st
 test-chaos: ## the long runs: a 1,000,000-row transaction under 256 MiB (WALHOOK_MILLION_ROWS to change)
 	WALHOOK_CHAOS=1 $(PGTMP) $(GO) test -count=1 -timeout 20m -run 'TestMillionRowTransaction' -v ./cmd/walhook
 
-fuzz: ## fuzz the pgoutput row and message decoders for a while (FUZZTIME=30s)
+fuzz: ## fuzz the pgoutput row, message and control-row decoders for a while (FUZZTIME=30s)
 	$(GO) test ./cdc -run '^$$' -fuzz '^FuzzDecodeRow$$' -fuzztime $${FUZZTIME:-30s}
 	$(GO) test ./cdc -run '^$$' -fuzz '^FuzzDecodeMessage$$' -fuzztime $${FUZZTIME:-30s}
+	$(GO) test ./cdc -run '^$$' -fuzz '^FuzzDecodeControl$$' -fuzztime $${FUZZTIME:-30s}
 
 demo: build ## throwaway PostgreSQL + walhook + receiver; writes outbox rows; Ctrl-C cleans up (DEMO_ONCE=1 exits when done)
 	$(PGTMP) ./examples/demo/demo.sh
