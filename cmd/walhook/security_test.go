@@ -142,6 +142,13 @@ func TestEmitRolesAndAcceptEmit(t *testing.T) {
 	if err := emit(otherConn); sqlState(err) != "42501" {
 		t.Errorf("emit as %s (not in emit_roles): %v, want permission denied", other, err)
 	}
+	// USAGE on the schema, granted for emit, opens none of walhook's tables.
+	for _, q := range []string{`INSERT INTO walhook.control (kind, body) VALUES ('replay', '{}')`,
+		`INSERT INTO walhook.subscriptions (id, events, target_url, secret) VALUES ('x', '{*}', 'http://x', 's')`} {
+		if _, err := appConn.Exec(ctx, q); sqlState(err) != "42501" {
+			t.Errorf("%s as an emit role: %v, want permission denied", q, err)
+		}
+	}
 	e.writeConfig("emit_roles: [" + other + "]\n")
 	e.setup()
 	if err := emit(appConn); sqlState(err) != "42501" {
