@@ -27,9 +27,10 @@ func setup(ctx context.Context, cfg *Config, dryRun bool, out io.Writer) error {
 	if dryRun {
 		fmt.Fprintln(out, "-- walhook setup, for a DBA: run with `psql -v ON_ERROR_STOP=1 -f` (each statement in its own")
 		fmt.Fprintln(out, "-- transaction: a slot cannot be created in a transaction that wrote), as a role that may")
-		fmt.Fprintln(out, "-- create schemas, owns the outbox table and has REPLICATION: the role walhook connects as, which")
-		fmt.Fprintln(out, "-- then owns walhook.control (docs/security.md). Safe to run again. Upgrading an install that has")
-		fmt.Fprintln(out, "-- no walhook.control yet: stop walhook first (docs/security.md).")
+		fmt.Fprintln(out, "-- create schemas, owns the outbox table and has REPLICATION. Best as the role walhook connects")
+		fmt.Fprintln(out, "-- as: the role that runs this owns walhook.control, and only it may write there (otherwise")
+		fmt.Fprintln(out, "-- GRANT INSERT ON walhook.control to walhook's role alone; docs/security.md). Safe to run again.")
+		fmt.Fprintln(out, "-- Upgrading an install that has no walhook.control yet: stop walhook first.")
 		for _, s := range stmts {
 			fmt.Fprintf(out, "%s;\n\n", s)
 		}
