@@ -24,9 +24,10 @@ test: vet ## all tests with -race against a throwaway PostgreSQL (started and st
 test-chaos: ## the long runs: a 1,000,000-row transaction and 400 × 1 MiB for a dead endpoint, each under 256 MiB (WALHOOK_MILLION_ROWS to change)
 	WALHOOK_CHAOS=1 $(PGTMP) $(GO) test -count=1 -timeout 20m -run 'TestMillionRowTransaction|TestBigPayloadsToADeadEndpoint' -v ./cmd/walhook
 
-fuzz: ## fuzz the pgoutput decoders, the API's request decoding and config loading for a while (FUZZTIME=30s)
+fuzz: ## fuzz the pgoutput row, message and control-row decoders, the API's request decoding and config loading for a while (FUZZTIME=30s)
 	$(GO) test ./cdc -run '^$$' -fuzz '^FuzzDecodeRow$$' -fuzztime $${FUZZTIME:-30s}
 	$(GO) test ./cdc -run '^$$' -fuzz '^FuzzDecodeMessage$$' -fuzztime $${FUZZTIME:-30s}
+	$(GO) test ./cdc -run '^$$' -fuzz '^FuzzDecodeControl$$' -fuzztime $${FUZZTIME:-30s}
 	$(GO) test ./api -run '^$$' -fuzz '^FuzzDecodeRequest$$' -fuzztime $${FUZZTIME:-30s}
 	$(GO) test ./cmd/walhook -run '^$$' -fuzz '^FuzzConfig$$' -fuzztime $${FUZZTIME:-30s}
 

@@ -39,13 +39,17 @@ func (c Columns) names() [numCols]string {
 	return [numCols]string{c.ID, c.Event, c.ResourceID, c.Tenant, c.Payload}
 }
 
-// relation is the outbox table as the stream last described it: where each
-// outbox field sits in a tuple (-1 when the table has no such column).
+// relation is a table of the publication as the stream last described it: the
+// outbox table, with where each outbox field sits in a tuple (-1 when the table
+// has no such column), or walhook.control.
 type relation struct {
 	index [numCols]int
 	// jsonPayload: the payload column is json or jsonb, which PostgreSQL has
 	// validated already; other types are checked row by row.
 	jsonPayload bool
+	// control: the table is walhook.control; kind and body index its columns.
+	control    bool
+	kind, body int
 }
 
 // OIDs of PostgreSQL's JSON types.
@@ -75,6 +79,23 @@ func newRelation(m *pglogrepl.RelationMessage, c Columns) (*relation, error) {
 	if p := r.index[colPayload]; p >= 0 {
 		t := m.Columns[p].DataType
 		r.jsonPayload = t == oidJSON || t == oidJSONB
+	}
+	return r, nil
+}
+
+// newControlRelation maps the columns of walhook.control's RelationMessage.
+func newControlRelation(m *pglogrepl.RelationMessage) (*relation, error) {
+	r := &relation{control: true, kind: -1, body: -1}
+	for j, col := range m.Columns {
+		switch col.Name {
+		case "kind":
+			r.kind = j
+		case "body":
+			r.body = j
+		}
+	}
+	if r.kind < 0 || r.body < 0 {
+		return nil, fmt.Errorf("control table %s.%s has no kind or body column: run `walhook setup`", m.Namespace, m.RelationName)
 	}
 	return r, nil
 }
@@ -174,6 +195,32 @@ func decodeRow(rel *relation, cols []column) (outbox.Event, error) {
 	return e, nil
 }
 
+// decodeControl turns an inserted walhook.control row into the change it
+// stands for: ChangeSubscription, ChangeReplay, or for a recovered outbox row
+// ChangeEvent (whose Event holds what could be read when err is set, to be
+// dead-lettered like an outbox row). Event.Seq is the caller's to fill, except
+// a replay's: it is the dead letter's original sequence (0 when unknown).
+func decodeControl(rel *relation, cols []column) (outbox.Change, error) {
+	if rel.kind >= len(cols) || rel.body >= len(cols) {
+		return outbox.Change{}, fmt.Errorf("control row has %d columns", len(cols))
+	}
+	kind, body := cols[rel.kind], cols[rel.body]
+	if kind.kind != 't' || body.kind != 't' {
+		return outbox.Change{}, errors.New("control row: kind and body must be text values")
+	}
+	switch string(kind.data) {
+	case ControlSubscription:
+		return decodeSubscriptionMessage(body.data)
+	case ControlReplay:
+		return decodeReplayMessage(body.data)
+	case ControlRecover:
+		e, err := decodeRecoverMessage(body.data)
+		return outbox.Change{Kind: outbox.ChangeEvent, Event: e}, err
+	default:
+		return outbox.Change{}, fmt.Errorf("control row: unknown kind %q", kind.data)
+	}
+}
+
 // MessagePrefix is the prefix of walhook's logical decoding messages.
 const MessagePrefix = "walhook"
 
@@ -223,9 +270,16 @@ func parseWAL(wal []byte) (m pglogrepl.Message, err error) {
 	return pglogrepl.Parse(wal)
 }
 
-// SubscriptionPrefix is the prefix of the messages walhook.subscriptions' trigger
-// writes on every change.
-const SubscriptionPrefix = "walhook.subscription"
+// SubscriptionPrefix, ReplayPrefix and RecoverPrefix are the prefixes of the
+// logical messages older versions of walhook wrote for control changes. No
+// walhook writes them now (control changes are walhook.control rows), and
+// pg_logical_emit_message is open to every role: a message with one of them is
+// forged, ignored and counted.
+const (
+	SubscriptionPrefix = "walhook.subscription"
+	ReplayPrefix       = "walhook.replay"
+	RecoverPrefix      = "walhook.recover"
+)
 
 // decodeSubscriptionMessage reads {"op":"upsert","row":{...}} or
 // {"op":"delete","id":"..."}.
@@ -256,18 +310,19 @@ func decodeSubscriptionMessage(content []byte) (outbox.Change, error) {
 	return c, nil
 }
 
-// ReplayPrefix is the prefix of the messages a dead-letter replay writes.
-const ReplayPrefix = "walhook.replay"
-
 // decodeReplayMessage reads {"subscription", "webhook_id", "event"}.
 func decodeReplayMessage(content []byte) (outbox.Change, error) {
 	var m struct {
 		Subscription string       `json:"subscription"`
 		WebhookID    string       `json:"webhook_id"`
 		Event        outbox.Event `json:"event"`
+		PayloadText  string       `json:"payload_text"` // a payload jsonb cannot hold, as text
 	}
 	if err := json.Unmarshal(content, &m); err != nil {
 		return outbox.Change{}, fmt.Errorf("replay message: %v", err)
+	}
+	if m.PayloadText != "" {
+		m.Event.Payload = json.RawMessage(m.PayloadText)
 	}
 	if m.Subscription == "" || m.Event.ID == "" || m.Event.Type == "" {
 		return outbox.Change{}, errors.New("replay message: subscription, event id and type are required")
@@ -279,10 +334,7 @@ func decodeReplayMessage(content []byte) (outbox.Change, error) {
 	return outbox.Change{Kind: outbox.ChangeReplay, SubscriptionID: m.Subscription, Event: m.Event}, nil
 }
 
-// RecoverPrefix is the prefix of the messages `walhook recover` writes: outbox
-// rows again, with their original ids.
-const RecoverPrefix = "walhook.recover"
-
+// decodeRecoverMessage reads an outbox row again, with its original id.
 func decodeRecoverMessage(content []byte) (outbox.Event, error) {
 	var e outbox.Event
 	if err := json.Unmarshal(content, &e); err != nil {
@@ -299,8 +351,8 @@ func decodeRecoverMessage(content []byte) (outbox.Event, error) {
 
 // RecoverSQL returns the statement `walhook recover` runs after recreating the
 // slot: every outbox row whose numeric id is above highWater, or (when the
-// table has created_at) created since, goes out again as a walhook.recover
-// message with its original id, in id order. It returns the count.
+// table has created_at) created since, goes out again as a walhook.control row
+// of kind recover with its original id, in id order. It returns the count.
 func RecoverSQL(cfg Config, hasCreatedAt bool) string {
 	cfg = cfg.WithDefaults()
 	col := func(name, fallback string) string {
@@ -314,11 +366,12 @@ func RecoverSQL(cfg Config, hasCreatedAt bool) string {
 	if hasCreatedAt {
 		cond += " OR created_at >= $2"
 	}
-	return `SELECT count(*) FROM (SELECT pg_logical_emit_message(true, '` + RecoverPrefix + `', jsonb_build_object(
+	return `WITH recovered AS (INSERT INTO walhook.control (kind, body) SELECT '` + ControlRecover + `', jsonb_build_object(
 	  'ID', ` + id + `::text, 'Type', ` + col(cfg.Columns.Event, "''") + `::text,
 	  'ResourceID', coalesce(` + col(cfg.Columns.ResourceID, "NULL") + `::text, ''),
 	  'Tenant', coalesce(` + col(cfg.Columns.Tenant, "NULL") + `::text, ''),
 	  'Payload', coalesce(` + col(cfg.Columns.Payload, "NULL") + `::jsonb, '{}'::jsonb),
-	  'CommitTime', now())::text)
-	FROM ` + cfg.Table.Sanitize() + ` WHERE ` + cond + ` ORDER BY ` + id + `) recovered`
+	  'CommitTime', now())
+	FROM ` + cfg.Table.Sanitize() + ` WHERE ` + cond + ` ORDER BY ` + id + ` RETURNING 1)
+	SELECT count(*) FROM recovered`
 }

@@ -217,3 +217,88 @@ func TestParseInsertMatchesPglogrepl(t *testing.T) {
 		}
 	}
 }
+
+func controlRelation(t testing.TB) *relation {
+	m := &pglogrepl.RelationMessage{Namespace: "walhook", RelationName: "control", Columns: []*pglogrepl.RelationMessageColumn{
+		{Name: "id"}, {Name: "kind"}, {Name: "body"}, {Name: "created_at"}}}
+	rel, err := newControlRelation(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rel
+}
+
+func TestDecodeControl(t *testing.T) {
+	rel := controlRelation(t)
+	row := func(kind, body string) []column {
+		return tuple(text("7"), text(kind), text(body), text("2026-12-01 09:00:00+00"))
+	}
+	c, err := decodeControl(rel, row("subscription", `{"op": "upsert", "row": {"id": "s1", "events": ["*"]}}`))
+	if err != nil || c.Kind != outbox.ChangeSubscription || c.SubscriptionID != "s1" || !strings.Contains(string(c.Row), `"events"`) {
+		t.Errorf("upsert: %+v %v", c, err)
+	}
+	c, err = decodeControl(rel, row("subscription", `{"op": "delete", "id": "s1"}`))
+	if err != nil || c.Kind != outbox.ChangeSubscription || c.SubscriptionID != "s1" || c.Row != nil {
+		t.Errorf("delete: %+v %v", c, err)
+	}
+	c, err = decodeControl(rel, row("replay", `{"subscription": "s1", "webhook_id": "msg_1", "event": {"ID": "5", "Type": "a", "Seq": 123456789012345678}}`))
+	if err != nil || c.Kind != outbox.ChangeReplay || c.SubscriptionID != "s1" || c.Event.WebhookID != "msg_1" ||
+		c.Event.Seq != 123456789012345678 || string(c.Event.Payload) != `{}` {
+		t.Errorf("replay: %+v %v", c, err)
+	}
+	c, err = decodeControl(rel, row("recover", `{"ID": "9", "Type": "a", "Payload": {"n": 1}}`))
+	if err != nil || c.Kind != outbox.ChangeEvent || c.Event.ID != "9" || string(c.Event.Payload) != `{"n": 1}` {
+		t.Errorf("recover: %+v %v", c, err)
+	}
+	if c, err := decodeControl(rel, row("recover", `{"ID": "9"}`)); err == nil || c.Kind != outbox.ChangeEvent || c.Event.ID != "9" {
+		t.Errorf("a recovered row without a type: %+v %v (want an event to dead-letter)", c, err)
+	}
+	for _, bad := range [][]column{
+		row("other", `{}`),
+		row("subscription", `{"op": "upsert"}`),
+		row("replay", `{"subscription": "s1"}`),
+		tuple(text("7"), null, text(`{}`), null),
+		tuple(text("7"), text("replay")),
+	} {
+		if c, err := decodeControl(rel, bad); err == nil {
+			t.Errorf("decodeControl(%q) accepted: %+v", bad, c)
+		}
+	}
+	_, err = newControlRelation(&pglogrepl.RelationMessage{Namespace: "walhook", RelationName: "control",
+		Columns: []*pglogrepl.RelationMessageColumn{{Name: "id"}, {Name: "kind"}}})
+	if err == nil || !strings.Contains(err.Error(), "walhook setup") {
+		t.Errorf("a control table without body: %v", err)
+	}
+}
+
+// FuzzDecodeControl feeds arbitrary walhook.control rows: decoding never
+// panics, and an accepted row makes a well-formed change.
+func FuzzDecodeControl(f *testing.F) {
+	f.Add("subscription", []byte(`{"op":"upsert","row":{"id":"s"}}`), false)
+	f.Add("subscription", []byte(`{"op":"delete","id":"s"}`), false)
+	f.Add("replay", []byte(`{"subscription":"s","webhook_id":"w","event":{"ID":"1","Type":"a","Seq":5}}`), false)
+	f.Add("recover", []byte(`{"ID":"1","Type":"a","Payload":null}`), true)
+	rel := controlRelation(f)
+	f.Fuzz(func(t *testing.T, kind string, body []byte, nullBody bool) {
+		b := text(string(body))
+		if nullBody {
+			b = null
+		}
+		c, err := decodeControl(rel, tuple(text("1"), text(kind), b, null))
+		if err != nil {
+			return
+		}
+		switch c.Kind {
+		case outbox.ChangeSubscription:
+			if c.SubscriptionID == "" {
+				t.Fatalf("accepted a subscription change without an id: %+v", c)
+			}
+		case outbox.ChangeReplay, outbox.ChangeEvent:
+			if c.Event.ID == "" || c.Event.Type == "" || !json.Valid(c.Event.Payload) {
+				t.Fatalf("accepted a malformed event: %+v", c)
+			}
+		default:
+			t.Fatalf("unexpected change kind %v", c.Kind)
+		}
+	})
+}

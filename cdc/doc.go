@@ -10,5 +10,8 @@
 //   - The flush position sent is the one outbox.Acker gives (or the slot's
 //     starting position): never what was merely received. walhook always fills
 //     the flush field itself.
-//   - Decoding is pure (decodeRow, decodeMessage) and fuzzed.
+//   - Control changes (subscription changes, replays, recovered rows) come only
+//     from inserts into walhook.control, which only walhook's role may write;
+//     logical messages with control prefixes are forged: ignored and counted.
+//   - Decoding is pure (decodeRow, decodeMessage, decodeControl) and fuzzed.
 package cdc

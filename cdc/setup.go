@@ -14,6 +14,19 @@ type Table struct{ Schema, Name string }
 // DefaultTable is the outbox table `walhook setup` creates.
 var DefaultTable = Table{Schema: "walhook", Name: "outbox"}
 
+// ControlTable carries walhook's control changes (subscription changes,
+// dead-letter replays, recovered rows) through the publication. Only its owner
+// may insert: what arrives from it is trusted, and logical messages with the
+// control prefixes are not (docs/security.md).
+var ControlTable = Table{Schema: "walhook", Name: "control"}
+
+// Kinds of walhook.control rows.
+const (
+	ControlSubscription = "subscription" // body: {"op":"upsert","row":{...}} or {"op":"delete","id":"..."}
+	ControlReplay       = "replay"       // body: {"subscription","webhook_id","event"}
+	ControlRecover      = "recover"      // body: an outbox event (ID, Type, ...)
+)
+
 func (t Table) String() string { return t.Schema + "." + t.Name }
 
 // Sanitize quotes t for SQL.
@@ -38,12 +51,23 @@ var nameRE = regexp.MustCompile(`^[a-z_][a-z0-9_]{0,62}$`)
 func ValidName(s string) bool { return nameRE.MatchString(s) }
 
 // SetupSQL returns the statements that create walhook's source objects: the
-// outbox table (only when it is the default walhook.outbox), walhook.emit, the
-// insert-only publication and the slot. Every statement is idempotent; the slot
-// is created last and outside any transaction. The walhook schema must exist.
+// control table, the outbox table (only when it is the default walhook.outbox),
+// walhook.emit (with EXECUTE only for EmitRoles when they are set), the
+// insert-only publication of both tables and the slot. Every statement is
+// idempotent, and upgrades an older install; the slot is created last and
+// outside any transaction. The walhook schema must exist.
 func SetupSQL(cfg Config) []string {
 	cfg = cfg.WithDefaults()
-	var stmts []string
+	stmts := []string{`CREATE TABLE IF NOT EXISTS walhook.control (
+  id         bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  kind       text        NOT NULL,
+  body       jsonb       NOT NULL,
+  created_at timestamptz NOT NULL DEFAULT now()
+)`,
+		// Insert-only, and only for its owner (the role that ran setup):
+		// whoever may insert here may change walhook's routing.
+		`REVOKE ALL ON walhook.control FROM PUBLIC`,
+	}
 	if cfg.Table == DefaultTable {
 		stmts = append(stmts, `CREATE TABLE IF NOT EXISTS walhook.outbox (
   id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -68,16 +92,21 @@ BEGIN
     'payload', coalesce(payload, '{}'::jsonb))::text);
 END
 $fn$`)
+	stmts = append(stmts, emitGrantSQL(cfg.EmitRoles)...)
 	pub := pgx.Identifier{cfg.Publication}.Sanitize()
+	addTable := func(t Table) string {
+		return fmt.Sprintf(`
+  IF NOT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = %[1]s AND schemaname = %[2]s AND tablename = %[3]s) THEN
+    ALTER PUBLICATION %[4]s ADD TABLE %[5]s;
+  END IF;`, quoteLiteral(cfg.Publication), quoteLiteral(t.Schema), quoteLiteral(t.Name), pub, t.Sanitize())
+	}
 	stmts = append(stmts, fmt.Sprintf(`DO $do$
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = %[1]s) THEN
-    CREATE PUBLICATION %[2]s FOR TABLE %[3]s WITH (publish = 'insert');
-  ELSIF NOT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = %[1]s AND schemaname = %[4]s AND tablename = %[5]s) THEN
-    ALTER PUBLICATION %[2]s ADD TABLE %[3]s;
-  END IF;
+    CREATE PUBLICATION %[2]s FOR TABLE %[3]s, %[4]s WITH (publish = 'insert');
+  END IF;%[5]s%[6]s
 END
-$do$`, quoteLiteral(cfg.Publication), pub, cfg.Table.Sanitize(), quoteLiteral(cfg.Table.Schema), quoteLiteral(cfg.Table.Name)))
+$do$`, quoteLiteral(cfg.Publication), pub, cfg.Table.Sanitize(), ControlTable.Sanitize(), addTable(cfg.Table), addTable(ControlTable)))
 	stmts = append(stmts, fmt.Sprintf(`SELECT pg_create_logical_replication_slot(%[1]s, 'pgoutput')
  WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %[1]s)`, quoteLiteral(cfg.Slot)))
 	return stmts
@@ -91,6 +120,48 @@ func TeardownSQL(cfg Config) []string {
 		fmt.Sprintf(`SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s AND database = current_database()`,
 			quoteLiteral(cfg.Slot)),
 		`DROP PUBLICATION IF EXISTS ` + pgx.Identifier{cfg.Publication}.Sanitize(),
+	}
+}
+
+// emitSignature names walhook.emit in GRANT and REVOKE.
+const emitSignature = "walhook.emit(text, text, jsonb, text)"
+
+// emitGrantSQL limits EXECUTE on walhook.emit to roles: revoked from PUBLIC and
+// from every other role that holds it (but its owner), granted to roles, with
+// USAGE on the schema so that they can call it. No roles: PostgreSQL's default
+// (EXECUTE for PUBLIC) or whatever was granted before stays.
+func emitGrantSQL(roles []string) []string {
+	if len(roles) == 0 {
+		return nil
+	}
+	lits := make([]string, len(roles))
+	ids := make([]string, len(roles))
+	for i, r := range roles {
+		lits[i], ids[i] = quoteLiteral(r), pgx.Identifier{r}.Sanitize()
+	}
+	return []string{
+		fmt.Sprintf(`DO $do$
+DECLARE
+  r record;
+  missing text;
+BEGIN
+  SELECT string_agg(n, ', ') INTO missing FROM unnest(ARRAY[%[2]s]::text[]) n
+   WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = n);
+  IF missing IS NOT NULL THEN
+    RAISE EXCEPTION 'emit_roles: no such role: %%', missing;
+  END IF;
+  REVOKE EXECUTE ON FUNCTION %[1]s FROM PUBLIC;
+  FOR r IN SELECT a.grantee::regrole::text AS name
+             FROM pg_proc p, aclexplode(p.proacl) a
+            WHERE p.oid = '%[1]s'::regprocedure AND a.privilege_type = 'EXECUTE'
+              AND a.grantee <> 0 AND a.grantee <> p.proowner
+              AND NOT a.grantee = ANY (ARRAY[%[2]s]::regrole[]) LOOP
+    EXECUTE format('REVOKE EXECUTE ON FUNCTION %[1]s FROM %%s', r.name);
+  END LOOP;
+END
+$do$`, emitSignature, strings.Join(lits, ", ")),
+		`GRANT USAGE ON SCHEMA walhook TO ` + strings.Join(ids, ", "),
+		`GRANT EXECUTE ON FUNCTION ` + emitSignature + ` TO ` + strings.Join(ids, ", "),
 	}
 }
 

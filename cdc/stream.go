@@ -30,8 +30,13 @@ type Config struct {
 	StatusInterval time.Duration         // how often the flush position is checked and sent when it moved; default 1s
 	StatusMaxAge   time.Duration         // a status update is sent at least this often; default 10s, or a third of the server's wal_sender_timeout if less
 	StallTimeout   time.Duration         // silence from the server that ends a session; default 30s, at most half the server's wal_sender_timeout
-	Registerer     prometheus.Registerer // for walhook_active; default none
+	Registerer     prometheus.Registerer // for walhook_active and walhook_forged_messages_total; default none
 	Budget         *outbox.Budget        // bytes of events held downstream: reading pauses while it is full; default unbounded
+	// RejectEmit ignores logical messages with the walhook prefix (walhook.emit
+	// and raw pg_logical_emit_message alike) and counts them as forged; default
+	// false: they are events.
+	RejectEmit bool
+	EmitRoles  []string // setup: only these roles may EXECUTE walhook.emit; none = leave its grants alone
 }
 
 // WithDefaults fills zero fields.
@@ -69,6 +74,7 @@ type Stream struct {
 	acker  *outbox.Acker
 	log    zerolog.Logger
 	active prometheus.Gauge
+	forged *forgeries // owned by Run's goroutine
 
 	// Read by Health from other goroutines.
 	state     atomic.Value  // State
@@ -107,8 +113,9 @@ func NewStream(cfg Config, acker *outbox.Acker, log zerolog.Logger) *Stream {
 	s := &Stream{cfg: cfg, acker: acker, maxAge: cfg.StatusMaxAge, stall: cfg.StallTimeout, log: log.With().Str("component", "cdc").Logger(),
 		active: prometheus.NewGauge(prometheus.GaugeOpts{Name: "walhook_active",
 			Help: "1 on the replica that holds the slot and streams; 0 on a standby."})}
+	s.forged = newForgeries(s.log)
 	if cfg.Registerer != nil {
-		cfg.Registerer.MustRegister(s.active)
+		cfg.Registerer.MustRegister(s.active, s.forged.total)
 	}
 	s.state.Store(Connecting)
 	s.drain = make(chan struct{})
@@ -593,7 +600,11 @@ func (s *Stream) handleWAL(at outbox.LSN, wal []byte) error {
 		}
 		rel := s.relations[relID]
 		if rel == nil {
-			return nil // a table of the publication that is not the outbox
+			return nil // a table of the publication that is neither the outbox nor walhook.control
+		}
+		if rel.control {
+			s.handleControl(at, rel, cols)
+			return nil
 		}
 		e, err := decodeRow(rel, cols)
 		s.queueEvent(at, e, err)
@@ -619,6 +630,14 @@ func (s *Stream) handleWAL(at outbox.LSN, wal []byte) error {
 		}
 		s.inTxn, s.txnEvents = false, false
 	case *pglogrepl.RelationMessage:
+		if m.Namespace == ControlTable.Schema && m.RelationName == ControlTable.Name {
+			rel, err := newControlRelation(m)
+			if err != nil {
+				return permanent(err)
+			}
+			s.relations[m.RelationID] = rel
+			return nil
+		}
 		if m.Namespace != s.cfg.Table.Schema || m.RelationName != s.cfg.Table.Name {
 			delete(s.relations, m.RelationID)
 			return nil
@@ -629,36 +648,53 @@ func (s *Stream) handleWAL(at outbox.LSN, wal []byte) error {
 		}
 		s.relations[m.RelationID] = rel
 	case *pglogrepl.LogicalDecodingMessage:
-		if !m.Transactional {
-			return nil
-		}
 		switch m.Prefix {
 		case MessagePrefix:
-			e, err := decodeMessage(outbox.LSN(m.LSN), m.Content)
-			s.queueEvent(at, e, err)
-		case RecoverPrefix:
-			e, err := decodeRecoverMessage(m.Content)
-			s.queueEvent(at, e, err)
-		case SubscriptionPrefix, ReplayPrefix:
-			decode := decodeSubscriptionMessage
-			if m.Prefix == ReplayPrefix {
-				decode = decodeReplayMessage
-			}
-			c, err := decode(m.Content)
-			if err != nil {
-				s.log.Error().Err(err).Str("prefix", m.Prefix).Msg("unreadable message ignored")
+			if s.cfg.RejectEmit {
+				s.forged.note(m.Prefix, outbox.LSN(m.LSN))
 				return nil
 			}
-			s.beginLazily()
-			c.Event.Seq = sequence(s.commitLSN, s.txnIndex)
-			s.txnIndex++
-			if c.Kind == outbox.ChangeReplay {
-				s.cfg.Budget.Hold(s.epoch.N, outbox.EventSize(&c.Event))
+			if !m.Transactional {
+				return nil
 			}
-			s.pending = append(s.pending, c)
+			e, err := decodeMessage(outbox.LSN(m.LSN), m.Content)
+			s.queueEvent(at, e, err)
+		case SubscriptionPrefix, ReplayPrefix, RecoverPrefix:
+			// Control changes come only from walhook.control: any role may
+			// emit a message (docs/security.md).
+			s.forged.note(m.Prefix, outbox.LSN(m.LSN))
 		}
 	}
 	return nil
+}
+
+// handleControl queues the change a walhook.control row stands for, in its
+// place in the stream.
+func (s *Stream) handleControl(at outbox.LSN, rel *relation, cols []column) {
+	c, err := decodeControl(rel, cols)
+	if c.Kind == outbox.ChangeEvent { // a recovered outbox row: an unreadable one is dead-lettered like a row
+		s.queueEvent(at, c.Event, err)
+		return
+	}
+	if err != nil {
+		s.log.Error().Err(err).Stringer("lsn", at).Msg("unreadable control row ignored")
+		return
+	}
+	s.beginLazily()
+	seq := sequence(s.commitLSN, s.txnIndex)
+	s.txnIndex++
+	// A subscription change is ordered by the stream (the routing log keys on
+	// it); a replayed dead letter keeps the sequence it was first sent with, so
+	// that a receiver ordering by sequence does not take it for the newest.
+	// Dead letters from before walhook recorded sequences have none: they get
+	// the stream's.
+	if c.Kind != outbox.ChangeReplay || c.Event.Seq == 0 {
+		c.Event.Seq = seq
+	}
+	if c.Kind == outbox.ChangeReplay {
+		s.cfg.Budget.Hold(s.epoch.N, outbox.EventSize(&c.Event)) // released downstream, when the event is finished
+	}
+	s.pending = append(s.pending, c)
 }
 
 // beginLazily sends the open transaction's Begin before its first change.

@@ -1,14 +1,17 @@
 package cdc
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 	"github.com/walhook/walhook/internal/pgtest"
 	"github.com/walhook/walhook/outbox"
@@ -295,4 +298,134 @@ func TestStreamMissingSlotIsAClearError(t *testing.T) {
 	if errors.Is(err, context.Canceled) {
 		t.Fatal("unexpected cancel")
 	}
+}
+
+// TestStreamTrustsControlRowsNotMessages: walhook.control rows become control
+// changes in their place in the stream; logical messages with the control
+// prefixes (which any role may emit) are ignored, counted and logged.
+func TestStreamTrustsControlRowsNotMessages(t *testing.T) {
+	t.Parallel()
+	db := setupDB(t)
+	reg := prometheus.NewRegistry()
+	var log syncBuffer
+	cfg := Config{DatabaseURL: db.URL, Slot: db.Name, StatusInterval: 100 * time.Millisecond, Registerer: reg}
+	ctx, cancel := context.WithCancel(context.Background())
+	out := make(chan outbox.Change, 64)
+	done := make(chan error, 1)
+	go func() { done <- NewStream(cfg, outbox.NewAcker(0), zerolog.New(&log)).Run(ctx, out) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("stream: %v", err)
+		}
+	})
+
+	exec(t, db, `SELECT pg_logical_emit_message(true, 'walhook.subscription', '{"op":"upsert","row":{"id":"evil","events":["*"]}}')`)
+	exec(t, db, `SELECT pg_logical_emit_message(true, 'walhook.replay', '{"subscription":"s","event":{"ID":"x","Type":"pay.succeeded"}}')`)
+	exec(t, db, `SELECT pg_logical_emit_message(true, 'walhook.recover', '{"ID":"x","Type":"pay.succeeded"}')`)
+	exec(t, db, `SELECT pg_logical_emit_message(false, 'walhook.subscription', '{"op":"delete","id":"s"}')`)
+	exec(t, db, `BEGIN;
+		INSERT INTO walhook.outbox (event) VALUES ('before');
+		INSERT INTO walhook.control (kind, body) VALUES ('subscription', '{"op": "upsert", "row": {"id": "s", "events": ["*"]}}');
+		INSERT INTO walhook.control (kind, body) VALUES ('replay', '{"subscription": "s", "webhook_id": "msg_1", "event": {"ID": "7", "Type": "a", "Seq": 42}}');
+		INSERT INTO walhook.control (kind, body) VALUES ('recover', '{"ID": "3", "Type": "b"}');
+		COMMIT`)
+	var seqs []uint64
+	for i, want := range []outbox.ChangeKind{outbox.ChangeBegin, outbox.ChangeEvent, outbox.ChangeSubscription,
+		outbox.ChangeReplay, outbox.ChangeEvent, outbox.ChangeCommit} {
+		c := next(t, out, done)
+		if c.Kind != want {
+			t.Fatalf("change %d: %+v, want kind %v", i, c, want)
+		}
+		seqs = append(seqs, c.Event.Seq)
+		switch i {
+		case 2:
+			if c.SubscriptionID != "s" || c.Event.Seq == 0 {
+				t.Errorf("subscription change: %+v", c)
+			}
+		case 3:
+			if c.SubscriptionID != "s" || c.Event.ID != "7" || c.Event.WebhookID != "msg_1" || c.Event.Seq != 42 {
+				t.Errorf("replay: %+v (want the dead letter's own sequence 42)", c)
+			}
+		case 4:
+			if c.Event.ID != "3" || c.Event.Type != "b" {
+				t.Errorf("recovered row: %+v", c)
+			}
+		}
+	}
+	if !(seqs[1] < seqs[2] && seqs[2] < seqs[4]) {
+		t.Errorf("sequences %v: the subscription change and the recovered row must follow the stream", seqs)
+	}
+	for _, p := range []string{SubscriptionPrefix, RecoverPrefix} {
+		if n := forgedCount(t, reg, p); p == SubscriptionPrefix && n != 2 || p == RecoverPrefix && n != 1 {
+			t.Errorf("walhook_forged_messages_total{prefix=%q} = %v", p, n)
+		}
+	}
+	if n := forgedCount(t, reg, ReplayPrefix); n != 1 {
+		t.Errorf("walhook_forged_messages_total{prefix=%q} = %v", ReplayPrefix, n)
+	}
+	// One line for the first; the next three fall within the minute.
+	if got := strings.Count(log.String(), "forged logical messages ignored"); got != 1 {
+		t.Errorf("%d forged-message log lines, want 1 (rate-limited):\n%s", got, log.String())
+	}
+}
+
+// TestStreamRejectEmit: with RejectEmit, walhook.emit and raw messages with the
+// walhook prefix are forged; outbox rows still flow.
+func TestStreamRejectEmit(t *testing.T) {
+	t.Parallel()
+	db := setupDB(t)
+	reg := prometheus.NewRegistry()
+	out, done := startStream(t, Config{DatabaseURL: db.URL, Slot: db.Name, StatusInterval: 100 * time.Millisecond,
+		Registerer: reg, RejectEmit: true}, outbox.NewAcker(0))
+	exec(t, db, `SELECT walhook.emit('emitted', 'r', '{}')`)
+	exec(t, db, `SELECT pg_logical_emit_message(true, 'walhook', '{"event": "raw"}')`)
+	exec(t, db, `INSERT INTO walhook.outbox (event) VALUES ('row')`)
+	for _, want := range []outbox.ChangeKind{outbox.ChangeBegin, outbox.ChangeEvent, outbox.ChangeCommit} {
+		c := next(t, out, done)
+		if c.Kind != want || c.Kind == outbox.ChangeEvent && c.Event.Type != "row" {
+			t.Fatalf("got %+v, want kind %v (the row, not the messages)", c, want)
+		}
+	}
+	if n := forgedCount(t, reg, MessagePrefix); n != 2 {
+		t.Errorf("walhook_forged_messages_total{prefix=walhook} = %v, want 2", n)
+	}
+}
+
+// forgedCount reads walhook_forged_messages_total{prefix} from reg.
+func forgedCount(t *testing.T, reg *prometheus.Registry, prefix string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "walhook_forged_messages_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if m.GetLabel()[0].GetValue() == prefix {
+				return m.GetCounter().GetValue()
+			}
+		}
+	}
+	t.Fatalf("no walhook_forged_messages_total{prefix=%q}", prefix)
+	return 0
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

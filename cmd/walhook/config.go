@@ -43,6 +43,8 @@ type Config struct {
 	OutboxRetention outbox.Duration      `yaml:"outbox_retention"`  // walhook.outbox rows older than this are deleted; default 24h, 0 = keep
 	MaxTimeout      outbox.Duration      `yaml:"max_timeout"`       // ceiling of every subscription's timeout (API and file); default 60s
 	MaxPendingBytes int64                `yaml:"max_pending_bytes"` // bytes of events held in memory before the stream pauses; default 64 MiB
+	AcceptEmit      *bool                `yaml:"accept_emit"`       // logical messages with prefix walhook (walhook.emit) are events; default true
+	EmitRoles       []string             `yaml:"emit_roles"`        // setup: only these roles may EXECUTE walhook.emit; default none = leave its grants alone
 	Defaults        outbox.Options       `yaml:"defaults"`
 	Subscriptions   []SubscriptionConfig `yaml:"subscriptions"`
 
@@ -179,6 +181,13 @@ func (c *Config) Validate(withSubscriptions bool) error {
 	var err error
 	if c.table, err = cdc.ParseTable(c.OutboxTable); err != nil {
 		bad("outbox_table: %v", err)
+	} else if c.table == cdc.ControlTable {
+		bad("outbox_table: %s is walhook's control table", c.table)
+	}
+	for i, r := range c.EmitRoles {
+		if r == "" || strings.ContainsRune(r, 0) {
+			bad("emit_roles[%d]: %q is not a role name", i, r)
+		}
 	}
 	c.columns, err = parseColumns(c.OutboxColumns)
 	if err != nil {
@@ -410,6 +419,7 @@ func (c *Config) cdcConfig() cdc.Config {
 	return cdc.Config{
 		DatabaseURL: c.DatabaseURL, Slot: c.Slot, Publication: c.Publication,
 		Table: c.table, Columns: c.columns, StallTimeout: c.stall, Budget: outbox.NewBudget(c.MaxPendingBytes),
+		RejectEmit: c.AcceptEmit != nil && !*c.AcceptEmit, EmitRoles: c.EmitRoles,
 	}
 }
 

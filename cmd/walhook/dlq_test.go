@@ -13,7 +13,7 @@ import (
 
 // TestDeadLetterReplayKeepsTheWebhookID: an endpoint answers 400 once per
 // webhook-id; the dead letters are replayed (CLI and API) and delivered with
-// their original webhook-id.
+// their original webhook-id, event id and sequence.
 func TestDeadLetterReplayKeepsTheWebhookID(t *testing.T) {
 	t.Parallel()
 	var mu sync.Mutex
@@ -64,11 +64,13 @@ func TestDeadLetterReplayKeepsTheWebhookID(t *testing.T) {
 	reqs := srv.Wait(t, 30*time.Second, "both replays delivered", func(q []sendertest.Request) bool {
 		return len(sendertest.Delivered(q)) == 2
 	})
-	firstID := map[string]string{} // event id -> webhook-id of its first (refused) attempt
+	firstID := map[string]string{}  // event id -> webhook-id of its first (refused) attempt
+	firstSeq := map[string]uint64{} // event id -> sequence of its first attempt
 	for _, q := range reqs {
 		id := decode(t, q.Body).ID
 		if q.Status == http.StatusBadRequest {
 			firstID[id] = q.Header.Get("webhook-id")
+			firstSeq[id] = hooks(t, q.Body)[0].Sequence
 			continue
 		}
 		if q.Header.Get("webhook-id") != firstID[id] {
@@ -76,6 +78,8 @@ func TestDeadLetterReplayKeepsTheWebhookID(t *testing.T) {
 		}
 		if env := hooks(t, q.Body)[0]; env.Sequence == 0 || env.Type == "" {
 			t.Errorf("replayed envelope lost fields: %s", q.Body)
+		} else if env.Sequence != firstSeq[id] {
+			t.Errorf("event %s replayed with sequence %d, first sent with %d", id, env.Sequence, firstSeq[id])
 		}
 	}
 	if n := dead(); n != 0 {

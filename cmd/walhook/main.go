@@ -39,7 +39,7 @@ func main() {
 const usage = `walhook turns rows written to an outbox table into signed webhooks.
 
 Usage:
-  walhook setup    [--config FILE] [--dry-run]      create schema, outbox, emit(), publication, slot
+  walhook setup    [--config FILE] [--dry-run]      create or upgrade schema, outbox, emit(), control, publication, slot
   walhook run      [--config FILE] [--log-format F] stream the slot and deliver hooks
   walhook teardown [--config FILE] [--drop-schema]  drop the slot and publication (and the schema)
   walhook recover  [--config FILE] [--since D]       after a slot loss: recreate it, redeliver outbox rows above the mark

@@ -25,8 +25,12 @@ import (
 // query an idle walhook makes) and the status report is refreshed.
 const probeInterval = 10 * time.Second
 
-// pruneInterval is how often old walhook.outbox rows are deleted.
+// pruneInterval is how often old walhook.outbox and walhook.control rows are deleted.
 const pruneInterval = 10 * time.Minute
+
+// controlRetention is how long walhook.control rows are kept: the stream reads
+// them from the WAL, so they are only a record of recent control changes.
+const controlRetention = 24 * time.Hour
 
 // prober keeps the database-side gauges and the status report current.
 type prober struct {
@@ -102,14 +106,23 @@ func (p *prober) probe(ctx context.Context) error {
 			p.lastState = st
 		}
 	}
-	if p.retention > 0 && time.Since(p.pruned) >= pruneInterval {
+	if time.Since(p.pruned) >= pruneInterval {
 		p.pruned = time.Now()
-		n, err := p.store.PruneOutbox(ctx, p.retention, 1000)
+		if p.retention > 0 {
+			n, err := p.store.PruneOutbox(ctx, p.retention, 1000)
+			if err != nil {
+				return err
+			}
+			if n > 0 {
+				p.log.Info().Int64("rows", n).Dur("older_than", p.retention).Msg("outbox pruned")
+			}
+		}
+		n, err := p.store.PruneControl(ctx, controlRetention, 1000)
 		if err != nil {
 			return err
 		}
 		if n > 0 {
-			p.log.Info().Int64("rows", n).Dur("older_than", p.retention).Msg("outbox pruned")
+			p.log.Debug().Int64("rows", n).Dur("older_than", controlRetention).Msg("control rows pruned")
 		}
 	}
 	host, _ := os.Hostname()

@@ -40,6 +40,9 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		return err
 	}
 	defer pool.Close()
+	if err := checkControl(ctx, pool, cfg); err != nil {
+		return err
+	}
 
 	snd := sender.New(cfg.guard)
 	defer snd.Close()
@@ -154,6 +157,25 @@ func connectPool(ctx context.Context, cfg *Config) (*pgxpool.Pool, error) {
 		return nil, fmt.Errorf("connect to database: %w", err)
 	}
 	return pool, nil
+}
+
+// checkControl refuses to run on an install whose publication does not carry
+// walhook.control (set up by an older walhook): control changes come only from
+// there, so subscription changes and replays would be missed. A missing
+// publication is left to the stream, which explains a missing slot.
+func checkControl(ctx context.Context, pool *pgxpool.Pool, cfg *Config) error {
+	var pub, control bool
+	err := pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
+		EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)`,
+		cfg.Publication, cdc.ControlTable.Schema, cdc.ControlTable.Name).Scan(&pub, &control)
+	if err != nil {
+		return fmt.Errorf("read publication %q: %w", cfg.Publication, err)
+	}
+	if pub && !control {
+		return fmt.Errorf("publication %q does not publish %s, which carries subscription changes and replays "+
+			"since this version: run `walhook setup` (docs/security.md)", cfg.Publication, cdc.ControlTable)
+	}
+	return nil
 }
 
 func routes() *http.ServeMux {

@@ -27,7 +27,10 @@ func setup(ctx context.Context, cfg *Config, dryRun bool, out io.Writer) error {
 	if dryRun {
 		fmt.Fprintln(out, "-- walhook setup, for a DBA: run with `psql -v ON_ERROR_STOP=1 -f` (each statement in its own")
 		fmt.Fprintln(out, "-- transaction: a slot cannot be created in a transaction that wrote), as a role that may")
-		fmt.Fprintln(out, "-- create schemas, owns the outbox table and has REPLICATION. Safe to run again.")
+		fmt.Fprintln(out, "-- create schemas, owns the outbox table and has REPLICATION. Best as the role walhook connects")
+		fmt.Fprintln(out, "-- as: the role that runs this owns walhook.control, and only it may write there (otherwise")
+		fmt.Fprintln(out, "-- GRANT INSERT ON walhook.control to walhook's role alone; docs/security.md). Safe to run again.")
+		fmt.Fprintln(out, "-- Upgrading an install that has no walhook.control yet: stop walhook first.")
 		for _, s := range stmts {
 			fmt.Fprintf(out, "%s;\n\n", s)
 		}
@@ -35,6 +38,9 @@ func setup(ctx context.Context, cfg *Config, dryRun bool, out io.Writer) error {
 	}
 	return withLock(ctx, cfg, func(conn *pgx.Conn) error {
 		if err := refuseLostSlot(ctx, conn, cfg); err != nil {
+			return err
+		}
+		if err := refuseLiveUpgrade(ctx, conn, cfg); err != nil {
 			return err
 		}
 		return createAll(ctx, conn, cfg, stmts, out)
@@ -61,6 +67,23 @@ func refuseLostSlot(ctx context.Context, conn *pgx.Conn, cfg *Config) error {
 	return fmt.Errorf("slot: %q is missing although walhook delivered through it (up to outbox id %s): it was dropped or "+
 		"lost in a failover. `walhook recover` recreates it and redelivers the outbox rows above that mark; "+
 		"setup will not create a fresh slot that skips them", cfg.Slot, high)
+}
+
+// refuseLiveUpgrade stops setup from moving control changes to walhook.control
+// under a running older walhook (this version refuses to run without the
+// table, so an active slot without it is an older one streaming). The older
+// one ignores the table's rows: subscription changes and replays made until
+// this version takes the slot would be lost, the changes silently.
+func refuseLiveUpgrade(ctx context.Context, conn *pgx.Conn, cfg *Config) error {
+	var live bool
+	err := conn.QueryRow(ctx, `SELECT to_regclass('walhook.control') IS NULL AND to_regclass('walhook.subscriptions') IS NOT NULL
+		AND EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active)`, cfg.Slot).Scan(&live)
+	if err != nil || !live {
+		return err
+	}
+	return fmt.Errorf("slot: %q is streamed by a walhook older than this version (walhook.control does not exist yet): "+
+		"stop it, run setup, then start this version. Not while it runs: it would ignore the subscription changes and "+
+		"replays made until this version takes over (docs/security.md)", cfg.Slot)
 }
 
 // createAll runs the setup statements and checks the result.

@@ -96,22 +96,24 @@ func (s *Store) ListDeadLetters(ctx context.Context, f DeadLetterFilter, limit i
 }
 
 // ReplayDeadLetters sends the selected dead letters again: in one transaction it
-// deletes them and writes, in order, a walhook.replay message for each, which
-// reaches the pipeline through the replication stream and is delivered with
-// its original webhook-id. Rows without a subscription (undecodable outbox
-// rows) are left. It returns how many were replayed.
+// deletes them and writes, in order, a walhook.control row of kind replay for
+// each, which reaches the pipeline through the replication stream and is
+// delivered with its original event id, sequence and webhook-id. Rows without a
+// subscription (undecodable outbox rows) are left. It returns how many were
+// replayed.
 func (s *Store) ReplayDeadLetters(ctx context.Context, f DeadLetterFilter) (int64, error) {
 	where, args := f.where()
 	var n int64
 	err := s.pool.QueryRow(ctx, `
-		WITH d AS (DELETE FROM walhook.dead_letters WHERE subscription IS NOT NULL AND event IS NOT NULL AND (`+where+`) RETURNING *)
-		SELECT count(*) FROM (
-		  SELECT pg_logical_emit_message(true, 'walhook.replay', jsonb_build_object(
-		    'subscription', subscription, 'webhook_id', webhook_id,
+		WITH d AS (DELETE FROM walhook.dead_letters WHERE subscription IS NOT NULL AND event IS NOT NULL AND (`+where+`) RETURNING *),
+		replayed AS (INSERT INTO walhook.control (kind, body)
+		  SELECT 'replay', jsonb_build_object(
+		    'subscription', subscription, 'webhook_id', webhook_id, 'payload_text', payload_text,
 		    'event', jsonb_build_object('ID', event_id, 'Type', event, 'ResourceID', coalesce(resource_id, ''),
 		      'Tenant', coalesce(tenant, ''), 'Payload', coalesce(payload, '{}'::jsonb), 'CommitTime', committed_at,
-		      'Seq', coalesce(sequence, 0)))::text)
-		  FROM d ORDER BY id) replayed`, args...).Scan(&n)
+		      'Seq', coalesce(sequence, 0)))
+		  FROM d ORDER BY id RETURNING 1)
+		SELECT count(*) FROM replayed`, args...).Scan(&n)
 	if err != nil {
 		return 0, fmt.Errorf("replay dead letters: %w", err)
 	}

@@ -57,16 +57,21 @@ func SchemaSQL() []string {
 )`,
 		`CREATE INDEX IF NOT EXISTS subscriptions_tenant_idx ON walhook.subscriptions (tenant)`,
 		`ALTER TABLE walhook.subscriptions ADD COLUMN IF NOT EXISTS disabled_at timestamptz`,
-		// Every change rides the replication stream, in its transaction
-		// (docs/subscriptions.md).
+		// Every change rides the replication stream, in its transaction, as a
+		// walhook.control row (docs/subscriptions.md, docs/security.md). That
+		// table is created by cdc.SetupSQL, which runs next; the function is
+		// security definer so that whoever may write walhook.subscriptions may
+		// change subscriptions, and nobody else.
 		`CREATE OR REPLACE FUNCTION walhook.subscription_changed() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
 BEGIN
   IF TG_OP = 'DELETE' THEN
-    PERFORM pg_logical_emit_message(true, 'walhook.subscription', jsonb_build_object('op', 'delete', 'id', OLD.id)::text);
+    INSERT INTO walhook.control (kind, body) VALUES ('subscription', jsonb_build_object('op', 'delete', 'id', OLD.id));
     RETURN OLD;
   END IF;
-  PERFORM pg_logical_emit_message(true, 'walhook.subscription', jsonb_build_object('op', 'upsert', 'row', to_jsonb(NEW))::text);
+  INSERT INTO walhook.control (kind, body) VALUES ('subscription', jsonb_build_object('op', 'upsert', 'row', to_jsonb(NEW)));
   RETURN NEW;
 END
 $fn$`,

@@ -118,13 +118,34 @@ func (s *Store) ReadReport(ctx context.Context) (*Report, error) {
 // limit rows so that no lock is held long; it returns how many went. Rows are
 // read from the WAL, never from the table, so deleting them loses nothing.
 func (s *Store) PruneOutbox(ctx context.Context, retention time.Duration, limit int) (int64, error) {
+	n, err := s.prune(ctx, "walhook.outbox", retention, limit)
+	if err != nil {
+		return n, fmt.Errorf("prune outbox: %w", err)
+	}
+	return n, nil
+}
+
+// PruneControl deletes walhook.control rows older than retention, like
+// PruneOutbox: the stream reads them from the WAL, so once committed they are
+// only a record of the control changes made.
+func (s *Store) PruneControl(ctx context.Context, retention time.Duration, limit int) (int64, error) {
+	n, err := s.prune(ctx, "walhook.control", retention, limit)
+	if err != nil {
+		return n, fmt.Errorf("prune control rows: %w", err)
+	}
+	return n, nil
+}
+
+// prune deletes rows of table (walhook's own, with id and created_at) older
+// than retention, limit rows at a time.
+func (s *Store) prune(ctx context.Context, table string, retention time.Duration, limit int) (int64, error) {
 	var total int64
 	for {
-		tag, err := s.pool.Exec(ctx, `DELETE FROM walhook.outbox WHERE id IN (
-			SELECT id FROM walhook.outbox WHERE created_at < now() - $1::interval ORDER BY id LIMIT $2)`,
+		tag, err := s.pool.Exec(ctx, `DELETE FROM `+table+` WHERE id IN (
+			SELECT id FROM `+table+` WHERE created_at < now() - $1::interval ORDER BY id LIMIT $2)`,
 			retention.String(), limit)
 		if err != nil {
-			return total, fmt.Errorf("prune outbox: %w", err)
+			return total, err
 		}
 		total += tag.RowsAffected()
 		if tag.RowsAffected() < int64(limit) {
