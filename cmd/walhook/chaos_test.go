@@ -1,0 +1,717 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/walhook/walhook/internal/pgtest"
+	"github.com/walhook/walhook/sender/sendertest"
+)
+
+// TestChaos is the seeded fault-injection suite (docs/development.md,
+// "Chaos"). Three replicas of one deployment share a slot on their own
+// PostgreSQL; an application keeps committing events on many resources; a
+// schedule of faults drawn from the seed kills replicas (-9), freezes the
+// walsender, restarts PostgreSQL (fast and immediate), takes endpoints down,
+// makes one reject, creates and deletes an API subscription and replays dead
+// letters. Then it checks the promise:
+//   - nothing is lost: every committed event is delivered (after the dead
+//     letters are replayed), debounced subscriptions get each resource's newest;
+//   - per subscription and resource, first deliveries come in sequence order
+//     and the last delivery is the newest;
+//   - every duplicate carries the same envelope (and, unbatched, webhook-id),
+//     and a stretch without faults has no duplicates at all;
+//   - only the replica holding the slot sends;
+//   - at the end walhook.deliveries is empty and the slot confirms the end of WAL.
+//
+// WALHOOK_CHAOS_SEED=N reruns a schedule; WALHOOK_CHAOS=1 (make test-chaos)
+// runs it for WALHOOK_CHAOS_DURATION (default 10m) instead of 40s.
+func TestChaos(t *testing.T) {
+	if testing.Short() {
+		t.Skip("chaos test")
+	}
+	t.Parallel()
+	seed := uint64(time.Now().UnixNano())
+	if s, err := strconv.ParseUint(os.Getenv("WALHOOK_CHAOS_SEED"), 10, 64); err == nil {
+		seed = s
+	}
+	duration := 40 * time.Second
+	if os.Getenv("WALHOOK_CHAOS") != "" {
+		duration = 10 * time.Minute
+		if d, err := time.ParseDuration(os.Getenv("WALHOOK_CHAOS_DURATION")); err == nil {
+			duration = d
+		}
+	}
+	t.Logf("chaos seed %d (rerun: WALHOOK_CHAOS_SEED=%d), faults for %s", seed, seed, duration)
+	c := newChaos(t, seed)
+	c.faults(duration)
+	c.converge()
+	c.quietStretch()
+	c.check()
+	t.Logf("seed %d: %s", seed, c.summary())
+}
+
+var chaosSubs = []string{"plain", "debounced", "batched", "flaky"}
+
+const (
+	chaosReplicas  = 3
+	chaosResources = 25
+)
+
+// Endpoint modes.
+const (
+	modeUp int32 = iota
+	modeDown
+	modeReject // 400: dead letters
+	modeFlaky  // 503 for a third of the requests
+)
+
+type chaos struct {
+	t       *testing.T
+	rng     *rand.Rand
+	cluster *pgtest.Cluster
+	pool    *pgxpool.Pool
+	e       *env // e.path is replica 0's config, for CLI commands
+	paths   [chaosReplicas]string
+	logs    [chaosReplicas]*syncBuffer
+	procs   [chaosReplicas]*exec.Cmd
+	mode    map[string]*atomic.Int32
+	srv     map[string][chaosReplicas]*sendertest.Server // per subscription, per replica
+	dynSrv  *sendertest.Server                           // the API subscription's target is one URL for all replicas
+	rejects sync.Map                                     // "sub/event id" answered 400 at least once
+
+	holderMu sync.Mutex
+	holders  []holderSample
+
+	stopProducer chan struct{}
+	producerDone chan struct{}
+
+	dyn            string // the API subscription's id while it exists
+	dynLo, dynHi   int64  // it must get every event in (dynLo, dynHi]
+	dynAfter       int64  // and none above dynAfter (committed after its deletion)
+	dynRounds      int
+	faultsInjected map[string]int
+	dups           map[string]int
+	quietFrom      time.Time // the fault-free stretch
+	quietIDs       map[string]bool
+	lostBefore     int // sessions lost before it
+}
+
+type holderSample struct {
+	at     time.Time
+	holder string // "r0".."r2", "" for nobody, "?" unknown (server down)
+}
+
+func newChaos(t *testing.T, seed uint64) *chaos {
+	ctx := context.Background()
+	cluster, err := pgtest.Start(ctx, "synchronous_commit=on", "wal_sender_timeout=20s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cluster.Stop() })
+	pool, err := pgxpool.New(ctx, cluster.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	c := &chaos{t: t, rng: rand.New(rand.NewPCG(seed, 1)), cluster: cluster, pool: pool,
+		mode: map[string]*atomic.Int32{}, srv: map[string][chaosReplicas]*sendertest.Server{},
+		faultsInjected: map[string]int{}, dups: map[string]int{}, stopProducer: make(chan struct{}), producerDone: make(chan struct{})}
+	c.e = &env{t: t, db: &pgtest.DB{Name: "chaos", URL: cluster.URL, Pool: pool}, dir: t.TempDir()}
+	c.e.path = filepath.Join(c.e.dir, "walhook.yaml")
+	for _, s := range append([]string{"dyn"}, chaosSubs...) {
+		c.mode[s] = &atomic.Int32{}
+	}
+	for _, s := range chaosSubs {
+		var servers [chaosReplicas]*sendertest.Server
+		for i := range servers {
+			servers[i] = sendertest.NewServer(t, c.responder(s))
+		}
+		c.srv[s] = servers
+	}
+	c.dynSrv = sendertest.NewServer(t, c.responder("dyn"))
+	// One database role per replica: pg_stat_replication then says which
+	// replica holds the slot.
+	for i := range chaosReplicas {
+		c.e.exec(fmt.Sprintf(`CREATE ROLE r%d SUPERUSER LOGIN`, i))
+		c.paths[i] = c.writeConfig(i)
+		c.logs[i] = &syncBuffer{}
+	}
+	c.e.path = c.paths[0]
+	c.e.setup()
+	go c.sampleHolders()
+	go c.produce(seed)
+	for i := range chaosReplicas {
+		c.start(i)
+	}
+	c.e.eventually(30*time.Second, "a replica to stream", c.e.slotActive)
+	t.Cleanup(func() {
+		if t.Failed() {
+			for i, l := range c.logs {
+				t.Logf("replica r%d log (tail):\n%s", i, tail(l.String(), 30))
+			}
+		}
+	})
+	return c
+}
+
+func (c *chaos) responder(sub string) sendertest.Responder {
+	return func(_ int, r *sendertest.Request) (int, http.Header) {
+		if s := r.Header.Get("X-Hook-Secret"); s != "" {
+			return 200, http.Header{"X-Hook-Secret": {s}}
+		}
+		switch c.mode[sub].Load() {
+		case modeDown:
+			return http.StatusServiceUnavailable, nil
+		case modeReject:
+			for _, id := range envelopeIDs(r.Body) {
+				c.rejects.Store(sub+"/"+id, true)
+			}
+			return http.StatusBadRequest, nil
+		case modeFlaky:
+			if rand.IntN(3) == 0 {
+				return http.StatusServiceUnavailable, nil
+			}
+		}
+		return http.StatusNoContent, nil
+	}
+}
+
+func (c *chaos) writeConfig(i int) string {
+	url := strings.Replace(c.cluster.URL, "postgres@", fmt.Sprintf("r%d@", i), 1)
+	var b strings.Builder
+	fmt.Fprintf(&b, "database_url: %s\nlisten: 127.0.0.1:0\nslot: chaos\npublication: chaos\nlog_level: info\n", url)
+	fmt.Fprintf(&b, "admin_token: %s\nallow_targets: [127.0.0.1/32]\nstall_timeout: 2s\nshutdown_timeout: 2s\n", adminToken)
+	b.WriteString("defaults: {park_after: 1s, retry_initial: 50ms, retry_max_interval: 300ms, retry_for: 1h, disable_after: 1h}\nsubscriptions:\n")
+	b.WriteString(sub("plain", c.srv["plain"][i].HooksURL(), `["*"]`))
+	b.WriteString(sub("debounced", c.srv["debounced"][i].HooksURL(), `["*"]`, "    debounce: 300ms\n    max_wait: 1s\n"))
+	b.WriteString(sub("batched", c.srv["batched"][i].HooksURL(), `["*"]`, "    batch_max: 20\n"))
+	b.WriteString(sub("flaky", c.srv["flaky"][i].HooksURL(), `["*"]`))
+	path := filepath.Join(c.e.dir, fmt.Sprintf("r%d.yaml", i))
+	if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
+		c.t.Fatal(err)
+	}
+	return path
+}
+
+func (c *chaos) start(i int) {
+	cmd := exec.Command(os.Args[0], "run", "--config", c.paths[i])
+	cmd.Env = append(os.Environ(), "WALHOOK_TEST_MAIN=1")
+	cmd.Stderr = c.logs[i]
+	if err := cmd.Start(); err != nil {
+		c.t.Fatal(err)
+	}
+	c.procs[i] = cmd
+	c.t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+}
+
+func (c *chaos) kill(i int) {
+	if p := c.procs[i]; p != nil {
+		p.Process.Signal(syscall.SIGKILL)
+		p.Wait()
+		c.procs[i] = nil
+	}
+}
+
+// holder is the replica whose walsender holds the slot now.
+func (c *chaos) holder() string {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	var who string
+	err := c.pool.QueryRow(ctx, `SELECT coalesce((SELECT s.usename::text FROM pg_replication_slots r
+		JOIN pg_stat_replication s ON s.pid = r.active_pid WHERE r.slot_name = 'chaos'), '')`).Scan(&who)
+	if err != nil {
+		return "?"
+	}
+	return who
+}
+
+func (c *chaos) sampleHolders() {
+	for {
+		h := c.holder()
+		c.holderMu.Lock()
+		c.holders = append(c.holders, holderSample{time.Now(), h})
+		c.holderMu.Unlock()
+		select {
+		case <-c.t.Context().Done():
+			return
+		case <-time.After(20 * time.Millisecond): // the sampling period
+		}
+	}
+}
+
+// produce is the application: small transactions on random resources, until
+// stopProducer. Failed commits (a restarting server) are simply retried later:
+// the outbox table is the record of what committed.
+func (c *chaos) produce(seed uint64) {
+	defer close(c.producerDone)
+	rng := rand.New(rand.NewPCG(seed, 2))
+	tick := time.NewTicker(15 * time.Millisecond) // the application's pace
+	defer tick.Stop()
+	for {
+		select {
+		case <-c.stopProducer:
+			return
+		case <-tick.C:
+		}
+		n := 1 + rng.IntN(3)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		c.pool.Exec(ctx, `INSERT INTO walhook.outbox (event, resource_id, payload)
+			SELECT 'x', 'k' || (floor(random() * $1))::int, jsonb_build_object('g', g) FROM generate_series(1, $2) g`,
+			chaosResources, n)
+		cancel()
+	}
+}
+
+// liveAPI is the API address of a running replica (every replica serves it).
+func (c *chaos) liveAPI() (client, bool) {
+	for i, p := range c.procs {
+		if p == nil {
+			continue
+		}
+		if m := listenRE.FindAllStringSubmatch(c.logs[i].String(), -1); m != nil { // the last run's
+			return client{t: c.t, base: "http://" + m[len(m)-1][1], token: adminToken}, true
+		}
+	}
+	return client{}, false
+}
+
+func (c *chaos) maxID() int64 {
+	var id int64
+	c.e.eventually(60*time.Second, "the database", func() bool {
+		return c.pool.QueryRow(context.Background(), `SELECT coalesce(max(id), 0) FROM walhook.outbox`).Scan(&id) == nil
+	})
+	return id
+}
+
+// faults injects a fault every 0.5–2 s for d.
+func (c *chaos) faults(d time.Duration) {
+	end := time.Now().Add(d)
+	stopped := 0 // a frozen walsender's pid
+	for time.Now().Before(end) {
+		wait := time.NewTimer(time.Duration(500+c.rng.IntN(1500)) * time.Millisecond) // the schedule's pace
+		<-wait.C
+		if stopped != 0 {
+			syscall.Kill(stopped, syscall.SIGCONT)
+			stopped = 0
+		}
+		switch k := c.rng.IntN(100); {
+		case k < 18: // kill -9 the replica holding the slot
+			if h := c.holder(); strings.HasPrefix(h, "r") {
+				i, _ := strconv.Atoi(h[1:])
+				c.kill(i)
+				c.faultsInjected["kill active"]++
+			}
+		case k < 26: // kill -9 a standby
+			h := c.holder()
+			for _, i := range c.rng.Perm(chaosReplicas) {
+				if c.procs[i] != nil && h != fmt.Sprintf("r%d", i) {
+					c.kill(i)
+					c.faultsInjected["kill standby"]++
+					break
+				}
+			}
+		case k < 40: // bring dead replicas back
+			for i := range c.procs {
+				if c.procs[i] == nil {
+					c.start(i)
+					c.faultsInjected["start replica"]++
+				}
+			}
+		case k < 48: // freeze the walsender until the next fault
+			var pid int
+			c.pool.QueryRow(context.Background(), `SELECT coalesce(active_pid, 0) FROM pg_replication_slots WHERE slot_name = 'chaos'`).Scan(&pid)
+			if pid != 0 && syscall.Kill(pid, syscall.SIGSTOP) == nil {
+				stopped = pid
+				c.faultsInjected["SIGSTOP walsender"]++
+			}
+		case k < 53:
+			mode := []string{"fast", "immediate"}[c.rng.IntN(2)]
+			if err := c.cluster.Restart(context.Background(), mode); err != nil {
+				c.t.Fatalf("restart PostgreSQL (%s): %v", mode, err)
+			}
+			c.faultsInjected["PostgreSQL restart "+mode]++
+		case k < 78: // an endpoint changes
+			s := chaosSubs[c.rng.IntN(len(chaosSubs))]
+			m := []int32{modeUp, modeUp, modeDown, modeFlaky}[c.rng.IntN(4)]
+			if s == "flaky" && c.rng.IntN(3) == 0 {
+				m = modeReject
+			}
+			c.mode[s].Store(m)
+			c.faultsInjected[fmt.Sprintf("endpoint %s mode %d", s, m)]++
+		case k < 86:
+			c.dynamic()
+		default:
+			if code, _, stderr := c.e.walhook("dlq", "replay", "--all"); code == 0 {
+				c.faultsInjected["dead-letter replay"]++
+			} else {
+				c.t.Logf("dlq replay: exit %d: %s", code, stderr)
+			}
+		}
+	}
+	if stopped != 0 {
+		syscall.Kill(stopped, syscall.SIGCONT)
+	}
+}
+
+// dynamic creates the API subscription, or deletes it; it records which
+// events it must receive.
+func (c *chaos) dynamic() {
+	api, ok := c.liveAPI()
+	if !ok || c.dynRounds > 0 && c.dyn == "" {
+		return // one round: create once, delete once
+	}
+	if c.dyn == "" {
+		// All replicas' endpoints answer for it; only the holder sends.
+		status, got := api.try("POST", "/v1/subscriptions", map[string]any{"event": "*", "target_url": c.dynSrv.HooksURL(),
+			"park_after": "1s", "retry_initial": "50ms", "retry_max_interval": "300ms"})
+		if status != http.StatusCreated {
+			c.t.Logf("create the API subscription: %d %v", status, got)
+			return
+		}
+		c.dyn = got["id"].(string)
+		c.dynLo = c.maxID()
+		c.faultsInjected["API subscription created"]++
+		return
+	}
+	c.dynHi = c.maxID()
+	if status, _ := api.try("DELETE", "/v1/subscriptions/"+c.dyn, nil); status != http.StatusNoContent {
+		return
+	}
+	c.dynAfter = c.maxID()
+	c.dyn = ""
+	c.dynRounds++
+	c.faultsInjected["API subscription deleted"]++
+}
+
+// converge ends the faults: every replica runs, every endpoint answers, the
+// application stops, and the dead letters are replayed until everything
+// committed has arrived.
+func (c *chaos) converge() {
+	for i := range c.procs {
+		if c.procs[i] == nil {
+			c.start(i)
+		}
+	}
+	for _, m := range c.mode {
+		m.Store(modeUp)
+	}
+	close(c.stopProducer)
+	<-c.producerDone
+	if c.dyn != "" && c.dynRounds == 0 { // created, never deleted: it owes everything after its creation
+		c.dynHi = c.maxID()
+		c.dynAfter = 1 << 62
+	}
+	last := time.Time{}
+	c.e.eventually(3*time.Minute, "every committed event delivered", func() bool {
+		if time.Since(last) > 2*time.Second {
+			c.e.walhook("dlq", "replay", "--all")
+			last = time.Now()
+		}
+		return len(c.missing(3)) == 0
+	})
+	c.e.waitCaughtUp()
+	c.e.eventually(30*time.Second, "walhook.deliveries to drain", func() bool { return c.e.parked() == 0 })
+}
+
+// quietStretch writes events with no fault anywhere: none may arrive twice.
+func (c *chaos) quietStretch() {
+	c.quietFrom = time.Now()
+	c.lostBefore = c.sessionsLost()
+	first := c.maxID()
+	c.e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload)
+		SELECT 'x', 'k' || (g % $1), jsonb_build_object('quiet', g) FROM generate_series(1, 200) g`, chaosResources)
+	c.quietIDs = map[string]bool{}
+	for id := first + 1; id <= c.maxID(); id++ {
+		c.quietIDs[strconv.FormatInt(id, 10)] = true
+	}
+	c.e.eventually(60*time.Second, "the quiet events delivered", func() bool { return len(c.missing(3)) == 0 })
+	c.e.waitCaughtUp()
+	if lost := c.sessionsLost() - c.lostBefore; lost > 0 {
+		// A session lost on a loaded machine is a fault too: duplicates are
+		// allowed then, so the stretch proves nothing.
+		c.t.Logf("%d sessions lost in the quiet stretch: its no-duplicate check is skipped", lost)
+		c.quietIDs = nil
+	}
+}
+
+// sessionsLost counts the stream sessions the replicas lost so far.
+func (c *chaos) sessionsLost() int {
+	n := 0
+	for _, l := range c.logs {
+		n += strings.Count(l.String(), "stream lost")
+	}
+	return n
+}
+
+// committedEvent is an outbox row, as the database has it.
+type committedEvent struct {
+	id       int64
+	resource string
+}
+
+func (c *chaos) committed() []committedEvent {
+	rows, err := c.pool.Query(context.Background(), `SELECT id, resource_id FROM walhook.outbox ORDER BY id`)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	defer rows.Close()
+	var out []committedEvent
+	for rows.Next() {
+		var e committedEvent
+		rows.Scan(&e.id, &e.resource)
+		out = append(out, e)
+	}
+	return out
+}
+
+// delivery is one event in a 2xx answer.
+type delivery struct {
+	replica   int
+	at        time.Time
+	webhookID string
+	id        string
+	resource  string
+	sequence  uint64
+	envelope  string // as sent, without coalesced
+	batched   bool
+}
+
+var coalescedRE = regexp.MustCompile(`,"coalesced":\d+`)
+
+func (c *chaos) deliveries(servers [chaosReplicas]*sendertest.Server) (ok []delivery, all []delivery) {
+	for i, srv := range servers {
+		if srv == nil {
+			continue
+		}
+		for _, r := range hooksOnly(srv.Requests()) {
+			var raws []json.RawMessage
+			body := bytes.TrimSpace(r.Body)
+			batched := len(body) > 0 && body[0] == '['
+			if batched {
+				json.Unmarshal(body, &raws)
+			} else {
+				raws = []json.RawMessage{body}
+			}
+			for _, raw := range raws {
+				var env struct {
+					ID         string  `json:"id"`
+					ResourceID *string `json:"resource_id"`
+					Sequence   uint64  `json:"sequence"`
+				}
+				if err := json.Unmarshal(raw, &env); err != nil {
+					c.t.Fatalf("body is not envelopes: %v: %s", err, r.Body)
+				}
+				d := delivery{replica: i, at: r.At, webhookID: r.Header.Get("webhook-id"), id: env.ID,
+					resource: deref(env.ResourceID), sequence: env.Sequence, batched: batched,
+					envelope: coalescedRE.ReplaceAllString(string(raw), "")}
+				all = append(all, d)
+				if r.Status >= 200 && r.Status < 300 {
+					ok = append(ok, d)
+				}
+			}
+		}
+	}
+	sort.SliceStable(ok, func(i, j int) bool { return ok[i].at.Before(ok[j].at) })
+	sort.SliceStable(all, func(i, j int) bool { return all[i].at.Before(all[j].at) })
+	return ok, all
+}
+
+// missing lists up to limit committed events a subscription has not received.
+func (c *chaos) missing(limit int) []string {
+	events := c.committed()
+	newest := map[string]int64{}
+	for _, e := range events {
+		newest[e.resource] = max(newest[e.resource], e.id)
+	}
+	var out []string
+	for _, s := range append([]string{"dyn"}, chaosSubs...) {
+		var got []delivery
+		if s == "dyn" {
+			if c.dynLo == 0 && c.dynHi == 0 {
+				continue
+			}
+			got, _ = c.deliveries([chaosReplicas]*sendertest.Server{c.dynSrv})
+		} else {
+			got, _ = c.deliveries(c.srv[s])
+		}
+		seen := map[string]bool{}
+		for _, d := range got {
+			seen[d.id] = true
+		}
+		for _, e := range events {
+			id := strconv.FormatInt(e.id, 10)
+			switch {
+			case seen[id]:
+			case s == "debounced" && e.id != newest[e.resource]: // superseded by debounce
+			case s == "dyn" && (e.id <= c.dynLo || e.id > c.dynHi):
+			default:
+				out = append(out, s+"/"+id)
+				if len(out) >= limit {
+					return out
+				}
+			}
+		}
+	}
+	return out
+}
+
+func (c *chaos) check() {
+	t := c.t
+	if m := c.missing(10); len(m) > 0 {
+		t.Errorf("lost: %v", m)
+	}
+	c.holderMu.Lock()
+	holders := append([]holderSample(nil), c.holders...)
+	c.holderMu.Unlock()
+	// Only the holder sends: a request recorded at t came from the replica
+	// that held the slot at some sample in the second before.
+	heldBy := func(replica int, at time.Time) bool {
+		want := fmt.Sprintf("r%d", replica)
+		i := sort.Search(len(holders), func(i int) bool { return !holders[i].at.Before(at.Add(-time.Second)) })
+		for ; i < len(holders) && !holders[i].at.After(at.Add(50*time.Millisecond)); i++ {
+			if h := holders[i].holder; h == want || h == "?" {
+				return true
+			}
+		}
+		return false
+	}
+	for _, s := range append([]string{"dyn"}, chaosSubs...) {
+		servers := c.srv[s]
+		if s == "dyn" {
+			servers = [chaosReplicas]*sendertest.Server{c.dynSrv}
+		}
+		ok, all := c.deliveries(servers)
+		for _, d := range all {
+			if s != "dyn" && !heldBy(d.replica, d.at) {
+				t.Errorf("%s: replica r%d sent event %s at %s without holding the slot", s, d.replica, d.id, d.at.Format(time.StampMilli))
+			}
+		}
+		c.checkOrder(s, ok)
+		if s == "dyn" {
+			for _, d := range ok {
+				if id, _ := strconv.ParseInt(d.id, 10, 64); id > c.dynAfter {
+					t.Errorf("dyn: event %s, committed after the subscription's deletion, was delivered", d.id)
+				}
+			}
+		}
+	}
+}
+
+// checkOrder: per resource, first deliveries in sequence order; the last
+// delivery is the newest delivered; duplicates identical; none in the quiet
+// stretch.
+func (c *chaos) checkOrder(s string, ok []delivery) {
+	t := c.t
+	first := map[string]delivery{}
+	newest := map[string]uint64{}
+	last := map[string]uint64{}
+	for _, d := range ok {
+		_, rejected := c.rejects.Load(s + "/" + d.id)
+		if prev, dup := first[d.id]; dup {
+			c.dups[s]++
+			if prev.envelope != d.envelope || !d.batched && prev.webhookID != d.webhookID {
+				t.Errorf("%s: event %s delivered again differently:\n%s %s\n%s %s", s, d.id, prev.webhookID, prev.envelope, d.webhookID, d.envelope)
+			}
+			if c.quietIDs[d.id] {
+				t.Errorf("%s: event %s delivered twice in the fault-free stretch", s, d.id)
+			}
+		} else {
+			first[d.id] = d
+			// A rejected event comes back through a replay, after newer ones:
+			// the operator asked for it (it keeps its sequence).
+			if !rejected && d.sequence < newest[d.resource] {
+				t.Errorf("%s: resource %s: sequence %d first delivered after %d", s, d.resource, d.sequence, newest[d.resource])
+			}
+		}
+		if !rejected {
+			newest[d.resource] = max(newest[d.resource], d.sequence)
+			last[d.resource] = d.sequence
+		}
+	}
+	for res, seq := range last {
+		if seq != newest[res] {
+			t.Errorf("%s: resource %s ends on sequence %d, its newest delivered is %d", s, res, seq, newest[res])
+		}
+	}
+}
+
+func (c *chaos) summary() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d committed events", len(c.committed()))
+	for _, s := range chaosSubs {
+		ok, all := c.deliveries(c.srv[s])
+		fmt.Fprintf(&b, "; %s: %d attempts, %d delivered, %d duplicates", s, len(all), len(ok), c.dups[s])
+	}
+	keys := make([]string, 0, len(c.faultsInjected))
+	for k := range c.faultsInjected {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	b.WriteString("; faults:")
+	for _, k := range keys {
+		fmt.Fprintf(&b, " %s=%d", k, c.faultsInjected[k])
+	}
+	return b.String()
+}
+
+// envelopeIDs are the event ids in a request body (one envelope or an array).
+func envelopeIDs(body []byte) []string {
+	var raws []json.RawMessage
+	if b := bytes.TrimSpace(body); len(b) > 0 && b[0] == '[' {
+		json.Unmarshal(b, &raws)
+	} else {
+		raws = []json.RawMessage{b}
+	}
+	var ids []string
+	for _, r := range raws {
+		var env struct {
+			ID string `json:"id"`
+		}
+		json.Unmarshal(r, &env)
+		ids = append(ids, env.ID)
+	}
+	return ids
+}
+
+// try is do without failing the test: the API may be down during faults.
+func (c client) try(method, path string, body any) (int, map[string]any) {
+	var rd io.Reader
+	if body != nil {
+		b, _ := json.Marshal(body)
+		rd = bytes.NewReader(b)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, method, c.base+path, rd)
+	req.Header.Set("Authorization", "Bearer "+c.token)
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, nil
+	}
+	defer resp.Body.Close()
+	var out map[string]any
+	json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&out)
+	return resp.StatusCode, out
+}
