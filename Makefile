@@ -21,8 +21,8 @@ vet: ## gofmt check and go vet
 test: vet ## all tests with -race against a throwaway PostgreSQL (started and stopped here)
 	$(PGTMP) $(GO) test -race -count=1 -timeout 15m $(TESTARGS) ./...
 
-test-chaos: ## the long runs: a 1,000,000-row transaction and 400 × 1 MiB for a dead endpoint, each under 256 MiB (WALHOOK_MILLION_ROWS to change)
-	WALHOOK_CHAOS=1 $(PGTMP) $(GO) test -count=1 -timeout 20m -run 'TestMillionRowTransaction|TestBigPayloadsToADeadEndpoint' -v ./cmd/walhook
+test-chaos: ## the long runs: the fault-injection suite for 10m (WALHOOK_CHAOS_DURATION, WALHOOK_CHAOS_SEED), a 1,000,000-row transaction and 400 × 1 MiB for a dead endpoint under 256 MiB
+	WALHOOK_CHAOS=1 $(PGTMP) $(GO) test -count=1 -timeout 40m -run 'TestChaos$$|TestMillionRowTransaction|TestBigPayloadsToADeadEndpoint' -v ./cmd/walhook
 
 fuzz: ## fuzz the pgoutput row, message and control-row decoders, the API's request decoding and config loading for a while (FUZZTIME=30s)
 	$(GO) test ./cdc -run '^$$' -fuzz '^FuzzDecodeRow$$' -fuzztime $${FUZZTIME:-30s}

@@ -13,4 +13,11 @@
 //     transaction is finished, or the server's WAL end when nothing is open.
 //   - Identity comes from the row: a batch's webhook-id is derived from the
 //     subscription and its events' ids, so a redelivery carries the same id.
+//   - Only the slot's holder delivers: everything runs inside an Epoch, which
+//     starts from the database and ends, cancelling all it started, before
+//     the slot is free; parked-row writes are fenced by the store's lease.
+//   - Order is by sequence, never arrival: in a resource's queue and in the
+//     table; an event streamed again at or below a parked resource's mark is
+//     finished without a request.
+//   - Memory is bounded in bytes (Budget); the stream pauses when it is full.
 package outbox
