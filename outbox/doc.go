@@ -17,7 +17,7 @@
 //     starts from the database and ends, cancelling all it started, before
 //     the slot is free; parked-row writes are fenced by the store's lease.
 //   - Order is by sequence, never arrival: in a resource's queue and in the
-//     table; an event streamed again at or below a parked resource's mark is
+//     table; an event streamed again below a parked resource's mark is
 //     finished without a request.
 //   - Memory is bounded in bytes (Budget); the stream pauses when it is full.
 package outbox

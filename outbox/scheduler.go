@@ -49,7 +49,7 @@ type scheduler struct {
 	failingFrom time.Time // first failure since the last success; zero while healthy
 	disabled    bool      // dead-letter everything (the subscription is disabled)
 	gen         int       // bumped when held events are let go (disable, enable, release): older results change nothing
-	epoch       uint64    // the Dispatcher's epoch, for the budget
+	epoch       *Epoch    // the one it runs in
 	senders     int       // sender goroutines started
 	jobs        chan *job // to the senders
 	results     chan result
@@ -101,7 +101,7 @@ type result struct {
 }
 
 func newScheduler(d *Dispatcher, s *Subscription, in <-chan delivery) *scheduler {
-	sc := &scheduler{in: in, d: d, now: time.Now, epoch: d.epoch.N,
+	sc := &scheduler{in: in, d: d, now: time.Now, epoch: d.epoch,
 		log:  d.cfg.Logger.With().Str("subscription", s.ID).Logger(),
 		keys: map[string]*key{},
 	}
@@ -264,12 +264,14 @@ func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 }
 
 // handleParkedEvent puts an event of a parked key in the table, in sequence
-// order, and finishes it once written. An event at or below the key's parked
+// order, and finishes it once written. An event below the key's parked
 // high-water mark that is not a dead-letter replay was streamed again (after
 // a restart or takeover): the table holds it or it was finished, so it is
-// finished without a request (docs/parking.md).
+// finished without a request (docs/parking.md). One at the mark goes to the
+// table, whose unique (subscription, event_id) keeps it once: sequences
+// saturate in transactions of more than 65,535 events, so equal is not old.
 func (s *scheduler) handleParkedEvent(k *key, dv delivery, ev Event, now time.Time) {
-	if ev.WebhookID == "" && ev.Seq <= k.parkedSeq {
+	if ev.WebhookID == "" && ev.Seq < k.parkedSeq {
 		s.done(dv.txn, dv.size)
 		return
 	}
@@ -287,7 +289,7 @@ func (s *scheduler) handleParkedEvent(k *key, dv delivery, ev Event, now time.Ti
 // done finishes one delivery: the Acker's count and the budget's bytes.
 func (s *scheduler) done(t *Txn, size int64) {
 	s.d.cfg.Acker.Done(t)
-	s.d.cfg.Budget.Release(s.epoch, size)
+	s.d.cfg.Budget.Release(s.epoch.N, size)
 }
 
 // unstorable dead-letters an event the store refused to park for good (a
@@ -640,7 +642,7 @@ func (s *scheduler) store(what string, f func() error) error {
 	err := retryForever(s.ctx, s.log, what, f)
 	if errors.Is(err, ErrFenced) {
 		s.log.Warn().Msg("another walhook process took over delivery: stopping")
-		s.d.epoch.End(err)
+		s.epoch.End(err)
 	}
 	return err
 }

@@ -325,3 +325,38 @@ func TestParkAfterCutsAHangingAttempt(t *testing.T) {
 		t.Errorf("parked after %s with park_after 1s and timeout 60s", d)
 	}
 }
+
+// TestMalformedRowStreamedAgainIsDeadLetteredOnce: subscription hold keeps the
+// slot behind a malformed row; after a restart the row is streamed again,
+// and it stays one dead letter.
+func TestMalformedRowStreamedAgainIsDeadLetteredOnce(t *testing.T) {
+	t.Parallel()
+	hold := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) { return http.StatusServiceUnavailable, nil })
+	e := newEnv(t, "outbox_table: public.events\ndefaults: {park_after: 1h, retry_initial: 50ms, retry_max_interval: 100ms}\nsubscriptions:\n"+
+		sub("hold", hold.HooksURL(), `["*"]`))
+	e.exec(`CREATE TABLE events (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, event text, resource_id text, tenant text, payload text)`)
+	e.setup()
+	r := e.start()
+	e.exec(`INSERT INTO events (event, resource_id, payload) VALUES ('x', 'a', '{}')`) // hold fails on it: the slot stays here
+	e.exec(`INSERT INTO events (event, resource_id, payload) VALUES ('x', 'b', 'not json')`)
+	deadLetters := func() int {
+		var n int
+		e.db.Pool.QueryRow(context.Background(), `SELECT count(*) FROM walhook.dead_letters WHERE subscription IS NULL`).Scan(&n)
+		return n
+	}
+	e.eventually(30*time.Second, "the malformed row dead-lettered", func() bool { return deadLetters() == 1 })
+	r.stop()
+	r = e.start()
+	e.eventually(30*time.Second, "the rows streamed again", func() bool { return strings.Count(r.log.String(), "malformed outbox row dead-lettered") == 1 })
+	// The dispatcher dead-letters in stream order: once c's is there, b's
+	// second one would be too.
+	e.exec(`INSERT INTO events (event, resource_id, payload) VALUES ('x', 'c', 'not json either')`)
+	e.eventually(30*time.Second, "the next malformed row dead-lettered", func() bool {
+		var n int
+		e.db.Pool.QueryRow(context.Background(), `SELECT count(*) FROM walhook.dead_letters WHERE resource_id = 'c'`).Scan(&n)
+		return n == 1
+	})
+	if n := deadLetters(); n != 2 {
+		t.Errorf("%d dead letters for two malformed rows", n)
+	}
+}
