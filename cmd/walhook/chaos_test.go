@@ -121,17 +121,7 @@ type holderSample struct {
 }
 
 func newChaos(t *testing.T, seed uint64) *chaos {
-	ctx := context.Background()
-	cluster, err := pgtest.Start(ctx, "synchronous_commit=on", "wal_sender_timeout=20s")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cluster.Stop() })
-	pool, err := pgxpool.New(ctx, cluster.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
+	cluster, pool := ownCluster(t, "wal_sender_timeout=20s")
 	c := &chaos{t: t, rng: rand.New(rand.NewPCG(seed, 1)), cluster: cluster, pool: pool,
 		mode: map[string]*atomic.Int32{}, srv: map[string][chaosReplicas]*sendertest.Server{},
 		faultsInjected: map[string]int{}, dups: map[string]int{}, stopProducer: make(chan struct{}), producerDone: make(chan struct{})}
@@ -212,16 +202,7 @@ func (c *chaos) writeConfig(i int) string {
 	return path
 }
 
-func (c *chaos) start(i int) {
-	cmd := exec.Command(os.Args[0], "run", "--config", c.paths[i])
-	cmd.Env = append(os.Environ(), "WALHOOK_TEST_MAIN=1")
-	cmd.Stderr = c.logs[i]
-	if err := cmd.Start(); err != nil {
-		c.t.Fatal(err)
-	}
-	c.procs[i] = cmd
-	c.t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-}
+func (c *chaos) start(i int) { c.procs[i] = startReplica(c.t, c.paths[i], c.logs[i]) }
 
 func (c *chaos) kill(i int) {
 	if p := c.procs[i]; p != nil {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"math/rand/v2"
 	"net/http"
-	"os"
 	"os/exec"
 	"slices"
 	"strconv"
@@ -320,18 +319,7 @@ func TestKill9LosesNothing(t *testing.T) {
 	t.Logf("%d requests for %d events (%d before the kill)", len(reqs), events, before)
 }
 
-func startChild(t *testing.T, e *env, log *syncBuffer) *exec.Cmd {
-	cmd := exec.Command(os.Args[0], "run", "--config", e.path)
-	cmd.Env = append(os.Environ(), "WALHOOK_TEST_MAIN=1")
-	if log != nil {
-		cmd.Stderr = log
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	return cmd
-}
+func startChild(t *testing.T, e *env, log *syncBuffer) *exec.Cmd { return startReplica(t, e.path, log) }
 
 // TestStandbyTakesOver: two replicas, one streams; SIGKILL it and the other
 // delivers the next event within 10s.

@@ -48,10 +48,12 @@ func newEnv(t *testing.T, extra string) *env {
 	return e
 }
 
-func (e *env) writeConfig(extra string) {
+func (e *env) writeConfig(extra string) { e.writeConfigAt(e.path, extra) }
+
+func (e *env) writeConfigAt(path, extra string) {
 	cfg := fmt.Sprintf("database_url: %s\nlisten: 127.0.0.1:0\nslot: %s\npublication: %s\nlog_level: debug\n%s",
 		e.db.URL, e.db.Name, e.db.Name, extra)
-	if err := os.WriteFile(e.path, []byte(cfg), 0o600); err != nil {
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		e.t.Fatal(err)
 	}
 }

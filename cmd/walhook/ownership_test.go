@@ -24,11 +24,7 @@ import (
 func (e *env) configFile(name, extra string) string {
 	e.t.Helper()
 	path := filepath.Join(e.dir, name)
-	cfg := "database_url: " + e.db.URL + "\nlisten: 127.0.0.1:0\nslot: " + e.db.Name + "\npublication: " + e.db.Name +
-		"\nlog_level: debug\n" + extra
-	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
-		e.t.Fatal(err)
-	}
+	e.writeConfigAt(path, extra)
 	return path
 }
 

@@ -16,24 +16,30 @@ import (
 // TestPostgresRestartsUnderLoad restarts PostgreSQL (immediate, fast,
 // immediate) while an application commits events: walhook reconnects by itself
 // and every committed event is delivered.
+// ownCluster starts a PostgreSQL of the test's own (restarts would disturb the
+// other tests), committing synchronously: an immediate stop may lose
+// asynchronous commits.
+func ownCluster(t *testing.T, settings ...string) (*pgtest.Cluster, *pgxpool.Pool) {
+	cluster, err := pgtest.Start(context.Background(), append([]string{"synchronous_commit=on"}, settings...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cluster.Stop() })
+	pool, err := pgxpool.New(context.Background(), cluster.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	return cluster, pool
+}
+
 func TestPostgresRestartsUnderLoad(t *testing.T) {
 	if testing.Short() {
 		t.Skip("chaos test")
 	}
 	t.Parallel()
 	ctx := context.Background()
-	// Its own cluster (restarts would disturb the other tests), committing
-	// synchronously: an immediate stop may lose asynchronous commits.
-	cluster, err := pgtest.Start(ctx, "synchronous_commit=on")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cluster.Stop() })
-	pool, err := pgxpool.New(ctx, cluster.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
+	cluster, pool := ownCluster(t)
 	srv := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) { return http.StatusNoContent, nil })
 	e := &env{t: t, db: &pgtest.DB{Name: "restart_test", URL: cluster.URL, Pool: pool}, dir: t.TempDir()}
 	e.path = filepath.Join(e.dir, "walhook.yaml")
