@@ -402,15 +402,50 @@ func (c *chaos) converge() {
 		c.dynAfter = 1 << 62
 	}
 	last := time.Time{}
-	c.e.eventually(3*time.Minute, "every committed event delivered", func() bool {
+	deadline := time.Now().Add(3 * time.Minute)
+	for len(c.missing(1)) > 0 {
+		if time.Now().After(deadline) {
+			c.diagnose()
+			c.t.Fatalf("timed out after 3m waiting for every committed event delivered")
+		}
 		if time.Since(last) > 2*time.Second {
 			c.e.walhook("dlq", "replay", "--all")
 			last = time.Now()
 		}
-		return len(c.missing(3)) == 0
-	})
+		poll := time.NewTimer(50 * time.Millisecond) // the polling period
+		<-poll.C
+	}
 	c.e.waitCaughtUp()
 	c.e.eventually(30*time.Second, "walhook.deliveries to drain", func() bool { return c.e.parked() == 0 })
+}
+
+// diagnose logs where the missing events are.
+func (c *chaos) diagnose() {
+	for _, m := range c.missing(10) {
+		sub, id, _ := strings.Cut(m, "/")
+		var parked, dead int
+		c.pool.QueryRow(context.Background(), `SELECT count(*) FROM walhook.deliveries WHERE subscription = $1 AND event_id = $2`, sub, id).Scan(&parked)
+		c.pool.QueryRow(context.Background(), `SELECT count(*) FROM walhook.dead_letters WHERE subscription = $1 AND event_id = $2`, sub, id).Scan(&dead)
+		servers := c.srv[sub]
+		if sub == "dyn" {
+			servers = [chaosReplicas]*sendertest.Server{c.dynSrv}
+		}
+		_, all := c.deliveries(servers)
+		attempts := 0
+		for _, d := range all {
+			if d.id == id {
+				attempts++
+			}
+		}
+		c.t.Logf("missing %s: parked rows %d, dead letters %d, attempts %d", m, parked, dead, attempts)
+	}
+	var parked, dead int
+	var flush, current string
+	c.pool.QueryRow(context.Background(), `SELECT count(*) FROM walhook.deliveries`).Scan(&parked)
+	c.pool.QueryRow(context.Background(), `SELECT count(*) FROM walhook.dead_letters`).Scan(&dead)
+	c.pool.QueryRow(context.Background(), `SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text FROM pg_replication_slots WHERE slot_name = 'chaos'`).Scan(&flush, &current)
+	c.t.Logf("walhook.deliveries %d rows, dead letters %d, slot confirmed %s of %s, holder %q, dyn %q (%d, %d], after %d",
+		parked, dead, flush, current, c.holder(), c.dyn, c.dynLo, c.dynHi, c.dynAfter)
 }
 
 // quietStretch writes events with no fault anywhere: none may arrive twice.
