@@ -177,7 +177,11 @@ func (s *Stream) Run(ctx context.Context, out chan<- outbox.Change) error {
 		backoff.WithMaxInterval(10*time.Second), backoff.WithMaxElapsedTime(0))
 	lost := false
 	for {
-		streamed, err := s.session(ctx, out, lost)
+		var streamed bool
+		var err error
+		if !s.draining() {
+			streamed, err = s.session(ctx, out, lost)
+		}
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -205,6 +209,8 @@ func (s *Stream) Run(ctx context.Context, out chan<- outbox.Change) error {
 		case <-ctx.Done():
 			t.Stop()
 			return nil
+		case <-s.drain: // stopping: no new session
+			t.Stop()
 		case <-t.C:
 		}
 	}
@@ -279,7 +285,7 @@ func (s *Stream) session(ctx context.Context, out chan<- outbox.Change, reconnec
 			}
 			select {
 			case <-tick.C:
-				err = s.sendStatus(ctx, false)
+				err = s.heartbeat(ctx) // keep hearing the server: a quiet drain is no stall
 			case <-ctx.Done():
 			case <-s.epoch.Context().Done():
 			}
@@ -346,8 +352,9 @@ func (s *Stream) heartbeat(ctx context.Context) error {
 }
 
 var (
-	errStalled = errors.New("stream stalled: reconnecting")
-	errYield   = errors.New("the server is shutting down: left the slot so that it can")
+	errStalled  = errors.New("stream stalled: reconnecting")
+	errYield    = errors.New("the server is shutting down: left the slot so that it can")
+	errDraining = errors.New("stopping")
 )
 
 // ErrSlotActive means another process streams the slot.
@@ -375,6 +382,9 @@ func (s *Stream) connectWhenFree(ctx context.Context) error {
 		case <-ctx.Done():
 			t.Stop()
 			return ctx.Err()
+		case <-s.drain: // stopping: a standby does not take the slot now
+			t.Stop()
+			return errDraining
 		case <-t.C:
 		}
 	}
@@ -424,6 +434,7 @@ func (s *Stream) connect(ctx context.Context) error {
 	// database's state at the start position.
 	s.epochs++
 	s.epoch = outbox.NewEpoch(ctx, s.epochs)
+	s.epoch.Holder = s.conn.PID()
 	s.cfg.Budget.Reset(s.epochs)
 	s.pending = append(s.pending[:0], outbox.Change{Kind: outbox.ChangeStart, LSN: s.start, Epoch: s.epoch})
 	return nil
@@ -706,6 +717,11 @@ func (s *Stream) beginLazily() {
 }
 
 func (s *Stream) queueEvent(at outbox.LSN, e outbox.Event, err error) {
+	if err == nil && strings.ContainsRune(e.ID+e.Type+e.ResourceID+e.Tenant, 0) {
+		// Only a message can carry one (text columns cannot): PostgreSQL
+		// could store neither a parked row nor a dead letter of it as it is.
+		err = errors.New("id, event, resource_id or tenant contains a NUL character")
+	}
 	s.beginLazily()
 	s.cfg.Budget.Hold(s.epoch.N, outbox.EventSize(&e)) // released downstream, when the event is finished
 	e.CommitTime = s.commitTime

@@ -57,8 +57,10 @@ type RoutingChange struct {
 // has taken a newer one, those writes fail with ErrFenced (docs/design.md,
 // "Ownership"). Errors that retrying cannot fix wrap ErrPermanent.
 type Store interface {
-	// Acquire takes the delivery lease for a new epoch of this process.
-	Acquire(ctx context.Context) error
+	// Acquire takes the delivery lease for a new epoch of this process, if
+	// the slot is still held by the server process holder (the epoch's
+	// replication session; 0: unchecked), and fails with ErrFenced if not.
+	Acquire(ctx context.Context, holder uint32) error
 
 	DeadLetter(ctx context.Context, d DeadLetter) error
 	// RecordRouting stores an applied subscription change, before its
@@ -259,11 +261,15 @@ func (d *Dispatcher) startEpoch(ctx context.Context, c Change) {
 	var rows []SubscriptionRow
 	lctx, cancel := context.WithTimeout(ectx, 10*time.Second)
 	err := retryForever(lctx, d.cfg.Logger, "cannot take over delivery", func() error {
-		if err := d.cfg.Store.Acquire(lctx); err != nil {
+		if err := d.cfg.Store.Acquire(lctx, e.Holder); err != nil {
 			return err
 		}
 		var err error
 		rows, err = d.cfg.Store.LoadRouting(lctx, c.LSN)
+		if errors.Is(err, ErrPermanent) { // some rows unreadable: the others are in force
+			d.cfg.Logger.Error().Err(err).Msg("subscriptions ignored")
+			return nil
+		}
 		return err
 	})
 	cancel()

@@ -58,7 +58,7 @@ type memStore struct {
 	disabled   []string
 }
 
-func (m *memStore) Acquire(context.Context) error { return nil }
+func (m *memStore) Acquire(context.Context, uint32) error { return nil }
 
 func (m *memStore) RecordRouting(_ context.Context, c RoutingChange) error {
 	m.mu.Lock()

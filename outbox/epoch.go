@@ -11,7 +11,8 @@ import (
 // Everything the pipeline does for the session runs under its context, so
 // ending the epoch stops every send, retry and store write it started.
 type Epoch struct {
-	N   uint64 // increases with every epoch of a process
+	N      uint64 // increases with every epoch of a process
+	Holder uint32 // the server process of the session's replication connection; 0 when unknown
 	ctx context.Context
 	end context.CancelCauseFunc
 }

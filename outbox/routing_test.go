@@ -159,3 +159,29 @@ func TestReenableWhileInFlightFinishesOnce(t *testing.T) {
 		}
 	})
 }
+
+// TestDeletedInTheSameTransactionDelivers: a batched subscription gets an
+// event and is deleted in one transaction. It gets no commit marker (it is no
+// longer routed to), yet it must send what it holds and let the flush pass.
+func TestDeletedInTheSameTransactionDelivers(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHarness(t, nil)
+		ten := 10
+		b, _ := json.Marshal(SubscriptionRow{ID: "dyn", Events: []string{"*"}, TargetURL: "http://x/dyn", Secret: "whsec_x",
+			Options: Options{BatchMax: &ten}})
+		h.change("dyn", b)
+		h.in <- Change{Kind: ChangeBegin}
+		h.in <- Change{Kind: ChangeEvent, Event: event(1, "a", "r")}
+		h.in <- Change{Kind: ChangeSubscription, SubscriptionID: "dyn", Event: Event{Seq: uint64(h.lsn+60) << 16}}
+		h.lsn += 100
+		h.in <- Change{Kind: ChangeCommit, LSN: h.lsn}
+		time.Sleep(5 * time.Second)
+		synctest.Wait()
+		if got := delivered(h); len(got["dyn"]) != 1 {
+			t.Errorf("dyn got %v, want event 1", got["dyn"])
+		}
+		if f := h.acker.Flush(); f != h.lsn {
+			t.Errorf("flush = %v, want %v", f, h.lsn)
+		}
+	})
+}

@@ -213,6 +213,7 @@ func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 		return
 	case dv.close:
 		s.closing = true
+		s.inTxn = false // nothing more comes: a partial batch must not wait for a commit marker
 		return
 	case s.gone:
 		s.done(dv.txn, dv.size)
@@ -463,11 +464,13 @@ func (s *scheduler) start(ctx context.Context, j *job) {
 	s.inFlight++
 	j.attempt++
 	j.gen = s.gen
-	// park_after also runs while an attempt does: one that would outlast it is
-	// cut off there, and its failure parks the batch (an endpoint that
-	// accepts and never answers must not pin the slot for a whole timeout).
+	// park_after also runs while an attempt does, once the endpoint is
+	// failing: an attempt that would outlast it is cut off there, and its
+	// failure parks the batch (an endpoint that accepts and then stops
+	// answering must not pin the slot for a whole timeout per attempt). A
+	// healthy endpoint's attempts are never cut: slow is not failing.
 	j.cutAt = time.Time{}
-	if at := j.first.Add(s.opts.ParkAfter); !j.parked && s.now().Add(s.opts.Timeout).After(at) {
+	if at := j.first.Add(s.opts.ParkAfter); !j.parked && !s.failingFrom.IsZero() && s.now().Add(s.opts.Timeout).After(at) {
 		j.cutAt = at
 	}
 	if s.inFlight > s.senders {
@@ -551,12 +554,12 @@ func retryable(err error) bool {
 func (s *scheduler) handleResult(r result) {
 	s.inFlight--
 	j := r.job
-	if r.gone && !s.gone {
+	if s.gone || s.disabled || j.gen != s.gen {
+		return // released or dead-lettered already; a 410 from then is old news
+	}
+	if r.gone {
 		s.unsubscribe()
 		return
-	}
-	if s.gone || s.disabled || j.gen != s.gen {
-		return // released or dead-lettered already
 	}
 	if r.err == nil {
 		s.failingFrom = time.Time{}

@@ -98,6 +98,9 @@ type chaos struct {
 	dynSrv  *sendertest.Server                           // the API subscription's target is one URL for all replicas
 	rejects sync.Map                                     // "sub/event id" answered 400 at least once
 
+	parseMu  sync.Mutex
+	parsedBy map[*sendertest.Server]*parsedRequests
+
 	holderMu sync.Mutex
 	holders  []holderSample
 
@@ -109,6 +112,7 @@ type chaos struct {
 	dynAfter       int64  // and none above dynAfter (committed after its deletion)
 	dynRounds      int
 	faultsInjected map[string]int
+	timeline       []string // faults, with their times
 	dups           map[string]int
 	quietFrom      time.Time // the fault-free stretch
 	quietIDs       map[string]bool
@@ -154,10 +158,18 @@ func newChaos(t *testing.T, seed uint64) *chaos {
 	}
 	c.e.eventually(30*time.Second, "a replica to stream", c.e.slotActive)
 	t.Cleanup(func() {
-		if t.Failed() {
-			for i, l := range c.logs {
-				t.Logf("replica r%d log (tail):\n%s", i, tail(l.String(), 30))
+		if !t.Failed() {
+			return
+		}
+		dir := os.Getenv("WALHOOK_CHAOS_LOGS") // the whole logs and the fault timeline go there
+		for i, l := range c.logs {
+			t.Logf("replica r%d log (tail):\n%s", i, tail(l.String(), 30))
+			if dir != "" {
+				os.WriteFile(filepath.Join(dir, fmt.Sprintf("r%d.log", i)), []byte(l.String()), 0o644)
 			}
+		}
+		if dir != "" {
+			os.WriteFile(filepath.Join(dir, "faults.txt"), []byte(strings.Join(c.timeline, "\n")+"\n"), 0o644)
 		}
 	})
 	return c
@@ -299,14 +311,14 @@ func (c *chaos) faults(d time.Duration) {
 			if h := c.holder(); strings.HasPrefix(h, "r") {
 				i, _ := strconv.Atoi(h[1:])
 				c.kill(i)
-				c.faultsInjected["kill active"]++
+				c.fault("kill active")
 			}
 		case k < 26: // kill -9 a standby
 			h := c.holder()
 			for _, i := range c.rng.Perm(chaosReplicas) {
 				if c.procs[i] != nil && h != fmt.Sprintf("r%d", i) {
 					c.kill(i)
-					c.faultsInjected["kill standby"]++
+					c.fault("kill standby")
 					break
 				}
 			}
@@ -314,7 +326,7 @@ func (c *chaos) faults(d time.Duration) {
 			for i := range c.procs {
 				if c.procs[i] == nil {
 					c.start(i)
-					c.faultsInjected["start replica"]++
+					c.fault("start replica")
 				}
 			}
 		case k < 48: // freeze the walsender until the next fault
@@ -322,14 +334,14 @@ func (c *chaos) faults(d time.Duration) {
 			c.pool.QueryRow(context.Background(), `SELECT coalesce(active_pid, 0) FROM pg_replication_slots WHERE slot_name = 'chaos'`).Scan(&pid)
 			if pid != 0 && syscall.Kill(pid, syscall.SIGSTOP) == nil {
 				stopped = pid
-				c.faultsInjected["SIGSTOP walsender"]++
+				c.fault("SIGSTOP walsender")
 			}
 		case k < 53:
 			mode := []string{"fast", "immediate"}[c.rng.IntN(2)]
 			if err := c.cluster.Restart(context.Background(), mode); err != nil {
 				c.t.Fatalf("restart PostgreSQL (%s): %v", mode, err)
 			}
-			c.faultsInjected["PostgreSQL restart "+mode]++
+			c.fault("PostgreSQL restart " + mode)
 		case k < 78: // an endpoint changes
 			s := chaosSubs[c.rng.IntN(len(chaosSubs))]
 			m := []int32{modeUp, modeUp, modeDown, modeFlaky}[c.rng.IntN(4)]
@@ -337,12 +349,12 @@ func (c *chaos) faults(d time.Duration) {
 				m = modeReject
 			}
 			c.mode[s].Store(m)
-			c.faultsInjected[fmt.Sprintf("endpoint %s mode %d", s, m)]++
+			c.fault(fmt.Sprintf("endpoint %s mode %d", s, m))
 		case k < 86:
 			c.dynamic()
 		default:
 			if code, _, stderr := c.e.walhook("dlq", "replay", "--all"); code == 0 {
-				c.faultsInjected["dead-letter replay"]++
+				c.fault("dead-letter replay")
 			} else {
 				c.t.Logf("dlq replay: exit %d: %s", code, stderr)
 			}
@@ -370,7 +382,7 @@ func (c *chaos) dynamic() {
 		}
 		c.dyn = got["id"].(string)
 		c.dynLo = c.maxID()
-		c.faultsInjected["API subscription created"]++
+		c.fault("API subscription created")
 		return
 	}
 	c.dynHi = c.maxID()
@@ -380,7 +392,7 @@ func (c *chaos) dynamic() {
 	c.dynAfter = c.maxID()
 	c.dyn = ""
 	c.dynRounds++
-	c.faultsInjected["API subscription deleted"]++
+	c.fault("API subscription deleted")
 }
 
 // converge ends the faults: every replica runs, every endpoint answers, the
@@ -420,7 +432,7 @@ func (c *chaos) converge() {
 			c.e.walhook("dlq", "replay", "--all")
 			last = time.Now()
 		}
-		poll := time.NewTimer(50 * time.Millisecond) // the polling period
+		poll := time.NewTimer(time.Second) // the polling period
 		<-poll.C
 	}
 	c.e.waitCaughtUp()
@@ -439,13 +451,13 @@ func (c *chaos) diagnose() {
 			servers = [chaosReplicas]*sendertest.Server{c.dynSrv}
 		}
 		_, all := c.deliveries(servers)
-		attempts := 0
+		var attempts []string
 		for _, d := range all {
 			if d.id == id {
-				attempts++
+				attempts = append(attempts, fmt.Sprintf("r%d at %s delivered=%v", d.replica, d.at.Format("15:04:05.000"), d.delivered))
 			}
 		}
-		c.t.Logf("missing %s: parked rows %d, dead letters %d, attempts %d", m, parked, dead, attempts)
+		c.t.Logf("missing %s: parked rows %d, dead letters %d, attempts %v", m, parked, dead, attempts)
 	}
 	var parked, dead int
 	var flush, current string
@@ -517,6 +529,7 @@ type delivery struct {
 	sequence  uint64
 	envelope  string // as sent, without coalesced
 	batched   bool
+	delivered bool // answered 2xx
 }
 
 var coalescedRE = regexp.MustCompile(`,"coalesced":\d+`)
@@ -526,37 +539,65 @@ func (c *chaos) deliveries(servers [chaosReplicas]*sendertest.Server) (ok []deli
 		if srv == nil {
 			continue
 		}
-		for _, r := range hooksOnly(srv.Requests()) {
-			var raws []json.RawMessage
-			body := bytes.TrimSpace(r.Body)
-			batched := len(body) > 0 && body[0] == '['
-			if batched {
-				json.Unmarshal(body, &raws)
-			} else {
-				raws = []json.RawMessage{body}
-			}
-			for _, raw := range raws {
-				var env struct {
-					ID         string  `json:"id"`
-					ResourceID *string `json:"resource_id"`
-					Sequence   uint64  `json:"sequence"`
-				}
-				if err := json.Unmarshal(raw, &env); err != nil {
-					c.t.Fatalf("body is not envelopes: %v: %s", err, r.Body)
-				}
-				d := delivery{replica: i, at: r.At, webhookID: r.Header.Get("webhook-id"), id: env.ID,
-					resource: deref(env.ResourceID), sequence: env.Sequence, batched: batched,
-					envelope: coalescedRE.ReplaceAllString(string(raw), "")}
-				all = append(all, d)
-				if r.Status >= 200 && r.Status < 300 {
-					ok = append(ok, d)
-				}
+		p := c.parsed(srv, i)
+		all = append(all, p.all...)
+		for _, d := range p.all {
+			if d.delivered {
+				ok = append(ok, d)
 			}
 		}
 	}
 	sort.SliceStable(ok, func(i, j int) bool { return ok[i].at.Before(ok[j].at) })
 	sort.SliceStable(all, func(i, j int) bool { return all[i].at.Before(all[j].at) })
 	return ok, all
+}
+
+// parsedRequests are a server's requests decoded so far: the checks poll
+// often, and decoding every body each time would slow the machine under test.
+type parsedRequests struct {
+	n   int // requests decoded
+	all []delivery
+}
+
+// parsed decodes srv's new requests (replica i's).
+func (c *chaos) parsed(srv *sendertest.Server, replica int) *parsedRequests {
+	c.parseMu.Lock()
+	defer c.parseMu.Unlock()
+	if c.parsedBy == nil {
+		c.parsedBy = map[*sendertest.Server]*parsedRequests{}
+	}
+	p := c.parsedBy[srv]
+	if p == nil {
+		p = &parsedRequests{}
+		c.parsedBy[srv] = p
+	}
+	reqs := srv.Requests()
+	for _, r := range hooksOnly(reqs[p.n:]) {
+		var raws []json.RawMessage
+		body := bytes.TrimSpace(r.Body)
+		batched := len(body) > 0 && body[0] == '['
+		if batched {
+			json.Unmarshal(body, &raws)
+		} else {
+			raws = []json.RawMessage{body}
+		}
+		for _, raw := range raws {
+			var env struct {
+				ID         string  `json:"id"`
+				ResourceID *string `json:"resource_id"`
+				Sequence   uint64  `json:"sequence"`
+			}
+			if err := json.Unmarshal(raw, &env); err != nil {
+				c.t.Fatalf("body is not envelopes: %v: %s", err, r.Body)
+			}
+			p.all = append(p.all, delivery{replica: replica, at: r.At, webhookID: r.Header.Get("webhook-id"), id: env.ID,
+				resource: deref(env.ResourceID), sequence: env.Sequence, batched: batched,
+				envelope:  coalescedRE.ReplaceAllString(string(raw), ""),
+				delivered: r.Status >= 200 && r.Status < 300})
+		}
+	}
+	p.n = len(reqs)
+	return p
 }
 
 // missing lists up to limit committed events a subscription has not received.
@@ -676,6 +717,12 @@ func (c *chaos) checkOrder(s string, ok []delivery) {
 			t.Errorf("%s: resource %s ends on sequence %d, its newest delivered is %d", s, res, seq, newest[res])
 		}
 	}
+}
+
+// fault counts a fault and keeps when it happened, for a failure's report.
+func (c *chaos) fault(what string) {
+	c.faultsInjected[what]++
+	c.timeline = append(c.timeline, time.Now().Format("15:04:05.000")+" "+what)
 }
 
 func (c *chaos) summary() string {

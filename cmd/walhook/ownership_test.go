@@ -299,18 +299,21 @@ func TestLosingTheSlotStopsDelivery(t *testing.T) {
 	})
 }
 
-// TestParkAfterCutsAHangingAttempt: a target that accepts and never answers
-// would hold the slot for a whole timeout; park_after runs during the attempt
-// and parks it, and the slot moves on.
+// TestParkAfterCutsAHangingAttempt: a failing target that then accepts and
+// never answers would hold the slot for a whole timeout per attempt;
+// park_after runs during the attempt and parks it, and the slot moves on.
 func TestParkAfterCutsAHangingAttempt(t *testing.T) {
 	t.Parallel()
 	hang := make(chan struct{})
-	srv := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) {
+	srv := sendertest.NewServer(t, func(n int, _ *sendertest.Request) (int, http.Header) {
+		if n == 0 {
+			return http.StatusServiceUnavailable, nil // failing now: from here on attempts are cut at park_after
+		}
 		<-hang
 		return http.StatusNoContent, nil
 	})
 	defer close(hang)
-	e := newEnv(t, "subscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`, "    timeout: 60s\n    park_after: 1s\n"))
+	e := newEnv(t, "subscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`, "    timeout: 60s\n    park_after: 1s\n    retry_initial: 50ms\n"))
 	e.setup()
 	e.start()
 	start := time.Now()
@@ -354,5 +357,24 @@ func TestMalformedRowStreamedAgainIsDeadLetteredOnce(t *testing.T) {
 	})
 	if n := deadLetters(); n != 2 {
 		t.Errorf("%d dead letters for two malformed rows", n)
+	}
+}
+
+// TestNULInAMessageIsDeadLettered: a walhook message whose event name holds a
+// NUL (any role can emit one) is dead-lettered as malformed, storably, and
+// the stream goes on.
+func TestNULInAMessageIsDeadLettered(t *testing.T) {
+	t.Parallel()
+	srv := sendertest.NewServer(t, nil)
+	e := newEnv(t, "subscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`))
+	e.setup()
+	e.start()
+	e.exec(`SELECT pg_logical_emit_message(true, 'walhook', '{"event": "a\u0000b", "resource_id": "r"}')`)
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id) VALUES ('after', 'r')`)
+	srv.WaitN(t, 1, 30*time.Second)
+	var reason string
+	e.db.Pool.QueryRow(context.Background(), `SELECT reason FROM walhook.dead_letters WHERE subscription IS NULL`).Scan(&reason)
+	if !strings.Contains(reason, "NUL") {
+		t.Errorf("dead letter reason %q, want the NUL named", reason)
 	}
 }

@@ -61,12 +61,14 @@ func (s *Store) ParkedKeys(ctx context.Context, subscription string) ([]outbox.P
 // NextParked returns a resource's oldest parked events by sequence: at most
 // limit, and no more payload than maxBytes (but at least one).
 func (s *Store) NextParked(ctx context.Context, subscription, resource string, limit, maxBytes int) ([]outbox.ParkedEvent, error) {
+	// The head rows by the (subscription, resource_id, sequence, id) index,
+	// then as many as fit maxBytes, estimated as payload + 256 per event as
+	// in memory.
 	rows, err := s.pool.Query(ctx, `SELECT id, event, payload, attempts, since, next_attempt_at FROM (
-		  SELECT id, event, payload, attempts, since, next_attempt_at, sequence,
-		         row_number() OVER w AS n, sum(coalesce(length(payload), 0)) OVER w AS bytes
-		    FROM walhook.deliveries WHERE subscription = $1 AND resource_id = $2
-		  WINDOW w AS (ORDER BY sequence NULLS FIRST, id)
-		  ORDER BY sequence NULLS FIRST, id LIMIT $3) d
+		  SELECT *, row_number() OVER w AS n, sum(coalesce(octet_length(payload), 0) + 256) OVER w AS bytes
+		    FROM (SELECT id, event, payload, attempts, since, next_attempt_at, sequence FROM walhook.deliveries
+		           WHERE subscription = $1 AND resource_id = $2 ORDER BY sequence, id LIMIT $3) head
+		  WINDOW w AS (ORDER BY sequence, id)) d
 		WHERE n = 1 OR bytes <= $4 ORDER BY n`, subscription, resource, limit, maxBytes)
 	if err != nil {
 		return nil, fmt.Errorf("read parked deliveries: %w", err)

@@ -170,6 +170,10 @@ func New(pool *pgxpool.Pool, slot string) *Store { return &Store{pool: pool, slo
 // that jsonb cannot hold is kept as text (payload_text).
 func (s *Store) DeadLetter(ctx context.Context, d outbox.DeadLetter) error {
 	e := d.Event
+	// Text columns cannot hold NUL: a malformed message may carry one.
+	for _, f := range []*string{&e.ID, &e.Type, &e.ResourceID, &e.Tenant, &d.Reason} {
+		*f = strings.ReplaceAll(*f, "\x00", "\uFFFD")
+	}
 	var payload any
 	if len(e.Payload) > 0 {
 		payload = string(e.Payload)
@@ -201,13 +205,21 @@ func classify(err error) error {
 }
 
 // Acquire takes the delivery lease of the slot for a new epoch: from now on
-// an older epoch's fenced writes, in this process or another, fail.
-func (s *Store) Acquire(ctx context.Context) error {
+// an older epoch's fenced writes, in this process or another, fail. It takes
+// it only while the slot is held by the server process holder (the epoch's
+// replication session), so a process that lost the slot before it got here
+// cannot take the lease from the one that holds it now.
+func (s *Store) Acquire(ctx context.Context, holder uint32) error {
 	host, _ := os.Hostname()
 	var epoch int64
-	err := s.pool.QueryRow(ctx, `INSERT INTO walhook.lease (slot, epoch, owner, acquired_at) VALUES ($1, 1, $2, now())
+	err := s.pool.QueryRow(ctx, `INSERT INTO walhook.lease (slot, epoch, owner, acquired_at)
+		SELECT $1::text, 1, $2::text, now()
+		 WHERE $3::int = 0 OR EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name::text = $1::text AND active_pid = $3::int)
 		ON CONFLICT (slot) DO UPDATE SET epoch = walhook.lease.epoch + 1, owner = EXCLUDED.owner, acquired_at = now()
-		RETURNING epoch`, s.slot, fmt.Sprintf("%s/%d", host, os.Getpid())).Scan(&epoch)
+		RETURNING epoch`, s.slot, fmt.Sprintf("%s/%d", host, os.Getpid()), int64(holder)).Scan(&epoch)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return fmt.Errorf("take the delivery lease: the slot is no longer held by this session: %w", outbox.ErrFenced)
+	}
 	if err != nil {
 		return fmt.Errorf("take the delivery lease (run walhook setup after an upgrade): %w", err)
 	}

@@ -167,15 +167,25 @@ func (s *Store) LoadRouting(ctx context.Context, at outbox.LSN) ([]outbox.Subscr
 	if err != nil {
 		return nil, err
 	}
+	// A row that cannot be read is left out and reported (ErrPermanent):
+	// one bad row must not stop every other subscription.
 	out := make([]outbox.SubscriptionRow, 0, len(raws))
+	var bad []error
 	for _, raw := range raws {
 		var r outbox.SubscriptionRow
 		if err := json.Unmarshal(raw, &r); err != nil {
-			return nil, fmt.Errorf("subscription log: %w", err)
+			bad = append(bad, fmt.Errorf("subscription log: %w", err))
+			continue
 		}
 		out = append(out, r)
 	}
-	return out, tx.Commit(ctx)
+	if err := tx.Commit(ctx); err != nil {
+		return nil, err
+	}
+	if len(bad) > 0 {
+		return out, fmt.Errorf("%w: unreadable subscriptions left out: %w", outbox.ErrPermanent, errors.Join(bad...))
+	}
+	return out, nil
 }
 
 // DisableSubscription marks a subscription disabled; the change reaches the
