@@ -90,6 +90,14 @@ type Store interface {
 	DisableSubscription(ctx context.Context, id string) error
 	// DeadLetterParked moves a subscription's parked events to the dead letters.
 	DeadLetterParked(ctx context.Context, subscription, reason string) error
+
+	// Debounce marks (docs/scheduler.md, "Debounce across restarts").
+	// MarkSent records, before a debounced request is sent, the newest
+	// sequence it carries for each resource.
+	MarkSent(ctx context.Context, subscription string, marks map[string]uint64) error
+	// SentMarks returns a subscription's marks at or above from, and forgets
+	// the ones below it (no event below from can be streamed again).
+	SentMarks(ctx context.Context, subscription string, from uint64) (map[string]uint64, error)
 }
 
 var (
@@ -142,6 +150,7 @@ type Dispatcher struct {
 	txn      *Txn   // the open transaction
 	txnMaxID uint64 // highest numeric outbox id seen in it
 	epoch    *Epoch // the slot's current hold; nil before the first Start
+	start    LSN    // where it started
 	workers  sync.WaitGroup
 	drain    chan struct{} // closed at ChangeDrained: schedulers finish what is in flight
 	drained  chan struct{} // closed when every scheduler has stopped after that
@@ -255,7 +264,7 @@ func (d *Dispatcher) startEpoch(ctx context.Context, c Change) {
 		e = NewEpoch(ctx, n+1)
 		d.cfg.Budget.Reset(e.N)
 	}
-	d.epoch = e
+	d.epoch, d.start = e, c.LSN
 	d.cfg.Acker.Reset(c.LSN)
 	ectx := e.Context()
 	var rows []SubscriptionRow

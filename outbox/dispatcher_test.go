@@ -56,9 +56,37 @@ type memStore struct {
 	nextRow    int64
 	everParked int
 	disabled   []string
+	marks      map[string]map[string]uint64
 }
 
 func (m *memStore) Acquire(context.Context, uint32) error { return nil }
+
+func (m *memStore) MarkSent(_ context.Context, sub string, marks map[string]uint64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.marks == nil {
+		m.marks = map[string]map[string]uint64{}
+	}
+	if m.marks[sub] == nil {
+		m.marks[sub] = map[string]uint64{}
+	}
+	for k, v := range marks {
+		m.marks[sub][k] = max(m.marks[sub][k], v)
+	}
+	return nil
+}
+
+func (m *memStore) SentMarks(_ context.Context, sub string, from uint64) (map[string]uint64, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := map[string]uint64{}
+	for k, v := range m.marks[sub] {
+		if v >= from {
+			out[k] = v
+		}
+	}
+	return out, nil
+}
 
 func (m *memStore) RecordRouting(_ context.Context, c RoutingChange) error {
 	m.mu.Lock()

@@ -13,8 +13,8 @@ import (
 type Epoch struct {
 	N      uint64 // increases with every epoch of a process
 	Holder uint32 // the server process of the session's replication connection; 0 when unknown
-	ctx context.Context
-	end context.CancelCauseFunc
+	ctx    context.Context
+	end    context.CancelCauseFunc
 }
 
 // ErrEpochEnded is the cause of an epoch's end when none is given.

@@ -40,18 +40,20 @@ type scheduler struct {
 	retries     []*job // due for another attempt
 	feeds       []*key // parked keys due for their next rows
 	timers      timerHeap
-	pending     int       // items held
-	inFlight    int       // requests in flight
-	gatherUntil time.Time // batch_wait deadline while gathering; zero otherwise
-	inTxn       bool      // events came that their transaction's commit has not followed yet
-	gone        bool      // the target answered 410: drop everything
-	closing     bool      // deleted: deliver what is held, then stop
-	failingFrom time.Time // first failure since the last success; zero while healthy
-	disabled    bool      // dead-letter everything (the subscription is disabled)
-	gen         int       // bumped when held events are let go (disable, enable, release): older results change nothing
-	epoch       *Epoch    // the one it runs in
-	senders     int       // sender goroutines started
-	jobs        chan *job // to the senders
+	pending     int               // items held
+	inFlight    int               // requests in flight
+	gatherUntil time.Time         // batch_wait deadline while gathering; zero otherwise
+	inTxn       bool              // events came that their transaction's commit has not followed yet
+	gone        bool              // the target answered 410: drop everything
+	closing     bool              // deleted: deliver what is held, then stop
+	failingFrom time.Time         // first failure since the last success; zero while healthy
+	disabled    bool              // dead-letter everything (the subscription is disabled)
+	gen         int               // bumped when held events are let go (disable, enable, release): older results change nothing
+	epoch       *Epoch            // the one it runs in
+	startLSN    LSN               // where the epoch's stream started
+	sentMarks   map[string]uint64 // debounced: per resource, the newest sequence sent before this epoch
+	senders     int               // sender goroutines started
+	jobs        chan *job         // to the senders
 	results     chan result
 }
 
@@ -88,9 +90,10 @@ type job struct {
 	attempt int
 	first   time.Time
 	backoff *backoff.ExponentialBackOff
-	parked  bool      // items are parked rows
-	gen     int       // the scheduler's gen when the attempt started
-	cutAt   time.Time // the attempt is cut off here (park_after passes meanwhile); zero: only timeout bounds it
+	parked  bool              // items are parked rows
+	gen     int               // the scheduler's gen when the attempt started
+	cutAt   time.Time         // the attempt is cut off here (park_after passes meanwhile); zero: only timeout bounds it
+	marks   map[string]uint64 // debounced: what MarkSent records before the first attempt; nil when written
 }
 
 type result struct {
@@ -101,7 +104,7 @@ type result struct {
 }
 
 func newScheduler(d *Dispatcher, s *Subscription, in <-chan delivery) *scheduler {
-	sc := &scheduler{in: in, d: d, now: time.Now, epoch: d.epoch,
+	sc := &scheduler{in: in, d: d, now: time.Now, epoch: d.epoch, startLSN: d.start,
 		log:  d.cfg.Logger.With().Str("subscription", s.ID).Logger(),
 		keys: map[string]*key{},
 	}
@@ -229,8 +232,17 @@ func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 		}
 		return
 	}
-	k := s.key(dv.event.ResourceID)
 	ev := dv.event
+	if m, ok := s.sentMarks[ev.ResourceID]; ok && ev.WebhookID == "" {
+		if ev.Seq < m {
+			// Streamed again, and superseded by an event already sent (or
+			// sent again later in this stream): debounce says it is not owed.
+			s.done(dv.txn, dv.size)
+			return
+		}
+		delete(s.sentMarks, ev.ResourceID) // the stream has passed it
+	}
+	k := s.key(dv.event.ResourceID)
 	ev.Coalesced = 1
 	if k.parked {
 		s.handleParkedEvent(k, dv, ev, now)
@@ -447,6 +459,14 @@ func (s *scheduler) assemble(now time.Time) *job {
 	}
 	j.batch = NewBatch(s.sub, events...)
 	j.first = now
+	if s.opts.Debounce > 0 {
+		j.marks = map[string]uint64{}
+		for _, e := range events {
+			if e.WebhookID == "" {
+				j.marks[e.ResourceID] = max(j.marks[e.ResourceID], e.Seq)
+			}
+		}
+	}
 	return j
 }
 
@@ -491,7 +511,17 @@ func (s *scheduler) sender(ctx context.Context) {
 		if !j.cutAt.IsZero() {
 			actx, cancel = context.WithDeadline(ctx, j.cutAt)
 		}
-		r := result{job: j, err: s.d.cfg.Deliverer.Deliver(actx, j.batch)}
+		var r result
+		if len(j.marks) > 0 {
+			if err := s.d.cfg.Store.MarkSent(actx, sub.ID, j.marks); err != nil {
+				r = result{job: j, err: fmt.Errorf("record the debounce mark before sending: %w", err)}
+			} else {
+				j.marks = nil // written: retries need not
+			}
+		}
+		if r.err == nil {
+			r = result{job: j, err: s.d.cfg.Deliverer.Deliver(actx, j.batch)}
+		}
 		if cancel != nil {
 			cancel()
 		}
@@ -608,8 +638,19 @@ func (s *scheduler) handleResult(r result) {
 	}
 }
 
-// loadParked marks the keys that have parked rows (from before a restart).
+// loadParked marks the keys that have parked rows (from before a restart),
+// and, debounced, loads the sequences already sent.
 func (s *scheduler) loadParked() error {
+	if s.opts.Debounce > 0 {
+		err := retryForever(s.ctx, s.log, "cannot read debounce marks", func() error {
+			var err error
+			s.sentMarks, err = s.d.cfg.Store.SentMarks(s.ctx, s.sub.ID, uint64(s.startLSN)<<16)
+			return err
+		})
+		if err != nil {
+			return err
+		}
+	}
 	var keys []ParkedKey
 	err := retryForever(s.ctx, s.log, "cannot read parked deliveries", func() error {
 		var err error

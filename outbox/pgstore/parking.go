@@ -136,3 +136,48 @@ func (s *Store) DeadLetterParked(ctx context.Context, subscription, reason strin
 	}
 	return nil
 }
+
+// MarkSent records the newest sequence a debounced request carries per
+// resource, before it is sent.
+func (s *Store) MarkSent(ctx context.Context, subscription string, marks map[string]uint64) error {
+	resources := make([]string, 0, len(marks))
+	seqs := make([]string, 0, len(marks))
+	for r, seq := range marks {
+		resources = append(resources, r)
+		seqs = append(seqs, strconv.FormatUint(seq, 10))
+	}
+	_, err := s.pool.Exec(ctx, `INSERT INTO walhook.debounce_marks (subscription, resource_id, sequence)
+		SELECT $1, r, q::numeric FROM unnest($2::text[], $3::text[]) AS m(r, q)
+		ON CONFLICT (subscription, resource_id) DO UPDATE SET sequence = greatest(debounce_marks.sequence, EXCLUDED.sequence)`,
+		subscription, resources, seqs)
+	if err != nil {
+		return fmt.Errorf("record debounce marks: %w", err)
+	}
+	return nil
+}
+
+// SentMarks returns a subscription's debounce marks at or above from and
+// deletes the older ones: no event below from is streamed again.
+func (s *Store) SentMarks(ctx context.Context, subscription string, from uint64) (map[string]uint64, error) {
+	f := strconv.FormatUint(from, 10)
+	if _, err := s.pool.Exec(ctx, `DELETE FROM walhook.debounce_marks WHERE subscription = $1 AND sequence < $2::numeric`,
+		subscription, f); err != nil {
+		return nil, fmt.Errorf("prune debounce marks: %w", err)
+	}
+	rows, err := s.pool.Query(ctx, `SELECT resource_id, sequence::text FROM walhook.debounce_marks WHERE subscription = $1`, subscription)
+	if err != nil {
+		return nil, fmt.Errorf("read debounce marks: %w", err)
+	}
+	defer rows.Close()
+	out := map[string]uint64{}
+	for rows.Next() {
+		var r, q string
+		if err := rows.Scan(&r, &q); err != nil {
+			return nil, err
+		}
+		if out[r], err = strconv.ParseUint(q, 10, 64); err != nil {
+			return nil, err
+		}
+	}
+	return out, rows.Err()
+}

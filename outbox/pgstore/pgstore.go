@@ -115,6 +115,14 @@ EXCEPTION WHEN others THEN
   RETURN NULL;
 END
 $fn$`,
+		// Debounced subscriptions: the newest sequence sent per resource, kept
+		// until the slot has confirmed past it (docs/scheduler.md).
+		`CREATE TABLE IF NOT EXISTS walhook.debounce_marks (
+  subscription text    NOT NULL,
+  resource_id  text    NOT NULL,
+  sequence     numeric NOT NULL,
+  PRIMARY KEY (subscription, resource_id)
+)`,
 		// A payload jsonb cannot hold is kept as text.
 		`ALTER TABLE walhook.dead_letters ADD COLUMN IF NOT EXISTS payload_text text`,
 		// One dead letter per subscription and event: a row streamed again
