@@ -350,3 +350,34 @@ func checkInvariants(t *testing.T, seed uint64, parking bool) {
 		t.Errorf("%d rows left parked", len(h.store.parked))
 	}
 }
+
+// TestDebounceAcrossEpochsNeverSendsAnOlderEvent: an epoch sends event 5,
+// which superseded 1..4. The next epoch streams 1..5 again, slowly enough
+// that debounce would cut a window at 1: the marks keep 1..4 from going out
+// after 5.
+func TestDebounceAcrossEpochsNeverSendsAnOlderEvent(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHarness(t, func(o *DeliveryOptions) { o.Debounce = time.Second; o.MaxWait = time.Second })
+		for i := 1; i <= 5; i++ {
+			h.commit(event(i, "contact.updated", "c1"))
+		}
+		time.Sleep(3 * time.Second)
+		synctest.Wait()
+		h.lsn = 0
+		h.in <- Change{Kind: ChangeStart} // a new epoch, from before event 1
+		h.commit(event(1, "contact.updated", "c1"))
+		time.Sleep(3 * time.Second) // debounce closes the window at 1
+		for i := 2; i <= 5; i++ {
+			h.commit(event(i, "contact.updated", "c1"))
+		}
+		time.Sleep(3 * time.Second)
+		synctest.Wait()
+		var sent []string
+		for _, b := range h.rec.batches {
+			sent = append(sent, b.events[0].ID)
+		}
+		if len(sent) != 2 || sent[0] != "5" || sent[1] != "5" {
+			t.Errorf("sent %v, want [5 5]: nothing older after 5", sent)
+		}
+	})
+}
