@@ -90,6 +90,8 @@ type Store interface {
 	DisableSubscription(ctx context.Context, id string) error
 	// DeadLetterParked moves a subscription's parked events to the dead letters.
 	DeadLetterParked(ctx context.Context, subscription, reason string) error
+	// DeadLetterRows records dead letters and deletes parked rows, at once.
+	DeadLetterRows(ctx context.Context, rows []int64, dls []DeadLetter) error
 
 	// Debounce marks (docs/scheduler.md, "Debounce across restarts").
 	// MarkSent records, before a debounced request is sent, the newest

@@ -61,6 +61,14 @@ type memStore struct {
 
 func (m *memStore) Acquire(context.Context, uint32) error { return nil }
 
+func (m *memStore) DeadLetterRows(_ context.Context, rows []int64, dls []DeadLetter) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.dead = append(m.dead, dls...)
+	m.parked = slices.DeleteFunc(m.parked, func(r parkedRow) bool { return slices.Contains(rows, r.Row) })
+	return nil
+}
+
 func (m *memStore) MarkSent(_ context.Context, sub string, marks map[string]uint64) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -532,7 +532,7 @@ func (s *scheduler) sender(ctx context.Context) {
 		case r.err == nil || ctx.Err() != nil:
 		case gone(r.err) && !sub.Static:
 			r.gone = true
-		case !retryable(r.err):
+		case !retryable(r.err) && !j.parked: // parked rows: retireParked, with their delete
 			r.dead = s.deadLetter(ctx, j, r.err) == nil
 		}
 		s.results <- r // buffered to max_in_flight: never blocks
@@ -540,6 +540,16 @@ func (s *scheduler) sender(ctx context.Context) {
 }
 
 func (s *scheduler) deadLetter(ctx context.Context, j *job, cause error) error {
+	for _, dl := range s.deadLetters(j, cause) {
+		if err := s.d.deadLetter(ctx, dl); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// deadLetters are j's events as dead letters, and logs that they are.
+func (s *scheduler) deadLetters(j *job, cause error) []DeadLetter {
 	status := 0
 	if f, ok := errors.AsType[Failure](cause); ok {
 		status = f.StatusCode()
@@ -547,7 +557,8 @@ func (s *scheduler) deadLetter(ctx context.Context, j *job, cause error) error {
 	s.log.Warn().Str("webhook_id", j.batch.WebhookID).Int("events", len(j.items)).Int("status", status).
 		Err(cause).Msg("dead-lettered")
 	now := s.now()
-	for _, it := range j.items {
+	dls := make([]DeadLetter, len(j.items))
+	for i, it := range j.items {
 		// The id a replay will carry: the request's, or for an event of a
 		// larger batch its own (a replay sends it alone; sharing the batch's
 		// id would make a deduplicating receiver drop all but one).
@@ -555,16 +566,35 @@ func (s *scheduler) deadLetter(ctx context.Context, j *job, cause error) error {
 		if len(j.items) > 1 {
 			id = WebhookID(j.batch.Subscription.ID, []Event{it.ev})
 		}
-		err := s.d.deadLetter(ctx, DeadLetter{
-			Subscription: j.batch.Subscription.ID, Event: it.ev, WebhookID: id,
-			Status: status, Reason: cause.Error(), Attempts: j.attempt,
-			FirstAttempt: j.first, LastAttempt: now,
-		})
-		if err != nil {
-			return err
-		}
+		dls[i] = DeadLetter{Subscription: j.batch.Subscription.ID, Event: it.ev, WebhookID: id,
+			Status: status, Reason: cause.Error(), Attempts: j.attempt, FirstAttempt: j.first, LastAttempt: now}
 	}
-	return nil
+	return dls
+}
+
+// retireParked dead-letters parked rows and deletes them in one transaction:
+// an event is never in the table and in the dead letters at once, so a
+// replay of the dead letter cannot meet its old row (and be dropped as a
+// duplicate of it).
+func (s *scheduler) retireParked(j *job, cause error) {
+	dls := s.deadLetters(j, cause)
+	if s.store("cannot dead-letter parked deliveries", func() error {
+		return s.d.cfg.Store.DeadLetterRows(s.ctx, j.rows(), dls)
+	}) != nil {
+		return
+	}
+	s.d.cfg.Metrics.finished(s.sub.ID, "dead_lettered", j.batch.Events)
+	k := j.keys[0]
+	k.busy, k.feedAt = false, s.now()
+	s.schedule(k, s.now())
+}
+
+func (j *job) rows() []int64 {
+	rows := make([]int64, len(j.items))
+	for i, it := range j.items {
+		rows[i] = it.row
+	}
+	return rows
 }
 
 func errorsAsFailure(err error) (Failure, bool) { return errors.AsType[Failure](err) }
@@ -595,6 +625,10 @@ func (s *scheduler) handleResult(r result) {
 		s.failingFrom = time.Time{}
 	} else if s.failingFrom.IsZero() {
 		s.failingFrom = j.first
+	}
+	if j.parked && r.err != nil && !retryable(r.err) {
+		s.retireParked(j, r.err)
+		return
 	}
 	if r.err == nil || r.dead {
 		outcome := "dead_lettered"
@@ -830,10 +864,7 @@ func (s *scheduler) finishParked(j *job) {
 // retryParked reschedules failed rows, or dead-letters them after retry_for.
 func (s *scheduler) retryParked(j *job, cause error, next time.Time) {
 	if s.now().Sub(j.first) >= s.opts.RetryFor {
-		if s.deadLetter(s.ctx, j, fmt.Errorf("retry_for (%s) exhausted: %w", s.opts.RetryFor, cause)) == nil {
-			s.d.cfg.Metrics.finished(s.sub.ID, "dead_lettered", j.batch.Events)
-			s.finishParked(j)
-		}
+		s.retireParked(j, fmt.Errorf("retry_for (%s) exhausted: %w", s.opts.RetryFor, cause))
 		return
 	}
 	rows := make([]int64, len(j.items))

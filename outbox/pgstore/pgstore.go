@@ -177,6 +177,28 @@ func New(pool *pgxpool.Pool, slot string) *Store { return &Store{pool: pool, slo
 // DeadLetter records d durably, once per subscription and event. A payload
 // that jsonb cannot hold is kept as text (payload_text).
 func (s *Store) DeadLetter(ctx context.Context, d outbox.DeadLetter) error {
+	return insertDeadLetter(ctx, s.pool, d)
+}
+
+// DeadLetterRows records dead letters and deletes the parked rows they were,
+// in one fenced transaction.
+func (s *Store) DeadLetterRows(ctx context.Context, rows []int64, dls []outbox.DeadLetter) error {
+	return s.fenced(ctx, func(tx pgx.Tx) error {
+		for _, d := range dls {
+			if err := insertDeadLetter(ctx, tx, d); err != nil {
+				return err
+			}
+		}
+		_, err := tx.Exec(ctx, `DELETE FROM walhook.deliveries WHERE id = ANY($1)`, rows)
+		return err
+	})
+}
+
+type execer interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+}
+
+func insertDeadLetter(ctx context.Context, db execer, d outbox.DeadLetter) error {
 	e := d.Event
 	// Text columns cannot hold NUL: a malformed message may carry one.
 	for _, f := range []*string{&e.ID, &e.Type, &e.ResourceID, &e.Tenant, &d.Reason} {
@@ -186,7 +208,7 @@ func (s *Store) DeadLetter(ctx context.Context, d outbox.DeadLetter) error {
 	if len(e.Payload) > 0 {
 		payload = string(e.Payload)
 	}
-	_, err := s.pool.Exec(ctx, `
+	_, err := db.Exec(ctx, `
 		INSERT INTO walhook.dead_letters
 		  (subscription, event_id, event, resource_id, tenant, payload, payload_text, committed_at,
 		   webhook_id, status, reason, attempts, first_attempt_at, last_attempt_at, sequence)
