@@ -546,7 +546,9 @@ func (s *Stream) receive(ctx context.Context) error {
 	if err != nil {
 		if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() && ctx.Err() == nil {
 			s.readDeadline = time.Time{} // set afresh for the next read
-			s.noticeStall(s.quiet())
+			if s.noticeStall(s.quiet()) {
+				return errStalled // the epoch ends now: a late message does not revive it
+			}
 			return nil
 		}
 		return fmt.Errorf("receive replication message: %w", err)
@@ -555,9 +557,6 @@ func (s *Stream) receive(ctx context.Context) error {
 	s.lastHeard.Store(now.UnixNano())
 	if s.readDeadline.Sub(now) < s.cfg.StatusInterval/2 {
 		s.readDeadline = time.Time{} // moved before the next read
-	}
-	if s.stalled.Load() && s.stalled.Swap(false) {
-		s.log.Info().Msg("stream resumed")
 	}
 	switch msg := msg.(type) {
 	case *pgproto3.CopyData:
@@ -747,11 +746,13 @@ func sequence(commit outbox.LSN, index uint64) uint64 {
 func (s *Stream) quiet() time.Duration { return time.Since(time.Unix(0, s.lastHeard.Load())) }
 
 // noticeStall declares a stall, once, when the server has been silent for the
-// stall timeout (a paused stream still reads now and then: heartbeat).
-func (s *Stream) noticeStall(quiet time.Duration) {
+// stall timeout (a paused stream still reads now and then: heartbeat), and
+// reports whether the stream has stalled: a stalled session ends.
+func (s *Stream) noticeStall(quiet time.Duration) bool {
 	if quiet > s.stall && !s.stalled.Swap(true) {
 		s.log.Error().Dur("silent_for", quiet).Msg("stream stalled: the server does not answer")
 	}
+	return s.stalled.Load()
 }
 
 // sendStatus confirms the finished position. Unless forced, it only sends when the
