@@ -647,17 +647,20 @@ func (c *chaos) check() {
 	c.holderMu.Lock()
 	holders := append([]holderSample(nil), c.holders...)
 	c.holderMu.Unlock()
-	// Only the holder sends: a request recorded at t came from the replica
-	// that held the slot at some sample in the second before.
+	// Only the holder sends: for a request recorded at t from replica X, the
+	// newest sample of the three seconds before that names a holder names X.
+	// (Right after a server crash nobody holds the slot while the old holder
+	// has not heard yet; no one else can hold it before the server is back.)
 	heldBy := func(replica int, at time.Time) bool {
 		want := fmt.Sprintf("r%d", replica)
-		i := sort.Search(len(holders), func(i int) bool { return !holders[i].at.Before(at.Add(-time.Second)) })
+		i := sort.Search(len(holders), func(i int) bool { return !holders[i].at.Before(at.Add(-3 * time.Second)) })
+		held := false
 		for ; i < len(holders) && !holders[i].at.After(at.Add(50*time.Millisecond)); i++ {
-			if h := holders[i].holder; h == want || h == "?" {
-				return true
+			if h := holders[i].holder; h != "" {
+				held = h == want || h == "?"
 			}
 		}
-		return false
+		return held
 	}
 	for _, s := range append([]string{"dyn"}, chaosSubs...) {
 		servers := c.srv[s]
