@@ -716,7 +716,7 @@ func (s *Stream) beginLazily() {
 }
 
 func (s *Stream) queueEvent(at outbox.LSN, e outbox.Event, err error) {
-	if err == nil && strings.ContainsRune(e.ID+e.Type+e.ResourceID+e.Tenant, 0) {
+	if err == nil && (hasNUL(e.ID) || hasNUL(e.Type) || hasNUL(e.ResourceID) || hasNUL(e.Tenant)) {
 		// Only a message can carry one (text columns cannot): PostgreSQL
 		// could store neither a parked row nor a dead letter of it as it is.
 		err = errors.New("id, event, resource_id or tenant contains a NUL character")
@@ -735,6 +735,8 @@ func (s *Stream) queueEvent(at outbox.LSN, e outbox.Event, err error) {
 	}
 	s.pending = append(s.pending, outbox.Change{Kind: outbox.ChangeEvent, Event: e})
 }
+
+func hasNUL(s string) bool { return strings.IndexByte(s, 0) >= 0 }
 
 // sequence orders events by commit: the transaction's commit LSN, then the
 // event's index in it (saturating at 65535; see docs/scheduler.md).

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"regexp"
 	"strconv"
 	"strings"
@@ -194,17 +193,7 @@ func TestAPIRefusesBadRequests(t *testing.T) {
 
 func TestForwardAuthKeepsTenantsApart(t *testing.T) {
 	t.Parallel()
-	auth := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		switch r.Header.Get("Authorization") {
-		case "Bearer alice":
-			w.Write([]byte(`{"tenant": "a"}`))
-		case "Bearer bob":
-			w.Write([]byte(`{"tenant": "b"}`))
-		default:
-			w.WriteHeader(http.StatusUnauthorized)
-		}
-	}))
-	t.Cleanup(auth.Close)
+	auth := tenantAuth(t)
 	ha, hb := echoing(t), echoing(t)
 	e, admin := apiEnv(t, "auth_url: "+auth.URL+"\n")
 	alice, bob := client{t: t, base: admin.base, token: "alice"}, client{t: t, base: admin.base, token: "bob"}
