@@ -119,9 +119,11 @@ type chaos struct {
 	lostBefore     int // sessions lost before it
 }
 
+// holderSample is one reading of the slot's holder, taken at some moment
+// between from and to.
 type holderSample struct {
-	at     time.Time
-	holder string // "r0".."r2", "" for nobody, "?" unknown (server down)
+	from, to time.Time
+	holder   string // "r0".."r2", "" for nobody, "?" unknown (server down)
 }
 
 func newChaos(t *testing.T, seed uint64) *chaos {
@@ -239,9 +241,10 @@ func (c *chaos) holder() string {
 
 func (c *chaos) sampleHolders() {
 	for {
+		from := time.Now()
 		h := c.holder()
 		c.holderMu.Lock()
-		c.holders = append(c.holders, holderSample{time.Now(), h})
+		c.holders = append(c.holders, holderSample{from, time.Now(), h})
 		c.holderMu.Unlock()
 		select {
 		case <-c.t.Context().Done():
@@ -647,21 +650,45 @@ func (c *chaos) check() {
 	c.holderMu.Lock()
 	holders := append([]holderSample(nil), c.holders...)
 	c.holderMu.Unlock()
-	// Only the holder sends: for a request recorded at t from replica X, the
-	// newest sample of the three seconds before that names a holder names X.
-	// (Right after a server crash nobody holds the slot while the old holder
-	// has not heard yet; no one else can hold it before the server is back.)
+	// Only the holder sends. A request recorded at t from replica X was sent
+	// by X while it held the slot: the newest reading naming a holder that was
+	// taken before t names X, or the first one taken just after t does (X took
+	// the slot between two readings). A reading of nobody is skipped: right
+	// after a server crash nobody holds the slot while the old holder has not
+	// heard yet, and no one else can hold it before the server is back.
 	heldBy := func(replica int, at time.Time) bool {
 		want := fmt.Sprintf("r%d", replica)
-		i := sort.Search(len(holders), func(i int) bool { return !holders[i].at.Before(at.Add(-3 * time.Second)) })
-		held := false
-		for ; i < len(holders) && !holders[i].at.After(at.Add(50*time.Millisecond)); i++ {
-			if h := holders[i].holder; h != "" {
-				held = h == want || h == "?"
+		names := func(h holderSample) bool { return h.holder == want || h.holder == "?" }
+		i := sort.Search(len(holders), func(i int) bool { return holders[i].to.After(at) })
+		for j := i - 1; j >= 0 && holders[j].to.After(at.Add(-3*time.Second)); j-- {
+			if holders[j].holder != "" {
+				if names(holders[j]) {
+					return true
+				}
+				break
 			}
 		}
-		return held
+		for j := i; j < len(holders) && !holders[j].from.After(at.Add(100*time.Millisecond)); j++ {
+			if holders[j].from.After(at) && holders[j].holder != "" {
+				return names(holders[j])
+			}
+		}
+		return false
 	}
+	// around lists the readings near t that changed the holder, for the log.
+	around := func(at time.Time) string {
+		var b strings.Builder
+		last := "-"
+		for _, h := range holders {
+			if h.to.Before(at.Add(-3*time.Second)) || h.from.After(at.Add(time.Second)) || h.holder == last {
+				continue
+			}
+			last = h.holder
+			fmt.Fprintf(&b, " %s–%s %q;", h.from.Format("15:04:05.000"), h.to.Format("15:04:05.000"), h.holder)
+		}
+		return b.String()
+	}
+	told := map[int]bool{}
 	for _, s := range append([]string{"dyn"}, chaosSubs...) {
 		servers := c.srv[s]
 		if s == "dyn" {
@@ -671,6 +698,10 @@ func (c *chaos) check() {
 		for _, d := range all {
 			if s != "dyn" && !heldBy(d.replica, d.at) {
 				t.Errorf("%s: replica r%d sent event %s at %s without holding the slot", s, d.replica, d.id, d.at.Format(time.StampMilli))
+				if !told[d.replica] {
+					told[d.replica] = true
+					t.Logf("holder readings around it:%s", around(d.at))
+				}
 			}
 		}
 		c.checkOrder(s, ok)
