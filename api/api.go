@@ -31,6 +31,7 @@ type Store interface {
 	ListDeadLetters(ctx context.Context, f pgstore.DeadLetterFilter, limit int) ([]pgstore.DeadLetterRow, error)
 	ReplayDeadLetters(ctx context.Context, f pgstore.DeadLetterFilter) (int64, error)
 	EnableSubscription(ctx context.Context, id string) error
+	ListAttempts(ctx context.Context, f pgstore.AttemptFilter, limit int) ([]pgstore.AttemptRow, int64, error)
 }
 
 // Verifier runs the X-Hook-Secret handshake (sender.Sender).
@@ -97,6 +98,8 @@ func (a *API) Register(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/dead-letters", a.handle(a.listDead))
 	mux.HandleFunc("POST /v1/dead-letters/{id}/replay", a.handle(a.replayOne))
 	mux.HandleFunc("POST /v1/dead-letters/replay", a.handle(a.replayMany))
+	mux.HandleFunc("GET /v1/subscriptions/{id}/attempts", a.handle(a.subscriptionAttempts))
+	mux.HandleFunc("GET /v1/events/{event_id}/attempts", a.handle(a.eventAttempts))
 }
 
 // caller is who is asking.

@@ -5,7 +5,7 @@
 //
 // BENCH_ROWS (default 1000000) rows for the backlog drain, BENCH_UNBATCHED
 // (100000) for the unbatched run, BENCH_RUNS (2) runs of each; BENCH_SCENARIOS
-// (drain,unbatched,latency,versus,busy) picks scenarios.
+// (drain,unbatched,attemptlog,latency,versus,busy) picks scenarios.
 package main
 
 import (
@@ -101,6 +101,26 @@ func run() error {
 			fmt.Sprintf("walhook (batch_max 1) %.0f events/s", u.rate),
 			fmt.Sprintf("walhook %.2f CPU-s/100k, peak RSS %d MiB", u.cpuPer100k, u.rssMiB))
 	}
+	// The attempt log's cost (docs/attempts.md): the same drains with it off
+	// and with every attempt logged, alternated.
+	for r := 1; r <= runs && want("attemptlog"); r++ {
+		var rate [2]drainResult
+		var urate [2]drainResult
+		for i, mode := range []string{"off", "all"} {
+			top := "attempt_log: " + mode + "\n"
+			if rate[i], err = backlogDrainWith("bench_log_"+mode, r, rows, top); err != nil {
+				return err
+			}
+			if urate[i], err = unbatchedDrainWith("bench_logu_"+mode, r, unbatched, top); err != nil {
+				return err
+			}
+		}
+		add(fmt.Sprintf("attempt log, run %d", r),
+			fmt.Sprintf("attempt_log: off — drain %.0f events/s, unbatched %.0f events/s (%.2f CPU-s/100k)", rate[0].rate, urate[0].rate, urate[0].cpuPer100k),
+			fmt.Sprintf("attempt_log: all — drain %.0f events/s (%+.0f%%), unbatched %.0f events/s (%+.0f%%)", rate[1].rate, 100*(rate[1].rate/rate[0].rate-1),
+				urate[1].rate, 100*(urate[1].rate/urate[0].rate-1)),
+			fmt.Sprintf("unbatched CPU %.2f CPU-s/100k with the log, peak RSS %d MiB", urate[1].cpuPer100k, urate[1].rssMiB))
+	}
 	for r := 1; r <= runs && want("latency"); r++ {
 		for _, eps := range []int{1000, 5000} {
 			f, err := decodingFloor(eps, 10*time.Second)
@@ -185,21 +205,24 @@ func newDB(name string) (string, error) {
 
 // prepare makes a fresh database for a scenario, with a config (extra: the
 // subscription's options) on which `walhook setup` has run.
-func prepare(name, extra string) (db, cfg string, err error) {
+func prepare(name, extra string) (db, cfg string, err error) { return prepareWith(name, "", extra) }
+
+// prepareWith is prepare with top-level config lines (top) as well.
+func prepareWith(name, top, extra string) (db, cfg string, err error) {
 	if db, err = newDB(name); err != nil {
 		return "", "", err
 	}
-	if cfg, err = config(db, extra); err != nil {
+	if cfg, err = config(db, top, extra); err != nil {
 		return "", "", err
 	}
 	return db, cfg, walhook("setup", "--config", cfg)
 }
 
-func config(db, extra string) (string, error) {
+func config(db, top, extra string) (string, error) {
 	path := filepath.Join(tmp, "walhook.yaml")
 	u, _ := url.Parse(db)
 	slot := strings.TrimPrefix(u.Path, "/") // slot names are cluster-wide: one per database
-	cfg := fmt.Sprintf("database_url: %s\nlisten: 127.0.0.1:0\nlog_level: warn\nslot: %s\nsubscriptions:\n  - id: bench\n    events: ['*']\n    target_url: http://%s/hooks\n    secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n%s", db, slot, recvAddr, extra)
+	cfg := fmt.Sprintf("database_url: %s\nlisten: 127.0.0.1:0\nlog_level: warn\nslot: %s\n%ssubscriptions:\n  - id: bench\n    events: ['*']\n    target_url: http://%s/hooks\n    secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n%s", db, slot, top, recvAddr, extra)
 	return path, os.WriteFile(path, []byte(cfg), 0o600)
 }
 
@@ -230,8 +253,15 @@ func backlog(db string, rows, per int) error {
 }
 
 func backlogDrain(run, rows int) (drainResult, error) {
+	return backlogDrainWith("bench_drain", run, rows, "")
+}
+
+// backlogDrainWith is backlogDrain with top-level config lines, in a database
+// and slot named name_run.
+func backlogDrainWith(name string, run, rows int, top string) (drainResult, error) {
 	var r drainResult
-	db, cfg, err := prepare(fmt.Sprintf("bench_drain_%d", run), "    batch_max: 1000\n")
+	slot := fmt.Sprintf("%s_%d", name, run)
+	db, cfg, err := prepareWith(slot, top, "    batch_max: 1000\n")
 	if err != nil {
 		return r, err
 	}
@@ -271,7 +301,7 @@ func backlogDrain(run, rows int) (drainResult, error) {
 	var walsender int
 	var wsBefore float64
 	for walsender == 0 {
-		c.QueryRow(ctx, `SELECT coalesce(active_pid, 0) FROM pg_replication_slots WHERE slot_name = $1`, fmt.Sprintf("bench_drain_%d", run)).Scan(&walsender)
+		c.QueryRow(ctx, `SELECT coalesce(active_pid, 0) FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&walsender)
 		time.Sleep(5 * time.Millisecond) // poll interval
 	}
 	wsBefore = procstat.CPUSeconds(walsender)
@@ -324,8 +354,13 @@ func selfCPU() float64 {
 }
 
 func unbatchedDrain(run, n int) (drainResult, error) {
+	return unbatchedDrainWith("bench_unbatched", run, n, "")
+}
+
+// unbatchedDrainWith is unbatchedDrain with top-level config lines.
+func unbatchedDrainWith(name string, run, n int, top string) (drainResult, error) {
 	var r drainResult
-	db, cfg, err := prepare(fmt.Sprintf("bench_unbatched_%d", run), "    batch_max: 1\n    max_in_flight: 16\n")
+	db, cfg, err := prepareWith(fmt.Sprintf("%s_%d", name, run), top, "    batch_max: 1\n    max_in_flight: 16\n")
 	if err != nil {
 		return r, err
 	}

@@ -135,9 +135,10 @@ type DispatcherConfig struct {
 	Deliverer     Deliverer
 	Store         Store
 	Logger        zerolog.Logger
-	Metrics       *Metrics // default: registered nowhere
-	Budget        *Budget  // bytes held in memory, shared with the stream; default NewBudget(0)
-	QueueSize     int      // pending deliveries per subscription before the stream pauses; default 1024
+	Metrics       *Metrics   // default: registered nowhere
+	Budget        *Budget    // bytes held in memory, shared with the stream; default NewBudget(0)
+	QueueSize     int        // pending deliveries per subscription before the stream pauses; default 1024
+	Attempts      AttemptLog // where attempts are recorded; nil: nowhere
 }
 
 // Dispatcher routes the stream's events to subscriptions, each delivered by its

@@ -163,12 +163,9 @@ func (m *Metrics) removeSubscription(sub string) {
 }
 
 func (m *Metrics) attempt(sub string, err error) {
-	class := "2xx"
-	if err != nil {
+	class := attemptClass(err)
+	if class == "timeout" {
 		class = "network"
-		if f, ok := errorsAsFailure(err); ok && f.StatusCode() > 0 {
-			class = string('0'+byte(f.StatusCode()/100)) + "xx"
-		}
 	}
 	m.attempts.WithLabelValues(sub, class).Inc()
 }

@@ -520,7 +520,11 @@ func (s *scheduler) sender(ctx context.Context) {
 			}
 		}
 		if r.err == nil {
+			start := s.now()
 			r = result{job: j, err: s.d.cfg.Deliverer.Deliver(actx, j.batch)}
+			if log := s.d.cfg.Attempts; log != nil && ctx.Err() == nil && log.Wants(r.err == nil) {
+				log.Record(newAttempt(j, start, s.now().Sub(start), r.err))
+			}
 		}
 		if cancel != nil {
 			cancel()
@@ -596,8 +600,6 @@ func (j *job) rows() []int64 {
 	}
 	return rows
 }
-
-func errorsAsFailure(err error) (Failure, bool) { return errors.AsType[Failure](err) }
 
 func gone(err error) bool {
 	f, ok := errors.AsType[Failure](err)

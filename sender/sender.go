@@ -305,7 +305,7 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 // or tokens in its query.
 func scrubURL(err error) error {
 	if errors.Is(err, context.DeadlineExceeded) {
-		return errors.New("attempt deadline exceeded")
+		return errDeadline
 	}
 	var ue *url.Error
 	if errors.As(err, &ue) {
@@ -313,6 +313,15 @@ func scrubURL(err error) error {
 	}
 	return err
 }
+
+// errDeadline is an attempt cut off by its timeout (or by park_after); it
+// matches context.DeadlineExceeded, without the URL the client error names.
+var errDeadline error = deadlineError{}
+
+type deadlineError struct{}
+
+func (deadlineError) Error() string { return "attempt deadline exceeded" }
+func (deadlineError) Unwrap() error { return context.DeadlineExceeded }
 
 // refusal is the guard's refusal under the Reason "target not allowed": it
 // says only why, and still matches ssrf.ErrForbidden.

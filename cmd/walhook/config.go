@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +18,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/walhook/walhook/cdc"
 	"github.com/walhook/walhook/outbox"
+	"github.com/walhook/walhook/outbox/pgstore"
 	"github.com/walhook/walhook/sender"
 	"github.com/walhook/walhook/sender/ssrf"
 	"go.yaml.in/yaml/v3"
@@ -57,6 +59,10 @@ type Config struct {
 	AuthCacheTTL        outbox.Duration `yaml:"auth_cache_ttl"`       // how long an auth_url answer is reused; default 10s, at most 30s, 0 = off
 	AuthTimeout         outbox.Duration `yaml:"auth_timeout"`         // one auth_url call, connect to last byte; default 5s
 
+	// The attempt log (docs/attempts.md).
+	AttemptLog          string          `yaml:"attempt_log"`           // all, failures or off; default all
+	AttemptLogRetention outbox.Duration `yaml:"attempt_log_retention"` // attempts older than this are deleted; default 72h, at least 1m
+
 	// Metrics.
 	MetricsListen             string `yaml:"metrics_listen"`              // serve /metrics here instead of on listen; default "" = on listen
 	MetricsSubscriptionLabels *bool  `yaml:"metrics_subscription_labels"` // false: no subscription label (series summed); default true
@@ -72,6 +78,8 @@ type Config struct {
 	readyMaxLag time.Duration
 	shutdown    time.Duration
 	retention   time.Duration
+	attemptLog  string
+	attemptKeep time.Duration
 
 	readTimeout, writeTimeout, idleTimeout time.Duration
 	authCacheTTL, authTimeout              time.Duration
@@ -250,6 +258,7 @@ func (c *Config) Validate(withSubscriptions bool) error {
 		{key: "idle_timeout", v: c.IdleTimeout, dst: &c.idleTimeout, def: 60 * time.Second, positive: true},
 		{key: "auth_cache_ttl", v: c.AuthCacheTTL, dst: &c.authCacheTTL, def: 10 * time.Second, most: 30 * time.Second},
 		{key: "auth_timeout", v: c.AuthTimeout, dst: &c.authTimeout, def: 5 * time.Second, positive: true, most: time.Minute},
+		{key: "attempt_log_retention", v: c.AttemptLogRetention, dst: &c.attemptKeep, def: 72 * time.Hour, positive: true},
 	} {
 		*d.dst = d.def
 		if !d.v.Set {
@@ -267,6 +276,14 @@ func (c *Config) Validate(withSubscriptions bool) error {
 		default:
 			*d.dst = v
 		}
+	}
+	if c.attemptKeep > 0 && c.attemptKeep < time.Minute {
+		bad("attempt_log_retention: %s is less than 1m", c.AttemptLogRetention.Raw)
+	}
+	switch c.attemptLog = cmp.Or(c.AttemptLog, pgstore.AttemptLogAll); c.attemptLog {
+	case pgstore.AttemptLogAll, pgstore.AttemptLogFailures, pgstore.AttemptLogOff:
+	default:
+		bad("attempt_log: %q is not one of all, failures, off", c.AttemptLog)
 	}
 	if c.MaxPendingBytes < 0 || c.MaxPendingBytes > 0 && c.MaxPendingBytes < 1<<20 {
 		bad("max_pending_bytes: %d must be at least 1048576 (1 MiB); default %d", c.MaxPendingBytes, outbox.DefaultMaxPendingBytes)

@@ -48,6 +48,7 @@ Usage:
   walhook subscriptions add --event E --target-url URL [--tenant T] [--secret S]
   walhook subscriptions rm ID
   walhook dlq list|replay|purge [--subscription S] [--since T] [--until T] [--id N] [--all] [--json]
+  walhook attempts [--subscription S | --event-id E] [--status failed|succeeded|CODE] [--since T] [--until T] [--cursor C] [--json]
   walhook healthcheck [--addr HOST:PORT]            exit 0 when /healthz answers (container HEALTHCHECK)
   walhook version
 
@@ -140,6 +141,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		err = recoverSlot(ctx, cfg, f.since, stdout)
 	case "dlq":
 		err = dlqCommand(ctx, cfg, f.dlq, stdout)
+	case "attempts":
+		err = attemptsCommand(ctx, cfg, f.attempts, stdout)
 	case "subscriptions":
 		f.subs.args = positional
 		err = subscriptionsCommand(ctx, cfg, f.subs, stdout)
@@ -163,6 +166,7 @@ type cliFlags struct {
 	addr                       string
 	subs                       subscriptionFlags
 	dlq                        dlqFlags
+	attempts                   attemptFlags
 	since                      time.Duration
 }
 
@@ -193,6 +197,8 @@ func newFlagSet(cmd string, getenv func(string) string, f *cliFlags) *flag.FlagS
 		f.subs.register(fs)
 	case "dlq":
 		f.dlq.register(fs)
+	case "attempts":
+		f.attempts.register(fs)
 	default:
 		return nil
 	}

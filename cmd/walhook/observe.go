@@ -174,6 +174,7 @@ type subscriptionStatusRow struct {
 	ID     string `json:"id"`
 	Source string `json:"source"` // config or api
 	outbox.SubscriptionReport
+	pgstore.AttemptSummary // from the attempt log (docs/attempts.md)
 }
 
 // status prints the slot and every subscription, from the database alone.
@@ -196,9 +197,13 @@ func status(ctx context.Context, cfg *Config, asJSON bool, out io.Writer) error 
 	if err != nil {
 		return fmt.Errorf("list subscriptions: %w", err)
 	}
+	summaries, err := store.AttemptSummaries(ctx)
+	if err != nil {
+		return err
+	}
 	o := statusOutput{Slot: cfg.Slot, SlotStats: slot, Report: report, Subscriptions: []subscriptionStatusRow{}}
 	add := func(id, source string) {
-		r := subscriptionStatusRow{ID: id, Source: source}
+		r := subscriptionStatusRow{ID: id, Source: source, AttemptSummary: summaries[id]}
 		if report != nil {
 			r.SubscriptionReport = report.Subscriptions[id]
 		}
@@ -234,11 +239,28 @@ func status(ctx context.Context, cfg *Config, asJSON bool, out io.Writer) error 
 		fmt.Fprintf(tw, ", %.1fs (reported %s ago by %s)", report.LagSeconds, time.Since(report.ReportedAt).Round(time.Second), report.Host)
 	}
 	fmt.Fprintf(tw, "\nretained WAL\t%s\n\n", humanBytes(slot.RetainedBytes))
-	fmt.Fprintln(tw, "SUBSCRIPTION\tSOURCE\tPENDING\tOLDEST PENDING\tPARKED\tDEAD")
+	fmt.Fprintln(tw, "SUBSCRIPTION\tSOURCE\tPENDING\tOLDEST PENDING\tPARKED\tDEAD\tLAST SUCCESS\tLAST FAILURE")
 	for _, s := range o.Subscriptions {
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%.1fs\t%d\t%d\n", s.ID, s.Source, s.Pending, s.OldestPendingSeconds, s.Parked, s.Dead)
+		failure := ago(s.LastFailure)
+		if s.LastFailure != nil {
+			if s.LastFailureStatus != nil {
+				failure += fmt.Sprintf(" (%d)", *s.LastFailureStatus)
+			} else {
+				failure += " (no response)"
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%.1fs\t%d\t%d\t%s\t%s\n", s.ID, s.Source, s.Pending, s.OldestPendingSeconds,
+			s.Parked, s.Dead, ago(s.LastSuccess), failure)
 	}
 	return tw.Flush()
+}
+
+// ago is how long ago t was, "-" for never.
+func ago(t *time.Time) string {
+	if t == nil {
+		return "-"
+	}
+	return time.Since(*t).Round(time.Second).String() + " ago"
 }
 
 func deref32(p *int32) int32 {

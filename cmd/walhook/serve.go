@@ -58,6 +58,11 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	if cfg.table == cdc.DefaultTable {
 		prober.retention = cfg.retention // other tables are the application's to prune
 	}
+	attemptLog := newAttemptLog(ctx, pool, cfg, reg, log)
+	var attempts outbox.AttemptLog // nil unless there is one (not a nil *AttemptLog)
+	if attemptLog != nil {
+		attempts = attemptLog
+	}
 	dispatcher := outbox.NewDispatcher(outbox.DispatcherConfig{
 		Subscriptions: cfg.subs,
 		Defaults:      cfg.defaults,
@@ -67,6 +72,7 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		Deliverer:     snd,
 		Store:         store,
 		Logger:        log.With().Str("component", "outbox").Logger(),
+		Attempts:      attempts,
 	})
 	conns := newConnMetrics(reg)
 	var gatherer prometheus.Gatherer = reg
@@ -107,6 +113,9 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	g.Go(func() error { return stream.Run(gctx, changes) })
 	g.Go(func() error { return dispatcher.Run(gctx, changes) })
 	g.Go(func() error { return prober.Run(gctx) })
+	if attemptLog != nil {
+		g.Go(func() error { return attemptLog.Run(gctx) })
+	}
 	for i, srv := range servers {
 		g.Go(func() error {
 			if err := srv.Serve(listeners[i]); !errors.Is(err, http.ErrServerClosed) {
@@ -145,6 +154,21 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	err = g.Wait()
 	log.Info().Msg("walhook stopped")
 	return err
+}
+
+// newAttemptLog returns the attempt log attempt_log asks for, or nil for
+// none (off, or a database set up before it existed: say so, and go on).
+func newAttemptLog(ctx context.Context, pool *pgxpool.Pool, cfg *Config, reg prometheus.Registerer, log zerolog.Logger) *pgstore.AttemptLog {
+	if cfg.attemptLog == pgstore.AttemptLogOff {
+		return nil
+	}
+	var exists bool
+	if err := pool.QueryRow(ctx, `SELECT to_regclass('walhook.attempts') IS NOT NULL`).Scan(&exists); err != nil || !exists {
+		log.Warn().Msg("attempt_log: walhook.attempts does not exist (set up by an older walhook): run `walhook setup`; attempts are not logged until then")
+		return nil
+	}
+	return pgstore.NewAttemptLog(pool, pgstore.AttemptLogConfig{Mode: cfg.attemptLog, Retention: cfg.attemptKeep,
+		Logger: log.With().Str("component", "attempts").Logger(), Registerer: reg})
 }
 
 func connectPool(ctx context.Context, cfg *Config) (*pgxpool.Pool, error) {

@@ -21,7 +21,7 @@ import (
 
 // SchemaSQL creates the walhook schema and walhook's own tables. Idempotent.
 func SchemaSQL() []string {
-	return []string{
+	return append([]string{
 		`CREATE SCHEMA IF NOT EXISTS walhook`,
 		`CREATE TABLE IF NOT EXISTS walhook.dead_letters (
   id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -150,7 +150,7 @@ END $do$`,
   row             jsonb,
   PRIMARY KEY (slot, seq)
 )`,
-	}
+	}, attemptsSQL...)
 }
 
 // TeardownSQL forgets what walhook recorded for a slot.
