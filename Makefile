@@ -5,7 +5,7 @@ TESTARGS ?=
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -s -w -X github.com/walhook/walhook/sender.Version=$(VERSION)
 
-.PHONY: help test test-chaos fuzz demo bench build vet clean
+.PHONY: help test test-chaos fuzz demo bench build vet browser clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -18,7 +18,13 @@ vet: ## gofmt check and go vet
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 	$(GO) vet ./...
 
-test: vet ## all tests with -race against a throwaway PostgreSQL (started and stopped here)
+browser: ## install Debian's chromium when missing (the console's browser test drives it)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing chromium for the console's browser test"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; }
+
+test: vet browser ## all tests with -race against a throwaway PostgreSQL (started and stopped here)
 	$(PGTMP) $(GO) test -race -count=1 -timeout 15m $(TESTARGS) ./...
 
 test-chaos: ## the long runs: the fault-injection suite for 10m (WALHOOK_CHAOS_DURATION, WALHOOK_CHAOS_SEED), a 1,000,000-row transaction and 400 × 1 MiB for a dead endpoint under 256 MiB

@@ -63,6 +63,8 @@ type Config struct {
 	AttemptLog          string          `yaml:"attempt_log"`           // all, failures or off; default all
 	AttemptLogRetention outbox.Duration `yaml:"attempt_log_retention"` // attempts older than this are deleted; default 72h, at least 1m
 
+	Console *bool `yaml:"console"` // the operator console at /console (admin token); default true
+
 	// Metrics.
 	MetricsListen             string `yaml:"metrics_listen"`              // serve /metrics here instead of on listen; default "" = on listen
 	MetricsSubscriptionLabels *bool  `yaml:"metrics_subscription_labels"` // false: no subscription label (series summed); default true

@@ -47,6 +47,8 @@ type prober struct {
 
 	acker     *outbox.Acker
 	lastState string // confirmed LSN and high-water mark last written
+
+	onSample func(slot pgstore.SlotStats, lagSeconds float64) // each probe's reading, for the console's chart
 }
 
 func newProber(reg prometheus.Registerer, store *pgstore.Store, m *outbox.Metrics, acker *outbox.Acker, stream *cdc.Stream, log zerolog.Logger) *prober {
@@ -92,6 +94,9 @@ func (p *prober) probe(ctx context.Context) error {
 	}
 	p.lag.Set(float64(slot.LagBytes))
 	p.retained.Set(float64(slot.RetainedBytes))
+	if p.onSample != nil {
+		p.onSample(slot, p.metrics.LagSeconds())
+	}
 	p.metrics.SetStored(subs)
 	if h := p.stream.Health(); h != cdc.Streaming && h != cdc.Stalled {
 		return nil // only the replica holding the slot reports and prunes

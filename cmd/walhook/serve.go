@@ -14,6 +14,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/walhook/walhook/api"
 	"github.com/walhook/walhook/cdc"
+	"github.com/walhook/walhook/console"
 	"github.com/walhook/walhook/outbox"
 	"github.com/walhook/walhook/outbox/pgstore"
 	"github.com/walhook/walhook/sender"
@@ -93,6 +94,15 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	}).Register(mux)
 	if reason := cfg.apiDisabled(); reason != "" {
 		log.Warn().Msg(reason)
+	}
+	if cfg.Console == nil || *cfg.Console {
+		lag := console.NewRing(time.Hour)
+		prober.onSample = func(slot pgstore.SlotStats, lagSeconds float64) {
+			lag.Add(console.Sample{At: time.Now(), LagBytes: slot.LagBytes, LagSeconds: lagSeconds})
+		}
+		console.New(console.Config{API: mux, AdminToken: cfg.AdminToken, Slot: cfg.Slot, Source: store, Lag: lag,
+			Open:   cfg.AdminToken == "" && cfg.AuthURL == "" && cfg.apiDisabled() == "",
+			Logger: log.With().Str("component", "console").Logger()}).Register(mux)
 	}
 	srv := newServer(cfg, jsonErrors(mux))
 	servers := []*http.Server{srv}

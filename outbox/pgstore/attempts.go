@@ -439,3 +439,32 @@ func (s *Store) AttemptSummaries(ctx context.Context) (map[string]AttemptSummary
 	}
 	return out, nil
 }
+
+// Outcomes counts a subscription's recent attempts.
+type Outcomes struct {
+	Attempts, Delivered int
+}
+
+// RecentOutcomes counts the last n attempts of each subscription in ids.
+func (s *Store) RecentOutcomes(ctx context.Context, ids []string, n int) (map[string]Outcomes, error) {
+	rows, err := s.pool.Query(ctx, `SELECT s.id, x.n, x.ok FROM unnest($1::text[]) s(id), LATERAL (
+		  SELECT count(*) n, count(*) FILTER (WHERE outcome = 'delivered') ok
+		    FROM (SELECT outcome FROM walhook.attempts WHERE subscription = s.id ORDER BY id DESC LIMIT $2) y) x`, ids, n)
+	if pgErr, ok := errors.AsType[*pgconn.PgError](err); ok && pgErr.Code == "42P01" {
+		return nil, nil // set up by an older walhook: no attempt log yet
+	}
+	if err != nil {
+		return nil, fmt.Errorf("count recent attempts: %w", err)
+	}
+	out := map[string]Outcomes{}
+	var id string
+	var o Outcomes
+	_, err = pgx.ForEachRow(rows, []any{&id, &o.Attempts, &o.Delivered}, func() error {
+		out[id] = o
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("count recent attempts: %w", err)
+	}
+	return out, nil
+}
