@@ -27,6 +27,20 @@ const (
 // caller is not told it is unauthorised, and nothing is cached or counted.
 var errAuthUnavailable = errors.New("auth_url unavailable")
 
+// LoopbackHost reports whether a Host header names this machine's loopback:
+// localhost, or a loopback address, with or without a port.
+func LoopbackHost(hostport string) bool {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		host = hostport
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip, err := netip.ParseAddr(strings.Trim(host, "[]"))
+	return err == nil && ip.IsLoopback()
+}
+
 func (a *API) authenticate(r *http.Request) (caller, error) {
 	h := r.Header.Get("Authorization")
 	if a.cfg.AdminToken != "" {
@@ -35,7 +49,12 @@ func (a *API) authenticate(r *http.Request) (caller, error) {
 			return caller{admin: true}, nil
 		}
 	} else if a.cfg.AuthURL == "" {
-		return caller{admin: true}, nil // loopback only, without a token
+		// Loopback only, without a token: and only under a loopback name, or
+		// a web page that rebinds its own name to 127.0.0.1 would be admin.
+		if !LoopbackHost(r.Host) {
+			return caller{}, fail(http.StatusForbidden, "without admin_token the API answers only at a loopback address (127.0.0.1, [::1], localhost), not at Host %q", r.Host)
+		}
+		return caller{admin: true}, nil
 	}
 	var key [sha256.Size]byte
 	tenant, ok, hit := "", false, false

@@ -7,6 +7,7 @@ package console
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/hmac"
 	"crypto/rand"
@@ -20,6 +21,7 @@ import (
 	"html/template"
 	"io"
 	"io/fs"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -28,6 +30,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/walhook/walhook/api"
 	"github.com/walhook/walhook/outbox"
 	"github.com/walhook/walhook/outbox/pgstore"
 )
@@ -64,20 +67,21 @@ type Console struct {
 	key   []byte // signs sessions and form tokens; new at every start
 
 	mu       sync.Mutex
-	failures []time.Time // failed logins in the last minute
+	failures map[string][]time.Time // failed sign-ins in the last minute, per client address
 }
 
 const (
 	cookieName     = "walhook_console"
 	sessionFor     = 12 * time.Hour
-	maxLoginFails  = 10 // per minute, from anyone: then logins wait
+	maxLoginFails  = 10    // per minute and client address: then its sign-ins wait
+	maxLoginAddrs  = 10000 // addresses remembered; past it the oldest minute is forgotten at once
 	maxFormBytes   = 4 << 10
 	recentAttempts = 100 // the success rate is over this many attempts
 )
 
 // New returns the console.
 func New(cfg Config) *Console {
-	c := &Console{cfg: cfg, pages: map[string]*template.Template{}, key: make([]byte, 32)}
+	c := &Console{cfg: cfg, pages: map[string]*template.Template{}, key: make([]byte, 32), failures: map[string][]time.Time{}}
 	rand.Read(c.key)
 	funcs := template.FuncMap{
 		"ago":   ago,
@@ -159,7 +163,7 @@ func (c *Console) headers(h http.Handler) http.Handler {
 func (c *Console) page(f pageFunc) http.Handler {
 	return c.headers(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !c.signedIn(r) {
-			c.render(w, "login", &view{Title: "Sign in", Status: http.StatusUnauthorized, Error: c.unavailable()})
+			c.render(w, "login", &view{Title: "Sign in", Status: http.StatusUnauthorized, Error: c.unavailable(r)})
 			return
 		}
 		name, v, err := f(r)
@@ -234,9 +238,12 @@ func (c *Console) fail(w http.ResponseWriter, r *http.Request, err error) {
 	c.render(w, "done", c.withSession(r, v))
 }
 
-// unavailable says why nobody can sign in, if so.
-func (c *Console) unavailable() string {
-	if c.cfg.AdminToken == "" && !c.cfg.Open {
+// unavailable says why r cannot sign in, if so.
+func (c *Console) unavailable(r *http.Request) string {
+	switch {
+	case c.cfg.Open && !api.LoopbackHost(r.Host):
+		return "Without admin_token the console answers only at a loopback address (127.0.0.1, localhost)."
+	case c.cfg.AdminToken == "" && !c.cfg.Open:
 		return "The console needs admin_token in walhook's config."
 	}
 	return ""
@@ -252,7 +259,9 @@ func (c *Console) mac(parts ...string) string {
 
 func (c *Console) signedIn(r *http.Request) bool {
 	if c.cfg.Open {
-		return true
+		// No sign-in on loopback, but only under a loopback name: a page
+		// elsewhere that rebinds its own name to 127.0.0.1 is not the console.
+		return api.LoopbackHost(r.Host)
 	}
 	if c.cfg.AdminToken == "" {
 		return false
@@ -290,15 +299,15 @@ func sameOrigin(r *http.Request) bool {
 
 func (c *Console) login(w http.ResponseWriter, r *http.Request) {
 	r.Body = http.MaxBytesReader(w, r.Body, maxFormBytes)
+	if msg := c.unavailable(r); msg != "" || !sameOrigin(r) {
+		c.render(w, "login", &view{Title: "Sign in", Status: http.StatusForbidden, Error: cmp.Or(msg, "Sign in from the console's own page.")})
+		return
+	}
 	if c.cfg.Open {
 		http.Redirect(w, r, "/console", http.StatusSeeOther)
 		return
 	}
-	if msg := c.unavailable(); msg != "" || !sameOrigin(r) {
-		c.render(w, "login", &view{Title: "Sign in", Status: http.StatusForbidden, Error: cmpOr(msg, "Sign in from the console's own page.")})
-		return
-	}
-	if !c.allowLogin() {
+	if !c.allowLogin(clientAddr(r)) {
 		c.render(w, "login", &view{Title: "Sign in", Status: http.StatusTooManyRequests, Error: "Too many failed sign-ins: try again in a minute."})
 		return
 	}
@@ -307,7 +316,7 @@ func (c *Console) login(w http.ResponseWriter, r *http.Request) {
 		token = r.PostForm.Get("token")
 	}
 	if subtle.ConstantTimeCompare([]byte(token), []byte(c.cfg.AdminToken)) != 1 {
-		c.loginFailed()
+		c.loginFailed(clientAddr(r))
 		c.render(w, "login", &view{Title: "Sign in", Status: http.StatusUnauthorized, Error: "That is not the admin token."})
 		return
 	}
@@ -317,21 +326,38 @@ func (c *Console) login(w http.ResponseWriter, r *http.Request) {
 	http.Redirect(w, r, "/console", http.StatusSeeOther)
 }
 
-func (c *Console) allowLogin() bool {
+func (c *Console) allowLogin(addr string) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	f := c.failures[addr]
 	cut := 0
-	for cut < len(c.failures) && time.Since(c.failures[cut]) > time.Minute {
+	for cut < len(f) && time.Since(f[cut]) > time.Minute {
 		cut++
 	}
-	c.failures = c.failures[cut:]
-	return len(c.failures) < maxLoginFails
+	if f = f[cut:]; len(f) == 0 {
+		delete(c.failures, addr)
+	} else {
+		c.failures[addr] = f
+	}
+	return len(f) < maxLoginFails
 }
 
-func (c *Console) loginFailed() {
+func (c *Console) loginFailed(addr string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.failures = append(c.failures, time.Now())
+	if len(c.failures) >= maxLoginAddrs {
+		clear(c.failures) // a flood of addresses: start the minute again
+	}
+	c.failures[addr] = append(c.failures[addr], time.Now())
+}
+
+// clientAddr is r's client address without its port.
+func clientAddr(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
 }
 
 func (c *Console) logout(w http.ResponseWriter, r *http.Request) {
@@ -358,7 +384,7 @@ func (c *Console) call(r *http.Request, method, path string, out any) error {
 	if err != nil {
 		return err
 	}
-	req.RemoteAddr = r.RemoteAddr
+	req.RemoteAddr, req.Host = r.RemoteAddr, r.Host
 	if method == http.MethodPost {
 		req.Body, req.ContentLength = io.NopCloser(strings.NewReader("{}")), 2
 		req.Header.Set("Content-Type", "application/json")
@@ -373,7 +399,7 @@ func (c *Console) call(r *http.Request, method, path string, out any) error {
 			Error string `json:"error"`
 		}
 		json.Unmarshal(rec.body.Bytes(), &e)
-		return &apiError{status: rec.status, msg: cmpOr(e.Error, http.StatusText(rec.status))}
+		return &apiError{status: rec.status, msg: cmp.Or(e.Error, http.StatusText(rec.status))}
 	}
 	if out == nil {
 		return nil
@@ -398,13 +424,6 @@ func (r *recorder) WriteHeader(status int) {
 func (r *recorder) Write(b []byte) (int, error) {
 	r.wrote = true
 	return r.body.Write(b)
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }
 
 func ago(t *time.Time) string {

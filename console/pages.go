@@ -30,7 +30,12 @@ type overviewData struct {
 	Reported      *pgstore.Report
 	Chart         chart
 	Subscriptions []subscriptionRow
+	Total         int // subscriptions in all; the page shows maxOverview
 }
+
+// maxOverview bounds the overview's rows (and its queries): past it, the API
+// lists the rest.
+const maxOverview = 500
 
 func (c *Console) overview(r *http.Request) (string, *view, error) {
 	ctx := r.Context()
@@ -50,6 +55,9 @@ func (c *Console) overview(r *http.Request) (string, *view, error) {
 	if err != nil {
 		return "", nil, err
 	}
+	sort.SliceStable(subs, func(i, j int) bool { return subs[i].ID < subs[j].ID })
+	total := len(subs)
+	subs = subs[:min(len(subs), maxOverview)]
 	ids := make([]string, len(subs))
 	for i, s := range subs {
 		ids[i] = s.ID
@@ -58,7 +66,7 @@ func (c *Console) overview(r *http.Request) (string, *view, error) {
 	if err != nil {
 		return "", nil, err
 	}
-	d := overviewData{Stats: slot, Reported: report}
+	d := overviewData{Stats: slot, Reported: report, Total: total}
 	if report != nil {
 		d.LagSeconds = report.LagSeconds
 	}
@@ -80,7 +88,6 @@ func (c *Console) overview(r *http.Request) (string, *view, error) {
 		}
 		d.Subscriptions = append(d.Subscriptions, row)
 	}
-	sort.SliceStable(d.Subscriptions, func(i, j int) bool { return d.Subscriptions[i].ID < d.Subscriptions[j].ID })
 	return "overview", &view{Title: "Overview", Data: d}, nil
 }
 

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"io"
 	"net/http"
@@ -247,6 +248,33 @@ func TestConsoleRefusesWhatDidNotComeFromIt(t *testing.T) {
 	}
 	if got := post(replay, url.Values{"csrf": {m[1]}}, base); got != http.StatusOK || e.deadLetters() != 0 {
 		t.Errorf("replay from the console: %d, %d dead letters left", got, e.deadLetters())
+	}
+
+	// Without admin_token on loopback the console needs no sign-in, but only
+	// under a loopback name: not for a page that rebinds its own name here.
+	open := newEnv(t, "")
+	open.setup()
+	openBase := open.addr(open.start())
+	for host, want := range map[string]int{"": http.StatusOK, "evil.example": http.StatusUnauthorized} {
+		// The API likewise.
+		req, _ := http.NewRequest("GET", openBase+"/v1/subscriptions", nil)
+		req.Host = cmp.Or(host, req.Host)
+		if resp, err := http.DefaultClient.Do(req); err != nil {
+			t.Fatal(err)
+		} else if resp.Body.Close(); (resp.StatusCode == http.StatusOK) != (want == http.StatusOK) {
+			t.Errorf("open API, Host %q: %d", host, resp.StatusCode)
+		}
+		req, _ = http.NewRequest("GET", openBase+"/console", nil)
+		req.Host = cmp.Or(host, req.Host)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != want || (want == http.StatusOK) != strings.Contains(string(body), "Replication slot") {
+			t.Errorf("open console, Host %q: %d, want %d", host, resp.StatusCode, want)
+		}
 	}
 
 	off := newEnv(t, "admin_token: "+adminToken+"\nconsole: false\n")

@@ -33,7 +33,9 @@ var attemptsSQL = []string{`CREATE TABLE IF NOT EXISTS walhook.attempts (
   duration_ms  double precision NOT NULL
 )`,
 	`CREATE INDEX IF NOT EXISTS attempts_subscription_idx ON walhook.attempts (subscription, id)`,
-	`CREATE INDEX IF NOT EXISTS attempts_at_idx ON walhook.attempts (at)`,
+	// at grows with id: a BRIN index finds what to prune at a fraction of a
+	// B-tree's cost per insert.
+	`CREATE INDEX IF NOT EXISTS attempts_at_idx ON walhook.attempts USING brin (at)`,
 	`CREATE INDEX IF NOT EXISTS attempts_event_idx ON walhook.attempts USING gin (event_ids)`,
 	`CREATE TABLE IF NOT EXISTS walhook.attempt_summary (
   subscription        text PRIMARY KEY,
@@ -291,7 +293,7 @@ func (l *AttemptLog) prune(ctx context.Context) {
 	cutoff := time.Now().Add(-l.cfg.Retention)
 	for ctx.Err() == nil {
 		tag, err := l.pool.Exec(ctx, `DELETE FROM walhook.attempts WHERE id IN
-			(SELECT id FROM walhook.attempts WHERE at < $1 ORDER BY at LIMIT $2)`, cutoff, attemptPruneChunk)
+			(SELECT id FROM walhook.attempts WHERE at < $1 LIMIT $2)`, cutoff, attemptPruneChunk)
 		if err != nil {
 			if ctx.Err() == nil {
 				l.cfg.Logger.Warn().Err(err).Msg("attempt log: cannot prune")
