@@ -14,9 +14,14 @@ build: ## build bin/walhook and bin/receiver
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o bin/walhook ./cmd/walhook
 	CGO_ENABLED=0 $(GO) build -o bin/receiver ./examples/receiver
 
-vet: ## gofmt check and go vet
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+
+vet: ## gofmt, go vet, go mod tidy -diff, staticcheck (pinned) and the import rules (docs/development.md)
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 	$(GO) vet ./...
+	$(GO) mod tidy -diff
+	$(GO) run $(STATICCHECK) ./...
+	$(GO) run ./internal/importcheck
 
 browser: ## install Debian's chromium when missing (the console's browser test drives it)
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \

@@ -31,11 +31,6 @@ import (
 	"github.com/walhook/walhook/internal/procstat"
 )
 
-type result struct {
-	name string
-	runs []string
-}
-
 func main() {
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)

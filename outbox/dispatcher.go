@@ -105,10 +105,10 @@ type Store interface {
 var (
 	// ErrFenced means another process took a newer delivery lease: this
 	// process's epoch is over.
-	ErrFenced = errors.New("another walhook process took over delivery (lease fenced)")
+	ErrFenced = errors.New("outbox: another walhook process took over delivery (lease fenced)")
 	// ErrPermanent marks a store error that retrying cannot fix (the data
 	// cannot be stored as it is).
-	ErrPermanent = errors.New("permanent store error")
+	ErrPermanent = errors.New("outbox: permanent store error")
 )
 
 // ParkedEvent is an event in walhook.deliveries.

@@ -162,6 +162,18 @@ func (m *Metrics) removeSubscription(sub string) {
 	m.coalesced.DeleteLabelValues(sub)
 }
 
+// known makes a subscription's labelled counters exist at zero, so that
+// rate() and absence alerts see them before their first increment.
+func (m *Metrics) known(sub string) {
+	for _, outcome := range []string{"delivered", "dead_lettered", "dropped", "parked"} {
+		m.deliveries.WithLabelValues(sub, outcome)
+	}
+	for _, class := range []string{"2xx", "3xx", "4xx", "5xx", "network"} {
+		m.attempts.WithLabelValues(sub, class)
+	}
+	m.coalesced.WithLabelValues(sub)
+}
+
 func (m *Metrics) attempt(sub string, err error) {
 	class := attemptClass(err)
 	if class == "timeout" {

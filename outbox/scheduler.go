@@ -109,6 +109,7 @@ func newScheduler(d *Dispatcher, s *Subscription, in <-chan delivery) *scheduler
 		keys: map[string]*key{},
 	}
 	sc.setSubscription(s)
+	d.cfg.Metrics.known(s.ID)
 	sc.disabled = s.Disabled // disabled before this epoch: stays so
 	// Room for every send that can be in flight, under any later options.
 	sc.jobs = make(chan *job, 1024)

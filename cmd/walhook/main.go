@@ -231,6 +231,10 @@ func healthcheck(ctx context.Context, addr string, stderr io.Writer) int {
 	return exitOK
 }
 
+// Durations in logs are seconds (zerolog's default is milliseconds without
+// saying so): "retry_in":1.5 is a second and a half.
+func init() { zerolog.DurationFieldUnit = time.Second }
+
 func newLogger(w io.Writer, format, level string) zerolog.Logger {
 	if format == "console" {
 		w = zerolog.ConsoleWriter{Out: w}

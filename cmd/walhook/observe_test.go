@@ -56,6 +56,13 @@ func TestMetricsFollowAnOutage(t *testing.T) {
 	e.setup()
 	r := e.start()
 	base := e.addr(r)
+	// Before anything happened, the labelled counters are there at zero
+	// (rate() and absence alerts need them).
+	e.eventually(10*time.Second, "the counters at zero", func() bool {
+		_, body := get(t, base+"/metrics")
+		return metric(body, "walhook_deliveries_total", `outcome="delivered",subscription="s"`) == 0 &&
+			metric(body, "walhook_delivery_attempts_total", `status_class="2xx",subscription="s"`) == 0
+	})
 	e.exec(`INSERT INTO walhook.outbox (event, resource_id) SELECT 'x', 'r' || g FROM generate_series(1, 5) g`)
 	var first float64
 	e.eventually(30*time.Second, "oldest pending to grow", func() bool {

@@ -82,7 +82,8 @@ if [[ "${DEMO_ONCE:-}" != "" ]]; then
   exit 0
 fi
 echo "demo: walhook is still running; try:  $PG_BINDIR/psql '$db' -c \"INSERT INTO walhook.outbox (event, resource_id, payload) VALUES ('contact.updated', 'c1', '{}')\""
+echo "demo: the operator console: http://127.0.0.1:$wport/console"
 echo "demo: Ctrl-C to stop and clean up"
-tail -f "$work/received.jsonl" &
+tail -n 0 -f "$work/received.jsonl" &  # only what arrives from now: the first hooks are printed above
 pids+=($!)
 wait "${pids[1]}"
