@@ -1,6 +1,9 @@
 // Package pgstore keeps walhook's durable state in PostgreSQL, in the walhook
-// schema: dead letters now; parked deliveries and the high-water mark later. It
-// implements outbox.Store. The healthy delivery path never touches it.
+// schema: dead letters, parked deliveries (walhook.deliveries), the delivery
+// lease, API subscriptions and their routing log, debounce marks, the status
+// report and high-water mark, and the attempt log. It implements outbox.Store.
+// The healthy delivery path writes only the attempt log, off the path
+// (attempts.go).
 package pgstore
 
 import (
