@@ -3,7 +3,6 @@ package api
 import (
 	"context"
 	"crypto/rand"
-	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -171,27 +170,37 @@ type Request struct {
 
 // View is a subscription as the API shows it; options are the effective ones.
 type View struct {
-	ID           string     `json:"id"`
-	Events       []string   `json:"events"`
-	TargetURL    string     `json:"target_url"`
-	Tenant       *string    `json:"tenant"`
-	Secret       string     `json:"secret,omitempty"`
-	VerifyIntent bool       `json:"verify_intent"`
-	ReadOnly     bool       `json:"read_only"`
-	DisabledAt   *time.Time `json:"disabled_at"` // set while endpoint health has it off (POST .../enable)
-	CreatedAt    *time.Time `json:"created_at,omitempty"`
-	UpdatedAt    *time.Time `json:"updated_at,omitempty"`
+	ID        string   `json:"id"`
+	Events    []string `json:"events"`
+	TargetURL string   `json:"target_url"`
+	Tenant    *string  `json:"tenant"`
+	Secret    string   `json:"secret,omitempty"`
+	// PublicKey verifies v1a signatures (whpk_); PreviousPublicKey those of
+	// the rotated-out key during rotation_overlap. Not secrets: always shown.
+	PublicKey         string     `json:"public_key,omitempty"`
+	PreviousPublicKey string     `json:"previous_public_key,omitempty"`
+	VerifyIntent      bool       `json:"verify_intent"`
+	ReadOnly          bool       `json:"read_only"`
+	DisabledAt        *time.Time `json:"disabled_at"` // set while endpoint health has it off (POST .../enable)
+	CreatedAt         *time.Time `json:"created_at,omitempty"`
+	UpdatedAt         *time.Time `json:"updated_at,omitempty"`
 	outbox.Options
 }
 
 func (a *API) view(r *outbox.SubscriptionRow) View {
 	opts, _ := r.Options.Resolve("", a.cfg.Defaults)
-	return View{ID: r.ID, Events: r.Events, TargetURL: r.TargetURL, Tenant: r.Tenant, VerifyIntent: r.VerifyIntent,
-		CreatedAt: &r.CreatedAt, UpdatedAt: &r.UpdatedAt, DisabledAt: r.DisabledAt, Options: outbox.OptionsOf(opts)}
+	v := View{ID: r.ID, Events: r.Events, TargetURL: r.TargetURL, Tenant: r.Tenant, VerifyIntent: r.VerifyIntent,
+		CreatedAt: &r.CreatedAt, UpdatedAt: &r.UpdatedAt, DisabledAt: r.DisabledAt, Options: outbox.OptionsOf(opts),
+		PublicKey: sender.PublicKey(r.Secret)}
+	if r.PreviousSecret != nil && r.PreviousSecretUntil != nil && time.Now().Before(*r.PreviousSecretUntil) {
+		v.PreviousPublicKey = sender.PublicKey(*r.PreviousSecret)
+	}
+	return v
 }
 
 func staticView(s *outbox.Subscription) View {
-	v := View{ID: s.ID, Events: s.Events, TargetURL: s.TargetURL, ReadOnly: true, Options: outbox.OptionsOf(s.Delivery)}
+	v := View{ID: s.ID, Events: s.Events, TargetURL: s.TargetURL, ReadOnly: true, Options: outbox.OptionsOf(s.Delivery),
+		PublicKey: sender.PublicKey(s.Secret)}
 	if s.Tenant != "" {
 		v.Tenant = &s.Tenant
 	}
@@ -210,16 +219,17 @@ func (a *API) create(_ http.ResponseWriter, r *http.Request, c caller) (int, any
 	if req.VerifyIntent != nil {
 		row.VerifyIntent = *req.VerifyIntent
 	}
-	if row.Secret == "" {
-		row.Secret = NewSecret()
-	} else if _, err := sender.ParseSecret(row.Secret); err != nil {
-		return 0, nil, fail(http.StatusBadRequest, "secret: %v", err)
-	}
 	if err := scopeTenant(c, row); err != nil {
 		return 0, nil, err
 	}
 	if err := a.apply(r.Context(), row, &req, true); err != nil {
 		return 0, nil, err
+	}
+	schemes := a.schemes(row)
+	if row.Secret == "" {
+		row.Secret = sender.NewSecret(schemes)
+	} else if err := sender.CheckSecret(row.Secret, schemes); err != nil {
+		return 0, nil, fail(http.StatusBadRequest, "secret: %v", err)
 	}
 	if err := a.cfg.Store.InsertSubscription(r.Context(), row); err != nil {
 		return 0, nil, err
@@ -396,10 +406,18 @@ func (a *API) patch(_ http.ResponseWriter, r *http.Request, c caller) (int, any,
 	if err := a.apply(r.Context(), row, &req, false); err != nil {
 		return 0, nil, err
 	}
+	// A changed signature changes the secret: a fresh key for a scheme
+	// added (shown in this answer only), none for a scheme dropped.
+	var added bool
+	row.Secret, added = sender.FitSecret(row.Secret, a.schemes(row))
 	if err := a.cfg.Store.UpdateSubscription(r.Context(), row); err != nil {
 		return 0, nil, notFound(err, row.ID)
 	}
-	return http.StatusOK, a.view(row), nil
+	v := a.view(row)
+	if added {
+		v.Secret = row.Secret
+	}
+	return http.StatusOK, v, nil
 }
 
 func (a *API) delete(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
@@ -427,16 +445,24 @@ func (a *API) rotate(_ http.ResponseWriter, r *http.Request, c caller) (int, any
 			return 0, nil, err
 		}
 	}
+	schemes := a.schemes(row)
 	if req.Secret == "" {
-		req.Secret = NewSecret()
-	} else if _, err := sender.ParseSecret(req.Secret); err != nil {
+		req.Secret = sender.NewSecret(schemes)
+	} else if err := sender.CheckSecret(req.Secret, schemes); err != nil {
 		return 0, nil, fail(http.StatusBadRequest, "secret: %v", err)
 	}
 	until := time.Now().Add(a.cfg.RotationOverlap)
 	if err := a.cfg.Store.RotateSecret(r.Context(), row.ID, req.Secret, until); err != nil {
 		return 0, nil, notFound(err, row.ID)
 	}
-	return http.StatusOK, map[string]any{"secret": req.Secret, "previous_secret_valid_until": until.UTC()}, nil
+	answer := map[string]any{"secret": req.Secret, "previous_secret_valid_until": until.UTC()}
+	if pk := sender.PublicKey(req.Secret); pk != "" {
+		answer["public_key"] = pk
+		if old := sender.PublicKey(row.Secret); old != "" {
+			answer["previous_public_key"] = old
+		}
+	}
+	return http.StatusOK, answer, nil
 }
 
 func (a *API) enable(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
@@ -465,11 +491,13 @@ func deref(s *string) string {
 	return *s
 }
 
-// NewSecret returns a fresh signing secret: whsec_ and 32 random bytes, base64.
-func NewSecret() string {
-	var b [32]byte
-	rand.Read(b[:])
-	return sender.SecretPrefix + base64.StdEncoding.EncodeToString(b[:])
+// NewSecret returns a fresh v1 signing secret: whsec_ and 32 random bytes, base64.
+func NewSecret() string { return sender.NewKey(outbox.SchemeV1) }
+
+// schemes are the signature schemes row's options resolve to.
+func (a *API) schemes(row *outbox.SubscriptionRow) outbox.Schemes {
+	opts, _ := row.Options.Resolve("", a.cfg.Defaults) // checked by apply
+	return opts.Signature
 }
 
 // NewID returns a fresh subscription id.

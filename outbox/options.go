@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 )
@@ -28,6 +29,73 @@ type Options struct {
 	ParkAfter        Duration `yaml:"park_after" json:"park_after,omitzero"`
 	RetryFor         Duration `yaml:"retry_for" json:"retry_for,omitzero"`
 	DisableAfter     Duration `yaml:"disable_after" json:"disable_after,omitzero"`
+	Signature        Schemes  `yaml:"signature" json:"signature,omitzero"`
+}
+
+// Signature schemes of Standard Webhooks.
+const (
+	SchemeV1  = "v1"  // HMAC-SHA256 under a whsec_ secret
+	SchemeV1a = "v1a" // ed25519 under a whsk_ private key; receivers verify with its whpk_ public key
+)
+
+// Schemes are the signature schemes a subscription signs with: one name
+// (signature: v1a) or a list (signature: [v1, v1a]).
+type Schemes []string
+
+// UnmarshalYAML takes a name or a list of names.
+func (s *Schemes) UnmarshalYAML(unmarshal func(any) error) error {
+	var one string
+	if err := unmarshal(&one); err == nil {
+		*s = Schemes{one}
+		return nil
+	}
+	var list []string
+	if err := unmarshal(&list); err != nil {
+		return errors.New("signature: want v1, v1a or a list of them")
+	}
+	*s = list
+	return nil
+}
+
+// UnmarshalJSON takes a name or a list of names.
+func (s *Schemes) UnmarshalJSON(b []byte) error {
+	var one string
+	if err := json.Unmarshal(b, &one); err == nil {
+		*s = Schemes{one}
+		return nil
+	}
+	var list []string
+	if err := json.Unmarshal(b, &list); err != nil {
+		return errors.New("want v1, v1a or a list of them")
+	}
+	*s = list
+	return nil
+}
+
+// MarshalJSON writes one name as a string, several as a list.
+func (s Schemes) MarshalJSON() ([]byte, error) {
+	if len(s) == 1 {
+		return json.Marshal(s[0])
+	}
+	return json.Marshal([]string(s))
+}
+
+// Has reports whether scheme is among s.
+func (s Schemes) Has(scheme string) bool { return slices.Contains(s, scheme) }
+
+func checkSchemes(key string, s Schemes) error {
+	if len(s) == 0 {
+		return fmt.Errorf("%s: want v1, v1a or [v1, v1a]", key)
+	}
+	for i, v := range s {
+		if v != SchemeV1 && v != SchemeV1a {
+			return fmt.Errorf("%s: %q is not a signature scheme (want v1 or v1a)", key, v)
+		}
+		if slices.Contains(s[:i], v) {
+			return fmt.Errorf("%s: %q is listed twice", key, v)
+		}
+	}
+	return nil
 }
 
 // Duration is a duration as text ("10s", "5m"). It keeps the text, so that
@@ -127,6 +195,13 @@ func (o Options) Resolve(prefix string, base DeliveryOptions) (DeliveryOptions, 
 			errs = append(errs, fmt.Errorf("%sresource_url: must be an http(s) URL template containing {resource_id}", prefix))
 		}
 	}
+	if o.Signature != nil {
+		if err := checkSchemes(prefix+"signature", o.Signature); err != nil {
+			errs = append(errs, err)
+		} else {
+			r.Signature = slices.Clone(o.Signature)
+		}
+	}
 	if len(errs) == 0 && r.RetryMaxInterval < r.RetryInitial {
 		errs = append(errs, fmt.Errorf("%sretry_max_interval: must not be less than retry_initial", prefix))
 	}
@@ -171,6 +246,9 @@ func (o Options) Merge(p Options) Options {
 	if p.ResourceURL != nil {
 		o.ResourceURL = p.ResourceURL
 	}
+	if p.Signature != nil {
+		o.Signature = p.Signature
+	}
 	return o
 }
 
@@ -182,6 +260,7 @@ func OptionsOf(d DeliveryOptions) Options {
 		Debounce: Dur(d.Debounce), MaxWait: Dur(d.MaxWait), BatchWait: Dur(d.BatchWait),
 		BatchMax: &d.BatchMax, BatchBytes: &d.BatchBytes, MaxPayloadBytes: &d.MaxPayloadBytes, MaxInFlight: &d.MaxInFlight,
 		Payload: &payload, ResourceURL: &url, ParkAfter: Dur(d.ParkAfter), RetryFor: Dur(d.RetryFor), DisableAfter: Dur(d.DisableAfter),
+		Signature: slices.Clone(d.Signature),
 	}
 }
 

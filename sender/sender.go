@@ -105,14 +105,21 @@ func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	defer release()
 	now := s.now()
 	ts := now.Unix()
-	// During a secret rotation's overlap both secrets sign, space-separated.
+	// Each key of the secret signs for its scheme; during a rotation's
+	// overlap the previous secret's keys sign too, all space-separated.
+	schemes := sub.Delivery.Signature
+	if len(schemes) == 0 {
+		schemes = outbox.DefaultDeliveryOptions.Signature
+	}
 	var sigs []string
 	for _, secret := range sub.Secrets(now) {
-		key, err := ParseSecret(secret)
-		if err != nil {
+		var err error
+		if sigs, err = signatures(sigs, secret, schemes, b.WebhookID, ts, body); err != nil {
 			return &DeliveryError{Reason: "subscription " + sub.ID + ": " + err.Error()}
 		}
-		sigs = append(sigs, Sign(key, b.WebhookID, ts, body))
+	}
+	if len(sigs) == 0 {
+		return &DeliveryError{Reason: "subscription " + sub.ID + ": no key for its signature schemes"}
 	}
 	req.Header.Set("content-type", "application/json")
 	req.Header.Set("user-agent", s.userAgent)

@@ -351,14 +351,14 @@ func (sc SubscriptionConfig) subscription(key string, defaults outbox.DeliveryOp
 	} else if u, err := url.Parse(sc.TargetURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		bad("%s.target_url: must be an absolute http:// or https:// URL", key)
 	}
-	if sc.Secret == "" {
-		bad("%s.secret: required (whsec_ followed by base64 of at least 16 random bytes)", key)
-	} else if _, err := sender.ParseSecret(sc.Secret); err != nil {
-		bad("%s.secret: %v", key, err)
-	}
 	opts, err := sc.Options.Resolve(key+".", defaults)
 	if err != nil {
 		errs = append(errs, err)
+	}
+	if sc.Secret == "" {
+		bad("%s.secret: required (whsec_ followed by base64 of at least 16 random bytes; whsk_ and an ed25519 seed for signature: v1a)", key)
+	} else if err := sender.CheckSecret(sc.Secret, opts.Signature); err != nil {
+		bad("%s.secret: %v", key, err)
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
@@ -434,7 +434,10 @@ func (c *Config) secrets() []string {
 	}
 	for _, sub := range c.Subscriptions {
 		if sub.Secret != "" {
-			s = append(s, sub.Secret, strings.TrimPrefix(sub.Secret, sender.SecretPrefix))
+			s = append(s, sub.Secret)
+		}
+		for key := range strings.FieldsSeq(sub.Secret) {
+			s = append(s, key, strings.TrimPrefix(strings.TrimPrefix(key, sender.SecretPrefix), sender.PrivateKeyPrefix))
 		}
 	}
 	return s

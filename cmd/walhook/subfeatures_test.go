@@ -1,0 +1,135 @@
+package main
+
+import (
+	"crypto/ed25519"
+	"encoding/base64"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	standardwebhooks "github.com/standard-webhooks/standard-webhooks/libraries/go"
+	"github.com/walhook/walhook/sender/sendertest"
+)
+
+// v1aVerifies reports how many of a request's v1a signatures verify under
+// publicKey, checked as the Standard Webhooks spec says with crypto/ed25519
+// alone: whpk_ + base64 of the 32-byte key, "v1a,<base64>" over "id.timestamp.body".
+func v1aVerifies(t *testing.T, publicKey string, r sendertest.Request) int {
+	t.Helper()
+	raw, err := base64.StdEncoding.DecodeString(strings.TrimPrefix(publicKey, "whpk_"))
+	if err != nil || !strings.HasPrefix(publicKey, "whpk_") || len(raw) != ed25519.PublicKeySize {
+		t.Fatalf("public key %q is not whpk_ and base64 of 32 bytes", publicKey)
+	}
+	msg := []byte(r.Header.Get("webhook-id") + "." + r.Header.Get("webhook-timestamp") + "." + string(r.Body))
+	n := 0
+	for _, sig := range strings.Fields(r.Header.Get("webhook-signature")) {
+		if enc, ok := strings.CutPrefix(sig, "v1a,"); ok {
+			if s, err := base64.StdEncoding.DecodeString(enc); err == nil && ed25519.Verify(raw, msg, s) {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+func TestV1aThroughTheAPI(t *testing.T) {
+	t.Parallel()
+	target := echoing(t)
+	e, api := apiEnv(t, "rotation_overlap: 1h\n")
+
+	status, sub := api.do("POST", "/v1/subscriptions", map[string]any{"event": "*", "target_url": target.HooksURL(), "signature": "v1a"})
+	if status != http.StatusCreated || !strings.HasPrefix(sub["secret"].(string), "whsk_") || !strings.HasPrefix(sub["public_key"].(string), "whpk_") {
+		t.Fatalf("create: %d %v", status, sub)
+	}
+	id, pk := sub["id"].(string), sub["public_key"].(string)
+	if _, got := api.do("GET", "/v1/subscriptions/"+id, nil); got["public_key"] != pk || got["secret"] != nil || got["signature"] != "v1a" {
+		t.Fatalf("GET shows %v, want the public key, signature v1a and no secret", got)
+	}
+	deliveries := func(n int) []sendertest.Request {
+		return target.Wait(t, 30*time.Second, "deliveries", func(r []sendertest.Request) bool { return len(hooksOnly(r)) >= n })
+	}
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload) VALUES ('a', 'r1', '{}')`)
+	r := hooksOnly(deliveries(1))[0]
+	if v1aVerifies(t, pk, r) != 1 || strings.Contains(r.Header.Get("webhook-signature"), "v1,") {
+		t.Fatalf("the delivery is not signed v1a alone under the API's public key: %q", r.Header.Get("webhook-signature"))
+	}
+
+	// Rotation: both keys sign during rotation_overlap.
+	status, rot := api.do("POST", "/v1/subscriptions/"+id+"/rotate-secret", nil)
+	if status != http.StatusOK || !strings.HasPrefix(rot["secret"].(string), "whsk_") || rot["previous_public_key"] != pk {
+		t.Fatalf("rotate: %d %v", status, rot)
+	}
+	newPK := rot["public_key"].(string)
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload) VALUES ('a', 'r1', '{}')`)
+	r = hooksOnly(deliveries(2))[1]
+	if v1aVerifies(t, pk, r) != 1 || v1aVerifies(t, newPK, r) != 1 {
+		t.Fatalf("during the overlap both keys must sign: %q", r.Header.Get("webhook-signature"))
+	}
+
+	// Migration: signature [v1, v1a] adds a v1 secret, shown once.
+	status, both := api.do("PATCH", "/v1/subscriptions/"+id, map[string]any{"signature": []string{"v1", "v1a"}})
+	secret, _ := both["secret"].(string)
+	if status != http.StatusOK || !strings.Contains(secret, "whsec_") || both["public_key"] != newPK {
+		t.Fatalf("patch to [v1, v1a]: %d %v", status, both)
+	}
+	var v1 string
+	for _, k := range strings.Fields(secret) {
+		if strings.HasPrefix(k, "whsec_") {
+			v1 = k
+		}
+	}
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload) VALUES ('a', 'r1', '{}')`)
+	r = hooksOnly(deliveries(3))[2]
+	if v1aVerifies(t, newPK, r) != 1 {
+		t.Fatalf("v1a does not verify after the migration: %q", r.Header.Get("webhook-signature"))
+	}
+	wh, err := standardwebhooks.NewWebhook(v1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := wh.Verify(r.Body, r.Header); err != nil {
+		t.Fatalf("v1 does not verify with the reference library: %v", err)
+	}
+	if _, got := api.do("GET", "/v1/subscriptions/"+id, nil); got["secret"] != nil {
+		t.Fatalf("GET shows the secret: %v", got)
+	}
+
+	// Bad input names the field.
+	status, bad := api.do("POST", "/v1/subscriptions", map[string]any{"event": "*", "target_url": target.HooksURL(), "signature": "v2"})
+	if status != http.StatusBadRequest || !strings.Contains(bad["error"].(string), "signature") {
+		t.Fatalf("signature v2: %d %v", status, bad)
+	}
+	status, bad = api.do("POST", "/v1/subscriptions", map[string]any{"event": "*", "target_url": target.HooksURL(), "signature": "v1a", "secret": testSecret})
+	if status != http.StatusBadRequest || !strings.Contains(bad["error"].(string), "secret") || strings.Contains(bad["error"].(string), testSecret) {
+		t.Fatalf("a whsec_ secret for v1a: %d %v", status, bad)
+	}
+}
+
+// validate parses a config file's text and validates it with subscriptions.
+func validate(t *testing.T, text string) error {
+	t.Helper()
+	c, err := parseConfig("test.yaml", []byte("database_url: postgres://app@127.0.0.1:1/app\n"+text), noEnv)
+	if err != nil {
+		return err
+	}
+	return c.Validate(true)
+}
+
+func TestConfigSignatureSchemes(t *testing.T) {
+	t.Parallel()
+	const whsk = "whsk_nWGxne/9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A="
+	if err := validate(t, "subscriptions:\n"+
+		"  - {id: both, events: ['*'], target_url: 'https://x.example/h', secret: '"+testSecret+" "+whsk+"', signature: [v1, v1a]}\n"+
+		"  - {id: asym, events: ['*'], target_url: 'https://x.example/h', secret: '"+whsk+"', signature: v1a}\n"); err != nil {
+		t.Fatalf("valid signatures refused: %v", err)
+	}
+	err := validate(t, "defaults: {signature: v1a}\nsubscriptions:\n"+sub("old", "https://x.example/h", "['*']"))
+	if err == nil || !strings.Contains(err.Error(), "subscriptions[old].secret: ") || strings.Contains(err.Error(), "MfKQ9r8") {
+		t.Fatalf("a whsec_ secret under signature v1a: %v", err)
+	}
+	err = validate(t, "defaults: {signature: [v1, v2]}\n")
+	if err == nil || !strings.Contains(err.Error(), `defaults.signature: "v2"`) {
+		t.Fatalf("signature v2: %v", err)
+	}
+}
