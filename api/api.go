@@ -34,7 +34,7 @@ type Store interface {
 
 // Verifier runs the X-Hook-Secret handshake (sender.Sender).
 type Verifier interface {
-	VerifyIntent(ctx context.Context, target string, timeout time.Duration) error
+	VerifyTarget(ctx context.Context, sub *outbox.Subscription, timeout time.Duration) error
 }
 
 // Config configures the API.
@@ -290,7 +290,9 @@ func (a *API) apply(ctx context.Context, row *outbox.SubscriptionRow, req *Reque
 		return fail(http.StatusBadRequest, "target_url: %v", err)
 	}
 	if row.VerifyIntent {
-		if err := a.cfg.Verifier.VerifyIntent(ctx, req.TargetURL, 10*time.Second); err != nil {
+		opts, _ := row.Options.Resolve("", a.cfg.Defaults) // checked above
+		sub := &outbox.Subscription{ID: row.ID, TargetURL: req.TargetURL, Delivery: opts}
+		if err := a.cfg.Verifier.VerifyTarget(ctx, sub, 10*time.Second); err != nil {
 			return fail(http.StatusBadRequest, "target_url: intent verification failed: %v", err)
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/url"
 	"slices"
 	"strings"
@@ -30,6 +31,88 @@ type Options struct {
 	RetryFor         Duration `yaml:"retry_for" json:"retry_for,omitzero"`
 	DisableAfter     Duration `yaml:"disable_after" json:"disable_after,omitzero"`
 	Signature        Schemes  `yaml:"signature" json:"signature,omitzero"`
+
+	// Headers are sent with every request of the subscription. Their values
+	// are secrets (an API key, a token): never logged, masked in API answers.
+	Headers map[string]string `yaml:"headers" json:"headers,omitzero"`
+}
+
+// Masked stands for a secret value in API answers; given back in a PATCH, it
+// keeps the stored value.
+const Masked = "********"
+
+// Bounds of a subscription's custom headers.
+const (
+	MostHeaders         = 20
+	MostHeaderNameLen   = 256
+	MostHeaderValueLen  = 4096
+	MostHeaderBytes     = 8192 // names and values of all of them
+	headerNameCharsDesc = "letters, digits and !#$%&'*+-.^_`|~"
+)
+
+// CheckHeaders says why headers cannot be a subscription's custom headers:
+// at most MostHeaders, names that are HTTP tokens and not walhook's or the
+// connection's (webhook-*, Host, Content-*, Transfer-Encoding, Connection and
+// the other hop-by-hop headers, Expect), values without CR, LF or other
+// control characters. Errors name the header under key, never its value.
+func CheckHeaders(key string, headers map[string]string) error {
+	if len(headers) > MostHeaders {
+		return fmt.Errorf("%s: %d headers, at most %d", key, len(headers), MostHeaders)
+	}
+	names := make([]string, 0, len(headers))
+	for name := range headers {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	var errs []error
+	total, seen := 0, map[string]string{}
+	for _, name := range names {
+		value := headers[name]
+		total += len(name) + len(value)
+		lower := strings.ToLower(name)
+		switch {
+		case name == "":
+			errs = append(errs, fmt.Errorf("%s: an empty header name", key))
+			continue
+		case len(name) > MostHeaderNameLen || !isToken(name):
+			errs = append(errs, fmt.Errorf("%s: %.64q is not a header name (%s, at most %d bytes)", key, name, headerNameCharsDesc, MostHeaderNameLen))
+			continue
+		case seen[lower] != "":
+			errs = append(errs, fmt.Errorf("%s.%s: the same header as %s", key, name, seen[lower]))
+		case reservedHeader(lower):
+			errs = append(errs, fmt.Errorf("%s.%s: walhook or the connection sets this header; it cannot be a custom header", key, name))
+		case len(value) > MostHeaderValueLen:
+			errs = append(errs, fmt.Errorf("%s.%s: the value is longer than %d bytes", key, name, MostHeaderValueLen))
+		case strings.IndexFunc(value, func(r rune) bool { return r < ' ' && r != '\t' || r == 0x7f }) >= 0:
+			errs = append(errs, fmt.Errorf("%s.%s: the value contains CR, LF or another control character", key, name))
+		}
+		seen[lower] = name
+	}
+	if total > MostHeaderBytes {
+		errs = append(errs, fmt.Errorf("%s: %d bytes of names and values, at most %d", key, total, MostHeaderBytes))
+	}
+	return errors.Join(errs...)
+}
+
+// reservedHeader: walhook's own headers, the body's framing, and the
+// hop-by-hop headers of RFC 9110 §7.6.1 (and their older kin).
+func reservedHeader(lower string) bool {
+	switch lower {
+	case "host", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
+		"proxy-connection", "proxy-authorization", "proxy-authenticate", "expect", "user-agent":
+		return true
+	}
+	return strings.HasPrefix(lower, "webhook-") || strings.HasPrefix(lower, "content-")
+}
+
+func isToken(s string) bool {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0) {
+			return false
+		}
+	}
+	return true
 }
 
 // Signature schemes of Standard Webhooks.
@@ -202,6 +285,13 @@ func (o Options) Resolve(prefix string, base DeliveryOptions) (DeliveryOptions, 
 			r.Signature = slices.Clone(o.Signature)
 		}
 	}
+	if o.Headers != nil {
+		if err := CheckHeaders(prefix+"headers", o.Headers); err != nil {
+			errs = append(errs, err)
+		} else {
+			r.Headers = maps.Clone(o.Headers)
+		}
+	}
 	if len(errs) == 0 && r.RetryMaxInterval < r.RetryInitial {
 		errs = append(errs, fmt.Errorf("%sretry_max_interval: must not be less than retry_initial", prefix))
 	}
@@ -249,10 +339,23 @@ func (o Options) Merge(p Options) Options {
 	if p.Signature != nil {
 		o.Signature = p.Signature
 	}
+	if p.Headers != nil { // the whole set: a header left out goes
+		old := o.Headers
+		o.Headers = make(map[string]string, len(p.Headers))
+		for name, v := range p.Headers {
+			if v == Masked {
+				if prev, ok := old[name]; ok {
+					v = prev // given back as the API showed it: unchanged
+				}
+			}
+			o.Headers[name] = v
+		}
+	}
 	return o
 }
 
-// OptionsOf spells resolved options out, every field set.
+// OptionsOf spells resolved options out, every field set, for people to
+// read: secret values (header values) are Masked.
 func OptionsOf(d DeliveryOptions) Options {
 	payload, url := string(d.Payload), d.ResourceURL
 	return Options{
@@ -260,8 +363,19 @@ func OptionsOf(d DeliveryOptions) Options {
 		Debounce: Dur(d.Debounce), MaxWait: Dur(d.MaxWait), BatchWait: Dur(d.BatchWait),
 		BatchMax: &d.BatchMax, BatchBytes: &d.BatchBytes, MaxPayloadBytes: &d.MaxPayloadBytes, MaxInFlight: &d.MaxInFlight,
 		Payload: &payload, ResourceURL: &url, ParkAfter: Dur(d.ParkAfter), RetryFor: Dur(d.RetryFor), DisableAfter: Dur(d.DisableAfter),
-		Signature: slices.Clone(d.Signature),
+		Signature: slices.Clone(d.Signature), Headers: masked(d.Headers),
 	}
+}
+
+func masked(headers map[string]string) map[string]string {
+	if headers == nil {
+		return nil
+	}
+	m := make(map[string]string, len(headers))
+	for name := range headers {
+		m[name] = Masked
+	}
+	return m
 }
 
 // clamped is o with the values that are out of bounds now brought inside

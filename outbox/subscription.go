@@ -77,6 +77,8 @@ type DeliveryOptions struct {
 
 	Signature Schemes // signature schemes, v1 and/or v1a; default [v1]
 
+	Headers map[string]string // custom headers, per subscription only; values are secrets; default none
+
 	// MaxTimeout is the operator's ceiling of Timeout (max_timeout): Resolve
 	// refuses a higher one; default 60s, 0 = none. It is a bound, not an option.
 	MaxTimeout time.Duration

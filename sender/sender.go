@@ -121,6 +121,9 @@ func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	if len(sigs) == 0 {
 		return &DeliveryError{Reason: "subscription " + sub.ID + ": no key for its signature schemes"}
 	}
+	for name, v := range sub.Delivery.Headers { // checked: none of those below
+		req.Header.Set(name, v)
+	}
 	req.Header.Set("content-type", "application/json")
 	req.Header.Set("user-agent", s.userAgent)
 	req.Header.Set("webhook-id", b.WebhookID)
@@ -264,6 +267,14 @@ func excerpt(body []byte) string {
 // target: a POST carrying a random X-Hook-Secret, which the target must echo in
 // a 2xx answer.
 func (s *Sender) VerifyIntent(ctx context.Context, target string, timeout time.Duration) error {
+	return s.VerifyTarget(ctx, &outbox.Subscription{TargetURL: target, Delivery: outbox.DefaultDeliveryOptions}, timeout)
+}
+
+// VerifyTarget is VerifyIntent for a dynamic subscription about to be
+// stored: the request carries its custom headers and goes out as its
+// deliveries will (its proxy, its TLS settings).
+func (s *Sender) VerifyTarget(ctx context.Context, sub *outbox.Subscription, timeout time.Duration) error {
+	target := sub.TargetURL
 	var nonce [24]byte
 	rand.Read(nonce[:])
 	secret := base64.RawURLEncoding.EncodeToString(nonce[:])
@@ -273,10 +284,13 @@ func (s *Sender) VerifyIntent(ctx context.Context, target string, timeout time.D
 	if err != nil {
 		return fmt.Errorf("build request: %v", err)
 	}
+	for name, v := range sub.Delivery.Headers {
+		req.Header.Set(name, v)
+	}
 	req.Header.Set("content-type", "application/json")
 	req.Header.Set("user-agent", s.userAgent)
 	req.Header.Set("X-Hook-Secret", secret)
-	resp, err := s.roundTrip(nil, req)
+	resp, err := s.roundTrip(&outbox.Subscription{TargetURL: target, Delivery: sub.Delivery}, req) // never Static: guarded
 	if err != nil {
 		if de := requestError(err); !de.retry {
 			return de // target not allowed

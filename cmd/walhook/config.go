@@ -212,6 +212,11 @@ func (c *Config) Validate(withSubscriptions bool) error {
 	if err != nil {
 		errs = append(errs, err)
 	}
+	if c.Defaults.Headers != nil {
+		// Every subscription, API ones of any tenant included, would send them.
+		bad("defaults.headers: only per subscription (their values are secrets for one target)")
+		defaults.Headers = nil
+	}
 	c.defaults = defaults
 	if c.guard, err = ssrf.New(c.AllowTargets); err != nil {
 		for _, e := range unjoin(err) {
@@ -435,6 +440,11 @@ func (c *Config) secrets() []string {
 	for _, sub := range c.Subscriptions {
 		if sub.Secret != "" {
 			s = append(s, sub.Secret)
+		}
+		for _, v := range sub.Headers {
+			if len(v) >= 4 { // shorter ones would redact every such string in the logs
+				s = append(s, v)
+			}
 		}
 		for key := range strings.FieldsSeq(sub.Secret) {
 			s = append(s, key, strings.TrimPrefix(strings.TrimPrefix(key, sender.SecretPrefix), sender.PrivateKeyPrefix))

@@ -4,6 +4,7 @@ import (
 	"crypto/ed25519"
 	"encoding/base64"
 	"net/http"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -133,3 +134,78 @@ func TestConfigSignatureSchemes(t *testing.T) {
 		t.Fatalf("signature v2: %v", err)
 	}
 }
+
+func TestCustomHeadersAreSentAndKeptSecret(t *testing.T) {
+	t.Parallel()
+	const apiKey, fileKey = "api-key-7f3a9c1e", "file-key-2b8d4e6f"
+	target := echoing(t)
+	e := newEnv(t, "admin_token: "+adminToken+"\nallow_targets: [127.0.0.1/32]\nsubscriptions:\n"+
+		sub("file", target.HooksURL(), "[file.*]", "    headers: {X-Api-Key: "+fileKey+"}\n"))
+	e.setup()
+	r := e.start()
+	api := client{t: t, base: e.addr(r), token: adminToken}
+
+	status, created := api.do("POST", "/v1/subscriptions", map[string]any{"event": "api.*", "target_url": target.HooksURL(),
+		"headers": map[string]string{"X-Api-Key": apiKey, "Authorization": "Bearer " + apiKey}})
+	if status != http.StatusCreated {
+		t.Fatalf("create: %d %v", status, created)
+	}
+	id := created["id"].(string)
+	if hs := target.Requests()[0]; hs.Header.Get("X-Hook-Secret") == "" || hs.Header.Get("X-Api-Key") != apiKey {
+		t.Fatalf("the handshake did not carry the custom headers: %v", hs.Header)
+	}
+	masked := map[string]any{"X-Api-Key": "********", "Authorization": "********"}
+	if !reflectEqual(created["headers"], masked) {
+		t.Fatalf("the create answer shows headers %v, want them masked", created["headers"])
+	}
+	if _, got := api.do("GET", "/v1/subscriptions/"+id, nil); !reflectEqual(got["headers"], masked) {
+		t.Fatalf("GET shows headers %v", got["headers"])
+	}
+	if _, got := api.do("GET", "/v1/subscriptions/file", nil); !reflectEqual(got["headers"], map[string]any{"X-Api-Key": "********"}) {
+		t.Fatalf("GET of the config subscription shows headers %v", got["headers"])
+	}
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload) VALUES ('api.a', 'r1', '{}'), ('file.a', 'r1', '{}')`)
+	reqs := hooksOnly(target.Wait(t, 30*time.Second, "two deliveries", func(r []sendertest.Request) bool { return len(hooksOnly(r)) == 2 }))
+	got := map[string]string{}
+	for _, rq := range reqs {
+		got[rq.Header.Get("X-Api-Key")] = rq.Header.Get("Authorization")
+	}
+	if got[apiKey] != "Bearer "+apiKey || len(got) != 2 || got[fileKey] != "" {
+		t.Fatalf("deliveries carried X-Api-Key/Authorization %v", got)
+	}
+
+	// A PATCH that gives the mask back keeps the value; the set is replaced.
+	status, patched := api.do("PATCH", "/v1/subscriptions/"+id, map[string]any{"headers": map[string]string{"X-Api-Key": "********"}})
+	if status != http.StatusOK || !reflectEqual(patched["headers"], map[string]any{"X-Api-Key": "********"}) {
+		t.Fatalf("patch: %d %v", status, patched)
+	}
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload) VALUES ('api.b', 'r1', '{}')`)
+	reqs = hooksOnly(target.Wait(t, 30*time.Second, "the third delivery", func(r []sendertest.Request) bool { return len(hooksOnly(r)) == 3 }))
+	if last := reqs[2]; last.Header.Get("X-Api-Key") != apiKey || last.Header.Get("Authorization") != "" {
+		t.Fatalf("after the patch: X-Api-Key %q, Authorization %q", last.Header.Get("X-Api-Key"), last.Header.Get("Authorization"))
+	}
+
+	for name, value := range map[string]string{"webhook-id": "x", "Host": "x", "Content-Type": "text/plain",
+		"Transfer-Encoding": "chunked", "Connection": "close", "X-Evil": apiKey + "\r\nX-Injected: 1"} {
+		status, bad := api.do("PATCH", "/v1/subscriptions/"+id, map[string]any{"headers": map[string]string{name: value}})
+		msg, _ := bad["error"].(string)
+		if status != http.StatusBadRequest || !strings.Contains(msg, "headers."+name) || strings.Contains(msg, apiKey) {
+			t.Errorf("header %s: %d %v", name, status, bad)
+		}
+	}
+	if log := r.log.String(); strings.Contains(log, apiKey) || strings.Contains(log, fileKey) {
+		t.Fatalf("a header value is in the log:\n%s", log)
+	}
+
+	// In the config file: defaults.headers is refused, a bad name is named.
+	err := validate(t, "defaults: {headers: {X-A: b}}\n")
+	if err == nil || !strings.Contains(err.Error(), "defaults.headers: only per subscription") {
+		t.Errorf("defaults.headers: %v", err)
+	}
+	err = validate(t, "subscriptions:\n"+sub("s", "https://x.example/h", "['*']", "    headers: {Content-Type: "+fileKey+"}\n"))
+	if err == nil || !strings.Contains(err.Error(), "subscriptions[s].headers.Content-Type") || strings.Contains(err.Error(), fileKey) {
+		t.Errorf("subscription headers: %v", err)
+	}
+}
+
+func reflectEqual(a, b any) bool { return reflect.DeepEqual(a, b) }
