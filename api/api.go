@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -222,7 +223,7 @@ func (a *API) create(_ http.ResponseWriter, r *http.Request, c caller) (int, any
 	if err := scopeTenant(c, row); err != nil {
 		return 0, nil, err
 	}
-	if err := a.apply(r.Context(), row, &req, true); err != nil {
+	if err := a.apply(r.Context(), c, row, &req, true); err != nil {
 		return 0, nil, err
 	}
 	schemes := a.schemes(row)
@@ -255,9 +256,17 @@ func scopeTenant(c caller, row *outbox.SubscriptionRow) error {
 
 // apply sets req's fields on row, validating them: events, target (safe, and
 // verified when it is new or changed), options.
-func (a *API) apply(ctx context.Context, row *outbox.SubscriptionRow, req *Request, create bool) error {
+func (a *API) apply(ctx context.Context, c caller, row *outbox.SubscriptionRow, req *Request, create bool) error {
 	if err := checkRequest(req); err != nil {
 		return err
+	}
+	// A proxy is dialed without the SSRF guard and TLS files are read from
+	// walhook's disk: the operator's to choose, not a tenant's.
+	if !c.admin && req.ProxyURL != nil {
+		return fail(http.StatusForbidden, "proxy_url: only the admin may set it")
+	}
+	if !c.admin && req.TLS != nil {
+		return fail(http.StatusForbidden, "tls: only the admin may set it")
 	}
 	switch {
 	case req.Event != "" && len(req.Events) > 0:
@@ -276,8 +285,17 @@ func (a *API) apply(ctx context.Context, row *outbox.SubscriptionRow, req *Reque
 		row.Events = req.Events
 	}
 	row.Options = row.Options.Merge(req.Options)
-	if _, err := row.Options.Resolve("", a.cfg.Defaults); err != nil {
+	opts, err := row.Options.Resolve("", a.cfg.Defaults)
+	if err != nil {
 		return fail(http.StatusBadRequest, "%v", err)
+	}
+	if strings.HasPrefix(opts.ProxyURL, "socks5:") {
+		return fail(http.StatusBadRequest, "proxy_url: socks5:// would be handed the target's name, not the checked address: use http:// or https://")
+	}
+	if req.TLS != nil {
+		if _, err := sender.LoadTLS(opts.TLS); err != nil {
+			return fail(http.StatusBadRequest, "%v", err)
+		}
 	}
 	targetChanged := req.TargetURL != "" && req.TargetURL != row.TargetURL
 	if create && req.TargetURL == "" {
@@ -405,7 +423,7 @@ func (a *API) patch(_ http.ResponseWriter, r *http.Request, c caller) (int, any,
 	if req.VerifyIntent != nil {
 		row.VerifyIntent = *req.VerifyIntent
 	}
-	if err := a.apply(r.Context(), row, &req, false); err != nil {
+	if err := a.apply(r.Context(), c, row, &req, false); err != nil {
 		return 0, nil, err
 	}
 	// A changed signature changes the secret: a fresh key for a scheme

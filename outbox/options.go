@@ -35,6 +35,65 @@ type Options struct {
 	// Headers are sent with every request of the subscription. Their values
 	// are secrets (an API key, a token): never logged, masked in API answers.
 	Headers map[string]string `yaml:"headers" json:"headers,omitzero"`
+
+	// ProxyURL sends the requests through this forward proxy instead of the
+	// one HTTPS_PROXY/HTTP_PROXY/NO_PROXY choose; TLS sets client
+	// certificates and trust.
+	ProxyURL *string     `yaml:"proxy_url" json:"proxy_url,omitzero"`
+	TLS      *TLSOptions `yaml:"tls" json:"tls,omitzero"`
+}
+
+// TLSOptions are the TLS settings of a subscription's connections: a client
+// certificate (mTLS), the CAs that sign the target's certificate instead of
+// the system's, and the name it must carry. Files are PEM; they are read
+// again when they change. Each field set per subscription overrides the one
+// in defaults.
+type TLSOptions struct {
+	ClientCertFile string `yaml:"client_cert_file" json:"client_cert_file,omitempty"`
+	ClientKeyFile  string `yaml:"client_key_file" json:"client_key_file,omitempty"`
+	CAFile         string `yaml:"ca_file" json:"ca_file,omitempty"`
+	ServerName     string `yaml:"server_name" json:"server_name,omitempty"`
+}
+
+// IsZero reports whether no TLS setting is made.
+func (t TLSOptions) IsZero() bool { return t == TLSOptions{} }
+
+func (t TLSOptions) merge(p TLSOptions) TLSOptions {
+	for _, f := range []struct{ dst, v *string }{
+		{&t.ClientCertFile, &p.ClientCertFile}, {&t.ClientKeyFile, &p.ClientKeyFile},
+		{&t.CAFile, &p.CAFile}, {&t.ServerName, &p.ServerName},
+	} {
+		if *f.v != "" {
+			*f.dst = *f.v
+		}
+	}
+	return t
+}
+
+// checkProxyURL says why raw cannot be a proxy_url: an http, https or
+// socks5 URL with a host and nothing after it.
+func checkProxyURL(raw string) error {
+	if len(raw) > 2048 {
+		return errors.New("longer than 2048 bytes")
+	}
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https" && u.Scheme != "socks5") ||
+		u.Path != "" && u.Path != "/" || u.RawQuery != "" || u.Fragment != "" {
+		return errors.New("must be a proxy's URL: http://, https:// or socks5:// and host:port (like http://proxy:3128)")
+	}
+	return nil
+}
+
+// MaskURL is raw with its password Masked.
+func MaskURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil || u.User == nil {
+		return raw
+	}
+	if _, ok := u.User.Password(); ok {
+		u.User = url.UserPassword(u.User.Username(), Masked)
+	}
+	return strings.Replace(u.String(), url.QueryEscape(Masked), Masked, 1)
 }
 
 // Masked stands for a secret value in API answers; given back in a PATCH, it
@@ -292,6 +351,28 @@ func (o Options) Resolve(prefix string, base DeliveryOptions) (DeliveryOptions, 
 			r.Headers = maps.Clone(o.Headers)
 		}
 	}
+	if o.ProxyURL != nil {
+		if *o.ProxyURL != "" {
+			if err := checkProxyURL(*o.ProxyURL); err != nil {
+				errs = append(errs, fmt.Errorf("%sproxy_url: %w", prefix, err))
+			}
+		}
+		r.ProxyURL = *o.ProxyURL
+	}
+	if o.TLS != nil {
+		r.TLS = r.TLS.merge(*o.TLS)
+		for _, f := range []struct{ name, v string }{
+			{"client_cert_file", o.TLS.ClientCertFile}, {"client_key_file", o.TLS.ClientKeyFile},
+			{"ca_file", o.TLS.CAFile}, {"server_name", o.TLS.ServerName},
+		} {
+			if len(f.v) > 4096 || strings.ContainsFunc(f.v, func(r rune) bool { return r < ' ' || r == 0x7f }) {
+				errs = append(errs, fmt.Errorf("%stls.%s: not a file name (control characters, or longer than 4096 bytes)", prefix, f.name))
+			}
+		}
+		if (r.TLS.ClientCertFile == "") != (r.TLS.ClientKeyFile == "") {
+			errs = append(errs, fmt.Errorf("%stls: client_cert_file and client_key_file go together", prefix))
+		}
+	}
 	if len(errs) == 0 && r.RetryMaxInterval < r.RetryInitial {
 		errs = append(errs, fmt.Errorf("%sretry_max_interval: must not be less than retry_initial", prefix))
 	}
@@ -339,6 +420,19 @@ func (o Options) Merge(p Options) Options {
 	if p.Signature != nil {
 		o.Signature = p.Signature
 	}
+	if p.ProxyURL != nil {
+		if *p.ProxyURL == MaskURL(deref(o.ProxyURL)) {
+			p.ProxyURL = o.ProxyURL // given back as the API showed it: unchanged
+		}
+		o.ProxyURL = p.ProxyURL
+	}
+	if p.TLS != nil {
+		t := p.TLS.merge(TLSOptions{})
+		if o.TLS != nil {
+			t = o.TLS.merge(*p.TLS)
+		}
+		o.TLS = &t
+	}
 	if p.Headers != nil { // the whole set: a header left out goes
 		old := o.Headers
 		o.Headers = make(map[string]string, len(p.Headers))
@@ -355,16 +449,32 @@ func (o Options) Merge(p Options) Options {
 }
 
 // OptionsOf spells resolved options out, every field set, for people to
-// read: secret values (header values) are Masked.
+// read: secret values (header values, a proxy's password) are Masked.
 func OptionsOf(d DeliveryOptions) Options {
 	payload, url := string(d.Payload), d.ResourceURL
-	return Options{
+	o := Options{
 		Timeout: Dur(d.Timeout), RetryInitial: Dur(d.RetryInitial), RetryMaxInterval: Dur(d.RetryMaxInterval),
 		Debounce: Dur(d.Debounce), MaxWait: Dur(d.MaxWait), BatchWait: Dur(d.BatchWait),
 		BatchMax: &d.BatchMax, BatchBytes: &d.BatchBytes, MaxPayloadBytes: &d.MaxPayloadBytes, MaxInFlight: &d.MaxInFlight,
 		Payload: &payload, ResourceURL: &url, ParkAfter: Dur(d.ParkAfter), RetryFor: Dur(d.RetryFor), DisableAfter: Dur(d.DisableAfter),
 		Signature: slices.Clone(d.Signature), Headers: masked(d.Headers),
 	}
+	if d.ProxyURL != "" {
+		p := MaskURL(d.ProxyURL)
+		o.ProxyURL = &p
+	}
+	if !d.TLS.IsZero() {
+		t := d.TLS
+		o.TLS = &t
+	}
+	return o
+}
+
+func deref(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
 }
 
 func masked(headers map[string]string) map[string]string {

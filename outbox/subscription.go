@@ -79,6 +79,9 @@ type DeliveryOptions struct {
 
 	Headers map[string]string // custom headers, per subscription only; values are secrets; default none
 
+	ProxyURL string     // forward proxy of every request; default "" = the one the environment names (HTTPS_PROXY, ...)
+	TLS      TLSOptions // client certificate, CAs, server name; default none (the system's roots)
+
 	// MaxTimeout is the operator's ceiling of Timeout (max_timeout): Resolve
 	// refuses a higher one; default 60s, 0 = none. It is a bound, not an option.
 	MaxTimeout time.Duration

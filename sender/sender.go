@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -44,6 +45,13 @@ type Sender struct {
 	guarded   *transport // dynamic subscriptions: safe targets only, checked at dial
 	userAgent string
 	now       func() time.Time
+
+	dialer   *net.Dialer
+	guard    *ssrf.Guard
+	proxyEnv func(*http.Request) (*url.URL, error) // the proxy without proxy_url
+
+	mu     sync.Mutex
+	routes map[routeKey]*route // subscriptions with proxy_url or tls (route.go)
 }
 
 // New returns a Sender with hardened clients; guard checks the addresses that
@@ -52,25 +60,29 @@ type Sender struct {
 func New(guard *ssrf.Guard) *Sender { return newSender(guard, http.ProxyFromEnvironment) }
 
 func newSender(guard *ssrf.Guard, proxy func(*http.Request) (*url.URL, error)) *Sender {
-	dialer := &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}
-	guarded := newTransport(guard.DialContext(dialer), proxy)
-	guarded.pinned = newPinnedProxy(guard.Pin, proxy, dialer.DialContext)
-	guarded.fallback.(*http.Transport).Proxy = nil // proxied requests all go to pinned
-	return &Sender{
-		trusted:   newTransport(dialer.DialContext, proxy),
-		guarded:   guarded,
+	s := &Sender{
 		userAgent: "walhook/" + Version,
 		now:       time.Now,
+		dialer:    &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second},
+		guard:     guard,
+		proxyEnv:  proxy,
 	}
+	s.trusted = s.newTransports(true, "", nil)
+	s.guarded = s.newTransports(false, "", nil)
+	return s
 }
 
-func newTransport(dial func(ctx context.Context, network, addr string) (net.Conn, error), proxy func(*http.Request) (*url.URL, error)) *transport {
+// newTransport is a transport that dials with dial, goes through proxy and
+// speaks TLS with tlsConfig (nil: the system's roots; TLS 1.2 at least).
+func newTransport(dial func(ctx context.Context, network, addr string) (net.Conn, error), proxy func(*http.Request) (*url.URL, error),
+	tlsConfig *tls.Config) *transport {
 	return &transport{
 		dial:        dial,
 		proxy:       proxy,
+		tlsConfig:   tlsConfig,
 		maxIdle:     32,
 		idleTimeout: 90 * time.Second,
-		fallback:    newNetHTTP(dial, proxy), // through a proxy, and large bodies (transport.go)
+		fallback:    newNetHTTP(dial, proxy, tlsConfig), // through a proxy, and large bodies (transport.go)
 	}
 }
 
@@ -81,16 +93,22 @@ func (s *Sender) roundTrip(sub *outbox.Subscription, req *http.Request) (*http.R
 		password, _ := u.Password()
 		req.SetBasicAuth(u.Username(), password)
 	}
-	if sub == nil || !sub.Static {
+	if sub == nil {
 		return s.guarded.RoundTrip(req)
 	}
-	return s.trusted.RoundTrip(req)
+	t, err := s.transportFor(sub)
+	if err != nil {
+		closeBody(req)
+		return nil, err
+	}
+	return t.RoundTrip(req)
 }
 
 // Close closes idle connections.
 func (s *Sender) Close() {
 	s.trusted.CloseIdleConnections()
 	s.guarded.CloseIdleConnections()
+	s.closeRoutes()
 }
 
 // Deliver sends b once. It returns nil on 2xx and a *DeliveryError otherwise.

@@ -209,3 +209,69 @@ func TestCustomHeadersAreSentAndKeptSecret(t *testing.T) {
 }
 
 func reflectEqual(a, b any) bool { return reflect.DeepEqual(a, b) }
+
+func TestProxyAndTLSKeysAreChecked(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	missing := dir + "/missing.crt"
+	for text, want := range map[string]string{
+		"defaults: {proxy_url: 'socks5://proxy:1080'}\n":  "defaults.proxy_url: socks5:// is refused",
+		"defaults: {proxy_url: 'ftp://proxy:21'}\n":       "defaults.proxy_url: must be a proxy's URL",
+		"defaults: {tls: {client_cert_file: /x.crt}}\n":   "defaults.tls: client_cert_file and client_key_file go together",
+		"defaults: {tls: {ca_file: '" + missing + "'}}\n": "defaults.tls.ca_file: open " + missing,
+		"subscriptions:\n" + sub("s", "https://x.example/h", "['*']", "    tls: {client_cert_file: '"+missing+"', client_key_file: '"+missing+"'}\n"): "subscriptions[s].tls.client_cert_file: open",
+		"subscriptions:\n" + sub("s", "https://x.example/h", "['*']", "    proxy_url: 'http://proxy:3128/path?x'\n"):                                  "subscriptions[s].proxy_url: must be a proxy's URL",
+	} {
+		if err := validate(t, text); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want %q", text, err, want)
+		}
+	}
+	// A static subscription may use a socks5 proxy: its target is trusted.
+	if err := validate(t, "subscriptions:\n"+sub("s", "https://x.example/h", "['*']", "    proxy_url: 'socks5://proxy:1080'\n")); err != nil {
+		t.Errorf("socks5 for a static subscription: %v", err)
+	}
+	// The proxy's password is redacted from logs.
+	c, err := parseConfig("x", []byte("database_url: postgres://a@h/d\ndefaults: {proxy_url: 'http://u:pr0xy-s3cret@proxy:3128'}\n"), noEnv)
+	if err != nil || !strings.Contains(strings.Join(c.secrets(), " "), "pr0xy-s3cret") {
+		t.Errorf("the proxy password is not among the secrets: %v", err)
+	}
+
+	auth := tenantAuth(t)
+	target := echoing(t)
+	e := newEnv(t, "admin_token: "+adminToken+"\nallow_targets: [127.0.0.1/32]\nauth_url: "+auth.URL+"\n")
+	e.setup()
+	r := e.start()
+	base := e.addr(r)
+	admin, alice := client{t: t, base: base, token: adminToken}, client{t: t, base: base, token: "alice"}
+	for _, body := range []map[string]any{{"proxy_url": "http://proxy:3128"}, {"tls": map[string]string{"server_name": "x"}}} {
+		body["event"], body["target_url"] = "*", target.HooksURL()
+		if status, got := alice.do("POST", "/v1/subscriptions", body); status != http.StatusForbidden || !strings.Contains(got["error"].(string), "only the admin") {
+			t.Errorf("a tenant set %v: %d %v", body, status, got)
+		}
+	}
+	status, got := admin.do("POST", "/v1/subscriptions", map[string]any{"event": "*", "target_url": target.HooksURL(), "verify_intent": false,
+		"proxy_url": "http://u:pr0xy-s3cret@proxy:3128", "tls": map[string]string{"server_name": "hooks.internal"}})
+	if status != http.StatusCreated || got["proxy_url"] != "http://u:********@proxy:3128" || !reflectEqual(got["tls"], map[string]any{"server_name": "hooks.internal"}) {
+		t.Fatalf("admin create: %d %v", status, got)
+	}
+	id := got["id"].(string)
+	// The masked URL given back keeps the password.
+	if status, got := admin.do("PATCH", "/v1/subscriptions/"+id, map[string]any{"proxy_url": "http://u:********@proxy:3128"}); status != http.StatusOK {
+		t.Fatalf("patch: %d %v", status, got)
+	}
+	var stored string
+	if err := e.db.Pool.QueryRow(t.Context(), `SELECT options->>'proxy_url' FROM walhook.subscriptions WHERE id = $1`, id).Scan(&stored); err != nil || stored != "http://u:pr0xy-s3cret@proxy:3128" {
+		t.Fatalf("stored proxy_url %q (%v)", stored, err)
+	}
+	for body, want := range map[string]string{
+		`socks5://proxy:1080`: "proxy_url: socks5://",
+		`gopher://proxy:70`:   "proxy_url: must be",
+	} {
+		if status, got := admin.do("PATCH", "/v1/subscriptions/"+id, map[string]any{"proxy_url": body}); status != http.StatusBadRequest || !strings.Contains(got["error"].(string), want) {
+			t.Errorf("proxy_url %s: %d %v", body, status, got)
+		}
+	}
+	if status, got := admin.do("PATCH", "/v1/subscriptions/"+id, map[string]any{"tls": map[string]string{"ca_file": missing}}); status != http.StatusBadRequest || !strings.Contains(got["error"].(string), "tls.ca_file: open") {
+		t.Errorf("tls.ca_file missing: %d %v", status, got)
+	}
+}

@@ -1,0 +1,267 @@
+package sender_test
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/walhook/walhook/outbox"
+	"github.com/walhook/walhook/sender"
+	"github.com/walhook/walhook/sender/sendertest"
+	"github.com/walhook/walhook/sender/ssrf"
+)
+
+// testCA signs certificates for tests.
+type testCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+	der  []byte
+}
+
+func newCA(t *testing.T, name string) *testCA {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageCertSign, IsCA: true, BasicConstraintsValid: true}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	return &testCA{cert: cert, key: key, der: der}
+}
+
+func (ca *testCA) pool() *x509.CertPool {
+	p := x509.NewCertPool()
+	p.AddCert(ca.cert)
+	return p
+}
+
+// issue signs a certificate for cn: a server one for names (IPs or DNS
+// names), else a client one.
+func (ca *testCA) issue(t *testing.T, cn string, names ...string) tls.Certificate {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
+	tmpl := &x509.Certificate{SerialNumber: serial, Subject: pkix.Name{CommonName: cn},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+	if len(names) > 0 {
+		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
+		for _, n := range names {
+			if ip := net.ParseIP(n); ip != nil {
+				tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+			} else {
+				tmpl.DNSNames = append(tmpl.DNSNames, n)
+			}
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// writePEM writes cert and its key to certFile and keyFile, replacing them
+// at once (a rename, as cert-manager's symlink swap does).
+func writePEM(t *testing.T, cert tls.Certificate, certFile, keyFile string) {
+	keyDER, err := x509.MarshalPKCS8PrivateKey(cert.PrivateKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for file, block := range map[string]*pem.Block{
+		certFile: {Type: "CERTIFICATE", Bytes: cert.Certificate[0]},
+		keyFile:  {Type: "PRIVATE KEY", Bytes: keyDER},
+	} {
+		tmp := file + ".tmp"
+		if err := os.WriteFile(tmp, pem.EncodeToMemory(block), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, file); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func writeCA(t *testing.T, ca *testCA, file string) {
+	if err := os.WriteFile(file, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// mtlsServer requires a client certificate signed by clients.
+func mtlsServer(t *testing.T, server *testCA, clients *testCA, names ...string) *sendertest.Server {
+	if len(names) == 0 {
+		names = []string{"127.0.0.1"}
+	}
+	return sendertest.NewTLSServerConfig(t, nil, &tls.Config{
+		Certificates: []tls.Certificate{server.issue(t, "server", names...)},
+		ClientAuth:   tls.RequireAndVerifyClientCert, ClientCAs: clients.pool(),
+	})
+}
+
+func send(s *sender.Sender, sub *outbox.Subscription) error {
+	return s.Deliver(context.Background(), outbox.NewBatch(sub, testEvent()))
+}
+
+func TestMTLSClientCertificateIsSentAndReloaded(t *testing.T) {
+	serverCA, clientCA := newCA(t, "server-ca"), newCA(t, "client-ca")
+	srv := mtlsServer(t, serverCA, clientCA)
+	dir := t.TempDir()
+	certFile, keyFile, caFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key"), filepath.Join(dir, "ca.crt")
+	writePEM(t, clientCA.issue(t, "client-1"), certFile, keyFile)
+	writeCA(t, serverCA, caFile)
+
+	s := sender.New(&ssrf.Guard{})
+	t.Cleanup(s.Close)
+	sub := testSub(srv.HooksURL())
+	if err := send(s, sub); err == nil {
+		t.Fatal("a server requiring a client certificate (and not in the system's roots) accepted a request without tls settings")
+	}
+	sub.Delivery.TLS = outbox.TLSOptions{ClientCertFile: certFile, ClientKeyFile: keyFile, CAFile: caFile}
+	if err := send(s, sub); err != nil {
+		t.Fatalf("with the client certificate: %v", err)
+	}
+	if got := srv.Requests()[len(srv.Requests())-1].ClientCert; got != "client-1" {
+		t.Fatalf("the server saw client certificate %q, want client-1", got)
+	}
+
+	// cert-manager rotates the certificate: later connections use the new
+	// one, without a restart.
+	writePEM(t, clientCA.issue(t, "client-2"), certFile, keyFile)
+	deadline := time.Now().Add(15 * time.Second)
+	for srv.Requests()[len(srv.Requests())-1].ClientCert != "client-2" {
+		if time.Now().After(deadline) {
+			t.Fatal("the rotated client certificate was not picked up within 15s")
+		}
+		if err := send(s, sub); err != nil {
+			t.Fatalf("during the rotation: %v", err)
+		}
+	}
+
+	// A broken file keeps the last good settings.
+	if err := os.WriteFile(keyFile, []byte("not a key"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		if err := send(s, sub); err != nil {
+			t.Fatalf("with a broken key file the last good one must go on: %v", err)
+		}
+	}
+}
+
+func TestTLSServerNameAndMinimumVersion(t *testing.T) {
+	ca := newCA(t, "ca")
+	dir := t.TempDir()
+	caFile := filepath.Join(dir, "ca.crt")
+	writeCA(t, ca, caFile)
+	s := sender.New(&ssrf.Guard{})
+	t.Cleanup(s.Close)
+
+	// The certificate names hooks.internal, not 127.0.0.1: server_name says
+	// which name to verify and send.
+	named := sendertest.NewTLSServerConfig(t, nil, &tls.Config{Certificates: []tls.Certificate{ca.issue(t, "s", "hooks.internal")}})
+	sub := testSub(named.HooksURL())
+	sub.Delivery.TLS = outbox.TLSOptions{CAFile: caFile}
+	if err := send(s, sub); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("a certificate for another name was accepted: %v", err)
+	}
+	sub.Delivery.TLS.ServerName = "hooks.internal"
+	if err := send(s, sub); err != nil {
+		t.Fatalf("with server_name: %v", err)
+	}
+
+	// TLS 1.1 is refused, with or without tls settings.
+	old := sendertest.NewTLSServerConfig(t, nil, &tls.Config{Certificates: []tls.Certificate{ca.issue(t, "s", "127.0.0.1")},
+		MaxVersion: tls.VersionTLS11})
+	for _, o := range []outbox.TLSOptions{{CAFile: caFile}, {}} {
+		sub := testSub(old.HooksURL())
+		sub.Delivery.TLS = o
+		if err := send(s, sub); err == nil || !strings.Contains(err.Error(), "version") {
+			t.Errorf("tls %+v: a TLS 1.1 server was accepted: %v", o, err)
+		}
+	}
+}
+
+func TestLoadTLSNamesTheKey(t *testing.T) {
+	dir := t.TempDir()
+	junk := filepath.Join(dir, "junk.pem")
+	os.WriteFile(junk, []byte("junk"), 0o600)
+	for _, tc := range []struct {
+		o    outbox.TLSOptions
+		want string
+	}{
+		{outbox.TLSOptions{ClientCertFile: filepath.Join(dir, "missing"), ClientKeyFile: junk}, "tls.client_cert_file: open"},
+		{outbox.TLSOptions{ClientCertFile: junk, ClientKeyFile: filepath.Join(dir, "missing")}, "tls.client_key_file: open"},
+		{outbox.TLSOptions{ClientCertFile: junk, ClientKeyFile: junk}, "tls.client_cert_file, tls.client_key_file: not a certificate"},
+		{outbox.TLSOptions{CAFile: junk}, "tls.ca_file: " + junk + " holds no PEM certificate"},
+	} {
+		if _, err := sender.LoadTLS(tc.o); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("LoadTLS(%+v) = %v, want %q", tc.o, err, tc.want)
+		}
+	}
+}
+
+func TestProxyURLPerSubscription(t *testing.T) {
+	proxy := sendertest.NewProxy(t, "")
+	target := sendertest.NewServer(t, nil)
+	guard, err := ssrf.New([]string{"127.0.0.1/32"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := sender.New(guard)
+	t.Cleanup(s.Close)
+	pu, _ := url.Parse(proxy.URL)
+	pu.User = url.UserPassword("walhook", "pr0xy-pass")
+
+	// Static: through the proxy as it is, absolute-form for http.
+	static := testSub(target.HooksURL())
+	static.Delivery.ProxyURL = pu.String()
+	if err := send(s, static); err != nil {
+		t.Fatalf("static through proxy_url: %v", err)
+	}
+	// Dynamic: a tunnel to the checked address (the SSRF rule).
+	dynamic := testSub(strings.Replace(target.HooksURL(), "127.0.0.1", "localhost", 1))
+	dynamic.Static, dynamic.Delivery.ProxyURL = false, pu.String()
+	if err := send(s, dynamic); err != nil {
+		t.Fatalf("dynamic through proxy_url: %v", err)
+	}
+	// Without proxy_url: straight to the target (the environment names no
+	// proxy for loopback).
+	if err := send(s, testSub(target.HooksURL())); err != nil {
+		t.Fatal(err)
+	}
+	asked := proxy.Asked()
+	if len(asked) != 2 {
+		t.Fatalf("the proxy was asked %d times, want 2: %+v", len(asked), asked)
+	}
+	_, port, _ := net.SplitHostPort(target.Listener.Addr().String())
+	if a := asked[0]; a.Method != "POST" || a.Target != target.HooksURL() || a.ProxyAuth == "" {
+		t.Errorf("static: the proxy was asked %+v, want POST %s in absolute form with Proxy-Authorization", a, target.HooksURL())
+	}
+	if a := asked[1]; a.Method != "CONNECT" || (a.Target != "127.0.0.1:"+port && a.Target != "[::1]:"+port) || a.ProxyAuth == "" {
+		t.Errorf("dynamic: the proxy was asked %+v, want CONNECT to the checked address with Proxy-Authorization", a)
+	}
+	if reqs := target.Requests(); len(reqs) != 3 || !strings.HasPrefix(reqs[1].Host, "localhost:") {
+		t.Errorf("the target got %d requests; the tunneled one's Host %q must name the target", len(reqs), reqs[1].Host)
+	}
+}
