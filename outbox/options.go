@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -41,6 +42,59 @@ type Options struct {
 	// certificates and trust.
 	ProxyURL *string     `yaml:"proxy_url" json:"proxy_url,omitzero"`
 	TLS      *TLSOptions `yaml:"tls" json:"tls,omitzero"`
+
+	RateLimit          *string `yaml:"rate_limit" json:"rate_limit,omitzero"`                         // "50/s", "100/m"; "0" = none
+	MaxInFlightPerHost *int    `yaml:"max_in_flight_per_host" json:"max_in_flight_per_host,omitzero"` // defaults only
+}
+
+// Rate is a rate limit: N attempts per Per (a second or a minute).
+type Rate struct {
+	N   float64
+	Per time.Duration
+}
+
+// PerSecond is the rate in attempts per second; 0 = no limit.
+func (r Rate) PerSecond() float64 {
+	if r.N <= 0 || r.Per <= 0 {
+		return 0
+	}
+	return r.N / r.Per.Seconds()
+}
+
+func (r Rate) String() string {
+	if r.PerSecond() == 0 {
+		return "0"
+	}
+	unit := "s"
+	if r.Per == time.Minute {
+		unit = "m"
+	}
+	return strconv.FormatFloat(r.N, 'f', -1, 64) + "/" + unit
+}
+
+// Bounds of rate_limit.
+const MostRatePerSecond = 10000
+
+// ParseRate reads "N/s" or "N/m" (N > 0, at most MostRatePerSecond, at least 1/m), or
+// "0" for no limit.
+func ParseRate(raw string) (Rate, error) {
+	if raw == "0" || raw == "" {
+		return Rate{}, nil
+	}
+	num, unit, ok := strings.Cut(raw, "/")
+	per := map[string]time.Duration{"s": time.Second, "m": time.Minute}[unit]
+	n, err := strconv.ParseFloat(num, 64)
+	if !ok || per == 0 || err != nil || n <= 0 || n != n || strings.ContainsAny(num, "eE+-xXpP_") {
+		return Rate{}, fmt.Errorf("%q is not a rate (like 50/s or 100/m; 0 = no limit)", raw)
+	}
+	r := Rate{N: n, Per: per}
+	switch {
+	case r.PerSecond() > MostRatePerSecond:
+		return Rate{}, fmt.Errorf("%s is more than %d/s", raw, MostRatePerSecond)
+	case r.PerSecond() < 1.0/60:
+		return Rate{}, fmt.Errorf("%s is less than 1/m", raw)
+	}
+	return r, nil
 }
 
 // TLSOptions are the TLS settings of a subscription's connections: a client
@@ -373,6 +427,14 @@ func (o Options) Resolve(prefix string, base DeliveryOptions) (DeliveryOptions, 
 			errs = append(errs, fmt.Errorf("%stls: client_cert_file and client_key_file go together", prefix))
 		}
 	}
+	if o.RateLimit != nil {
+		rate, err := ParseRate(*o.RateLimit)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%srate_limit: %w", prefix, err))
+		}
+		r.RateLimit = rate
+	}
+	count(&r.MaxInFlightPerHost, o.MaxInFlightPerHost, "max_in_flight_per_host", 0, MostInFlight*16)
 	if len(errs) == 0 && r.RetryMaxInterval < r.RetryInitial {
 		errs = append(errs, fmt.Errorf("%sretry_max_interval: must not be less than retry_initial", prefix))
 	}
@@ -420,6 +482,12 @@ func (o Options) Merge(p Options) Options {
 	if p.Signature != nil {
 		o.Signature = p.Signature
 	}
+	if p.RateLimit != nil {
+		o.RateLimit = p.RateLimit
+	}
+	if p.MaxInFlightPerHost != nil {
+		o.MaxInFlightPerHost = p.MaxInFlightPerHost
+	}
 	if p.ProxyURL != nil {
 		if *p.ProxyURL == MaskURL(deref(o.ProxyURL)) {
 			p.ProxyURL = o.ProxyURL // given back as the API showed it: unchanged
@@ -458,6 +526,10 @@ func OptionsOf(d DeliveryOptions) Options {
 		BatchMax: &d.BatchMax, BatchBytes: &d.BatchBytes, MaxPayloadBytes: &d.MaxPayloadBytes, MaxInFlight: &d.MaxInFlight,
 		Payload: &payload, ResourceURL: &url, ParkAfter: Dur(d.ParkAfter), RetryFor: Dur(d.RetryFor), DisableAfter: Dur(d.DisableAfter),
 		Signature: slices.Clone(d.Signature), Headers: masked(d.Headers),
+	}
+	if d.RateLimit.PerSecond() > 0 {
+		r := d.RateLimit.String()
+		o.RateLimit = &r
 	}
 	if d.ProxyURL != "" {
 		p := MaskURL(d.ProxyURL)

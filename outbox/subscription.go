@@ -82,6 +82,12 @@ type DeliveryOptions struct {
 	ProxyURL string     // forward proxy of every request; default "" = the one the environment names (HTTPS_PROXY, ...)
 	TLS      TLSOptions // client certificate, CAs, server name; default none (the system's roots)
 
+	RateLimit Rate // attempts (retries included) per second or minute, for the whole subscription; default 0 = none
+
+	// MaxInFlightPerHost bounds the requests in flight to one host across all
+	// subscriptions (defaults only; the Sender applies it); default 0 = none.
+	MaxInFlightPerHost int
+
 	// MaxTimeout is the operator's ceiling of Timeout (max_timeout): Resolve
 	// refuses a higher one; default 60s, 0 = none. It is a bound, not an option.
 	MaxTimeout time.Duration

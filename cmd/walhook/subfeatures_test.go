@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"reflect"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -273,5 +274,56 @@ func TestProxyAndTLSKeysAreChecked(t *testing.T) {
 	}
 	if status, got := admin.do("PATCH", "/v1/subscriptions/"+id, map[string]any{"tls": map[string]string{"ca_file": missing}}); status != http.StatusBadRequest || !strings.Contains(got["error"].(string), "tls.ca_file: open") {
 		t.Errorf("tls.ca_file missing: %d %v", status, got)
+	}
+}
+
+// TestRateLimitMeasured: 300 events to a rate_limit of 50/s arrive no faster
+// than the limit (no second holds more than 51 requests) and the whole run
+// takes at least 299/50 s; a 429 with Retry-After pauses every resource.
+func TestRateLimitMeasured(t *testing.T) {
+	t.Parallel()
+	var paused atomic.Bool
+	target := sendertest.NewServer(t, func(n int, r *sendertest.Request) (int, http.Header) {
+		if r.Header.Get("X-Stage") == "429" && paused.CompareAndSwap(false, true) {
+			return http.StatusTooManyRequests, http.Header{"Retry-After": {"2"}}
+		}
+		return http.StatusNoContent, nil
+	})
+	e := newEnv(t, "subscriptions:\n"+sub("limited", target.HooksURL(), "[load]", "    rate_limit: 50/s\n    max_in_flight: 64\n")+
+		sub("paused", target.HooksURL(), "[pause]", "    headers: {X-Stage: '429'}\n    retry_max_interval: 1m\n"))
+	e.setup()
+	e.start()
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload) SELECT 'load', 'r' || (i % 40), '{}' FROM generate_series(1, 300) i`)
+	reqs := target.Wait(t, 60*time.Second, "300 deliveries", func(r []sendertest.Request) bool { return len(r) >= 300 })[:300]
+	span := reqs[len(reqs)-1].At.Sub(reqs[0].At)
+	most := 0
+	for i := range reqs {
+		j := i
+		for j < len(reqs) && reqs[j].At.Sub(reqs[i].At) < time.Second {
+			j++
+		}
+		most = max(most, j-i)
+	}
+	t.Logf("rate_limit 50/s: 300 requests in %s (%.1f/s), at most %d in any second", span, 299/span.Seconds(), most)
+	if span < 5900*time.Millisecond || most > 51 {
+		t.Fatalf("300 requests in %s, %d in one second: faster than 50/s", span, most)
+	}
+
+	// 429 with Retry-After: 2 on resource p1: p2 and p3 wait too.
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload) VALUES ('pause', 'p1', '{}')`)
+	target.Wait(t, 30*time.Second, "the 429", func(r []sendertest.Request) bool { return paused.Load() })
+	at429 := time.Now()
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload) VALUES ('pause', 'p2', '{}'), ('pause', 'p3', '{}')`)
+	got := target.Wait(t, 30*time.Second, "the paused deliveries", func(r []sendertest.Request) bool { return len(r) >= 304 })
+	for _, r := range got[301:] {
+		if r.At.Sub(at429) < 1500*time.Millisecond {
+			t.Errorf("a request %s after the 429: Retry-After 2 pauses the whole subscription", r.At.Sub(at429))
+		}
+	}
+	if err := validate(t, "defaults: {rate_limit: 50/h}\n"); err == nil || !strings.Contains(err.Error(), `defaults.rate_limit: "50/h" is not a rate`) {
+		t.Errorf("rate_limit 50/h: %v", err)
+	}
+	if err := validate(t, "defaults: {rate_limit: 20000/s}\n"); err == nil || !strings.Contains(err.Error(), "defaults.rate_limit: 20000/s is more than 10000/s") {
+		t.Errorf("rate_limit 20000/s: %v", err)
 	}
 }
