@@ -268,6 +268,9 @@ func (a *API) apply(ctx context.Context, c caller, row *outbox.SubscriptionRow, 
 	if !c.admin && req.TLS != nil {
 		return fail(http.StatusForbidden, "tls: only the admin may set it")
 	}
+	if req.MaxInFlightPerHost != nil {
+		return fail(http.StatusBadRequest, "max_in_flight_per_host: only in the config file's defaults (it bounds all subscriptions' requests to a host)")
+	}
 	switch {
 	case req.Event != "" && len(req.Events) > 0:
 		return fail(http.StatusBadRequest, "event: give event or events, not both")

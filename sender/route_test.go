@@ -9,12 +9,16 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
 	"math/big"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -263,5 +267,63 @@ func TestProxyURLPerSubscription(t *testing.T) {
 	}
 	if reqs := target.Requests(); len(reqs) != 3 || !strings.HasPrefix(reqs[1].Host, "localhost:") {
 		t.Errorf("the target got %d requests; the tunneled one's Host %q must name the target", len(reqs), reqs[1].Host)
+	}
+}
+
+func TestMaxInFlightPerHostAcrossSubscriptions(t *testing.T) {
+	var inFlight, most atomic.Int32
+	gate := make(chan struct{})
+	srv := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) {
+		n := inFlight.Add(1)
+		for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
+		}
+		<-gate
+		inFlight.Add(-1)
+		return http.StatusNoContent, nil
+	})
+	s := sender.New(&ssrf.Guard{}, sender.WithMaxInFlightPerHost(2))
+	t.Cleanup(s.Close)
+	errs := make(chan error, 6)
+	for i := range 6 {
+		sub := testSub(srv.URL + "/hooks/" + string(rune('a'+i))) // six subscriptions, one host
+		sub.ID = "s" + string(rune('a'+i))
+		go func() { errs <- send(s, sub) }()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for inFlight.Load() < 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("two requests never got in flight")
+		}
+		runtime.Gosched()
+	}
+	for range 6 {
+		gate <- struct{}{}
+	}
+	for range 6 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if m := most.Load(); m != 2 {
+		t.Fatalf("at most %d requests were in flight to the host, want 2", m)
+	}
+	// The wait is bounded by the caller's context, not left hanging.
+	gate2, started := make(chan struct{}), make(chan struct{}, 1)
+	slow := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) {
+		started <- struct{}{}
+		<-gate2
+		return 204, nil
+	})
+	first := make(chan error, 1)
+	one := sender.New(&ssrf.Guard{}, sender.WithMaxInFlightPerHost(1))
+	t.Cleanup(func() { close(gate2); <-first; one.Close() }) // before the server's Close, which waits for its handler
+	go func() { first <- send(one, testSub(slow.HooksURL())) }()
+	<-started
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	err := one.Deliver(ctx, outbox.NewBatch(testSub(slow.HooksURL()), testEvent()))
+	var de *sender.DeliveryError
+	if !errors.As(err, &de) || !de.Retryable() || !strings.Contains(err.Error(), "max_in_flight_per_host") {
+		t.Fatalf("waiting past the context: %v", err)
 	}
 }

@@ -52,12 +52,67 @@ type Sender struct {
 
 	mu     sync.Mutex
 	routes map[routeKey]*route // subscriptions with proxy_url or tls (route.go)
+
+	perHost int // max_in_flight_per_host; 0 = none
+	hostsMu sync.Mutex
+	hosts   map[string]*hostSlots // while requests to the host are in flight or waiting
+}
+
+// hostSlots bound the requests in flight to one host.
+type hostSlots struct {
+	slots chan struct{}
+	users int // requests holding or waiting for a slot: at 0 the entry goes
+}
+
+// acquireHost waits for a slot to host; release gives it back.
+func (s *Sender) acquireHost(ctx context.Context, host string) (release func(), err error) {
+	s.hostsMu.Lock()
+	h := s.hosts[host]
+	if h == nil {
+		if s.hosts == nil {
+			s.hosts = map[string]*hostSlots{}
+		}
+		h = &hostSlots{slots: make(chan struct{}, s.perHost)}
+		s.hosts[host] = h
+	}
+	h.users++
+	s.hostsMu.Unlock()
+	done := func() {
+		s.hostsMu.Lock()
+		if h.users--; h.users == 0 {
+			delete(s.hosts, host)
+		}
+		s.hostsMu.Unlock()
+	}
+	select {
+	case h.slots <- struct{}{}:
+		return func() { <-h.slots; done() }, nil
+	case <-ctx.Done():
+		done()
+		return nil, ctx.Err()
+	}
 }
 
 // New returns a Sender with hardened clients; guard checks the addresses that
 // dynamic subscriptions' requests dial, or, through a proxy (HTTP_PROXY,
 // HTTPS_PROXY), the address each request is pinned to.
-func New(guard *ssrf.Guard) *Sender { return newSender(guard, http.ProxyFromEnvironment) }
+func New(guard *ssrf.Guard, opts ...Option) *Sender {
+	s := newSender(guard, http.ProxyFromEnvironment)
+	for _, o := range opts {
+		o(s)
+	}
+	return s
+}
+
+// Option configures a Sender.
+type Option func(*Sender)
+
+// WithMaxInFlightPerHost bounds the requests in flight to one host (by
+// name, across all subscriptions and ports) to n; 0 = no bound. A request
+// waits for a slot before its attempt's timeout starts.
+func WithMaxInFlightPerHost(n int) Option {
+	return func(s *Sender) { s.perHost = n }
+}
 
 func newSender(guard *ssrf.Guard, proxy func(*http.Request) (*url.URL, error)) *Sender {
 	s := &Sender{
@@ -114,6 +169,17 @@ func (s *Sender) Close() {
 // Deliver sends b once. It returns nil on 2xx and a *DeliveryError otherwise.
 func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	sub := b.Subscription
+	if s.perHost > 0 {
+		u, err := url.Parse(sub.TargetURL)
+		if err != nil {
+			return &DeliveryError{Reason: "build request: target_url is not a URL"}
+		}
+		release, err := s.acquireHost(ctx, strings.ToLower(u.Hostname()))
+		if err != nil {
+			return &DeliveryError{Reason: "waiting for a request slot to the host (max_in_flight_per_host)", Err: err, retry: true}
+		}
+		defer release()
+	}
 	ctx, cancel := context.WithTimeout(ctx, sub.Delivery.Timeout)
 	defer cancel()
 	body, req, release, err := newRequest(ctx, b)

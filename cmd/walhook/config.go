@@ -364,6 +364,9 @@ func (sc SubscriptionConfig) subscription(key string, defaults outbox.DeliveryOp
 	} else if u, err := url.Parse(sc.TargetURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		bad("%s.target_url: must be an absolute http:// or https:// URL", key)
 	}
+	if sc.MaxInFlightPerHost != nil {
+		bad("%s.max_in_flight_per_host: only in defaults (it bounds all subscriptions' requests to a host)", key)
+	}
 	opts, err := sc.Options.Resolve(key+".", defaults)
 	if err != nil {
 		errs = append(errs, err)

@@ -327,3 +327,18 @@ func TestRateLimitMeasured(t *testing.T) {
 		t.Errorf("rate_limit 20000/s: %v", err)
 	}
 }
+
+func TestMaxInFlightPerHostOnlyInDefaults(t *testing.T) {
+	t.Parallel()
+	if err := validate(t, "defaults: {max_in_flight_per_host: 8}\n"); err != nil {
+		t.Fatalf("defaults.max_in_flight_per_host: %v", err)
+	}
+	for text, want := range map[string]string{
+		"defaults: {max_in_flight_per_host: -1}\n":                                                       "defaults.max_in_flight_per_host: -1 must be at least 0",
+		"subscriptions:\n" + sub("s", "https://x.example/h", "['*']", "    max_in_flight_per_host: 2\n"): "subscriptions[s].max_in_flight_per_host: only in defaults",
+	} {
+		if err := validate(t, text); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want %q", text, err, want)
+		}
+	}
+}
