@@ -2,15 +2,8 @@ package sender_test
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
-	"math/big"
 	"net"
 	"net/http"
 	"net/url"
@@ -28,112 +21,17 @@ import (
 	"github.com/walhook/walhook/sender/ssrf"
 )
 
-// testCA signs certificates for tests.
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	der  []byte
-}
-
-func newCA(t *testing.T, name string) *testCA {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageCertSign, IsCA: true, BasicConstraintsValid: true}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	return &testCA{cert: cert, key: key, der: der}
-}
-
-func (ca *testCA) pool() *x509.CertPool {
-	p := x509.NewCertPool()
-	p.AddCert(ca.cert)
-	return p
-}
-
-// issue signs a certificate for cn: a server one for names (IPs or DNS
-// names), else a client one.
-func (ca *testCA) issue(t *testing.T, cn string, names ...string) tls.Certificate {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
-	tmpl := &x509.Certificate{SerialNumber: serial, Subject: pkix.Name{CommonName: cn},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
-	if len(names) > 0 {
-		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
-		for _, n := range names {
-			if ip := net.ParseIP(n); ip != nil {
-				tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
-			} else {
-				tmpl.DNSNames = append(tmpl.DNSNames, n)
-			}
-		}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
-}
-
-// writePEM writes cert and its key to certFile and keyFile, replacing them
-// at once (a rename, as cert-manager's symlink swap does).
-func writePEM(t *testing.T, cert tls.Certificate, certFile, keyFile string) {
-	keyDER, err := x509.MarshalPKCS8PrivateKey(cert.PrivateKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for file, block := range map[string]*pem.Block{
-		certFile: {Type: "CERTIFICATE", Bytes: cert.Certificate[0]},
-		keyFile:  {Type: "PRIVATE KEY", Bytes: keyDER},
-	} {
-		tmp := file + ".tmp"
-		if err := os.WriteFile(tmp, pem.EncodeToMemory(block), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Rename(tmp, file); err != nil {
-			t.Fatal(err)
-		}
-	}
-}
-
-func writeCA(t *testing.T, ca *testCA, file string) {
-	if err := os.WriteFile(file, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// mtlsServer requires a client certificate signed by clients.
-func mtlsServer(t *testing.T, server *testCA, clients *testCA, names ...string) *sendertest.Server {
-	if len(names) == 0 {
-		names = []string{"127.0.0.1"}
-	}
-	return sendertest.NewTLSServerConfig(t, nil, &tls.Config{
-		Certificates: []tls.Certificate{server.issue(t, "server", names...)},
-		ClientAuth:   tls.RequireAndVerifyClientCert, ClientCAs: clients.pool(),
-	})
-}
-
 func send(s *sender.Sender, sub *outbox.Subscription) error {
 	return s.Deliver(context.Background(), outbox.NewBatch(sub, testEvent()))
 }
 
 func TestMTLSClientCertificateIsSentAndReloaded(t *testing.T) {
-	serverCA, clientCA := newCA(t, "server-ca"), newCA(t, "client-ca")
-	srv := mtlsServer(t, serverCA, clientCA)
+	serverCA, clientCA := sendertest.NewCA(t, "server-ca"), sendertest.NewCA(t, "client-ca")
+	srv := sendertest.NewMTLSServer(t, nil, serverCA, clientCA)
 	dir := t.TempDir()
 	certFile, keyFile, caFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key"), filepath.Join(dir, "ca.crt")
-	writePEM(t, clientCA.issue(t, "client-1"), certFile, keyFile)
-	writeCA(t, serverCA, caFile)
+	sendertest.WritePEM(t, clientCA.Issue(t, "client-1"), certFile, keyFile)
+	serverCA.WriteCA(t, caFile)
 
 	s := sender.New(&ssrf.Guard{})
 	t.Cleanup(s.Close)
@@ -151,7 +49,7 @@ func TestMTLSClientCertificateIsSentAndReloaded(t *testing.T) {
 
 	// cert-manager rotates the certificate: later connections use the new
 	// one, without a restart.
-	writePEM(t, clientCA.issue(t, "client-2"), certFile, keyFile)
+	sendertest.WritePEM(t, clientCA.Issue(t, "client-2"), certFile, keyFile)
 	deadline := time.Now().Add(15 * time.Second)
 	for srv.Requests()[len(srv.Requests())-1].ClientCert != "client-2" {
 		if time.Now().After(deadline) {
@@ -174,16 +72,16 @@ func TestMTLSClientCertificateIsSentAndReloaded(t *testing.T) {
 }
 
 func TestTLSServerNameAndMinimumVersion(t *testing.T) {
-	ca := newCA(t, "ca")
+	ca := sendertest.NewCA(t, "ca")
 	dir := t.TempDir()
 	caFile := filepath.Join(dir, "ca.crt")
-	writeCA(t, ca, caFile)
+	ca.WriteCA(t, caFile)
 	s := sender.New(&ssrf.Guard{})
 	t.Cleanup(s.Close)
 
 	// The certificate names hooks.internal, not 127.0.0.1: server_name says
 	// which name to verify and send.
-	named := sendertest.NewTLSServerConfig(t, nil, &tls.Config{Certificates: []tls.Certificate{ca.issue(t, "s", "hooks.internal")}})
+	named := sendertest.NewTLSServerConfig(t, nil, &tls.Config{Certificates: []tls.Certificate{ca.Issue(t, "s", "hooks.internal")}})
 	sub := testSub(named.HooksURL())
 	sub.Delivery.TLS = outbox.TLSOptions{CAFile: caFile}
 	if err := send(s, sub); err == nil || !strings.Contains(err.Error(), "certificate") {
@@ -195,7 +93,7 @@ func TestTLSServerNameAndMinimumVersion(t *testing.T) {
 	}
 
 	// TLS 1.1 is refused, with or without tls settings.
-	old := sendertest.NewTLSServerConfig(t, nil, &tls.Config{Certificates: []tls.Certificate{ca.issue(t, "s", "127.0.0.1")},
+	old := sendertest.NewTLSServerConfig(t, nil, &tls.Config{Certificates: []tls.Certificate{ca.Issue(t, "s", "127.0.0.1")},
 		MaxVersion: tls.VersionTLS11})
 	for _, o := range []outbox.TLSOptions{{CAFile: caFile}, {}} {
 		sub := testSub(old.HooksURL())

@@ -4,6 +4,7 @@ import (
 	"crypto/ed25519"
 	"encoding/base64"
 	"net/http"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"sync/atomic"
@@ -340,5 +341,48 @@ func TestMaxInFlightPerHostOnlyInDefaults(t *testing.T) {
 		if err := validate(t, text); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: %v, want %q", text, err, want)
 		}
+	}
+}
+
+// TestMTLSAndProxyFromTheConfigFile: a receiver that requires a client
+// certificate gets walhook's, and the rotated one without a restart; a
+// subscription with proxy_url goes through that proxy.
+func TestMTLSAndProxyFromTheConfigFile(t *testing.T) {
+	t.Parallel()
+	serverCA, clientCA := sendertest.NewCA(t, "server-ca"), sendertest.NewCA(t, "client-ca")
+	mtls := sendertest.NewMTLSServer(t, nil, serverCA, clientCA)
+	plain := sendertest.NewServer(t, nil)
+	proxy := sendertest.NewProxy(t, "")
+	dir := t.TempDir()
+	certFile, keyFile, caFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key"), filepath.Join(dir, "ca.crt")
+	sendertest.WritePEM(t, clientCA.Issue(t, "walhook-1"), certFile, keyFile)
+	serverCA.WriteCA(t, caFile)
+	e := newEnv(t, "subscriptions:\n"+
+		sub("mtls", mtls.HooksURL(), "[m]", "    tls: {client_cert_file: '"+certFile+"', client_key_file: '"+keyFile+"', ca_file: '"+caFile+"'}\n")+
+		sub("proxied", plain.HooksURL(), "[p]", "    proxy_url: '"+proxy.URL+"'\n"))
+	e.setup()
+	e.start()
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload) VALUES ('m', 'r', '{}'), ('p', 'r', '{}')`)
+	got := mtls.Wait(t, 30*time.Second, "the mTLS delivery", func(r []sendertest.Request) bool { return len(r) == 1 })
+	if got[0].ClientCert != "walhook-1" {
+		t.Fatalf("the receiver saw client certificate %q", got[0].ClientCert)
+	}
+	plain.Wait(t, 30*time.Second, "the proxied delivery", func(r []sendertest.Request) bool { return len(r) == 1 })
+	if asked := proxy.Asked(); len(asked) != 1 || asked[0].Target != plain.HooksURL() {
+		t.Fatalf("the proxy was asked %+v, want the delivery to %s", asked, plain.HooksURL())
+	}
+
+	sendertest.WritePEM(t, clientCA.Issue(t, "walhook-2"), certFile, keyFile)
+	deadline := time.Now().Add(30 * time.Second)
+	for n := 1; ; n++ {
+		reqs := mtls.Requests()
+		if reqs[len(reqs)-1].ClientCert == "walhook-2" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the rotated client certificate was not used within 30s")
+		}
+		e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload) VALUES ('m', 'r', '{}')`)
+		mtls.Wait(t, 30*time.Second, "a delivery", func(r []sendertest.Request) bool { return len(r) > n })
 	}
 }
