@@ -3,13 +3,13 @@ package api
 import (
 	"context"
 	"crypto/rand"
-	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -36,7 +36,7 @@ type Store interface {
 
 // Verifier runs the X-Hook-Secret handshake (sender.Sender).
 type Verifier interface {
-	VerifyIntent(ctx context.Context, target string, timeout time.Duration) error
+	VerifyTarget(ctx context.Context, sub *outbox.Subscription, timeout time.Duration) error
 }
 
 // Config configures the API.
@@ -174,27 +174,37 @@ type Request struct {
 
 // View is a subscription as the API shows it; options are the effective ones.
 type View struct {
-	ID           string     `json:"id"`
-	Events       []string   `json:"events"`
-	TargetURL    string     `json:"target_url"`
-	Tenant       *string    `json:"tenant"`
-	Secret       string     `json:"secret,omitempty"`
-	VerifyIntent bool       `json:"verify_intent"`
-	ReadOnly     bool       `json:"read_only"`
-	DisabledAt   *time.Time `json:"disabled_at"` // set while endpoint health has it off (POST .../enable)
-	CreatedAt    *time.Time `json:"created_at,omitempty"`
-	UpdatedAt    *time.Time `json:"updated_at,omitempty"`
+	ID        string   `json:"id"`
+	Events    []string `json:"events"`
+	TargetURL string   `json:"target_url"`
+	Tenant    *string  `json:"tenant"`
+	Secret    string   `json:"secret,omitempty"`
+	// PublicKey verifies v1a signatures (whpk_); PreviousPublicKey those of
+	// the rotated-out key during rotation_overlap. Not secrets: always shown.
+	PublicKey         string     `json:"public_key,omitempty"`
+	PreviousPublicKey string     `json:"previous_public_key,omitempty"`
+	VerifyIntent      bool       `json:"verify_intent"`
+	ReadOnly          bool       `json:"read_only"`
+	DisabledAt        *time.Time `json:"disabled_at"` // set while endpoint health has it off (POST .../enable)
+	CreatedAt         *time.Time `json:"created_at,omitempty"`
+	UpdatedAt         *time.Time `json:"updated_at,omitempty"`
 	outbox.Options
 }
 
 func (a *API) view(r *outbox.SubscriptionRow) View {
 	opts, _ := r.Options.Resolve("", a.cfg.Defaults)
-	return View{ID: r.ID, Events: r.Events, TargetURL: r.TargetURL, Tenant: r.Tenant, VerifyIntent: r.VerifyIntent,
-		CreatedAt: &r.CreatedAt, UpdatedAt: &r.UpdatedAt, DisabledAt: r.DisabledAt, Options: outbox.OptionsOf(opts)}
+	v := View{ID: r.ID, Events: r.Events, TargetURL: r.TargetURL, Tenant: r.Tenant, VerifyIntent: r.VerifyIntent,
+		CreatedAt: &r.CreatedAt, UpdatedAt: &r.UpdatedAt, DisabledAt: r.DisabledAt, Options: outbox.OptionsOf(opts),
+		PublicKey: sender.PublicKey(r.Secret)}
+	if r.PreviousSecret != nil && r.PreviousSecretUntil != nil && time.Now().Before(*r.PreviousSecretUntil) {
+		v.PreviousPublicKey = sender.PublicKey(*r.PreviousSecret)
+	}
+	return v
 }
 
 func staticView(s *outbox.Subscription) View {
-	v := View{ID: s.ID, Events: s.Events, TargetURL: s.TargetURL, ReadOnly: true, Options: outbox.OptionsOf(s.Delivery)}
+	v := View{ID: s.ID, Events: s.Events, TargetURL: s.TargetURL, ReadOnly: true, Options: outbox.OptionsOf(s.Delivery),
+		PublicKey: sender.PublicKey(s.Secret)}
 	if s.Tenant != "" {
 		v.Tenant = &s.Tenant
 	}
@@ -213,16 +223,17 @@ func (a *API) create(_ http.ResponseWriter, r *http.Request, c caller) (int, any
 	if req.VerifyIntent != nil {
 		row.VerifyIntent = *req.VerifyIntent
 	}
-	if row.Secret == "" {
-		row.Secret = NewSecret()
-	} else if _, err := sender.ParseSecret(row.Secret); err != nil {
-		return 0, nil, fail(http.StatusBadRequest, "secret: %v", err)
-	}
 	if err := scopeTenant(c, row); err != nil {
 		return 0, nil, err
 	}
-	if err := a.apply(r.Context(), row, &req, true); err != nil {
+	if err := a.apply(r.Context(), c, row, &req, true); err != nil {
 		return 0, nil, err
+	}
+	schemes := a.schemes(row)
+	if row.Secret == "" {
+		row.Secret = sender.NewSecret(schemes)
+	} else if err := sender.CheckSecret(row.Secret, schemes); err != nil {
+		return 0, nil, fail(http.StatusBadRequest, "secret: %v", err)
 	}
 	if err := a.cfg.Store.InsertSubscription(r.Context(), row); err != nil {
 		return 0, nil, err
@@ -248,9 +259,20 @@ func scopeTenant(c caller, row *outbox.SubscriptionRow) error {
 
 // apply sets req's fields on row, validating them: events, target (safe, and
 // verified when it is new or changed), options.
-func (a *API) apply(ctx context.Context, row *outbox.SubscriptionRow, req *Request, create bool) error {
+func (a *API) apply(ctx context.Context, c caller, row *outbox.SubscriptionRow, req *Request, create bool) error {
 	if err := checkRequest(req); err != nil {
 		return err
+	}
+	// A proxy is dialed without the SSRF guard and TLS files are read from
+	// walhook's disk: the operator's to choose, not a tenant's.
+	if !c.admin && req.ProxyURL != nil {
+		return fail(http.StatusForbidden, "proxy_url: only the admin may set it")
+	}
+	if !c.admin && req.TLS != nil {
+		return fail(http.StatusForbidden, "tls: only the admin may set it")
+	}
+	if req.MaxInFlightPerHost != nil {
+		return fail(http.StatusBadRequest, "max_in_flight_per_host: only in the config file's defaults (it bounds all subscriptions' requests to a host)")
 	}
 	switch {
 	case req.Event != "" && len(req.Events) > 0:
@@ -269,8 +291,17 @@ func (a *API) apply(ctx context.Context, row *outbox.SubscriptionRow, req *Reque
 		row.Events = req.Events
 	}
 	row.Options = row.Options.Merge(req.Options)
-	if _, err := row.Options.Resolve("", a.cfg.Defaults); err != nil {
+	opts, err := row.Options.Resolve("", a.cfg.Defaults)
+	if err != nil {
 		return fail(http.StatusBadRequest, "%v", err)
+	}
+	if strings.HasPrefix(opts.ProxyURL, "socks5:") {
+		return fail(http.StatusBadRequest, "proxy_url: socks5:// would be handed the target's name, not the checked address: use http:// or https://")
+	}
+	if req.TLS != nil {
+		if _, err := sender.LoadTLS(opts.TLS); err != nil {
+			return fail(http.StatusBadRequest, "%v", err)
+		}
 	}
 	targetChanged := req.TargetURL != "" && req.TargetURL != row.TargetURL
 	if create && req.TargetURL == "" {
@@ -283,7 +314,9 @@ func (a *API) apply(ctx context.Context, row *outbox.SubscriptionRow, req *Reque
 		return fail(http.StatusBadRequest, "target_url: %v", err)
 	}
 	if row.VerifyIntent {
-		if err := a.cfg.Verifier.VerifyIntent(ctx, req.TargetURL, 10*time.Second); err != nil {
+		opts, _ := row.Options.Resolve("", a.cfg.Defaults) // checked above
+		sub := &outbox.Subscription{ID: row.ID, TargetURL: req.TargetURL, Delivery: opts}
+		if err := a.cfg.Verifier.VerifyTarget(ctx, sub, 10*time.Second); err != nil {
 			return fail(http.StatusBadRequest, "target_url: intent verification failed: %v", err)
 		}
 	}
@@ -396,13 +429,21 @@ func (a *API) patch(_ http.ResponseWriter, r *http.Request, c caller) (int, any,
 	if req.VerifyIntent != nil {
 		row.VerifyIntent = *req.VerifyIntent
 	}
-	if err := a.apply(r.Context(), row, &req, false); err != nil {
+	if err := a.apply(r.Context(), c, row, &req, false); err != nil {
 		return 0, nil, err
 	}
+	// A changed signature changes the secret: a fresh key for a scheme
+	// added (shown in this answer only), none for a scheme dropped.
+	var added bool
+	row.Secret, added = sender.FitSecret(row.Secret, a.schemes(row))
 	if err := a.cfg.Store.UpdateSubscription(r.Context(), row); err != nil {
 		return 0, nil, notFound(err, row.ID)
 	}
-	return http.StatusOK, a.view(row), nil
+	v := a.view(row)
+	if added {
+		v.Secret = row.Secret
+	}
+	return http.StatusOK, v, nil
 }
 
 func (a *API) delete(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
@@ -430,16 +471,24 @@ func (a *API) rotate(_ http.ResponseWriter, r *http.Request, c caller) (int, any
 			return 0, nil, err
 		}
 	}
+	schemes := a.schemes(row)
 	if req.Secret == "" {
-		req.Secret = NewSecret()
-	} else if _, err := sender.ParseSecret(req.Secret); err != nil {
+		req.Secret = sender.NewSecret(schemes)
+	} else if err := sender.CheckSecret(req.Secret, schemes); err != nil {
 		return 0, nil, fail(http.StatusBadRequest, "secret: %v", err)
 	}
 	until := time.Now().Add(a.cfg.RotationOverlap)
 	if err := a.cfg.Store.RotateSecret(r.Context(), row.ID, req.Secret, until); err != nil {
 		return 0, nil, notFound(err, row.ID)
 	}
-	return http.StatusOK, map[string]any{"secret": req.Secret, "previous_secret_valid_until": until.UTC()}, nil
+	answer := map[string]any{"secret": req.Secret, "previous_secret_valid_until": until.UTC()}
+	if pk := sender.PublicKey(req.Secret); pk != "" {
+		answer["public_key"] = pk
+		if old := sender.PublicKey(row.Secret); old != "" {
+			answer["previous_public_key"] = old
+		}
+	}
+	return http.StatusOK, answer, nil
 }
 
 func (a *API) enable(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
@@ -468,11 +517,13 @@ func deref(s *string) string {
 	return *s
 }
 
-// NewSecret returns a fresh signing secret: whsec_ and 32 random bytes, base64.
-func NewSecret() string {
-	var b [32]byte
-	rand.Read(b[:])
-	return sender.SecretPrefix + base64.StdEncoding.EncodeToString(b[:])
+// NewSecret returns a fresh v1 signing secret: whsec_ and 32 random bytes, base64.
+func NewSecret() string { return sender.NewKey(outbox.SchemeV1) }
+
+// schemes are the signature schemes row's options resolve to.
+func (a *API) schemes(row *outbox.SubscriptionRow) outbox.Schemes {
+	opts, _ := row.Options.Resolve("", a.cfg.Defaults) // checked by apply
+	return opts.Signature
 }
 
 // NewID returns a fresh subscription id.

@@ -112,7 +112,7 @@ func checkStrings(raw []byte) error {
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	type frame struct{ object, wantKey bool }
 	var stack []frame
-	field := "body"
+	field, top := "body", "body" // field: the key a string belongs to, one level deep (headers.X-Api-Key)
 	valueDone := func() {
 		if n := len(stack); n > 0 && stack[n-1].object {
 			stack[n-1].wantKey = true
@@ -134,14 +134,20 @@ func checkStrings(raw []byte) error {
 			default:
 				stack = stack[:len(stack)-1]
 				valueDone()
-				if len(stack) == 1 {
+				switch len(stack) {
+				case 1:
 					field = "body"
+				case 2:
+					field = top
 				}
 			}
 		case string:
 			isKey := len(stack) > 0 && stack[len(stack)-1].object && stack[len(stack)-1].wantKey
-			if isKey && len(stack) == 1 {
-				field = t
+			switch {
+			case isKey && len(stack) == 1:
+				field, top = t, t
+			case isKey && len(stack) == 2 && stack[0].object && !hasControl(t):
+				field = top + "." + t
 			}
 			if !utf8.Valid(raw[prev:end]) || hasControl(t) {
 				what := "not valid UTF-8 or holds a control character"

@@ -188,7 +188,7 @@ func NewDispatcher(cfg DispatcherConfig) *Dispatcher {
 	if cfg.QueueSize <= 0 {
 		cfg.QueueSize = 1024
 	}
-	if cfg.Defaults == (DeliveryOptions{}) {
+	if cfg.Defaults.Timeout == 0 { // unset
 		cfg.Defaults = DefaultDeliveryOptions
 	}
 	if cfg.Metrics == nil {

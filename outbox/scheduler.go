@@ -55,6 +55,12 @@ type scheduler struct {
 	senders     int               // sender goroutines started
 	jobs        chan *job         // to the senders
 	results     chan result
+
+	// rate_limit and 429s (docs/scheduler.md, "Rate limits").
+	rate      float64   // attempts per second; 0 = no limit
+	tokens    float64   // the bucket: at most one attempt's token
+	tokensAt  time.Time // when tokens was counted
+	holdUntil time.Time // a 429's Retry-After: no attempt before
 }
 
 type key struct {
@@ -124,6 +130,7 @@ func (s *scheduler) setSubscription(sub *Subscription) {
 		s.log.Info().Msg("subscription enabled")
 	}
 	s.sub, s.opts = sub, sub.Delivery
+	s.rate = s.opts.RateLimit.PerSecond()
 	s.opts.MaxInFlight = min(max(s.opts.MaxInFlight, 1), 1024)
 	s.opts.BatchMax = max(s.opts.BatchMax, 1)
 }
@@ -371,18 +378,24 @@ func (s *scheduler) schedule(k *key, now time.Time) {
 // dispatch starts as many sends as max_in_flight allows: due retries first, then
 // new batches.
 func (s *scheduler) dispatch(ctx context.Context, now time.Time) {
-	for s.inFlight < s.opts.MaxInFlight && len(s.retries) > 0 {
+	if s.limited(now) {
+		s.parkLimited(now)
+		return
+	}
+	for s.inFlight < s.opts.MaxInFlight && len(s.retries) > 0 && s.token(now) {
 		j := s.retries[0]
 		s.retries = s.retries[1:]
 		s.start(ctx, j)
 	}
-	for s.inFlight < s.opts.MaxInFlight && len(s.feeds) > 0 && !s.closing {
+	for s.inFlight < s.opts.MaxInFlight && len(s.feeds) > 0 && !s.closing && s.token(now) {
 		k := s.feeds[0]
 		s.feeds[0] = nil
 		s.feeds = s.feeds[1:]
 		k.feed = false
 		if j := s.feedJob(k); j != nil {
 			s.start(ctx, j)
+		} else {
+			s.tokens++ // drained: no attempt
 		}
 	}
 	for s.inFlight < s.opts.MaxInFlight && len(s.ready) > 0 {
@@ -398,8 +411,13 @@ func (s *scheduler) dispatch(ctx context.Context, now time.Time) {
 				return
 			}
 		}
+		if !s.token(now) {
+			s.parkLimited(now)
+			return
+		}
 		j := s.assemble(now)
 		if j == nil {
+			s.tokens++ // no attempt
 			return
 		}
 		s.start(ctx, j)
@@ -407,6 +425,60 @@ func (s *scheduler) dispatch(ctx context.Context, now time.Time) {
 	if len(s.ready) == 0 {
 		s.gatherUntil = time.Time{}
 	}
+}
+
+// token takes an attempt's token from the rate_limit bucket, which holds at
+// most one and refills at the rate: attempts are at least 1/rate apart.
+func (s *scheduler) token(now time.Time) bool {
+	if s.rate <= 0 {
+		return true
+	}
+	if now.Before(s.holdUntil) {
+		return false
+	}
+	s.tokens = min(1, s.tokens+now.Sub(s.tokensAt).Seconds()*s.rate)
+	s.tokensAt = now
+	if s.tokens < 1 {
+		return false
+	}
+	s.tokens--
+	return true
+}
+
+// nextAttempt is when the rate limit and a 429's pause let the next attempt go.
+func (s *scheduler) nextAttempt() time.Time {
+	at := s.holdUntil
+	if s.rate > 0 && s.tokens < 1 {
+		at = maxTime(at, s.tokensAt.Add(time.Duration((1-s.tokens)/s.rate*float64(time.Second))))
+	}
+	return at
+}
+
+// limited: a 429's Retry-After pauses every attempt of the subscription.
+func (s *scheduler) limited(now time.Time) bool { return now.Before(s.holdUntil) }
+
+// parkLimited parks what the rate limit or a 429's pause holds back past
+// park_after (or at once while memory is full): a subscription that cannot
+// send as fast as its events come must not pin WAL. Its keys move to
+// walhook.deliveries and are fed from there, at the rate.
+func (s *scheduler) parkLimited(now time.Time) {
+	if s.closing || len(s.ready) == 0 {
+		return
+	}
+	if now.Sub(s.ready[0].items[0].first) < s.opts.ParkAfter && !s.d.cfg.Budget.Full() {
+		return
+	}
+	if n, keys := s.parkWaiting(nil, now, now); n > 0 {
+		s.log.Warn().Int("resources", keys).Int("events", n).Float64("rate_limit", s.rate).
+			Msg("parked: rate-limited events waited past park_after; moved to walhook.deliveries")
+	}
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 // assemble takes ready keys in order, and from each its consecutive ready items,
@@ -657,6 +729,11 @@ func (s *scheduler) handleResult(r result) {
 	if f, ok := errors.AsType[Failure](r.err); ok && f.RetryAfter() > wait {
 		wait = min(f.RetryAfter(), s.opts.RetryMaxInterval)
 	}
+	if f, ok := errors.AsType[Failure](r.err); ok && f.StatusCode() == 429 && f.RetryAfter() > 0 {
+		// The receiver's limit is the subscription's, not this resource's:
+		// every attempt waits as long.
+		s.holdUntil = maxTime(s.holdUntil, s.now().Add(min(f.RetryAfter(), s.opts.RetryMaxInterval)))
+	}
 	s.log.Debug().Str("webhook_id", j.batch.WebhookID).Int("attempt", j.attempt).Err(r.err).Dur("retry_in", wait).Msg("attempt failed")
 	now := s.now()
 	if !s.disabled && now.Sub(s.failingFrom) >= s.opts.DisableAfter {
@@ -744,11 +821,22 @@ func (s *scheduler) parkJob(j *job, next time.Time) {
 		}
 		return
 	}
-	n := 0
-	keys := j.keys
+	now := s.now()
+	n, keys := s.parkWaiting(j, next, now)
+	s.log.Warn().Int("resources", keys).Int("events", n).Dur("failing_for", s.now().Sub(j.first)).
+		Msg("parked: the endpoint keeps failing; events moved to walhook.deliveries")
+}
+
+// parkWaiting parks j's keys (j may be nil) and the ready keys that waited
+// park_after (all of them while memory is full); it returns the events and
+// keys parked.
+func (s *scheduler) parkWaiting(j *job, next, now time.Time) (n, parked int) {
+	var keys []*key
+	if j != nil {
+		keys = j.keys
+	}
 	// The endpoint keeps failing: keys that waited as long for a free request
 	// slot go too, without an attempt, or the slot would stay pinned by them.
-	now := s.now()
 	full := s.d.cfg.Budget.Full()
 	kept := s.ready[:0]
 	for _, k := range s.ready {
@@ -766,7 +854,7 @@ func (s *scheduler) parkJob(j *job, next time.Time) {
 		events := make([]ParkedEvent, len(k.items))
 		for i, it := range k.items {
 			events[i] = ParkedEvent{Event: it.ev, NextAttempt: next, Since: now}
-			if it.sent {
+			if it.sent && j != nil {
 				events[i].Attempts, events[i].Since = j.attempt, j.first
 			}
 		}
@@ -786,7 +874,7 @@ func (s *scheduler) parkJob(j *job, next time.Time) {
 			}
 		}
 		if err != nil {
-			return // the epoch ended: nothing acked, all replayed
+			return n, len(keys) // the epoch ended: nothing acked, all replayed
 		}
 		for _, it := range k.items {
 			if it.txn != nil {
@@ -800,8 +888,7 @@ func (s *scheduler) parkJob(j *job, next time.Time) {
 		k.items, k.busy, k.parked, k.feedAt = nil, false, true, next
 		s.schedule(k, s.now())
 	}
-	s.log.Warn().Int("resources", len(keys)).Int("events", n).Dur("failing_for", s.now().Sub(j.first)).
-		Msg("parked: the endpoint keeps failing; events moved to walhook.deliveries")
+	return n, len(keys)
 }
 
 // feedJob loads a parked key's next rows; with none left the key returns to
@@ -1025,6 +1112,20 @@ func (s *scheduler) nextWake(now time.Time) (time.Time, bool) {
 	gathering := len(s.ready) > 0 && s.inFlight < s.opts.MaxInFlight && s.gatherUntil.After(now)
 	if gathering && (at.IsZero() || s.gatherUntil.Before(at)) {
 		at = s.gatherUntil
+	}
+	// Work that only the rate limit or a 429's pause holds back: wake when
+	// the next attempt may go, or when the oldest of it is due to park.
+	if waiting := len(s.retries) > 0 || len(s.feeds) > 0 || len(s.ready) > 0; waiting && s.inFlight < s.opts.MaxInFlight {
+		if next := s.nextAttempt(); next.After(now) {
+			if at.IsZero() || next.Before(at) {
+				at = next
+			}
+			if len(s.ready) > 0 && !s.closing {
+				if park := s.ready[0].items[0].first.Add(s.opts.ParkAfter); park.After(now) && park.Before(at) {
+					at = park
+				}
+			}
+		}
 	}
 	return at, !at.IsZero()
 }

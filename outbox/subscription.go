@@ -16,8 +16,10 @@ type Subscription struct {
 	Events    []string // patterns: "contact.updated", "contact.*", "*"
 	Tenant    string   // "" receives every tenant's events; else only this tenant's
 	TargetURL string
-	Secret    string // "whsec_" + base64 key, used for Standard Webhooks signatures
-	Delivery  DeliveryOptions
+	// Secret holds the signing keys, one per scheme of Delivery.Signature,
+	// space-separated: "whsec_" + base64 (v1), "whsk_" + base64 ed25519 seed (v1a).
+	Secret   string
+	Delivery DeliveryOptions
 
 	// PreviousSecret also signs deliveries until PreviousUntil (secret rotation).
 	PreviousSecret string
@@ -73,6 +75,19 @@ type DeliveryOptions struct {
 
 	DisableAfter time.Duration // failing this long without one success disables the subscription; default 24h
 
+	Signature Schemes // signature schemes, v1 and/or v1a; default [v1]
+
+	Headers map[string]string // custom headers, per subscription only; values are secrets; default none
+
+	ProxyURL string     // forward proxy of every request; default "" = the one the environment names (HTTPS_PROXY, ...)
+	TLS      TLSOptions // client certificate, CAs, server name; default none (the system's roots)
+
+	RateLimit Rate // attempts (retries included) per second or minute, for the whole subscription; default 0 = none
+
+	// MaxInFlightPerHost bounds the requests in flight to one host across all
+	// subscriptions (defaults only; the Sender applies it); default 0 = none.
+	MaxInFlightPerHost int
+
 	// MaxTimeout is the operator's ceiling of Timeout (max_timeout): Resolve
 	// refuses a higher one; default 60s, 0 = none. It is a bound, not an option.
 	MaxTimeout time.Duration
@@ -93,6 +108,7 @@ var DefaultDeliveryOptions = DeliveryOptions{
 	ParkAfter:        30 * time.Second,
 	RetryFor:         72 * time.Hour,
 	DisableAfter:     24 * time.Hour,
+	Signature:        Schemes{SchemeV1},
 	MaxTimeout:       60 * time.Second,
 }
 

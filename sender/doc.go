@@ -10,6 +10,7 @@
 //     asked for (proxy.go); a refusal is a permanent failure.
 //   - Requests follow Standard Webhooks: webhook-id (from the batch, stable across
 //     retries), webhook-timestamp (fresh per attempt) and webhook-signature
-//     (v1, HMAC-SHA256 over "id.timestamp.body").
+//     (v1, HMAC-SHA256, and/or v1a, ed25519, over "id.timestamp.body"; one
+//     signature per key, the previous secret's too during a rotation).
 //   - Results are classified by type (*DeliveryError), never by string.
 package sender

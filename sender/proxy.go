@@ -44,12 +44,12 @@ type pinnedProxy struct {
 }
 
 func newPinnedProxy(pin func(context.Context, string) (string, error), proxy func(*http.Request) (*url.URL, error),
-	dial func(ctx context.Context, network, addr string) (net.Conn, error)) *pinnedProxy {
+	dial func(ctx context.Context, network, addr string) (net.Conn, error), targetTLS *tls.Config) *pinnedProxy {
 	pp := &pinnedProxy{pin: pin, proxy: proxy, dial: dial, connectTimeout: 10 * time.Second}
 	// Proxy nil: net/http dials the target through dialTunnel, which knows the
 	// target's scheme only from the transport it belongs to.
-	pp.http = newNetHTTP(func(ctx context.Context, _, addr string) (net.Conn, error) { return pp.dialTunnel(ctx, "http", addr) }, nil)
-	pp.https = newNetHTTP(func(ctx context.Context, _, addr string) (net.Conn, error) { return pp.dialTunnel(ctx, "https", addr) }, nil)
+	pp.http = newNetHTTP(func(ctx context.Context, _, addr string) (net.Conn, error) { return pp.dialTunnel(ctx, "http", addr) }, nil, nil)
+	pp.https = newNetHTTP(func(ctx context.Context, _, addr string) (net.Conn, error) { return pp.dialTunnel(ctx, "https", addr) }, nil, targetTLS)
 	return pp
 }
 

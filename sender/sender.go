@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -44,33 +45,99 @@ type Sender struct {
 	guarded   *transport // dynamic subscriptions: safe targets only, checked at dial
 	userAgent string
 	now       func() time.Time
+
+	dialer   *net.Dialer
+	guard    *ssrf.Guard
+	proxyEnv func(*http.Request) (*url.URL, error) // the proxy without proxy_url
+
+	mu     sync.Mutex
+	routes map[routeKey]*route // subscriptions with proxy_url or tls (route.go)
+
+	perHost int // max_in_flight_per_host; 0 = none
+	hostsMu sync.Mutex
+	hosts   map[string]*hostSlots // while requests to the host are in flight or waiting
+}
+
+// hostSlots bound the requests in flight to one host.
+type hostSlots struct {
+	slots chan struct{}
+	users int // requests holding or waiting for a slot: at 0 the entry goes
+}
+
+// acquireHost waits for a slot to host; release gives it back.
+func (s *Sender) acquireHost(ctx context.Context, host string) (release func(), err error) {
+	s.hostsMu.Lock()
+	h := s.hosts[host]
+	if h == nil {
+		if s.hosts == nil {
+			s.hosts = map[string]*hostSlots{}
+		}
+		h = &hostSlots{slots: make(chan struct{}, s.perHost)}
+		s.hosts[host] = h
+	}
+	h.users++
+	s.hostsMu.Unlock()
+	done := func() {
+		s.hostsMu.Lock()
+		if h.users--; h.users == 0 {
+			delete(s.hosts, host)
+		}
+		s.hostsMu.Unlock()
+	}
+	select {
+	case h.slots <- struct{}{}:
+		return func() { <-h.slots; done() }, nil
+	case <-ctx.Done():
+		done()
+		return nil, ctx.Err()
+	}
 }
 
 // New returns a Sender with hardened clients; guard checks the addresses that
 // dynamic subscriptions' requests dial, or, through a proxy (HTTP_PROXY,
 // HTTPS_PROXY), the address each request is pinned to.
-func New(guard *ssrf.Guard) *Sender { return newSender(guard, http.ProxyFromEnvironment) }
-
-func newSender(guard *ssrf.Guard, proxy func(*http.Request) (*url.URL, error)) *Sender {
-	dialer := &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}
-	guarded := newTransport(guard.DialContext(dialer), proxy)
-	guarded.pinned = newPinnedProxy(guard.Pin, proxy, dialer.DialContext)
-	guarded.fallback.(*http.Transport).Proxy = nil // proxied requests all go to pinned
-	return &Sender{
-		trusted:   newTransport(dialer.DialContext, proxy),
-		guarded:   guarded,
-		userAgent: "walhook/" + Version,
-		now:       time.Now,
+func New(guard *ssrf.Guard, opts ...Option) *Sender {
+	s := newSender(guard, http.ProxyFromEnvironment)
+	for _, o := range opts {
+		o(s)
 	}
+	return s
 }
 
-func newTransport(dial func(ctx context.Context, network, addr string) (net.Conn, error), proxy func(*http.Request) (*url.URL, error)) *transport {
+// Option configures a Sender.
+type Option func(*Sender)
+
+// WithMaxInFlightPerHost bounds the requests in flight to one host (by
+// name, across all subscriptions and ports) to n; 0 = no bound. A request
+// waits for a slot before its attempt's timeout starts.
+func WithMaxInFlightPerHost(n int) Option {
+	return func(s *Sender) { s.perHost = n }
+}
+
+func newSender(guard *ssrf.Guard, proxy func(*http.Request) (*url.URL, error)) *Sender {
+	s := &Sender{
+		userAgent: "walhook/" + Version,
+		now:       time.Now,
+		dialer:    &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second},
+		guard:     guard,
+		proxyEnv:  proxy,
+	}
+	s.trusted = s.newTransports(true, "", nil)
+	s.guarded = s.newTransports(false, "", nil)
+	return s
+}
+
+// newTransport is a transport that dials with dial, goes through proxy and
+// speaks TLS with tlsConfig (nil: the system's roots; TLS 1.2 at least).
+func newTransport(dial func(ctx context.Context, network, addr string) (net.Conn, error), proxy func(*http.Request) (*url.URL, error),
+	tlsConfig *tls.Config) *transport {
 	return &transport{
 		dial:        dial,
 		proxy:       proxy,
+		tlsConfig:   tlsConfig,
 		maxIdle:     32,
 		idleTimeout: 90 * time.Second,
-		fallback:    newNetHTTP(dial, proxy), // through a proxy, and large bodies (transport.go)
+		fallback:    newNetHTTP(dial, proxy, tlsConfig), // through a proxy, and large bodies (transport.go)
 	}
 }
 
@@ -81,21 +148,38 @@ func (s *Sender) roundTrip(sub *outbox.Subscription, req *http.Request) (*http.R
 		password, _ := u.Password()
 		req.SetBasicAuth(u.Username(), password)
 	}
-	if sub == nil || !sub.Static {
+	if sub == nil {
 		return s.guarded.RoundTrip(req)
 	}
-	return s.trusted.RoundTrip(req)
+	t, err := s.transportFor(sub)
+	if err != nil {
+		closeBody(req)
+		return nil, err
+	}
+	return t.RoundTrip(req)
 }
 
 // Close closes idle connections.
 func (s *Sender) Close() {
 	s.trusted.CloseIdleConnections()
 	s.guarded.CloseIdleConnections()
+	s.closeRoutes()
 }
 
 // Deliver sends b once. It returns nil on 2xx and a *DeliveryError otherwise.
 func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	sub := b.Subscription
+	if s.perHost > 0 {
+		u, err := url.Parse(sub.TargetURL)
+		if err != nil {
+			return &DeliveryError{Reason: "build request: target_url is not a URL"}
+		}
+		release, err := s.acquireHost(ctx, strings.ToLower(u.Hostname()))
+		if err != nil {
+			return &DeliveryError{Reason: "waiting for a request slot to the host (max_in_flight_per_host)", Err: err, retry: true}
+		}
+		defer release()
+	}
 	ctx, cancel := context.WithTimeout(ctx, sub.Delivery.Timeout)
 	defer cancel()
 	body, req, release, err := newRequest(ctx, b)
@@ -105,14 +189,24 @@ func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	defer release()
 	now := s.now()
 	ts := now.Unix()
-	// During a secret rotation's overlap both secrets sign, space-separated.
+	// Each key of the secret signs for its scheme; during a rotation's
+	// overlap the previous secret's keys sign too, all space-separated.
+	schemes := sub.Delivery.Signature
+	if len(schemes) == 0 {
+		schemes = outbox.DefaultDeliveryOptions.Signature
+	}
 	var sigs []string
 	for _, secret := range sub.Secrets(now) {
-		key, err := ParseSecret(secret)
-		if err != nil {
+		var err error
+		if sigs, err = signatures(sigs, secret, schemes, b.WebhookID, ts, body); err != nil {
 			return &DeliveryError{Reason: "subscription " + sub.ID + ": " + err.Error()}
 		}
-		sigs = append(sigs, Sign(key, b.WebhookID, ts, body))
+	}
+	if len(sigs) == 0 {
+		return &DeliveryError{Reason: "subscription " + sub.ID + ": no key for its signature schemes"}
+	}
+	for name, v := range sub.Delivery.Headers { // checked: none of those below
+		req.Header.Set(name, v)
 	}
 	req.Header.Set("content-type", "application/json")
 	req.Header.Set("user-agent", s.userAgent)
@@ -257,6 +351,14 @@ func excerpt(body []byte) string {
 // target: a POST carrying a random X-Hook-Secret, which the target must echo in
 // a 2xx answer.
 func (s *Sender) VerifyIntent(ctx context.Context, target string, timeout time.Duration) error {
+	return s.VerifyTarget(ctx, &outbox.Subscription{TargetURL: target, Delivery: outbox.DefaultDeliveryOptions}, timeout)
+}
+
+// VerifyTarget is VerifyIntent for a dynamic subscription about to be
+// stored: the request carries its custom headers and goes out as its
+// deliveries will (its proxy, its TLS settings).
+func (s *Sender) VerifyTarget(ctx context.Context, sub *outbox.Subscription, timeout time.Duration) error {
+	target := sub.TargetURL
 	var nonce [24]byte
 	rand.Read(nonce[:])
 	secret := base64.RawURLEncoding.EncodeToString(nonce[:])
@@ -266,10 +368,13 @@ func (s *Sender) VerifyIntent(ctx context.Context, target string, timeout time.D
 	if err != nil {
 		return fmt.Errorf("build request: %v", err)
 	}
+	for name, v := range sub.Delivery.Headers {
+		req.Header.Set(name, v)
+	}
 	req.Header.Set("content-type", "application/json")
 	req.Header.Set("user-agent", s.userAgent)
 	req.Header.Set("X-Hook-Secret", secret)
-	resp, err := s.roundTrip(nil, req)
+	resp, err := s.roundTrip(&outbox.Subscription{TargetURL: target, Delivery: sub.Delivery}, req) // never Static: guarded
 	if err != nil {
 		if de := requestError(err); !de.retry {
 			return de // target not allowed

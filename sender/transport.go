@@ -32,7 +32,7 @@ import (
 // per-request cost hardly counts.
 type transport struct {
 	dial        func(ctx context.Context, network, addr string) (net.Conn, error)
-	tlsConfig   *tls.Config // cloned per connection; nil: the system's roots
+	tlsConfig   *tls.Config // cloned per connection; nil: the system's roots (TLS 1.2 at least)
 	proxy       func(*http.Request) (*url.URL, error)
 	pinned      *pinnedProxy // nil: requests through a proxy go to fallback as they are
 	fallback    http.RoundTripper
@@ -129,8 +129,13 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 }
 
 // newNetHTTP is a net/http transport with the lean one's limits.
-func newNetHTTP(dial func(ctx context.Context, network, addr string) (net.Conn, error), proxy func(*http.Request) (*url.URL, error)) *http.Transport {
+func newNetHTTP(dial func(ctx context.Context, network, addr string) (net.Conn, error), proxy func(*http.Request) (*url.URL, error),
+	tlsConfig *tls.Config) *http.Transport {
+	if tlsConfig == nil {
+		tlsConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
 	return &http.Transport{
+		TLSClientConfig:        tlsConfig.Clone(),
 		Proxy:                  proxy,
 		DialContext:            dial,
 		ForceAttemptHTTP2:      true,
@@ -328,11 +333,13 @@ func (t *transport) connect(ctx context.Context, u *url.URL, key string) (*conn,
 		return nil, err
 	}
 	if u.Scheme == "https" {
-		cfg := &tls.Config{}
+		cfg := &tls.Config{MinVersion: tls.VersionTLS12}
 		if t.tlsConfig != nil {
 			cfg = t.tlsConfig.Clone()
 		}
-		cfg.ServerName = u.Hostname()
+		if cfg.ServerName == "" { // server_name: verified and sent instead of the host
+			cfg.ServerName = u.Hostname()
+		}
 		cfg.NextProtos = []string{"http/1.1"}
 		tc := tls.Client(nc, cfg)
 		hctx, cancel := context.WithTimeout(ctx, tlsHandshakeTimeout)

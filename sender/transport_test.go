@@ -42,7 +42,7 @@ func newCountingServer(t *testing.T, tls bool, h http.HandlerFunc) *countingServ
 }
 
 func testTransport(s *httptest.Server) *transport {
-	t := newTransport((&net.Dialer{}).DialContext, http.ProxyFromEnvironment)
+	t := newTransport((&net.Dialer{}).DialContext, http.ProxyFromEnvironment, nil)
 	t.proxy = func(*http.Request) (*url.URL, error) { return nil, nil }
 	if s.TLS != nil {
 		t.tlsConfig = s.Client().Transport.(*http.Transport).TLSClientConfig

@@ -222,6 +222,19 @@ func (c *Config) Validate(withSubscriptions bool) error {
 	if err != nil {
 		errs = append(errs, err)
 	}
+	if err == nil {
+		if e := checkDynamicProxy(defaults.ProxyURL); e != nil {
+			bad("defaults.proxy_url: %v", e)
+		}
+		if _, e := sender.LoadTLS(defaults.TLS); !defaults.TLS.IsZero() && e != nil {
+			bad("defaults.%v", e)
+		}
+	}
+	if c.Defaults.Headers != nil {
+		// Every subscription, API ones of any tenant included, would send them.
+		bad("defaults.headers: only per subscription (their values are secrets for one target)")
+		defaults.Headers = nil
+	}
 	c.defaults = defaults
 	if c.guard, err = ssrf.New(c.AllowTargets); err != nil {
 		for _, e := range unjoin(err) {
@@ -370,14 +383,21 @@ func (sc SubscriptionConfig) subscription(key string, defaults outbox.DeliveryOp
 	} else if u, err := url.Parse(sc.TargetURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		bad("%s.target_url: must be an absolute http:// or https:// URL", key)
 	}
-	if sc.Secret == "" {
-		bad("%s.secret: required (whsec_ followed by base64 of at least 16 random bytes)", key)
-	} else if _, err := sender.ParseSecret(sc.Secret); err != nil {
-		bad("%s.secret: %v", key, err)
+	if sc.MaxInFlightPerHost != nil {
+		bad("%s.max_in_flight_per_host: only in defaults (it bounds all subscriptions' requests to a host)", key)
 	}
 	opts, err := sc.Options.Resolve(key+".", defaults)
 	if err != nil {
 		errs = append(errs, err)
+	} else if sc.TLS != nil {
+		if _, err := sender.LoadTLS(opts.TLS); err != nil {
+			bad("%s.%v", key, err)
+		}
+	}
+	if sc.Secret == "" {
+		bad("%s.secret: required (whsec_ followed by base64 of at least 16 random bytes; whsk_ and an ed25519 seed for signature: v1a)", key)
+	} else if err := sender.CheckSecret(sc.Secret, opts.Signature); err != nil {
+		bad("%s.secret: %v", key, err)
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
@@ -386,6 +406,16 @@ func (sc SubscriptionConfig) subscription(key string, defaults outbox.DeliveryOp
 		ID: sc.ID, Events: sc.Events, Tenant: sc.Tenant, TargetURL: sc.TargetURL, Secret: sc.Secret,
 		Delivery: opts, Static: true,
 	}, nil
+}
+
+// checkDynamicProxy says why API subscriptions cannot go through proxy: a
+// socks5 proxy would be handed the target's name, not the checked address
+// (docs/security.md).
+func checkDynamicProxy(proxy string) error {
+	if strings.HasPrefix(proxy, "socks5:") {
+		return errors.New("socks5:// is refused where API subscriptions use it (it would be handed the name, not the checked address): use http:// or https://")
+	}
+	return nil
 }
 
 func parseColumns(m map[string]string) (cdc.Columns, error) {
@@ -451,9 +481,32 @@ func (c *Config) secrets() []string {
 	if c.AdminToken != "" {
 		s = append(s, c.AdminToken)
 	}
+	for _, o := range append([]outbox.Options{c.Defaults}, func() (o []outbox.Options) {
+		for _, sub := range c.Subscriptions {
+			o = append(o, sub.Options)
+		}
+		return o
+	}()...) {
+		if o.ProxyURL == nil {
+			continue
+		}
+		if u, err := url.Parse(*o.ProxyURL); err == nil && u.User != nil {
+			if p, ok := u.User.Password(); ok && p != "" {
+				s = append(s, p, url.QueryEscape(p), url.PathEscape(p))
+			}
+		}
+	}
 	for _, sub := range c.Subscriptions {
 		if sub.Secret != "" {
-			s = append(s, sub.Secret, strings.TrimPrefix(sub.Secret, sender.SecretPrefix))
+			s = append(s, sub.Secret)
+		}
+		for _, v := range sub.Headers {
+			if len(v) >= 4 { // shorter ones would redact every such string in the logs
+				s = append(s, v)
+			}
+		}
+		for key := range strings.FieldsSeq(sub.Secret) {
+			s = append(s, key, strings.TrimPrefix(strings.TrimPrefix(key, sender.SecretPrefix), sender.PrivateKeyPrefix))
 		}
 	}
 	return s

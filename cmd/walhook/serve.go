@@ -45,7 +45,7 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		return err
 	}
 
-	snd := sender.New(cfg.guard)
+	snd := sender.New(cfg.guard, sender.WithMaxInFlightPerHost(cfg.defaults.MaxInFlightPerHost))
 	defer snd.Close()
 	reg := prometheus.NewRegistry()
 	acker := outbox.NewAcker(0)

@@ -83,8 +83,8 @@ func subscriptionsCommand(ctx context.Context, cfg *Config, f subscriptionFlags,
 		}
 		row := &outbox.SubscriptionRow{ID: api.NewID(), Events: events, TargetURL: *target, Secret: *secret}
 		if row.Secret == "" {
-			row.Secret = api.NewSecret()
-		} else if _, err := sender.ParseSecret(row.Secret); err != nil {
+			row.Secret = sender.NewSecret(cfg.defaults.Signature)
+		} else if err := sender.CheckSecret(row.Secret, cfg.defaults.Signature); err != nil {
 			return usageError("--secret: %v", err)
 		}
 		if *tenant != "" {
@@ -94,6 +94,9 @@ func subscriptionsCommand(ctx context.Context, cfg *Config, f subscriptionFlags,
 			return fmt.Errorf("add subscription: %w", err)
 		}
 		fmt.Fprintf(out, "id: %s\nsecret: %s\n", row.ID, row.Secret)
+		if pk := sender.PublicKey(row.Secret); pk != "" {
+			fmt.Fprintf(out, "public_key: %s\n", pk)
+		}
 		return nil
 	case "rm":
 		if len(f.args) != 1 {

@@ -71,7 +71,7 @@ func (s *Store) ListSubscriptions(ctx context.Context, tenant *string) ([]outbox
 	return out, rows.Err()
 }
 
-// UpdateSubscription replaces a subscription's events, target, tenant and options.
+// UpdateSubscription replaces a subscription's events, target, tenant, options and secret.
 func (s *Store) UpdateSubscription(ctx context.Context, r *outbox.SubscriptionRow) error {
 	opts, err := json.Marshal(r.Options)
 	if err != nil {
@@ -79,9 +79,9 @@ func (s *Store) UpdateSubscription(ctx context.Context, r *outbox.SubscriptionRo
 	}
 	err = s.pool.QueryRow(ctx, `
 		UPDATE walhook.subscriptions SET events = $2, target_url = $3, tenant = $4, options = $5,
-		       verify_intent = $6, updated_at = now()
+		       verify_intent = $6, secret = $7, updated_at = now()
 		 WHERE id = $1 RETURNING updated_at`,
-		r.ID, r.Events, r.TargetURL, r.Tenant, opts, r.VerifyIntent).Scan(&r.UpdatedAt)
+		r.ID, r.Events, r.TargetURL, r.Tenant, opts, r.VerifyIntent, r.Secret).Scan(&r.UpdatedAt)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return ErrNotFound
 	}

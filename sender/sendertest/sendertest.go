@@ -21,6 +21,9 @@ type Request struct {
 	Body   []byte
 	At     time.Time
 	Status int // what the endpoint answered
+	// ClientCert is the common name of the client certificate the request
+	// came with over TLS; "" without one.
+	ClientCert string
 }
 
 // Responder decides the answer to the n-th request (0-based).
@@ -56,6 +59,16 @@ func NewTLSServer(t testing.TB, respond Responder, cert tls.Certificate) *Server
 	return s
 }
 
+// NewTLSServerConfig is NewServer over TLS with cfg: a test's own
+// certificates, client certificates required (mTLS), versions.
+func NewTLSServerConfig(t testing.TB, respond Responder, cfg *tls.Config) *Server {
+	s := newServer(respond)
+	s.TLS = cfg
+	s.StartTLS()
+	t.Cleanup(s.Close)
+	return s
+}
+
 func newServer(respond Responder) *Server {
 	if respond == nil {
 		respond = func(int, *Request) (int, http.Header) { return http.StatusNoContent, nil }
@@ -74,6 +87,9 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		return // the sender went away mid-request (killed): no endpoint sees this request
 	}
 	req := Request{Host: r.Host, Header: r.Header.Clone(), Body: body, At: time.Now()}
+	if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+		req.ClientCert = r.TLS.PeerCertificates[0].Subject.CommonName
+	}
 	s.mu.Lock()
 	n := len(s.reqs)
 	s.mu.Unlock()
