@@ -107,9 +107,36 @@ BEGIN
   END IF;%[5]s%[6]s
 END
 $do$`, quoteLiteral(cfg.Publication), pub, cfg.Table.Sanitize(), ControlTable.Sanitize(), addTable(cfg.Table), addTable(ControlTable)))
-	stmts = append(stmts, fmt.Sprintf(`SELECT pg_create_logical_replication_slot(%[1]s, 'pgoutput')
- WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %[1]s)`, quoteLiteral(cfg.Slot)))
-	return stmts
+	return append(stmts, slotSQL(cfg.Slot, cfg.SlotFailover))
+}
+
+// slotSQL creates the slot unless it exists: with failover (PostgreSQL 17+,
+// the fifth argument of pg_create_logical_replication_slot) as mode says. The
+// version is checked by the server, so that the statement fits `--dry-run`
+// too; the 17+ call is built at run time because older servers have no
+// five-argument function to parse.
+func slotSQL(slot, mode string) string {
+	lit := quoteLiteral(slot)
+	if mode == FailoverOff {
+		return fmt.Sprintf(`SELECT pg_create_logical_replication_slot(%[1]s, 'pgoutput')
+ WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %[1]s)`, lit)
+	}
+	older := `PERFORM pg_create_logical_replication_slot(` + lit + `, 'pgoutput');`
+	if mode == FailoverOn {
+		older = `RAISE EXCEPTION 'slot_failover: true needs PostgreSQL 17 or newer (failover slots); this server is %', current_setting('server_version')
+      USING HINT = 'set slot_failover: auto or false';`
+	}
+	return fmt.Sprintf(`DO $do$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %[1]s) THEN
+    IF current_setting('server_version_num')::int >= %[2]d THEN
+      EXECUTE 'SELECT pg_create_logical_replication_slot($1, ''pgoutput'', false, false, true)' USING %[1]s;
+    ELSE
+      %[3]s
+    END IF;
+  END IF;
+END
+$do$`, lit, FailoverSlotVersion, older)
 }
 
 // TeardownSQL returns the statements that drop the slot and the publication.

@@ -51,22 +51,20 @@ func setup(ctx context.Context, cfg *Config, dryRun bool, out io.Writer) error {
 // lost: the events between the loss and now would be skipped.
 func refuseLostSlot(ctx context.Context, conn *pgx.Conn, cfg *Config) error {
 	var lost bool
-	var high string
+	var high, at string
 	err := conn.QueryRow(ctx, `SELECT to_regclass('walhook.state') IS NOT NULL`).Scan(&lost)
 	if err != nil || !lost {
 		return err
 	}
-	err = conn.QueryRow(ctx, `SELECT high_water_id::text FROM walhook.state s WHERE slot = $1
-		AND NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = s.slot)`, cfg.Slot).Scan(&high)
+	err = conn.QueryRow(ctx, `SELECT high_water_id::text, updated_at::text FROM walhook.state s WHERE slot = $1
+		AND NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = s.slot)`, cfg.Slot).Scan(&high, &at)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil
 	}
 	if err != nil {
 		return err
 	}
-	return fmt.Errorf("slot: %q is missing although walhook delivered through it (up to outbox id %s): it was dropped or "+
-		"lost in a failover. `walhook recover` recreates it and redelivers the outbox rows above that mark; "+
-		"setup will not create a fresh slot that skips them", cfg.Slot, high)
+	return fmt.Errorf("slot: %w", &cdc.SlotMissingError{Slot: cfg.Slot, HighWater: high, At: at})
 }
 
 // refuseLiveUpgrade stops setup from moving control changes to walhook.control
@@ -97,10 +95,11 @@ func createAll(ctx context.Context, conn *pgx.Conn, cfg *Config, stmts []string,
 		if err := checkColumns(ctx, conn, cfg); err != nil {
 			return err
 		}
-		if err := checkSlot(ctx, conn, cfg); err != nil {
+		failover, err := checkSlot(ctx, conn, cfg)
+		if err != nil {
 			return err
 		}
-		fmt.Fprintf(out, "walhook is set up: outbox %s, publication %s, slot %s\n", cfg.table, cfg.Publication, cfg.Slot)
+		fmt.Fprintf(out, "walhook is set up: outbox %s, publication %s, slot %s (%s)\n", cfg.table, cfg.Publication, cfg.Slot, failover)
 		return nil
 	}
 }
@@ -209,22 +208,45 @@ func checkColumns(ctx context.Context, conn *pgx.Conn, cfg *Config) error {
 }
 
 // checkSlot makes sure the slot (which may have existed before) is a pgoutput
-// slot of this database: slot names are cluster-wide.
-func checkSlot(ctx context.Context, conn *pgx.Conn, cfg *Config) error {
+// slot of this database (slot names are cluster-wide) and fits slot_failover;
+// it says whether the slot is a failover slot. pg_replication_slots has a
+// failover column from PostgreSQL 17 on: it is read through to_jsonb, which
+// has whatever columns the server's view has.
+func checkSlot(ctx context.Context, conn *pgx.Conn, cfg *Config) (string, error) {
 	var db, plugin string
 	var here bool
-	err := conn.QueryRow(ctx, `SELECT coalesce(database, ''), coalesce(plugin, ''), database = current_database()
-		FROM pg_replication_slots WHERE slot_name = $1`, cfg.Slot).Scan(&db, &plugin, &here)
+	var failover *bool
+	err := conn.QueryRow(ctx, `SELECT coalesce(database, ''), coalesce(plugin, ''), database = current_database(),
+		(to_jsonb(s) ->> 'failover')::bool
+		FROM pg_replication_slots s WHERE slot_name = $1`, cfg.Slot).Scan(&db, &plugin, &here, &failover)
 	if err != nil {
-		return fmt.Errorf("slot: read %q back: %w", cfg.Slot, err)
+		return "", fmt.Errorf("slot: read %q back: %w", cfg.Slot, err)
 	}
 	if !here {
-		return fmt.Errorf("slot: %q already exists for database %q; choose another slot name", cfg.Slot, db)
+		return "", fmt.Errorf("slot: %q already exists for database %q; choose another slot name", cfg.Slot, db)
 	}
 	if plugin != "pgoutput" {
-		return fmt.Errorf("slot: %q uses plugin %q; walhook needs pgoutput", cfg.Slot, plugin)
+		return "", fmt.Errorf("slot: %q uses plugin %q; walhook needs pgoutput", cfg.Slot, plugin)
 	}
-	return nil
+	switch {
+	case failover == nil:
+		return "no failover slots before PostgreSQL 17", nil
+	case *failover:
+		return "failover slot", nil
+	case cfg.SlotFailover == cdc.FailoverOff:
+		return "not a failover slot (slot_failover: false)", nil
+	}
+	// A slot made before failover slots were asked for (or before an upgrade
+	// to 17): it becomes one where it is free.
+	err = cdc.MakeFailoverSlot(ctx, cfg.DatabaseURL, cfg.Slot)
+	switch {
+	case err == nil:
+		return "failover slot: made one now", nil
+	case cfg.SlotFailover == cdc.FailoverOn:
+		return "", fmt.Errorf("slot_failover: true, but slot %q exists and is not a failover slot, and it could not be "+
+			"made one (is walhook streaming it? stop walhook and run setup again): %w", cfg.Slot, err)
+	}
+	return fmt.Sprintf("not a failover slot; it could not be made one (%v): stop walhook and run setup again", err), nil
 }
 
 func firstLine(s string) string {
