@@ -16,22 +16,38 @@ import (
 // setupLockKey serialises concurrent setups and teardowns of one database.
 const setupLockKey = "SELECT pg_advisory_lock(hashtext('walhook setup'))"
 
-func setupSQL(cfg *Config) []string {
-	return append(pgstore.SchemaSQL(), cdc.SetupSQL(cfg.cdcConfig())...)
+// setupSQL is every setup statement for a server of version
+// (server_version_num; 0 = not known, for --dry-run).
+func setupSQL(cfg *Config, version int) []string {
+	return append(pgstore.SchemaSQL(), cdc.SetupSQL(cfg.cdcConfig(), version)...)
+}
+
+// serverVersion reads the server's server_version_num.
+func serverVersion(ctx context.Context, conn *pgx.Conn) (int, error) {
+	var v string
+	if err := conn.QueryRow(ctx, `SHOW server_version_num`).Scan(&v); err != nil {
+		return 0, fmt.Errorf("read server_version_num: %w", err)
+	}
+	return cdc.ParseServerVersion(v)
 }
 
 // setup creates everything walhook needs. Every statement is idempotent and the
 // whole runs under an advisory lock, so two replicas may run it at once.
 func setup(ctx context.Context, cfg *Config, dryRun bool, out io.Writer) error {
-	stmts := setupSQL(cfg)
 	if dryRun {
+		stmts := setupSQL(cfg, 0)
 		fmt.Fprintln(out, "-- walhook setup, for a DBA: run with `psql -v ON_ERROR_STOP=1 -f` (each statement in its own")
 		fmt.Fprintln(out, "-- transaction: a slot cannot be created in a transaction that wrote), as a role that may")
 		fmt.Fprintln(out, "-- create schemas, owns the outbox table and has REPLICATION. Best as the role walhook connects")
 		fmt.Fprintln(out, "-- as: the role that runs this owns walhook.control, and only it may write there (otherwise")
 		fmt.Fprintln(out, "-- GRANT INSERT ON walhook.control to walhook's role alone; docs/security.md). Safe to run again.")
 		fmt.Fprintln(out, "-- Upgrading an install that has no walhook.control yet: stop walhook first.")
+		fmt.Fprintln(out, "-- slot_failover: auto makes the slot a failover slot on PostgreSQL 17 and newer (psql decides, with \\if).")
 		for _, s := range stmts {
+			if strings.HasSuffix(s, `\endif`) { // psql meta-commands take no semicolon
+				fmt.Fprintf(out, "%s\n\n", s)
+				continue
+			}
 			fmt.Fprintf(out, "%s;\n\n", s)
 		}
 		return nil
@@ -43,7 +59,7 @@ func setup(ctx context.Context, cfg *Config, dryRun bool, out io.Writer) error {
 		if err := refuseLiveUpgrade(ctx, conn, cfg); err != nil {
 			return err
 		}
-		return createAll(ctx, conn, cfg, stmts, out)
+		return createAll(ctx, conn, cfg, out)
 	})
 }
 
@@ -85,9 +101,19 @@ func refuseLiveUpgrade(ctx context.Context, conn *pgx.Conn, cfg *Config) error {
 }
 
 // createAll runs the setup statements and checks the result.
-func createAll(ctx context.Context, conn *pgx.Conn, cfg *Config, stmts []string, out io.Writer) error {
+func createAll(ctx context.Context, conn *pgx.Conn, cfg *Config, out io.Writer) error {
 	{
-		for _, s := range stmts {
+		version, err := serverVersion(ctx, conn)
+		if err != nil {
+			return err
+		}
+		if version < cdc.MinServerVersion {
+			return fmt.Errorf("database_url: PostgreSQL %d.%d is too old: walhook needs 14 or newer", version/10000, version%10000)
+		}
+		if err := cdc.CheckFailover(cfg.SlotFailover, version); err != nil {
+			return err
+		}
+		for _, s := range setupSQL(cfg, version) {
 			if _, err := conn.Exec(ctx, s); err != nil {
 				return fmt.Errorf("%s: %w", firstLine(s), err)
 			}
@@ -123,7 +149,7 @@ func recoverSlot(ctx context.Context, cfg *Config, since time.Duration, out io.W
 		if err != nil {
 			return fmt.Errorf("no high-water mark for slot %q (walhook never delivered through it): run `walhook setup`", cfg.Slot)
 		}
-		if err := createAll(ctx, conn, cfg, setupSQL(cfg), out); err != nil {
+		if err := createAll(ctx, conn, cfg, out); err != nil {
 			return err
 		}
 		var hasCreatedAt bool

@@ -174,6 +174,33 @@ func (c *Cluster) command(ctx context.Context, args ...string) *exec.Cmd {
 // BinDir returns the directory of the PostgreSQL binaries the harness uses.
 func BinDir() (string, error) { return findBinDir() }
 
+// Psql returns a psql: the one beside the server binaries, or else Debian's or
+// the one on PATH (the server packages from npm ship none; psql speaks to
+// servers of other versions).
+func Psql() (string, error) {
+	if bin, err := findBinDir(); err == nil {
+		if p := filepath.Join(bin, "psql"); isFile(p) {
+			return p, nil
+		}
+	}
+	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
+	sort.Slice(dirs, func(i, j int) bool { return versionOf(dirs[i]) > versionOf(dirs[j]) })
+	for _, d := range dirs {
+		if p := filepath.Join(d, "psql"); isFile(p) {
+			return p, nil
+		}
+	}
+	if p, err := exec.LookPath("psql"); err == nil {
+		return p, nil
+	}
+	return "", errors.New("pgtest: psql not found (looked beside the server binaries, at /usr/lib/postgresql/*/bin and on PATH)")
+}
+
+func isFile(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && !st.IsDir()
+}
+
 // findBinDir locates the PostgreSQL server binaries: $PG_BINDIR, then the newest
 // /usr/lib/postgresql/*/bin, then initdb on PATH.
 func findBinDir() (string, error) {
