@@ -335,6 +335,10 @@ func TestFailoverWithoutSyncedSlot(t *testing.T) {
 	if st := f.statusJSON(); st.SlotStats.Exists {
 		t.Errorf("status: the slot exists on the promoted server: %+v", st.SlotStats)
 	}
+	if _, text, _ := f.e.walhook("status"); !strings.Contains(text, "SLOT MISSING although walhook delivered through it") ||
+		!strings.Contains(text, "run walhook recover") {
+		t.Errorf("status on the promoted server:\n%s", text)
+	}
 	if code, _, stderr := f.e.walhook("run"); code != exitFail || !strings.Contains(stderr, "walhook recover") {
 		t.Errorf("run again: exit %d: %s", code, stderr)
 	}

@@ -234,6 +234,10 @@ func status(ctx context.Context, cfg *Config, asJSON bool, out io.Writer) error 
 	}
 	if !slot.Exists {
 		active = "SLOT MISSING: run walhook setup"
+		if st, err := store.ReadState(ctx); err == nil && st != nil {
+			active = fmt.Sprintf("SLOT MISSING although walhook delivered through it (up to outbox id %d): "+
+				"lost in a failover or dropped; run walhook recover", st.HighWater)
+		}
 	}
 	fmt.Fprintf(tw, "slot\t%s\nactive\t%s\nconfirmed flush\t%s\nlag\t%s", cfg.Slot, active, slot.ConfirmedFlush, humanBytes(slot.LagBytes))
 	if report != nil {
