@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // SlotCopy is the slot as one host of database_url sees it: on the primary,
@@ -35,29 +36,29 @@ func SlotCopies(ctx context.Context, databaseURL, slot string, timeout time.Dura
 	if err != nil {
 		return nil, fmt.Errorf("parse database_url: %w", err)
 	}
-	type target struct {
-		host string
-		port uint16
-		cfg  *pgx.ConnConfig
-	}
-	first := base.Copy()
-	first.Fallbacks, first.ValidateConnect = nil, nil
-	targets := []target{{base.Host, base.Port, first}}
-	seen := map[string]bool{}
-	for _, fb := range base.Fallbacks {
-		c := base.Copy()
-		c.Host, c.Port, c.TLSConfig = fb.Host, fb.Port, fb.TLSConfig
-		c.Fallbacks, c.ValidateConnect = nil, nil
-		targets = append(targets, target{fb.Host, fb.Port, c})
-	}
-	var out []SlotCopy
-	for _, t := range targets {
-		name := net.JoinHostPort(t.host, strconv.Itoa(int(t.port)))
-		if seen[name] { // a fallback per TLS mode repeats the host
-			continue
+	// One connection per host: the fallbacks of one host (sslmode=prefer
+	// tries TLS, then plain) stay its fallbacks.
+	var names []string
+	configs := map[string]*pgx.ConnConfig{}
+	add := func(host string, port uint16, fb *pgconn.FallbackConfig) {
+		name := net.JoinHostPort(host, strconv.Itoa(int(port)))
+		if c, ok := configs[name]; ok {
+			c.Fallbacks = append(c.Fallbacks, fb)
+			return
 		}
-		seen[name] = true
-		out = append(out, slotCopy(ctx, t.cfg, name, slot, timeout))
+		c := base.Copy()
+		c.Host, c.Port, c.TLSConfig = host, port, fb.TLSConfig
+		c.Fallbacks, c.ValidateConnect = nil, nil
+		configs[name] = c
+		names = append(names, name)
+	}
+	add(base.Host, base.Port, &pgconn.FallbackConfig{Host: base.Host, Port: base.Port, TLSConfig: base.TLSConfig})
+	for _, fb := range base.Fallbacks {
+		add(fb.Host, fb.Port, fb)
+	}
+	out := make([]SlotCopy, 0, len(names))
+	for _, name := range names {
+		out = append(out, slotCopy(ctx, configs[name], name, slot, timeout))
 	}
 	return out, nil
 }

@@ -20,13 +20,26 @@ var ErrSlotMissing = errors.New("replication slot is missing")
 // SlotMissingError says which slot is missing and, when walhook delivered
 // through it before (walhook.state), up to where: the events committed since
 // are in no slot, and only `walhook recover` brings them back.
+//
+// A slot the server invalidated (Invalidated says why) is as good as missing:
+// PostgreSQL will not decode from it again.
 type SlotMissingError struct {
-	Slot      string
-	HighWater string // highest outbox id walhook finished through the slot; "" = it never delivered here
-	At        string // when that mark was written
+	Slot        string
+	HighWater   string // highest outbox id walhook finished through the slot; "" = it never delivered here
+	At          string // when that mark was written
+	Invalidated string // the slot exists but the server invalidated it: wal_status lost, invalidation_reason, conflicting
 }
 
 func (e *SlotMissingError) Error() string {
+	if e.Invalidated != "" {
+		mark := "walhook never delivered through it: drop it (SELECT pg_drop_replication_slot('" + e.Slot + "')) and run `walhook setup`"
+		if e.HighWater != "" {
+			mark = fmt.Sprintf("the events since outbox id %s (%s) are in no slot. Run `walhook recover`: it drops the "+
+				"invalidated slot, recreates it and redelivers the outbox rows above that mark with their original ids", e.HighWater, e.At)
+		}
+		return fmt.Sprintf("replication slot %q was invalidated by the server (%s) and cannot be streamed any more "+
+			"(max_slot_wal_keep_size, or a recovery conflict on a standby; docs/operations.md, \"Failover\"): %s", e.Slot, e.Invalidated, mark)
+	}
 	if e.HighWater == "" {
 		return fmt.Sprintf("replication slot %q does not exist in this database: run `walhook setup`", e.Slot)
 	}
@@ -40,6 +53,18 @@ func (e *SlotMissingError) Error() string {
 		"recreates the slot and redelivers the outbox rows above that mark with their original ids. `walhook setup` "+
 		"will not create a fresh slot that skips them", e.Slot, e.HighWater, at)
 }
+
+// invalidationSQL is a pg_replication_slots (as s) expression: why the server
+// invalidated the slot, "" while it is usable. wal_status 'lost' (13+) is
+// WAL removed; invalidation_reason (17+) and conflicting (16+) are read
+// through to_jsonb(s), which has the columns this version's view has.
+const invalidationSQL = `coalesce(to_jsonb(s) ->> 'invalidation_reason',
+	CASE WHEN s.wal_status = 'lost' THEN 'wal_removed' END,
+	CASE WHEN (to_jsonb(s) ->> 'conflicting')::bool THEN 'conflicting' END, '')`
+
+// InvalidationSQL is invalidationSQL for other packages' queries on
+// pg_replication_slots s.
+func InvalidationSQL() string { return invalidationSQL }
 
 // Unwrap makes errors.Is(err, ErrSlotMissing) hold.
 func (e *SlotMissingError) Unwrap() error { return ErrSlotMissing }

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/url"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/walhook/walhook/internal/pgtest"
 )
@@ -142,5 +144,38 @@ func TestSlotSQLOnThisVersion(t *testing.T) {
 		if err := db.Pool.QueryRow(ctx, `SELECT failover FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&failover); err != nil || !failover {
 			t.Errorf("after MakeFailoverSlot: failover = %v, %v", failover, err)
 		}
+	}
+}
+
+// TestSlotCopiesAsksEveryHost: each host of a multi-host URL is asked on its
+// own; one that does not answer is reported, not fatal.
+func TestSlotCopiesAsksEveryHost(t *testing.T) {
+	t.Parallel()
+	db := pgtest.New(t)
+	ctx := context.Background()
+	if _, err := db.Pool.Exec(ctx, slotSQL(db.Name, FailoverOff, 0)); err != nil {
+		t.Fatal(err)
+	}
+	u, err := url.Parse(db.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.Host += ",127.0.0.1:1"
+	q := u.Query()
+	q.Set("target_session_attrs", "read-write")
+	q.Set("sslmode", "prefer")
+	u.RawQuery = q.Encode()
+	copies, err := SlotCopies(ctx, u.String(), db.Name, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(copies) != 2 {
+		t.Fatalf("copies = %+v, want one per host", copies)
+	}
+	if c := copies[0]; c.Role != "primary" || !c.Exists || c.ConfirmedFlush == "" || c.Error != "" {
+		t.Errorf("the primary: %+v", c)
+	}
+	if c := copies[1]; c.Host != "127.0.0.1:1" || c.Error == "" || c.Exists {
+		t.Errorf("the unreachable host: %+v", c)
 	}
 }

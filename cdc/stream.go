@@ -464,6 +464,15 @@ func (s *Stream) missingSlot(ctx context.Context) error {
 	return &SlotMissingError{Slot: s.cfg.Slot}
 }
 
+// invalidSlot explains a slot the server invalidated: as good as lost.
+func (s *Stream) invalidSlot(ctx context.Context, reason string) error {
+	err := s.missingSlot(ctx)
+	if sm, ok := errors.AsType[*SlotMissingError](err); ok {
+		sm.Invalidated = reason
+	}
+	return err
+}
+
 // serverVersion reads the server's server_version_num.
 func (s *Stream) serverVersion(ctx context.Context) (int, error) {
 	res, err := s.conn.Exec(ctx, "SHOW server_version_num").ReadAll()
@@ -527,7 +536,7 @@ func parsePGDuration(v string) (time.Duration, error) {
 
 // slotPosition checks the slot and returns its confirmed flush position.
 func (s *Stream) slotPosition(ctx context.Context) (outbox.LSN, error) {
-	q := "SELECT plugin, confirmed_flush_lsn, active FROM pg_replication_slots WHERE slot_name = " +
+	q := "SELECT plugin, confirmed_flush_lsn, active, " + invalidationSQL + " FROM pg_replication_slots s WHERE slot_name = " +
 		quoteLiteral(s.cfg.Slot) + " AND database = current_database()"
 	res, err := s.conn.Exec(ctx, q).ReadAll()
 	if err != nil {
@@ -539,6 +548,10 @@ func (s *Stream) slotPosition(ctx context.Context) (outbox.LSN, error) {
 	row := res[0].Rows[0]
 	if plugin := string(row[0]); plugin != "pgoutput" {
 		return 0, permanent(fmt.Errorf("replication slot %q uses plugin %q, walhook needs pgoutput", s.cfg.Slot, plugin))
+	}
+	if reason := string(row[3]); reason != "" {
+		// Nothing reconnecting could fix: the server will not decode from it again.
+		return 0, permanent(s.invalidSlot(ctx, reason))
 	}
 	if string(row[2]) == "t" {
 		return 0, fmt.Errorf("slot %q: %w", s.cfg.Slot, ErrSlotActive)

@@ -247,8 +247,8 @@ func status(ctx context.Context, cfg *Config, asJSON bool, out io.Writer) error 
 	if slot.Exists {
 		fmt.Fprintf(tw, "failover\t%s\n", failoverText(slot))
 	}
-	if slot.InvalidationReason != nil {
-		fmt.Fprintf(tw, "INVALIDATED\t%s: the slot cannot be streamed any more; see docs/operations.md, \"Failover\"\n", *slot.InvalidationReason)
+	if reason := invalidated(slot); reason != "" {
+		fmt.Fprintf(tw, "INVALIDATED\t%s: the slot cannot be streamed any more; run walhook recover (docs/operations.md, \"Failover\")\n", reason)
 	}
 	for _, h := range o.Hosts {
 		fmt.Fprintf(tw, "host %s\t%s\n", h.Host, hostText(h))
@@ -259,6 +259,19 @@ func status(ctx context.Context, cfg *Config, asJSON bool, out io.Writer) error 
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%.1fs\t%d\t%d\n", s.ID, s.Source, s.Pending, s.OldestPendingSeconds, s.Parked, s.Dead)
 	}
 	return tw.Flush()
+}
+
+// invalidated says why the server invalidated the slot; "" while it is usable.
+func invalidated(slot pgstore.SlotStats) string {
+	switch {
+	case slot.InvalidationReason != nil:
+		return *slot.InvalidationReason
+	case slot.WALStatus == "lost":
+		return "wal_removed"
+	case slot.Conflicting != nil && *slot.Conflicting:
+		return "conflicting"
+	}
+	return ""
 }
 
 // failoverText says whether the slot is a failover slot and what the primary

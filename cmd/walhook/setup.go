@@ -137,17 +137,26 @@ func createAll(ctx context.Context, conn *pgx.Conn, cfg *Config, out io.Writer) 
 func recoverSlot(ctx context.Context, cfg *Config, since time.Duration, out io.Writer) error {
 	return withLock(ctx, cfg, func(conn *pgx.Conn) error {
 		var exists bool
-		if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)`, cfg.Slot).Scan(&exists); err != nil {
-			return err
+		var invalid string
+		err := conn.QueryRow(ctx, `SELECT count(*) > 0, coalesce(max(`+cdc.InvalidationSQL()+`), '')
+			FROM pg_replication_slots s WHERE slot_name = $1`, cfg.Slot).Scan(&exists, &invalid)
+		if err != nil {
+			return fmt.Errorf("read slot %q: %w", cfg.Slot, err)
 		}
-		if exists {
+		if exists && invalid == "" {
 			return fmt.Errorf("slot %q exists: nothing to recover", cfg.Slot)
 		}
 		var high string
 		var updated time.Time
-		err := conn.QueryRow(ctx, `SELECT high_water_id::text, updated_at FROM walhook.state WHERE slot = $1`, cfg.Slot).Scan(&high, &updated)
+		err = conn.QueryRow(ctx, `SELECT high_water_id::text, updated_at FROM walhook.state WHERE slot = $1`, cfg.Slot).Scan(&high, &updated)
 		if err != nil {
 			return fmt.Errorf("no high-water mark for slot %q (walhook never delivered through it): run `walhook setup`", cfg.Slot)
+		}
+		if exists { // invalidated: it will never stream again
+			if _, err := conn.Exec(ctx, `SELECT pg_drop_replication_slot($1)`, cfg.Slot); err != nil {
+				return fmt.Errorf("drop the invalidated slot %q (%s): %w", cfg.Slot, invalid, err)
+			}
+			fmt.Fprintf(out, "dropped slot %s: the server had invalidated it (%s)\n", cfg.Slot, invalid)
 		}
 		if err := createAll(ctx, conn, cfg, out); err != nil {
 			return err
