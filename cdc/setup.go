@@ -55,8 +55,10 @@ func ValidName(s string) bool { return nameRE.MatchString(s) }
 // walhook.emit (with EXECUTE only for EmitRoles when they are set), the
 // insert-only publication of both tables and the slot. Every statement is
 // idempotent, and upgrades an older install; the slot is created last and
-// outside any transaction. The walhook schema must exist.
-func SetupSQL(cfg Config) []string {
+// outside any transaction. The walhook schema must exist. serverVersion is
+// the server's server_version_num, 0 when not known (then the slot statement
+// is for psql: see slotSQL).
+func SetupSQL(cfg Config, serverVersion int) []string {
 	cfg = cfg.WithDefaults()
 	stmts := []string{`CREATE TABLE IF NOT EXISTS walhook.control (
   id         bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -107,9 +109,49 @@ BEGIN
   END IF;%[5]s%[6]s
 END
 $do$`, quoteLiteral(cfg.Publication), pub, cfg.Table.Sanitize(), ControlTable.Sanitize(), addTable(cfg.Table), addTable(ControlTable)))
-	stmts = append(stmts, fmt.Sprintf(`SELECT pg_create_logical_replication_slot(%[1]s, 'pgoutput')
- WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %[1]s)`, quoteLiteral(cfg.Slot)))
-	return stmts
+	return append(stmts, slotSQL(cfg.Slot, cfg.SlotFailover, serverVersion))
+}
+
+// slotSQL creates the slot unless it exists, as a failover slot (the fifth
+// argument of pg_create_logical_replication_slot, PostgreSQL 17+) when mode
+// and the server's version (server_version_num) say so. With version 0 (not
+// known: `setup --dry-run`) and FailoverAuto the choice is left to psql, which
+// runs the dry-run's SQL: older servers have no five-argument function to
+// parse, and a slot created inside a DO block trips PostgreSQL 17's snapshot
+// bookkeeping ("snapshot reference ... is not owned by resource owner").
+func slotSQL(slot, mode string, version int) string {
+	create := func(failover bool) string {
+		args := quoteLiteral(slot) + ", 'pgoutput'"
+		if failover {
+			args += ", false, false, true"
+		}
+		return fmt.Sprintf(`SELECT pg_create_logical_replication_slot(%s)
+ WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %s)`, args, quoteLiteral(slot))
+	}
+	switch {
+	case mode == FailoverOff:
+		return create(false)
+	case mode == FailoverOn || version >= FailoverSlotVersion:
+		return create(true)
+	case version > 0:
+		return create(false)
+	}
+	return fmt.Sprintf(`SELECT current_setting('server_version_num')::int >= %d AS walhook_failover_slots \gset
+\if :walhook_failover_slots
+%s;
+\else
+%s;
+\endif`, FailoverSlotVersion, create(true), create(false))
+}
+
+// CheckFailover refuses slot_failover: true on a server without failover
+// slots (version is its server_version_num).
+func CheckFailover(mode string, version int) error {
+	if mode == FailoverOn && version < FailoverSlotVersion {
+		return fmt.Errorf("slot_failover: true needs PostgreSQL 17 or newer (failover slots); this server is %s: "+
+			"set slot_failover: auto or false", versionString(version))
+	}
+	return nil
 }
 
 // TeardownSQL returns the statements that drop the slot and the publication.

@@ -37,6 +37,10 @@ type Config struct {
 	// false: they are events.
 	RejectEmit bool
 	EmitRoles  []string // setup: only these roles may EXECUTE walhook.emit; none = leave its grants alone
+	// SlotFailover is how setup creates the slot: FailoverAuto (the default)
+	// makes it a failover slot on PostgreSQL 17+, FailoverOn insists (an error
+	// before 17), FailoverOff never does.
+	SlotFailover string
 }
 
 // WithDefaults fills zero fields.
@@ -61,6 +65,9 @@ func (c Config) WithDefaults() Config {
 	}
 	if c.StallTimeout == 0 {
 		c.StallTimeout = 30 * time.Second
+	}
+	if c.SlotFailover == "" {
+		c.SlotFailover = FailoverAuto
 	}
 	if c.Budget == nil {
 		c.Budget = outbox.NewBudget(math.MaxInt64)
@@ -401,6 +408,16 @@ func (s *Stream) connect(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("connect for replication: %w", err)
 	}
+	version, err := s.serverVersion(ctx)
+	if err != nil {
+		s.conn.Close(context.Background())
+		return err
+	}
+	args, err := pluginArgs(version, s.cfg.Publication)
+	if err != nil {
+		s.conn.Close(context.Background())
+		return permanent(err)
+	}
 	s.start, err = s.slotPosition(ctx)
 	if err != nil {
 		s.conn.Close(context.Background())
@@ -416,11 +433,7 @@ func (s *Stream) connect(ctx context.Context) error {
 	s.stalled.Store(false)
 	s.readDeadline = time.Time{}
 	err = pglogrepl.StartReplication(ctx, s.conn, s.cfg.Slot, pglogrepl.LSN(s.start), pglogrepl.StartReplicationOptions{
-		PluginArgs: []string{
-			"proto_version '1'",
-			"publication_names " + quoteLiteral(s.cfg.Publication),
-			"messages 'true'",
-		},
+		PluginArgs: args,
 	})
 	if err != nil {
 		s.conn.Close(context.Background())
@@ -446,11 +459,30 @@ func (s *Stream) missingSlot(ctx context.Context) error {
 	res, err := s.conn.Exec(ctx, "SELECT high_water_id::text, updated_at::text FROM walhook.state WHERE slot = "+quoteLiteral(s.cfg.Slot)).ReadAll()
 	if err == nil && len(res) == 1 && len(res[0].Rows) == 1 {
 		row := res[0].Rows[0]
-		return fmt.Errorf("replication slot %q is missing although walhook delivered through it (up to outbox id %s, %s): "+
-			"it was dropped, or lost in a failover; events since then are not in any slot. Run `walhook recover` to "+
-			"recreate it and redeliver the outbox rows above that mark", s.cfg.Slot, row[0], row[1])
+		return &SlotMissingError{Slot: s.cfg.Slot, HighWater: string(row[0]), At: string(row[1])}
 	}
-	return fmt.Errorf("replication slot %q does not exist in this database: run `walhook setup`", s.cfg.Slot)
+	return &SlotMissingError{Slot: s.cfg.Slot}
+}
+
+// invalidSlot explains a slot the server invalidated: as good as lost.
+func (s *Stream) invalidSlot(ctx context.Context, reason string) error {
+	err := s.missingSlot(ctx)
+	if sm, ok := errors.AsType[*SlotMissingError](err); ok {
+		sm.Invalidated = reason
+	}
+	return err
+}
+
+// serverVersion reads the server's server_version_num.
+func (s *Stream) serverVersion(ctx context.Context) (int, error) {
+	res, err := s.conn.Exec(ctx, "SHOW server_version_num").ReadAll()
+	if err != nil {
+		return 0, fmt.Errorf("read server_version_num: %w", err)
+	}
+	if len(res) != 1 || len(res[0].Rows) != 1 {
+		return 0, errors.New("read server_version_num: no value")
+	}
+	return ParseServerVersion(string(res[0].Rows[0][0]))
 }
 
 // fitStatusMaxAge keeps status updates well inside the server's
@@ -504,7 +536,7 @@ func parsePGDuration(v string) (time.Duration, error) {
 
 // slotPosition checks the slot and returns its confirmed flush position.
 func (s *Stream) slotPosition(ctx context.Context) (outbox.LSN, error) {
-	q := "SELECT plugin, confirmed_flush_lsn, active FROM pg_replication_slots WHERE slot_name = " +
+	q := "SELECT plugin, confirmed_flush_lsn, active, " + invalidationSQL + " FROM pg_replication_slots s WHERE slot_name = " +
 		quoteLiteral(s.cfg.Slot) + " AND database = current_database()"
 	res, err := s.conn.Exec(ctx, q).ReadAll()
 	if err != nil {
@@ -516,6 +548,10 @@ func (s *Stream) slotPosition(ctx context.Context) (outbox.LSN, error) {
 	row := res[0].Rows[0]
 	if plugin := string(row[0]); plugin != "pgoutput" {
 		return 0, permanent(fmt.Errorf("replication slot %q uses plugin %q, walhook needs pgoutput", s.cfg.Slot, plugin))
+	}
+	if reason := string(row[3]); reason != "" {
+		// Nothing reconnecting could fix: the server will not decode from it again.
+		return 0, permanent(s.invalidSlot(ctx, reason))
 	}
 	if string(row[2]) == "t" {
 		return 0, fmt.Errorf("slot %q: %w", s.cfg.Slot, ErrSlotActive)

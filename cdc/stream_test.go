@@ -23,7 +23,7 @@ func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
 func setupDB(t *testing.T) *pgtest.DB {
 	t.Helper()
 	db := pgtest.New(t)
-	stmts := append([]string{"CREATE SCHEMA walhook"}, SetupSQL(Config{Slot: db.Name})...)
+	stmts := append([]string{"CREATE SCHEMA walhook"}, SetupSQL(Config{Slot: db.Name}, serverVersion(t, db))...)
 	for _, s := range stmts {
 		if _, err := db.Pool.Exec(t.Context(), s); err != nil {
 			t.Fatalf("%s: %v", s, err)
@@ -292,8 +292,8 @@ func TestStreamMissingSlotIsAClearError(t *testing.T) {
 	t.Parallel()
 	db := pgtest.New(t)
 	err := NewStream(Config{DatabaseURL: db.URL}, outbox.NewAcker(0), zerolog.Nop()).Run(t.Context(), make(chan outbox.Change))
-	if err == nil || !strings.Contains(err.Error(), "walhook setup") {
-		t.Fatalf("err = %v, want a hint to run walhook setup", err)
+	if !errors.Is(err, ErrSlotMissing) || !strings.Contains(err.Error(), "walhook setup") {
+		t.Fatalf("err = %v, want ErrSlotMissing with a hint to run walhook setup", err)
 	}
 	if errors.Is(err, context.Canceled) {
 		t.Fatal("unexpected cancel")
@@ -428,4 +428,17 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+func serverVersion(t *testing.T, db *pgtest.DB) int {
+	t.Helper()
+	var v string
+	if err := db.Pool.QueryRow(context.Background(), `SHOW server_version_num`).Scan(&v); err != nil {
+		t.Fatal(err)
+	}
+	n, err := ParseServerVersion(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }

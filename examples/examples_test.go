@@ -287,11 +287,11 @@ func appCall(t *testing.T, method, addr, path, body string, want int, into any) 
 }
 
 func psql(t *testing.T, url, file string) {
-	bin, err := pgtest.BinDir()
+	bin, err := pgtest.Psql()
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command(filepath.Join(bin, "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", file, url).CombinedOutput()
+	out, err := exec.Command(bin, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", file, url).CombinedOutput()
 	if err != nil {
 		t.Fatalf("psql -f %s: %v\n%s", file, err, out)
 	}

@@ -36,6 +36,7 @@ func TestBadConfigNamesTheKey(t *testing.T) {
 		{name: "bad pattern", yaml: good + "subscriptions:\n  - id: crm\n    target_url: http://x/\n    events: ['a*b']\n    secret: " + testSecret + "\n", want: "subscriptions[crm].events[0]"},
 		{name: "duplicate id", yaml: good + "subscriptions:\n  - id: a\n    target_url: http://x/\n" + okSub + "  - id: a\n    target_url: http://x/\n" + okSub, want: `subscriptions[1].id: "a" is used twice`},
 		{name: "bad slot", yaml: good + "slot: My-Slot\n", want: "slot:"},
+		{name: "bad slot_failover", yaml: good + "slot_failover: always\n", want: `slot_failover: "always" must be auto, true or false`},
 		{name: "bad outbox column key", yaml: good + "outbox_columns: {evnt: type}\n", want: "outbox_columns.evnt"},
 		{name: "batch_max zero", yaml: good + "defaults: {batch_max: 0}\n", want: "defaults.batch_max: 0 must be at least 1"},
 		{name: "bad payload mode", yaml: good + "defaults: {payload: thin}\n", want: `defaults.payload: "thin" must be full or skinny`},
@@ -162,14 +163,14 @@ func TestSetupDryRunPrintsSQLAndChangesNothing(t *testing.T) {
 		t.Error("dry-run created the schema")
 	}
 	// What a DBA would run works: feed the printed SQL to psql, twice.
-	bin, err := pgtest.BinDir()
+	psql, err := pgtest.Psql()
 	if err != nil {
 		t.Fatal(err)
 	}
 	file := filepath.Join(t.TempDir(), "setup.sql")
 	os.WriteFile(file, []byte(stdout), 0o644)
 	for range 2 {
-		out, err := exec.Command(filepath.Join(bin, "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", file, e.db.URL).CombinedOutput()
+		out, err := exec.Command(psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", file, e.db.URL).CombinedOutput()
 		if err != nil {
 			t.Fatalf("psql -f of the dry-run SQL: %v: %s", err, out)
 		}

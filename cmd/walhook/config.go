@@ -31,6 +31,7 @@ type Config struct {
 	DatabaseURL     string               `yaml:"database_url"`      // required
 	Listen          string               `yaml:"listen"`            // health endpoint address; default 127.0.0.1:8080
 	Slot            string               `yaml:"slot"`              // replication slot; default walhook
+	SlotFailover    string               `yaml:"slot_failover"`     // setup makes the slot a failover slot: auto (on PostgreSQL 17+), true (an error before 17), false; default auto
 	Publication     string               `yaml:"publication"`       // publication; default walhook
 	OutboxTable     string               `yaml:"outbox_table"`      // schema.table; default walhook.outbox
 	OutboxColumns   map[string]string    `yaml:"outbox_columns"`    // id, event, resource_id, tenant, payload; "" = no such column
@@ -103,14 +104,15 @@ type SubscriptionConfig struct {
 // envKeys are the top-level keys that WALHOOK_<KEY> can set.
 func (c *Config) envKeys() map[string]*string {
 	return map[string]*string{
-		"database_url": &c.DatabaseURL,
-		"listen":       &c.Listen,
-		"slot":         &c.Slot,
-		"publication":  &c.Publication,
-		"outbox_table": &c.OutboxTable,
-		"log_level":    &c.LogLevel,
-		"admin_token":  &c.AdminToken,
-		"auth_url":     &c.AuthURL,
+		"database_url":  &c.DatabaseURL,
+		"listen":        &c.Listen,
+		"slot":          &c.Slot,
+		"slot_failover": &c.SlotFailover,
+		"publication":   &c.Publication,
+		"outbox_table":  &c.OutboxTable,
+		"log_level":     &c.LogLevel,
+		"admin_token":   &c.AdminToken,
+		"auth_url":      &c.AuthURL,
 
 		"metrics_listen": &c.MetricsListen,
 	}
@@ -162,6 +164,9 @@ func (c *Config) withDefaults() {
 	if c.Publication == "" {
 		c.Publication = "walhook"
 	}
+	if c.SlotFailover == "" {
+		c.SlotFailover = cdc.FailoverAuto
+	}
 	if c.OutboxTable == "" {
 		c.OutboxTable = cdc.DefaultTable.String()
 	}
@@ -184,6 +189,11 @@ func (c *Config) Validate(withSubscriptions bool) error {
 	}
 	if !cdc.ValidName(c.Slot) {
 		bad("slot: %q must be lower-case letters, digits and underscores", c.Slot)
+	}
+	switch c.SlotFailover {
+	case cdc.FailoverAuto, cdc.FailoverOn, cdc.FailoverOff:
+	default:
+		bad("slot_failover: %q must be auto, true or false", c.SlotFailover)
 	}
 	if !cdc.ValidName(c.Publication) {
 		bad("publication: %q must be lower-case letters, digits and underscores", c.Publication)
@@ -468,7 +478,7 @@ func (c *Config) cdcConfig() cdc.Config {
 	return cdc.Config{
 		DatabaseURL: c.DatabaseURL, Slot: c.Slot, Publication: c.Publication,
 		Table: c.table, Columns: c.columns, StallTimeout: c.stall, Budget: outbox.NewBudget(c.MaxPendingBytes),
-		RejectEmit: c.AcceptEmit != nil && !*c.AcceptEmit, EmitRoles: c.EmitRoles,
+		RejectEmit: c.AcceptEmit != nil && !*c.AcceptEmit, EmitRoles: c.EmitRoles, SlotFailover: c.SlotFailover,
 	}
 }
 

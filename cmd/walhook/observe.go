@@ -169,9 +169,12 @@ func readyz(stream *cdc.Stream, m *outbox.Metrics, maxLag time.Duration) http.Ha
 
 // statusOutput is what `walhook status --json` prints.
 type statusOutput struct {
-	Slot          string                  `json:"slot"`
-	SlotStats     pgstore.SlotStats       `json:"slot_stats"`
-	Report        *pgstore.Report         `json:"report"` // nil when no walhook has streamed yet
+	Slot      string            `json:"slot"`
+	SlotStats pgstore.SlotStats `json:"slot_stats"`
+	Report    *pgstore.Report   `json:"report"` // nil when no walhook has streamed yet
+	// Hosts is the slot on every host database_url lists, when it lists more
+	// than one: whether a standby has a synchronised copy to fail over to.
+	Hosts         []cdc.SlotCopy          `json:"hosts,omitempty"`
 	Subscriptions []subscriptionStatusRow `json:"subscriptions"`
 }
 
@@ -207,6 +210,9 @@ func status(ctx context.Context, cfg *Config, asJSON bool, out io.Writer) error 
 		return err
 	}
 	o := statusOutput{Slot: cfg.Slot, SlotStats: slot, Report: report, Subscriptions: []subscriptionStatusRow{}}
+	if hosts, err := cdc.SlotCopies(ctx, cfg.DatabaseURL, cfg.Slot, 5*time.Second); err == nil && len(hosts) > 1 {
+		o.Hosts = hosts
+	}
 	add := func(id, source string) {
 		r := subscriptionStatusRow{ID: id, Source: source, AttemptSummary: summaries[id]}
 		if report != nil {
@@ -238,12 +244,26 @@ func status(ctx context.Context, cfg *Config, asJSON bool, out io.Writer) error 
 	}
 	if !slot.Exists {
 		active = "SLOT MISSING: run walhook setup"
+		if st, err := store.ReadState(ctx); err == nil && st != nil {
+			active = fmt.Sprintf("SLOT MISSING although walhook delivered through it (up to outbox id %d): "+
+				"lost in a failover or dropped; run walhook recover", st.HighWater)
+		}
 	}
 	fmt.Fprintf(tw, "slot\t%s\nactive\t%s\nconfirmed flush\t%s\nlag\t%s", cfg.Slot, active, slot.ConfirmedFlush, humanBytes(slot.LagBytes))
 	if report != nil {
 		fmt.Fprintf(tw, ", %.1fs (reported %s ago by %s)", report.LagSeconds, time.Since(report.ReportedAt).Round(time.Second), report.Host)
 	}
-	fmt.Fprintf(tw, "\nretained WAL\t%s\n\n", humanBytes(slot.RetainedBytes))
+	fmt.Fprintf(tw, "\nretained WAL\t%s\n", humanBytes(slot.RetainedBytes))
+	if slot.Exists {
+		fmt.Fprintf(tw, "failover\t%s\n", failoverText(slot))
+	}
+	if reason := invalidated(slot); reason != "" {
+		fmt.Fprintf(tw, "INVALIDATED\t%s: the slot cannot be streamed any more; run walhook recover (docs/operations.md, \"Failover\")\n", reason)
+	}
+	for _, h := range o.Hosts {
+		fmt.Fprintf(tw, "host %s\t%s\n", h.Host, hostText(h))
+	}
+	fmt.Fprintln(tw)
 	fmt.Fprintln(tw, "SUBSCRIPTION\tSOURCE\tPENDING\tOLDEST PENDING\tPARKED\tDEAD\tLAST SUCCESS\tLAST FAILURE")
 	for _, s := range o.Subscriptions {
 		failure := ago(s.LastFailure)
@@ -266,6 +286,61 @@ func ago(t *time.Time) string {
 		return "-"
 	}
 	return time.Since(*t).Round(time.Second).String() + " ago"
+}
+
+// invalidated says why the server invalidated the slot; "" while it is usable.
+func invalidated(slot pgstore.SlotStats) string {
+	switch {
+	case slot.InvalidationReason != nil:
+		return *slot.InvalidationReason
+	case slot.WALStatus == "lost":
+		return "wal_removed"
+	case slot.Conflicting != nil && *slot.Conflicting:
+		return "conflicting"
+	}
+	return ""
+}
+
+// failoverText says whether the slot is a failover slot and what the primary
+// waits for before it sends walhook a change.
+func failoverText(slot pgstore.SlotStats) string {
+	switch {
+	case slot.Failover == nil:
+		return "no (failover slots need PostgreSQL 17): a failover loses the slot; `walhook recover` on the new primary"
+	case !*slot.Failover:
+		return "no: not a failover slot (slot_failover; `walhook setup` makes it one while walhook is stopped)"
+	}
+	t := "yes"
+	if slot.Synced != nil && *slot.Synced {
+		t += ", synchronised from a primary (this server was a standby)"
+	}
+	if w := slot.SynchronizedStandbySlots; w != nil && *w != "" {
+		t += "; changes wait for the standby slots " + *w
+	} else {
+		t += "; synchronized_standby_slots is empty: a promoted standby may lack changes walhook was sent"
+	}
+	return t
+}
+
+// hostText describes the slot on one host of database_url.
+func hostText(h cdc.SlotCopy) string {
+	switch {
+	case h.Error != "":
+		return "unreachable: " + h.Error
+	case h.Role == "primary" && h.Exists:
+		return "primary, has the slot"
+	case h.Role == "primary":
+		return "primary, SLOT MISSING"
+	case !h.Exists:
+		return "standby, NO COPY of the slot: a failover to it loses the slot"
+	case h.Invalidation != "":
+		return "standby, copy invalidated (" + h.Invalidation + "): a failover to it loses the slot"
+	case h.Synced == nil || !*h.Synced:
+		return "standby, has a slot of that name that is not synchronised from the primary"
+	case h.Temporary:
+		return "standby, copy not yet persisted (catching up with the primary's slot): a failover now loses the slot"
+	}
+	return "standby, synchronised copy at " + h.ConfirmedFlush
 }
 
 func deref32(p *int32) int32 {

@@ -160,8 +160,11 @@ func TestStatusJSON(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("status: %d %s", code, stderr)
 	}
-	// Normalise what differs between runs.
+	checkVersionedSlotColumns(t, e, out)
+	// Normalise what differs between runs, and between PostgreSQL versions.
 	out = strings.ReplaceAll(out, e.db.Name, "SLOT")
+	out = regexp.MustCompile(`"(failover|synced|conflicting|invalidation_reason|inactive_since|synchronized_standby_slots)": [^,\n]+`).
+		ReplaceAllString(out, `"$1": null`) // checked above
 	out = regexp.MustCompile(`"confirmed_flush_lsn": "[0-9A-F/]+"`).ReplaceAllString(out, `"confirmed_flush_lsn": "LSN"`)
 	out = regexp.MustCompile(`"(lag|retained)_bytes": \d+`).ReplaceAllString(out, `"${1}_bytes": 0`)
 	path := filepath.Join("testdata", "status.golden")
@@ -180,5 +183,45 @@ func TestStatusJSON(t *testing.T) {
 	code, table, _ := e.walhook("status")
 	if code != 0 || !strings.Contains(table, "sub_api") || !strings.Contains(table, "retained WAL") {
 		t.Errorf("status table:\n%s", table)
+	}
+}
+
+// checkVersionedSlotColumns: the slot columns a version has are shown, the
+// ones it lacks are null: conflicting from 16, failover, synced,
+// invalidation_reason, inactive_since and synchronized_standby_slots from 17.
+// setup's default (slot_failover: auto) made a failover slot on 17+.
+func checkVersionedSlotColumns(t *testing.T, e *env, out string) {
+	t.Helper()
+	var o statusOutput
+	if err := json.Unmarshal([]byte(out), &o); err != nil {
+		t.Fatal(err)
+	}
+	var v string
+	if err := e.db.Pool.QueryRow(context.Background(), `SHOW server_version_num`).Scan(&v); err != nil {
+		t.Fatal(err)
+	}
+	version, _ := strconv.Atoi(v)
+	st := o.SlotStats
+	if (st.Conflicting != nil) != (version >= 160000) {
+		t.Errorf("PostgreSQL %d: conflicting = %v", version, st.Conflicting)
+	}
+	v17 := version >= 170000
+	if (st.Failover != nil) != v17 || (st.Synced != nil) != v17 || (st.InactiveSince != nil) != v17 || (st.SynchronizedStandbySlots != nil) != v17 {
+		t.Errorf("PostgreSQL %d: failover %v, synced %v, inactive_since %v, synchronized_standby_slots %v", version,
+			st.Failover, st.Synced, st.InactiveSince, st.SynchronizedStandbySlots)
+	}
+	if v17 && (!*st.Failover || *st.Synced) {
+		t.Errorf("PostgreSQL %d: setup made failover = %v, synced = %v; want a failover slot of the primary", version, *st.Failover, *st.Synced)
+	}
+	if st.InvalidationReason != nil {
+		t.Errorf("invalidation_reason = %q", *st.InvalidationReason)
+	}
+	_, text, _ := e.walhook("status")
+	want := `failover\s+no \(failover slots need PostgreSQL 17\)`
+	if v17 {
+		want = `failover\s+yes;`
+	}
+	if !regexp.MustCompile(want).MatchString(text) {
+		t.Errorf("PostgreSQL %d: status table lacks %q:\n%s", version, want, text)
 	}
 }

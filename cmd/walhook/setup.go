@@ -16,22 +16,38 @@ import (
 // setupLockKey serialises concurrent setups and teardowns of one database.
 const setupLockKey = "SELECT pg_advisory_lock(hashtext('walhook setup'))"
 
-func setupSQL(cfg *Config) []string {
-	return append(pgstore.SchemaSQL(), cdc.SetupSQL(cfg.cdcConfig())...)
+// setupSQL is every setup statement for a server of version
+// (server_version_num; 0 = not known, for --dry-run).
+func setupSQL(cfg *Config, version int) []string {
+	return append(pgstore.SchemaSQL(), cdc.SetupSQL(cfg.cdcConfig(), version)...)
+}
+
+// serverVersion reads the server's server_version_num.
+func serverVersion(ctx context.Context, conn *pgx.Conn) (int, error) {
+	var v string
+	if err := conn.QueryRow(ctx, `SHOW server_version_num`).Scan(&v); err != nil {
+		return 0, fmt.Errorf("read server_version_num: %w", err)
+	}
+	return cdc.ParseServerVersion(v)
 }
 
 // setup creates everything walhook needs. Every statement is idempotent and the
 // whole runs under an advisory lock, so two replicas may run it at once.
 func setup(ctx context.Context, cfg *Config, dryRun bool, out io.Writer) error {
-	stmts := setupSQL(cfg)
 	if dryRun {
+		stmts := setupSQL(cfg, 0)
 		fmt.Fprintln(out, "-- walhook setup, for a DBA: run with `psql -v ON_ERROR_STOP=1 -f` (each statement in its own")
 		fmt.Fprintln(out, "-- transaction: a slot cannot be created in a transaction that wrote), as a role that may")
 		fmt.Fprintln(out, "-- create schemas, owns the outbox table and has REPLICATION. Best as the role walhook connects")
 		fmt.Fprintln(out, "-- as: the role that runs this owns walhook.control, and only it may write there (otherwise")
 		fmt.Fprintln(out, "-- GRANT INSERT ON walhook.control to walhook's role alone; docs/security.md). Safe to run again.")
 		fmt.Fprintln(out, "-- Upgrading an install that has no walhook.control yet: stop walhook first.")
+		fmt.Fprintln(out, "-- slot_failover: auto makes the slot a failover slot on PostgreSQL 17 and newer (psql decides, with \\if).")
 		for _, s := range stmts {
+			if strings.HasSuffix(s, `\endif`) { // psql meta-commands take no semicolon
+				fmt.Fprintf(out, "%s\n\n", s)
+				continue
+			}
 			fmt.Fprintf(out, "%s;\n\n", s)
 		}
 		return nil
@@ -43,7 +59,7 @@ func setup(ctx context.Context, cfg *Config, dryRun bool, out io.Writer) error {
 		if err := refuseLiveUpgrade(ctx, conn, cfg); err != nil {
 			return err
 		}
-		return createAll(ctx, conn, cfg, stmts, out)
+		return createAll(ctx, conn, cfg, out)
 	})
 }
 
@@ -51,22 +67,20 @@ func setup(ctx context.Context, cfg *Config, dryRun bool, out io.Writer) error {
 // lost: the events between the loss and now would be skipped.
 func refuseLostSlot(ctx context.Context, conn *pgx.Conn, cfg *Config) error {
 	var lost bool
-	var high string
+	var high, at string
 	err := conn.QueryRow(ctx, `SELECT to_regclass('walhook.state') IS NOT NULL`).Scan(&lost)
 	if err != nil || !lost {
 		return err
 	}
-	err = conn.QueryRow(ctx, `SELECT high_water_id::text FROM walhook.state s WHERE slot = $1
-		AND NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = s.slot)`, cfg.Slot).Scan(&high)
+	err = conn.QueryRow(ctx, `SELECT high_water_id::text, updated_at::text FROM walhook.state s WHERE slot = $1
+		AND NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = s.slot)`, cfg.Slot).Scan(&high, &at)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil
 	}
 	if err != nil {
 		return err
 	}
-	return fmt.Errorf("slot: %q is missing although walhook delivered through it (up to outbox id %s): it was dropped or "+
-		"lost in a failover. `walhook recover` recreates it and redelivers the outbox rows above that mark; "+
-		"setup will not create a fresh slot that skips them", cfg.Slot, high)
+	return fmt.Errorf("slot: %w", &cdc.SlotMissingError{Slot: cfg.Slot, HighWater: high, At: at})
 }
 
 // refuseLiveUpgrade stops setup from moving control changes to walhook.control
@@ -87,9 +101,19 @@ func refuseLiveUpgrade(ctx context.Context, conn *pgx.Conn, cfg *Config) error {
 }
 
 // createAll runs the setup statements and checks the result.
-func createAll(ctx context.Context, conn *pgx.Conn, cfg *Config, stmts []string, out io.Writer) error {
+func createAll(ctx context.Context, conn *pgx.Conn, cfg *Config, out io.Writer) error {
 	{
-		for _, s := range stmts {
+		version, err := serverVersion(ctx, conn)
+		if err != nil {
+			return err
+		}
+		if version < cdc.MinServerVersion {
+			return fmt.Errorf("database_url: PostgreSQL %d.%d is too old: walhook needs 14 or newer", version/10000, version%10000)
+		}
+		if err := cdc.CheckFailover(cfg.SlotFailover, version); err != nil {
+			return err
+		}
+		for _, s := range setupSQL(cfg, version) {
 			if _, err := conn.Exec(ctx, s); err != nil {
 				return fmt.Errorf("%s: %w", firstLine(s), err)
 			}
@@ -97,10 +121,11 @@ func createAll(ctx context.Context, conn *pgx.Conn, cfg *Config, stmts []string,
 		if err := checkColumns(ctx, conn, cfg); err != nil {
 			return err
 		}
-		if err := checkSlot(ctx, conn, cfg); err != nil {
+		failover, err := checkSlot(ctx, conn, cfg)
+		if err != nil {
 			return err
 		}
-		fmt.Fprintf(out, "walhook is set up: outbox %s, publication %s, slot %s\n", cfg.table, cfg.Publication, cfg.Slot)
+		fmt.Fprintf(out, "walhook is set up: outbox %s, publication %s, slot %s (%s)\n", cfg.table, cfg.Publication, cfg.Slot, failover)
 		return nil
 	}
 }
@@ -112,19 +137,28 @@ func createAll(ctx context.Context, conn *pgx.Conn, cfg *Config, stmts []string,
 func recoverSlot(ctx context.Context, cfg *Config, since time.Duration, out io.Writer) error {
 	return withLock(ctx, cfg, func(conn *pgx.Conn) error {
 		var exists bool
-		if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)`, cfg.Slot).Scan(&exists); err != nil {
-			return err
+		var invalid string
+		err := conn.QueryRow(ctx, `SELECT count(*) > 0, coalesce(max(`+cdc.InvalidationSQL()+`), '')
+			FROM pg_replication_slots s WHERE slot_name = $1`, cfg.Slot).Scan(&exists, &invalid)
+		if err != nil {
+			return fmt.Errorf("read slot %q: %w", cfg.Slot, err)
 		}
-		if exists {
+		if exists && invalid == "" {
 			return fmt.Errorf("slot %q exists: nothing to recover", cfg.Slot)
 		}
 		var high string
 		var updated time.Time
-		err := conn.QueryRow(ctx, `SELECT high_water_id::text, updated_at FROM walhook.state WHERE slot = $1`, cfg.Slot).Scan(&high, &updated)
+		err = conn.QueryRow(ctx, `SELECT high_water_id::text, updated_at FROM walhook.state WHERE slot = $1`, cfg.Slot).Scan(&high, &updated)
 		if err != nil {
 			return fmt.Errorf("no high-water mark for slot %q (walhook never delivered through it): run `walhook setup`", cfg.Slot)
 		}
-		if err := createAll(ctx, conn, cfg, setupSQL(cfg), out); err != nil {
+		if exists { // invalidated: it will never stream again
+			if _, err := conn.Exec(ctx, `SELECT pg_drop_replication_slot($1)`, cfg.Slot); err != nil {
+				return fmt.Errorf("drop the invalidated slot %q (%s): %w", cfg.Slot, invalid, err)
+			}
+			fmt.Fprintf(out, "dropped slot %s: the server had invalidated it (%s)\n", cfg.Slot, invalid)
+		}
+		if err := createAll(ctx, conn, cfg, out); err != nil {
 			return err
 		}
 		var hasCreatedAt bool
@@ -209,22 +243,45 @@ func checkColumns(ctx context.Context, conn *pgx.Conn, cfg *Config) error {
 }
 
 // checkSlot makes sure the slot (which may have existed before) is a pgoutput
-// slot of this database: slot names are cluster-wide.
-func checkSlot(ctx context.Context, conn *pgx.Conn, cfg *Config) error {
+// slot of this database (slot names are cluster-wide) and fits slot_failover;
+// it says whether the slot is a failover slot. pg_replication_slots has a
+// failover column from PostgreSQL 17 on: it is read through to_jsonb, which
+// has whatever columns the server's view has.
+func checkSlot(ctx context.Context, conn *pgx.Conn, cfg *Config) (string, error) {
 	var db, plugin string
 	var here bool
-	err := conn.QueryRow(ctx, `SELECT coalesce(database, ''), coalesce(plugin, ''), database = current_database()
-		FROM pg_replication_slots WHERE slot_name = $1`, cfg.Slot).Scan(&db, &plugin, &here)
+	var failover *bool
+	err := conn.QueryRow(ctx, `SELECT coalesce(database, ''), coalesce(plugin, ''), database = current_database(),
+		(to_jsonb(s) ->> 'failover')::bool
+		FROM pg_replication_slots s WHERE slot_name = $1`, cfg.Slot).Scan(&db, &plugin, &here, &failover)
 	if err != nil {
-		return fmt.Errorf("slot: read %q back: %w", cfg.Slot, err)
+		return "", fmt.Errorf("slot: read %q back: %w", cfg.Slot, err)
 	}
 	if !here {
-		return fmt.Errorf("slot: %q already exists for database %q; choose another slot name", cfg.Slot, db)
+		return "", fmt.Errorf("slot: %q already exists for database %q; choose another slot name", cfg.Slot, db)
 	}
 	if plugin != "pgoutput" {
-		return fmt.Errorf("slot: %q uses plugin %q; walhook needs pgoutput", cfg.Slot, plugin)
+		return "", fmt.Errorf("slot: %q uses plugin %q; walhook needs pgoutput", cfg.Slot, plugin)
 	}
-	return nil
+	switch {
+	case failover == nil:
+		return "no failover slots before PostgreSQL 17", nil
+	case *failover:
+		return "failover slot", nil
+	case cfg.SlotFailover == cdc.FailoverOff:
+		return "not a failover slot (slot_failover: false)", nil
+	}
+	// A slot made before failover slots were asked for (or before an upgrade
+	// to 17): it becomes one where it is free.
+	err = cdc.MakeFailoverSlot(ctx, cfg.DatabaseURL, cfg.Slot)
+	switch {
+	case err == nil:
+		return "failover slot: made one now", nil
+	case cfg.SlotFailover == cdc.FailoverOn:
+		return "", fmt.Errorf("slot_failover: true, but slot %q exists and is not a failover slot, and it could not be "+
+			"made one (is walhook streaming it? stop walhook and run setup again): %w", cfg.Slot, err)
+	}
+	return fmt.Sprintf("not a failover slot; it could not be made one (%v): stop walhook and run setup again", err), nil
 }
 
 func firstLine(s string) string {

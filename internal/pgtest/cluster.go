@@ -43,18 +43,13 @@ func Start(ctx context.Context, settings ...string) (*Cluster, error) {
 		return nil, fmt.Errorf("pgtest: temp dir: %w", err)
 	}
 	c := &Cluster{BinDir: bin, dir: dir, settings: settings}
-	if os.Geteuid() == 0 {
-		// PostgreSQL refuses to run as root: hand the directory to the postgres user.
-		c.asUser = "postgres"
-		if _, err := user.Lookup(c.asUser); err != nil {
-			os.RemoveAll(dir)
-			return nil, fmt.Errorf("pgtest: running as root and there is no %q OS user to run PostgreSQL as (install the postgresql package): %w", c.asUser, err)
-		}
-		if out, err := exec.Command("chown", c.asUser, dir).CombinedOutput(); err != nil {
-			os.RemoveAll(dir)
-			return nil, fmt.Errorf("pgtest: chown %s: %v: %s", dir, err, out)
-		}
-		os.Chmod(dir, 0o755)
+	if err := c.own(); err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	if err := c.initdb(ctx); err != nil {
+		c.Stop()
+		return nil, err
 	}
 	if err := c.start(ctx); err != nil {
 		c.Stop()
@@ -63,21 +58,46 @@ func Start(ctx context.Context, settings ...string) (*Cluster, error) {
 	return c, nil
 }
 
+// own hands c's directory to the postgres OS user when we are root:
+// PostgreSQL refuses to run as root.
+func (c *Cluster) own() error {
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	c.asUser = "postgres"
+	if _, err := user.Lookup(c.asUser); err != nil {
+		return fmt.Errorf("pgtest: running as root and there is no %q OS user to run PostgreSQL as (install the postgresql package): %w", c.asUser, err)
+	}
+	if out, err := exec.Command("chown", c.asUser, c.dir).CombinedOutput(); err != nil {
+		return fmt.Errorf("pgtest: chown %s: %v: %s", c.dir, err, out)
+	}
+	os.Chmod(c.dir, 0o755)
+	return nil
+}
+
 func (c *Cluster) data() string    { return filepath.Join(c.dir, "data") }
 func (c *Cluster) sockets() string { return c.dir }
 func (c *Cluster) logFile() string { return filepath.Join(c.dir, "server.log") }
 
-func (c *Cluster) start(ctx context.Context) error {
+func (c *Cluster) initdb(ctx context.Context) error {
 	initdb := []string{filepath.Join(c.BinDir, "initdb"), "-D", c.data(), "-U", "postgres",
 		"--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"}
 	if out, err := c.command(ctx, initdb...).CombinedOutput(); err != nil {
 		return fmt.Errorf("pgtest: initdb: %v: %s", err, out)
 	}
+	return nil
+}
+
+// start starts the server on a free port (the one it had, when it had one).
+func (c *Cluster) start(ctx context.Context) error {
 	var lastErr error
 	for range 5 { // a free port can be taken between probing and binding
-		port, err := freePort()
-		if err != nil {
-			return err
+		port := c.port
+		if port == 0 || lastErr != nil {
+			var err error
+			if port, err = freePort(); err != nil {
+				return err
+			}
 		}
 		c.port = port
 		args := []string{
@@ -153,6 +173,33 @@ func (c *Cluster) command(ctx context.Context, args ...string) *exec.Cmd {
 
 // BinDir returns the directory of the PostgreSQL binaries the harness uses.
 func BinDir() (string, error) { return findBinDir() }
+
+// Psql returns a psql: the one beside the server binaries, or else Debian's or
+// the one on PATH (the server packages from npm ship none; psql speaks to
+// servers of other versions).
+func Psql() (string, error) {
+	if bin, err := findBinDir(); err == nil {
+		if p := filepath.Join(bin, "psql"); isFile(p) {
+			return p, nil
+		}
+	}
+	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
+	sort.Slice(dirs, func(i, j int) bool { return versionOf(dirs[i]) > versionOf(dirs[j]) })
+	for _, d := range dirs {
+		if p := filepath.Join(d, "psql"); isFile(p) {
+			return p, nil
+		}
+	}
+	if p, err := exec.LookPath("psql"); err == nil {
+		return p, nil
+	}
+	return "", errors.New("pgtest: psql not found (looked beside the server binaries, at /usr/lib/postgresql/*/bin and on PATH)")
+}
+
+func isFile(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && !st.IsDir()
+}
 
 // findBinDir locates the PostgreSQL server binaries: $PG_BINDIR, then the newest
 // /usr/lib/postgresql/*/bin, then initdb on PATH.

@@ -22,6 +22,18 @@ type SlotStats struct {
 	LagBytes       int64   `json:"lag_bytes"`      // WAL written − confirmed flush
 	RetainedBytes  int64   `json:"retained_bytes"` // WAL written − restart_lsn: what the slot keeps on disk
 	WALStatus      string  `json:"wal_status"`
+
+	// Columns that only some versions have are nil where the server has none:
+	// conflicting from PostgreSQL 16, the rest from 17.
+	Failover           *bool   `json:"failover"`            // a failover slot: standbys with sync_replication_slots keep a copy
+	Synced             *bool   `json:"synced"`              // this copy was synchronised from a primary (true on a standby, and on it after promotion)
+	Conflicting        *bool   `json:"conflicting"`         // invalidated by a recovery conflict (logical decoding on a standby)
+	InvalidationReason *string `json:"invalidation_reason"` // why the slot can no longer be used; nil while it can
+	InactiveSince      *string `json:"inactive_since"`      // since when nobody streams it
+	// SynchronizedStandbySlots is the server's synchronized_standby_slots: the
+	// physical slots of the standbys a logical walsender waits for, so that a
+	// promoted standby has everything walhook was sent. nil before 17.
+	SynchronizedStandbySlots *string `json:"synchronized_standby_slots"`
 }
 
 // Stats reads the slot and, per subscription, the parked and dead-letter
@@ -29,17 +41,24 @@ type SlotStats struct {
 func (s *Store) Stats(ctx context.Context) (SlotStats, map[string]outbox.StoredStats, error) {
 	var st SlotStats
 	b := &pgx.Batch{}
+	// to_jsonb(s) has the columns this server's view has: no column list per version.
 	b.Queue(`SELECT s.active, s.active_pid, r.client_addr::text, s.confirmed_flush_lsn::text,
 		       coalesce(pg_current_wal_lsn() - s.confirmed_flush_lsn, 0)::bigint,
-		       coalesce(pg_current_wal_lsn() - s.restart_lsn, 0)::bigint, coalesce(s.wal_status, '')
+		       coalesce(pg_current_wal_lsn() - s.restart_lsn, 0)::bigint, coalesce(s.wal_status, ''),
+		       (to_jsonb(s) ->> 'failover')::bool, (to_jsonb(s) ->> 'synced')::bool, (to_jsonb(s) ->> 'conflicting')::bool,
+		       to_jsonb(s) ->> 'invalidation_reason', to_jsonb(s) ->> 'inactive_since'
 		  FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
 		 WHERE s.slot_name = $1`, s.slot).QueryRow(func(row pgx.Row) error {
-		err := row.Scan(&st.Active, &st.ActivePID, &st.ActiveClient, &st.ConfirmedFlush, &st.LagBytes, &st.RetainedBytes, &st.WALStatus)
+		err := row.Scan(&st.Active, &st.ActivePID, &st.ActiveClient, &st.ConfirmedFlush, &st.LagBytes, &st.RetainedBytes, &st.WALStatus,
+			&st.Failover, &st.Synced, &st.Conflicting, &st.InvalidationReason, &st.InactiveSince)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return nil
 		}
 		st.Exists = err == nil
 		return err
+	})
+	b.Queue(`SELECT current_setting('synchronized_standby_slots', true)`).QueryRow(func(row pgx.Row) error {
+		return row.Scan(&st.SynchronizedStandbySlots)
 	})
 	subs := map[string]outbox.StoredStats{}
 	b.Queue(`SELECT subscription, count(*), min((event->>'CommitTime')::timestamptz) FROM walhook.deliveries GROUP BY 1`).
