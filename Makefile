@@ -6,7 +6,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -s -w -X github.com/walhook/walhook/sender.Version=$(VERSION)
 
 # The packages whose tests use PostgreSQL, run on every version by test-pg.
-PG_PACKAGES := ./cdc ./cmd/walhook ./examples
+PG_PACKAGES := ./cdc ./cmd/walhook ./examples ./outbox/pgstore
 PG          ?= 17
 PG_VERSIONS := 14 16 17 18
 # test-pg leaves out TestChaos: its 40 s of faults exercise the pipeline, not the
