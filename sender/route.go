@@ -133,9 +133,12 @@ func (s *Sender) newTransports(static bool, proxy string, cfg *tls.Config) *tran
 		}
 	}
 	if static {
-		return newTransport(s.dialer.DialContext, proxyFunc, cfg)
+		t := newTransport(s.dialer.DialContext, proxyFunc, cfg)
+		t.stdlib = s.stdlib
+		return t
 	}
 	t := newTransport(s.guard.DialContext(s.dialer), proxyFunc, cfg)
+	t.stdlib = s.stdlib
 	t.pinned = newPinnedProxy(s.guard.Pin, proxyFunc, s.dialer.DialContext, cfg)
 	t.fallback.(*http.Transport).Proxy = nil // proxied requests all go to pinned
 	return t

@@ -53,7 +53,8 @@ type Sender struct {
 	mu     sync.Mutex
 	routes map[routeKey]*route // subscriptions with proxy_url or tls (route.go)
 
-	perHost int // max_in_flight_per_host; 0 = none
+	perHost int  // max_in_flight_per_host; 0 = none
+	stdlib  bool // http_transport: stdlib
 	hostsMu sync.Mutex
 	hosts   map[string]*hostSlots // while requests to the host are in flight or waiting
 }
@@ -97,12 +98,30 @@ func (s *Sender) acquireHost(ctx context.Context, host string) (release func(), 
 // dynamic subscriptions' requests dial, or, through a proxy (HTTP_PROXY,
 // HTTPS_PROXY), the address each request is pinned to.
 func New(guard *ssrf.Guard, opts ...Option) *Sender {
-	s := newSender(guard, http.ProxyFromEnvironment)
-	for _, o := range opts {
-		o(s)
-	}
-	return s
+	return newSender(guard, http.ProxyFromEnvironment, opts...)
 }
+
+// The HTTP transports (http_transport).
+const (
+	// TransportLean frames requests with the standard library's writer and
+	// reads answers in the sender's goroutine, on its own connection pool
+	// (transport.go); the default, for its CPU per request (docs/performance.md).
+	TransportLean = "lean"
+	// TransportStdlib sends every request with net/http's Transport.
+	TransportStdlib = "stdlib"
+)
+
+// WithHTTPTransport picks the transport: TransportLean or TransportStdlib.
+// Both keep the SSRF guard and the limits on what an answer may make walhook
+// read.
+func WithHTTPTransport(kind string) Option {
+	return func(s *Sender) { s.stdlib = kind == TransportStdlib }
+}
+
+// transportUnderTest, when set (by the tests' TestMain, from
+// WALHOOK_TEST_HTTP_TRANSPORT), is the transport of every Sender: the
+// package's tests run through both.
+var transportUnderTest string
 
 // Option configures a Sender.
 type Option func(*Sender)
@@ -114,13 +133,17 @@ func WithMaxInFlightPerHost(n int) Option {
 	return func(s *Sender) { s.perHost = n }
 }
 
-func newSender(guard *ssrf.Guard, proxy func(*http.Request) (*url.URL, error)) *Sender {
+func newSender(guard *ssrf.Guard, proxy func(*http.Request) (*url.URL, error), opts ...Option) *Sender {
 	s := &Sender{
 		userAgent: "walhook/" + Version,
 		now:       time.Now,
 		dialer:    &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second},
 		guard:     guard,
 		proxyEnv:  proxy,
+		stdlib:    transportUnderTest == TransportStdlib,
+	}
+	for _, o := range opts {
+		o(s)
 	}
 	s.trusted = s.newTransports(true, "", nil)
 	s.guarded = s.newTransports(false, "", nil)

@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"net/url"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -38,6 +37,7 @@ type transport struct {
 	fallback    http.RoundTripper
 	maxIdle     int           // idle connections kept per target
 	idleTimeout time.Duration // an idle connection older than this is closed
+	stdlib      bool          // http_transport: stdlib: every request but proxied dynamic ones goes to fallback
 
 	mu   sync.Mutex
 	idle map[string][]*conn // by scheme://host:port, most recently used last
@@ -97,7 +97,7 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		return viaNetHTTP(t.fallback, req)
 	}
-	if req.ContentLength < 0 || req.ContentLength == 0 && req.Body != nil && req.Body != http.NoBody ||
+	if t.stdlib || req.ContentLength < 0 || req.ContentLength == 0 && req.Body != nil && req.Body != http.NoBody ||
 		req.ContentLength > maxLeanBody {
 		return viaNetHTTP(t.fallback, req) // a body of unknown length, or a large one
 	}
@@ -113,9 +113,11 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		c.Close()
 		// A kept-alive connection the server closed meanwhile fails before
-		// any answer: send once more on a fresh one. The receiver dedups by
-		// webhook-id should it have seen the first attempt after all.
-		if !reused || retried || req.GetBody == nil || !errors.Is(err, errNoAnswer) || req.Context().Err() != nil {
+		// any answer: send once more on a fresh one, as net/http does, and
+		// only for a request with an idempotency key: a webhook's is its
+		// webhook-id (Standard Webhooks), by which the receiver dedups should
+		// it have seen the first attempt after all.
+		if !reused || retried || req.GetBody == nil || !idempotent(req) || !errors.Is(err, errNoAnswer) || req.Context().Err() != nil {
 			closeBody(req)
 			return nil, err
 		}
@@ -126,6 +128,12 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		req = req.Clone(req.Context())
 		req.Body = body
 	}
+}
+
+// idempotent reports whether req may be sent twice: it carries a key the
+// receiver deduplicates by.
+func idempotent(req *http.Request) bool {
+	return req.Header.Get("webhook-id") != "" || req.Header.Get("Idempotency-Key") != ""
 }
 
 // newNetHTTP is a net/http transport with the lean one's limits.
@@ -144,6 +152,7 @@ func newNetHTTP(dial func(ctx context.Context, network, addr string) (net.Conn, 
 		IdleConnTimeout:        90 * time.Second,
 		TLSHandshakeTimeout:    tlsHandshakeTimeout,
 		MaxResponseHeaderBytes: maxResponseHeader,
+		DisableCompression:     true, // as the lean transport: no Accept-Encoding, bodies as sent
 	}
 }
 
@@ -216,42 +225,22 @@ func ctxErr(ctx context.Context, err error) error {
 	return err
 }
 
-// writeRequest writes req's head and body: small bodies leave in one write with
-// the head.
+// writeRequest writes req with the standard library's framing
+// ((*http.Request).Write) into the connection's buffer, which leaves it, a
+// small body with its head, in one write. The header is checked first:
+// Request.Write turns a newline in a value into a space rather than refusing
+// it, where net/http's Transport refuses the request.
 func writeRequest(bw *bufio.Writer, req *http.Request) error {
-	host := req.Host
-	if host == "" {
-		host = req.URL.Host
-	}
-	bw.WriteString(req.Method)
-	bw.WriteByte(' ')
-	bw.WriteString(req.URL.RequestURI())
-	bw.WriteString(" HTTP/1.1\r\nHost: ")
-	bw.WriteString(host)
-	bw.WriteString("\r\n")
 	for k, vs := range req.Header {
 		for _, v := range vs {
 			if !validHeader(k, v) {
+				closeBody(req)
 				return fmt.Errorf("invalid header %q", k)
 			}
-			bw.WriteString(k)
-			bw.WriteString(": ")
-			bw.WriteString(v)
-			bw.WriteString("\r\n")
 		}
 	}
-	bw.WriteString("Content-Length: ")
-	bw.WriteString(strconv.FormatInt(req.ContentLength, 10))
-	bw.WriteString("\r\n\r\n")
-	if req.Body != nil {
-		n, err := io.Copy(bw, req.Body)
-		req.Body.Close()
-		if err != nil {
-			return err
-		}
-		if n != req.ContentLength {
-			return fmt.Errorf("request body is %d bytes, not %d", n, req.ContentLength)
-		}
+	if err := req.Write(bw); err != nil {
+		return err
 	}
 	return bw.Flush()
 }

@@ -28,6 +28,7 @@ func TestBadConfigNamesTheKey(t *testing.T) {
 		{name: "missing database_url", yaml: "listen: 127.0.0.1:0\n", want: "database_url: required"},
 		{name: "subscription without target_url", yaml: good + "subscriptions:\n  - id: crm\n" + okSub, want: "subscriptions[crm].target_url: required"},
 		{name: "malformed duration", yaml: good + "defaults: {timeout: soon}\n", want: `defaults.timeout: "soon" is not a positive duration`},
+		{name: "unknown http_transport", yaml: good + "http_transport: fast\n", want: `http_transport: "fast" is not lean or stdlib`},
 		{name: "unknown attempt_log", yaml: good + "attempt_log: some\n", want: `attempt_log: "some" is not one of all, failures, off`},
 		{name: "short attempt_log_retention", yaml: good + "attempt_log_retention: 10s\n", want: `attempt_log_retention: 10s is less than 1m`},
 		{name: "malformed subscription duration", yaml: good + "subscriptions:\n  - id: crm\n    target_url: http://x/\n    retry_initial: -1s\n" + okSub, want: "subscriptions[crm].retry_initial"},

@@ -64,7 +64,8 @@ type Config struct {
 	AttemptLog          string          `yaml:"attempt_log"`           // all, failures or off; default all
 	AttemptLogRetention outbox.Duration `yaml:"attempt_log_retention"` // attempts older than this are deleted; default 72h, at least 1m
 
-	Console *bool `yaml:"console"` // the operator console at /console (admin token); default true
+	Console       *bool  `yaml:"console"`        // the operator console at /console (admin token); default true
+	HTTPTransport string `yaml:"http_transport"` // lean (default) or stdlib: how requests to receivers are sent
 
 	// Metrics.
 	MetricsListen             string `yaml:"metrics_listen"`              // serve /metrics here instead of on listen; default "" = on listen
@@ -304,6 +305,11 @@ func (c *Config) Validate(withSubscriptions bool) error {
 	}
 	if c.attemptKeep > 0 && c.attemptKeep < time.Minute {
 		bad("attempt_log_retention: %s is less than 1m", c.AttemptLogRetention.Raw)
+	}
+	switch c.HTTPTransport {
+	case "", sender.TransportLean, sender.TransportStdlib:
+	default:
+		bad("http_transport: %q is not lean or stdlib", c.HTTPTransport)
 	}
 	switch c.attemptLog = cmp.Or(c.AttemptLog, pgstore.AttemptLogAll); c.attemptLog {
 	case pgstore.AttemptLogAll, pgstore.AttemptLogFailures, pgstore.AttemptLogOff:

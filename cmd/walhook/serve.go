@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -45,7 +46,8 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		return err
 	}
 
-	snd := sender.New(cfg.guard, sender.WithMaxInFlightPerHost(cfg.defaults.MaxInFlightPerHost))
+	snd := sender.New(cfg.guard, sender.WithMaxInFlightPerHost(cfg.defaults.MaxInFlightPerHost),
+		sender.WithHTTPTransport(cmp.Or(cfg.HTTPTransport, sender.TransportLean)))
 	defer snd.Close()
 	reg := prometheus.NewRegistry()
 	acker := outbox.NewAcker(0)
