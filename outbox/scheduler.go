@@ -25,14 +25,17 @@ const envelopeOverhead = 256
 // run, owns every field below; sends run in a pool of sender goroutines (as
 // many as were ever in flight at once) and report back through results.
 type scheduler struct {
-	sub   *Subscription
-	opts  DeliveryOptions
-	in    <-chan delivery
-	d     *Dispatcher
-	log   zerolog.Logger
-	now   func() time.Time
-	ctx   context.Context // run's
-	sends sync.WaitGroup
+	sub     *Subscription
+	opts    DeliveryOptions
+	in      <-chan delivery
+	d       *Dispatcher
+	store   Store    // the Dispatcher's, and
+	metrics *Metrics // its metrics and
+	budget  *Budget  // memory budget
+	log     zerolog.Logger
+	now     func() time.Time
+	ctx     context.Context // run's
+	sends   sync.WaitGroup
 
 	keys        map[string]*key
 	ready       []*key // not busy, head ready; FIFO
@@ -111,6 +114,7 @@ type result struct {
 
 func newScheduler(d *Dispatcher, s *Subscription, in <-chan delivery) *scheduler {
 	sc := &scheduler{in: in, d: d, now: time.Now, epoch: d.epoch, startLSN: d.start,
+		store: d.cfg.Store, metrics: d.cfg.Metrics, budget: d.cfg.Budget,
 		log:  d.cfg.Logger.With().Str("subscription", s.ID).Logger(),
 		keys: map[string]*key{},
 	}
@@ -228,7 +232,7 @@ func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 		return
 	case s.gone:
 		s.done(dv.txn, dv.size)
-		s.d.cfg.Metrics.deliveries.WithLabelValues(s.sub.ID, "dropped").Inc()
+		s.metrics.deliveries.WithLabelValues(s.sub.ID, "dropped").Inc()
 		return
 	}
 	s.inTxn = true
@@ -236,7 +240,7 @@ func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 		if s.d.deadLetter(s.ctx, DeadLetter{Subscription: s.sub.ID, Event: dv.event,
 			WebhookID: WebhookID(s.sub.ID, []Event{dv.event}), Reason: disabledReason}) == nil {
 			s.done(dv.txn, dv.size)
-			s.d.cfg.Metrics.finished(s.sub.ID, "dead_lettered", []Event{dv.event})
+			s.metrics.finished(s.sub.ID, "dead_lettered", []Event{dv.event})
 		}
 		return
 	}
@@ -266,7 +270,7 @@ func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 		if tail := k.items[at-1]; !tail.sent && tail.ev.Type == ev.Type && tail.ev.WebhookID == "" && ev.WebhookID == "" {
 			// The older event is superseded: its delivery is done (docs/scheduler.md).
 			s.done(tail.txn, tail.size)
-			s.d.cfg.Metrics.coalesced.WithLabelValues(s.sub.ID).Inc()
+			s.metrics.coalesced.WithLabelValues(s.sub.ID).Inc()
 			ev.Coalesced = tail.ev.Coalesced + 1
 			tail.ev, tail.txn, tail.size = ev, dv.txn, dv.size
 			tail.readyAt = s.readyAt(tail.first, now)
@@ -284,45 +288,10 @@ func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 	}
 }
 
-// handleParkedEvent puts an event of a parked key in the table, in sequence
-// order, and finishes it once written. An event below the key's parked
-// high-water mark that is not a dead-letter replay was streamed again (after
-// a restart or takeover): the table holds it or it was finished, so it is
-// finished without a request (docs/parking.md). One at the mark goes to the
-// table, whose unique (subscription, event_id) keeps it once: sequences
-// saturate in transactions of more than 65,535 events, so equal is not old.
-func (s *scheduler) handleParkedEvent(k *key, dv delivery, ev Event, now time.Time) {
-	if ev.WebhookID == "" && ev.Seq < k.parkedSeq {
-		s.done(dv.txn, dv.size)
-		return
-	}
-	err := s.park([]ParkedEvent{{Event: ev, NextAttempt: k.feedAt, Since: now}})
-	if errors.Is(err, ErrPermanent) {
-		s.unstorable(ev, dv.txn, dv.size, err)
-		return
-	}
-	if err == nil {
-		k.parkedSeq = max(k.parkedSeq, ev.Seq)
-		s.done(dv.txn, dv.size)
-	}
-}
-
 // done finishes one delivery: the Acker's count and the budget's bytes.
 func (s *scheduler) done(t *Txn, size int64) {
 	s.d.cfg.Acker.Done(t)
-	s.d.cfg.Budget.Release(s.epoch.N, size)
-}
-
-// unstorable dead-letters an event the store refused to park for good (a
-// payload its jsonb cannot hold): the stream goes on, nothing is retried
-// forever.
-func (s *scheduler) unstorable(ev Event, t *Txn, size int64, cause error) {
-	s.log.Error().Err(cause).Str("event_id", ev.ID).Msg("cannot park the event: dead-lettered")
-	if s.d.deadLetter(s.ctx, DeadLetter{Subscription: s.sub.ID, Event: ev, WebhookID: WebhookID(s.sub.ID, []Event{ev}),
-		Reason: "cannot be parked: " + cause.Error()}) == nil {
-		s.done(t, size)
-		s.d.cfg.Metrics.finished(s.sub.ID, "dead_lettered", []Event{ev})
-	}
+	s.budget.Release(s.epoch.N, size)
 }
 
 func (s *scheduler) key(id string) *key {
@@ -406,7 +375,7 @@ func (s *scheduler) dispatch(ctx context.Context, now time.Time) {
 			// Wait for a fuller batch until batch_wait has passed, and while
 			// more events are sure to come: the transaction is still streaming
 			// in, or events wait in the input (unless memory is full).
-			midBurst := (s.inTxn || len(s.in) > 0) && s.pending < pendingLimit && !s.d.cfg.Budget.Full()
+			midBurst := (s.inTxn || len(s.in) > 0) && s.pending < pendingLimit && !s.budget.Full()
 			if s.readyEvents < s.opts.BatchMax && (now.Before(s.gatherUntil) || midBurst) {
 				return
 			}
@@ -425,60 +394,6 @@ func (s *scheduler) dispatch(ctx context.Context, now time.Time) {
 	if len(s.ready) == 0 {
 		s.gatherUntil = time.Time{}
 	}
-}
-
-// token takes an attempt's token from the rate_limit bucket, which holds at
-// most one and refills at the rate: attempts are at least 1/rate apart.
-func (s *scheduler) token(now time.Time) bool {
-	if s.rate <= 0 {
-		return true
-	}
-	if now.Before(s.holdUntil) {
-		return false
-	}
-	s.tokens = min(1, s.tokens+now.Sub(s.tokensAt).Seconds()*s.rate)
-	s.tokensAt = now
-	if s.tokens < 1 {
-		return false
-	}
-	s.tokens--
-	return true
-}
-
-// nextAttempt is when the rate limit and a 429's pause let the next attempt go.
-func (s *scheduler) nextAttempt() time.Time {
-	at := s.holdUntil
-	if s.rate > 0 && s.tokens < 1 {
-		at = maxTime(at, s.tokensAt.Add(time.Duration((1-s.tokens)/s.rate*float64(time.Second))))
-	}
-	return at
-}
-
-// limited: a 429's Retry-After pauses every attempt of the subscription.
-func (s *scheduler) limited(now time.Time) bool { return now.Before(s.holdUntil) }
-
-// parkLimited parks what the rate limit or a 429's pause holds back past
-// park_after (or at once while memory is full): a subscription that cannot
-// send as fast as its events come must not pin WAL. Its keys move to
-// walhook.deliveries and are fed from there, at the rate.
-func (s *scheduler) parkLimited(now time.Time) {
-	if s.closing || len(s.ready) == 0 {
-		return
-	}
-	if now.Sub(s.ready[0].items[0].first) < s.opts.ParkAfter && !s.d.cfg.Budget.Full() {
-		return
-	}
-	if n, keys := s.parkWaiting(nil, now, now); n > 0 {
-		s.log.Warn().Int("resources", keys).Int("events", n).Float64("rate_limit", s.rate).
-			Msg("parked: rate-limited events waited past park_after; moved to walhook.deliveries")
-	}
-}
-
-func maxTime(a, b time.Time) time.Time {
-	if a.After(b) {
-		return a
-	}
-	return b
 }
 
 // assemble takes ready keys in order, and from each its consecutive ready items,
@@ -586,7 +501,7 @@ func (s *scheduler) sender(ctx context.Context) {
 		}
 		var r result
 		if len(j.marks) > 0 {
-			if err := s.d.cfg.Store.MarkSent(actx, sub.ID, j.marks); err != nil {
+			if err := s.store.MarkSent(actx, sub.ID, j.marks); err != nil {
 				r = result{job: j, err: fmt.Errorf("record the debounce mark before sending: %w", err)}
 			} else {
 				j.marks = nil // written: retries need not
@@ -603,7 +518,7 @@ func (s *scheduler) sender(ctx context.Context) {
 			cancel()
 		}
 		if ctx.Err() == nil {
-			s.d.cfg.Metrics.attempt(sub.ID, r.err)
+			s.metrics.attempt(sub.ID, r.err)
 		}
 		switch {
 		case r.err == nil || ctx.Err() != nil:
@@ -614,76 +529,6 @@ func (s *scheduler) sender(ctx context.Context) {
 		}
 		s.results <- r // buffered to max_in_flight: never blocks
 	}
-}
-
-func (s *scheduler) deadLetter(ctx context.Context, j *job, cause error) error {
-	for _, dl := range s.deadLetters(j, cause) {
-		if err := s.d.deadLetter(ctx, dl); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// deadLetters are j's events as dead letters, and logs that they are.
-func (s *scheduler) deadLetters(j *job, cause error) []DeadLetter {
-	status := 0
-	if f, ok := errors.AsType[Failure](cause); ok {
-		status = f.StatusCode()
-	}
-	s.log.Warn().Str("webhook_id", j.batch.WebhookID).Int("events", len(j.items)).Int("status", status).
-		Err(cause).Msg("dead-lettered")
-	now := s.now()
-	dls := make([]DeadLetter, len(j.items))
-	for i, it := range j.items {
-		// The id a replay will carry: the request's, or for an event of a
-		// larger batch its own (a replay sends it alone; sharing the batch's
-		// id would make a deduplicating receiver drop all but one).
-		id := j.batch.WebhookID
-		if len(j.items) > 1 {
-			id = WebhookID(j.batch.Subscription.ID, []Event{it.ev})
-		}
-		dls[i] = DeadLetter{Subscription: j.batch.Subscription.ID, Event: it.ev, WebhookID: id,
-			Status: status, Reason: cause.Error(), Attempts: j.attempt, FirstAttempt: j.first, LastAttempt: now}
-	}
-	return dls
-}
-
-// retireParked dead-letters parked rows and deletes them in one transaction:
-// an event is never in the table and in the dead letters at once, so a
-// replay of the dead letter cannot meet its old row (and be dropped as a
-// duplicate of it).
-func (s *scheduler) retireParked(j *job, cause error) {
-	dls := s.deadLetters(j, cause)
-	if s.store("cannot dead-letter parked deliveries", func() error {
-		return s.d.cfg.Store.DeadLetterRows(s.ctx, j.rows(), dls)
-	}) != nil {
-		return
-	}
-	s.d.cfg.Metrics.finished(s.sub.ID, "dead_lettered", j.batch.Events)
-	k := j.keys[0]
-	k.busy, k.feedAt = false, s.now()
-	s.schedule(k, s.now())
-}
-
-func (j *job) rows() []int64 {
-	rows := make([]int64, len(j.items))
-	for i, it := range j.items {
-		rows[i] = it.row
-	}
-	return rows
-}
-
-func gone(err error) bool {
-	f, ok := errors.AsType[Failure](err)
-	return ok && f.StatusCode() == 410
-}
-
-func retryable(err error) bool {
-	if f, ok := errors.AsType[Failure](err); ok {
-		return f.Retryable()
-	}
-	return true
 }
 
 func (s *scheduler) handleResult(r result) {
@@ -711,7 +556,7 @@ func (s *scheduler) handleResult(r result) {
 			outcome = "delivered"
 			s.log.Debug().Str("webhook_id", j.batch.WebhookID).Int("events", len(j.items)).Int("attempts", j.attempt).Msg("delivered")
 		}
-		s.d.cfg.Metrics.finished(s.sub.ID, outcome, j.batch.Events)
+		s.metrics.finished(s.sub.ID, outcome, j.batch.Events)
 		if j.parked {
 			s.finishParked(j)
 			return
@@ -743,233 +588,13 @@ func (s *scheduler) handleResult(r result) {
 	switch {
 	case j.parked:
 		s.retryParked(j, r.err, now.Add(wait))
-	case now.Sub(j.first) >= s.opts.ParkAfter || s.d.cfg.Budget.Full():
+	case now.Sub(j.first) >= s.opts.ParkAfter || s.budget.Full():
 		// Failing for park_after, or failing while memory is full: the
 		// endpoint is failing anyway, its events make room in the table.
 		s.parkJob(j, now.Add(wait))
 	default:
 		heap.Push(&s.timers, timerEntry{at: now.Add(wait), job: j})
 	}
-}
-
-// loadParked marks the keys that have parked rows (from before a restart),
-// and, debounced, loads the sequences already sent.
-func (s *scheduler) loadParked() error {
-	if s.opts.Debounce > 0 {
-		err := retryForever(s.ctx, s.log, "cannot read debounce marks", func() error {
-			var err error
-			s.sentMarks, err = s.d.cfg.Store.SentMarks(s.ctx, s.sub.ID, uint64(s.startLSN)<<16)
-			return err
-		})
-		if err != nil {
-			return err
-		}
-	}
-	var keys []ParkedKey
-	err := retryForever(s.ctx, s.log, "cannot read parked deliveries", func() error {
-		var err error
-		keys, err = s.d.cfg.Store.ParkedKeys(s.ctx, s.sub.ID)
-		return err
-	})
-	if err != nil {
-		return err
-	}
-	now := s.now()
-	for _, pk := range keys {
-		k := s.key(pk.Resource)
-		k.parked, k.feedAt, k.parkedSeq = true, pk.NextAttempt, pk.MaxSeq
-		s.schedule(k, now)
-	}
-	if len(keys) > 0 {
-		s.log.Info().Int("resources", len(keys)).Msg("resuming parked deliveries")
-	}
-	return nil
-}
-
-// park writes events to walhook.deliveries. On error nothing is finished:
-// the epoch ended, or (ErrPermanent) the store cannot hold them.
-func (s *scheduler) park(events []ParkedEvent) error {
-	return s.store("cannot park deliveries", func() error {
-		return s.d.cfg.Store.Park(s.ctx, s.sub.ID, events)
-	})
-}
-
-// store runs a store write until it succeeds, the epoch ends, or it fails for
-// good. Fenced, the epoch is over: another process delivers now.
-func (s *scheduler) store(what string, f func() error) error {
-	err := retryForever(s.ctx, s.log, what, f)
-	if errors.Is(err, ErrFenced) {
-		s.log.Warn().Msg("another walhook process took over delivery: stopping")
-		s.epoch.End(err)
-	}
-	return err
-}
-
-// parkJob parks every key of a batch that failed for park_after: its items
-// and every later item of those keys move to the table, and stop holding the
-// slot back.
-func (s *scheduler) parkJob(j *job, next time.Time) {
-	if s.closing {
-		// A deleted subscription's failing events are not kept for days.
-		for _, k := range j.keys {
-			for _, it := range k.items {
-				s.done(it.txn, it.size)
-			}
-			s.d.cfg.Metrics.deliveries.WithLabelValues(s.sub.ID, "dropped").Add(float64(len(k.items)))
-			s.pending -= len(k.items)
-			delete(s.keys, k.id)
-		}
-		return
-	}
-	now := s.now()
-	n, keys := s.parkWaiting(j, next, now)
-	s.log.Warn().Int("resources", keys).Int("events", n).Dur("failing_for", s.now().Sub(j.first)).
-		Msg("parked: the endpoint keeps failing; events moved to walhook.deliveries")
-}
-
-// parkWaiting parks j's keys (j may be nil) and the ready keys that waited
-// park_after (all of them while memory is full); it returns the events and
-// keys parked.
-func (s *scheduler) parkWaiting(j *job, next, now time.Time) (n, parked int) {
-	var keys []*key
-	if j != nil {
-		keys = j.keys
-	}
-	// The endpoint keeps failing: keys that waited as long for a free request
-	// slot go too, without an attempt, or the slot would stay pinned by them.
-	full := s.d.cfg.Budget.Full()
-	kept := s.ready[:0]
-	for _, k := range s.ready {
-		if full || now.Sub(k.items[0].first) >= s.opts.ParkAfter {
-			s.readyEvents -= len(k.items)
-			k.queued = false
-			keys = append(keys, k)
-			continue
-		}
-		kept = append(kept, k)
-	}
-	clear(s.ready[len(kept):])
-	s.ready = kept
-	for _, k := range keys {
-		events := make([]ParkedEvent, len(k.items))
-		for i, it := range k.items {
-			events[i] = ParkedEvent{Event: it.ev, NextAttempt: next, Since: now}
-			if it.sent && j != nil {
-				events[i].Attempts, events[i].Since = j.attempt, j.first
-			}
-		}
-		err := s.park(events)
-		if errors.Is(err, ErrPermanent) {
-			// One of them the store cannot hold: park them one by one, and
-			// dead-letter what cannot be parked.
-			err = nil
-			for i, it := range k.items {
-				if e := s.park(events[i : i+1]); errors.Is(e, ErrPermanent) {
-					s.unstorable(it.ev, it.txn, it.size, e)
-					it.txn, it.size = nil, 0
-				} else if e != nil {
-					err = e
-					break
-				}
-			}
-		}
-		if err != nil {
-			return n, len(keys) // the epoch ended: nothing acked, all replayed
-		}
-		for _, it := range k.items {
-			if it.txn != nil {
-				s.done(it.txn, it.size)
-			}
-			k.parkedSeq = max(k.parkedSeq, it.ev.Seq)
-		}
-		s.pending -= len(k.items)
-		n += len(k.items)
-		clear(k.items)
-		k.items, k.busy, k.parked, k.feedAt = nil, false, true, next
-		s.schedule(k, s.now())
-	}
-	return n, len(keys)
-}
-
-// feedJob loads a parked key's next rows; with none left the key returns to
-// memory.
-func (s *scheduler) feedJob(k *key) *job {
-	var rows []ParkedEvent
-	err := retryForever(s.ctx, s.log, "cannot read parked deliveries", func() error {
-		var err error
-		rows, err = s.d.cfg.Store.NextParked(s.ctx, s.sub.ID, k.id, s.opts.BatchMax, s.opts.BatchBytes)
-		return err
-	})
-	if err != nil {
-		return nil
-	}
-	// A replayed dead letter keeps its webhook-id: it goes alone.
-	for i, r := range rows {
-		if r.Event.WebhookID != "" {
-			rows = rows[:max(i, 1)]
-			break
-		}
-	}
-	if len(rows) == 0 {
-		k.parked = false
-		if len(k.items) == 0 {
-			delete(s.keys, k.id)
-		}
-		s.log.Info().Str("resource", k.id).Msg("parked resource drained")
-		return nil
-	}
-	j := &job{parked: true, keys: []*key{k}, first: rows[0].Since}
-	events := make([]Event, len(rows))
-	for i, r := range rows {
-		events[i] = r.Event
-		j.items = append(j.items, &item{ev: r.Event, row: r.Row, sent: true})
-		j.attempt = max(j.attempt, r.Attempts)
-		if r.Since.Before(j.first) {
-			j.first = r.Since
-		}
-	}
-	j.batch = NewBatch(s.sub, events...)
-	j.backoff = s.newBackoff()
-	for range j.attempt { // continue the backoff where the rows left it
-		j.backoff.NextBackOff()
-	}
-	k.busy = true
-	return j
-}
-
-// finishParked deletes delivered or dead-lettered rows and feeds the key on.
-func (s *scheduler) finishParked(j *job) {
-	rows := make([]int64, len(j.items))
-	for i, it := range j.items {
-		rows[i] = it.row
-	}
-	if s.store("cannot unpark deliveries", func() error { return s.d.cfg.Store.Unpark(s.ctx, rows) }) != nil {
-		return
-	}
-	k := j.keys[0]
-	k.busy, k.feedAt = false, s.now()
-	s.schedule(k, s.now())
-}
-
-// retryParked reschedules failed rows, or dead-letters them after retry_for.
-func (s *scheduler) retryParked(j *job, cause error, next time.Time) {
-	if s.now().Sub(j.first) >= s.opts.RetryFor {
-		s.retireParked(j, fmt.Errorf("retry_for (%s) exhausted: %w", s.opts.RetryFor, cause))
-		return
-	}
-	rows := make([]int64, len(j.items))
-	for i, it := range j.items {
-		rows[i] = it.row
-	}
-	err := s.store("cannot reschedule parked deliveries", func() error {
-		return s.d.cfg.Store.Reschedule(s.ctx, rows, j.attempt, next, cause.Error())
-	})
-	if err != nil {
-		return
-	}
-	k := j.keys[0]
-	k.busy, k.feedAt = false, next
-	s.schedule(k, s.now())
 }
 
 func (s *scheduler) newBackoff() *backoff.ExponentialBackOff {
@@ -1002,107 +627,7 @@ func (s *scheduler) finish(j *job) {
 	}
 }
 
-// closed ends a deleted subscription's scheduler once it has drained: its
-// parked rows go, and its metrics.
-func (s *scheduler) closed() error {
-	s.store("cannot drop parked events", func() error {
-		return s.d.cfg.Store.DropParked(s.ctx, s.sub.ID)
-	})
-	s.d.cfg.Metrics.removeSubscription(s.sub.ID)
-	s.log.Info().Msg("deleted subscription drained")
-	return nil
-}
-
 const disabledReason = "subscription disabled: its endpoint failed for disable_after without a success"
-
-// disable turns a failing subscription off: what it holds, parked or in
-// memory, becomes dead letters (replayable), and so does every later event,
-// until it is enabled again.
-func (s *scheduler) disable() {
-	s.disabled = true
-	s.gen++ // what is in flight is dead-lettered here; its result changes nothing
-	s.log.Error().Dur("disable_after", s.opts.DisableAfter).Msg("subscription disabled: its endpoint keeps failing")
-	switch {
-	case s.sub.Static:
-		s.d.mu.Lock()
-		s.d.disabledStatic[s.sub.ID] = true
-		s.d.mu.Unlock()
-	case !s.sub.Disabled:
-		id := s.sub.ID
-		if s.store("cannot mark subscription disabled", func() error {
-			return s.d.cfg.Store.DisableSubscription(s.ctx, id)
-		}) != nil {
-			return // the epoch ended
-		}
-	}
-	if s.store("cannot dead-letter parked events", func() error {
-		return s.d.cfg.Store.DeadLetterParked(s.ctx, s.sub.ID, disabledReason)
-	}) != nil {
-		return
-	}
-	for _, k := range s.keys {
-		for _, it := range k.items {
-			if s.d.deadLetter(s.ctx, DeadLetter{Subscription: s.sub.ID, Event: it.ev,
-				WebhookID: WebhookID(s.sub.ID, []Event{it.ev}), Reason: disabledReason}) != nil {
-				return // the epoch ended: unacked, replayed
-			}
-			s.done(it.txn, it.size)
-		}
-		s.d.cfg.Metrics.deliveries.WithLabelValues(s.sub.ID, "dead_lettered").Add(float64(len(k.items)))
-	}
-	clear(s.keys)
-	s.ready, s.retries, s.timers, s.feeds = nil, nil, nil, nil
-	s.pending, s.readyEvents = 0, 0
-	s.gatherUntil = time.Time{}
-}
-
-// report publishes the in-memory backlog for metrics.
-func (s *scheduler) report() {
-	var oldest time.Time
-	for _, k := range s.keys {
-		if len(k.items) > 0 {
-			if t := k.items[0].ev.CommitTime; oldest.IsZero() || t.Before(oldest) {
-				oldest = t
-			}
-		}
-	}
-	s.d.cfg.Metrics.setPending(s.sub.ID, int64(s.pending), oldest)
-}
-
-// unsubscribe handles a 410 Gone: every held event is dropped (finished), later
-// ones too, and the subscription is deleted; its deletion then comes back
-// through the stream and stops this scheduler.
-func (s *scheduler) unsubscribe() {
-	s.log.Warn().Msg("target answered 410 Gone: unsubscribing, pending events dropped")
-	s.gone = true
-	s.release()
-	id := s.sub.ID
-	s.sends.Add(1)
-	go func() {
-		defer s.sends.Done()
-		s.store("cannot delete gone subscription", func() error {
-			return s.d.cfg.Store.DeleteSubscription(s.ctx, id)
-		})
-	}()
-}
-
-// release finishes every event the scheduler holds without sending it. Only
-// for a subscription that is gone: after run returned, or from run itself.
-func (s *scheduler) release() {
-	s.gen++
-	dropped := 0
-	for _, k := range s.keys {
-		for _, it := range k.items {
-			s.done(it.txn, it.size)
-		}
-		dropped += len(k.items)
-	}
-	s.d.cfg.Metrics.deliveries.WithLabelValues(s.sub.ID, "dropped").Add(float64(dropped))
-	clear(s.keys)
-	s.ready, s.retries, s.timers, s.feeds = nil, nil, nil, nil
-	s.pending, s.readyEvents = 0, 0
-	s.gatherUntil = time.Time{}
-}
 
 func (s *scheduler) nextWake(now time.Time) (time.Time, bool) {
 	var at time.Time
