@@ -60,12 +60,13 @@ type Config struct {
 
 // API serves /v1/subscriptions.
 type API struct {
-	cfg      Config
-	auth     *http.Client
-	authSem  chan struct{} // bounds the auth_url calls in flight
-	cache    *authCache
-	limit    *limiter    // nil: no limit
-	authDown atomic.Bool // auth_url failing: logged once until it answers again
+	cfg          Config
+	auth         *http.Client
+	authSem      chan struct{} // bounds the auth_url calls in flight
+	attemptReads chan struct{} // bounds the attempt-log queries in flight
+	cache        *authCache
+	limit        *limiter    // nil: no limit
+	authDown     atomic.Bool // auth_url failing: logged once until it answers again
 }
 
 // New returns the API.
@@ -76,7 +77,7 @@ func New(cfg Config) *API {
 	if cfg.AuthTimeout == 0 {
 		cfg.AuthTimeout = 5 * time.Second
 	}
-	a := &API{cfg: cfg, authSem: make(chan struct{}, maxAuthCalls),
+	a := &API{cfg: cfg, authSem: make(chan struct{}, maxAuthCalls), attemptReads: make(chan struct{}, attemptReads),
 		auth: &http.Client{Timeout: cfg.AuthTimeout,
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }},
 		cache: newAuthCache(min(cfg.AuthCacheTTL, maxAuthCacheTTL), time.Now)}
@@ -144,7 +145,7 @@ func (a *API) handle(h handler) http.HandlerFunc {
 			a.cfg.Logger.Error().Err(err).Str("path", r.URL.Path).Msg("api request failed")
 			e = fail(http.StatusInternalServerError, "internal error")
 		}
-		if e.Status == http.StatusTooManyRequests {
+		if e.Status == http.StatusTooManyRequests || e.Status == http.StatusServiceUnavailable {
 			w.Header().Set("Retry-After", "1")
 		}
 		writeJSON(w, e.Status, map[string]string{"error": e.Message})

@@ -1,10 +1,19 @@
 package api
 
 import (
+	"context"
+	"errors"
 	"net/http"
 	"strconv"
+	"time"
 
 	"github.com/walhook/walhook/outbox/pgstore"
+)
+
+// Bounds of attempt-log reads (docs/attempts.md).
+const (
+	attemptReads       = 2
+	attemptReadTimeout = 5 * time.Second
 )
 
 // AttemptPage is one page of the attempt log, newest first. NextCursor, when
@@ -84,7 +93,20 @@ func (a *API) attempts(r *http.Request, c caller, f pgstore.AttemptFilter, allow
 		t := c.tenant
 		f.Owner = &t
 	}
-	list, next, err := a.cfg.Store.ListAttempts(r.Context(), f, int(limit))
+	// The attempt log is big and shares the pool with delivery's writes: at
+	// most attemptReads queries at once, each within attemptReadTimeout.
+	select {
+	case a.attemptReads <- struct{}{}:
+		defer func() { <-a.attemptReads }()
+	default:
+		return 0, nil, fail(http.StatusServiceUnavailable, "too many attempt-log queries at once: try again")
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), attemptReadTimeout)
+	defer cancel()
+	list, next, err := a.cfg.Store.ListAttempts(ctx, f, int(limit))
+	if errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil && r.Context().Err() == nil {
+		return 0, nil, fail(http.StatusServiceUnavailable, "the attempt-log query took over %s: narrow it (since, until, status)", attemptReadTimeout)
+	}
 	if err != nil {
 		return 0, nil, err
 	}

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -41,6 +42,22 @@ func LoopbackHost(hostport string) bool {
 	return err == nil && ip.IsLoopback()
 }
 
+// crossSite reports whether a browser says r comes from another origin
+// (Sec-Fetch-Site, else Origin). Clients that are not browsers send neither.
+func crossSite(r *http.Request) bool {
+	switch r.Header.Get("Sec-Fetch-Site") {
+	case "", "same-origin", "none":
+	default:
+		return true
+	}
+	o := r.Header.Get("Origin")
+	if o == "" {
+		return false
+	}
+	u, err := url.Parse(o)
+	return err != nil || u.Host != r.Host
+}
+
 func (a *API) authenticate(r *http.Request) (caller, error) {
 	h := r.Header.Get("Authorization")
 	if a.cfg.AdminToken != "" {
@@ -54,6 +71,11 @@ func (a *API) authenticate(r *http.Request) (caller, error) {
 		if !LoopbackHost(r.Host) {
 			return caller{}, fail(http.StatusForbidden, "without admin_token the API answers only at a loopback address (127.0.0.1, [::1], localhost), not at Host %q", r.Host)
 		}
+		// A web page's form reaches loopback too: a change that a browser
+		// says comes from another site is refused (no token stops it here).
+		if r.Method != http.MethodGet && r.Method != http.MethodHead && crossSite(r) {
+			return caller{}, fail(http.StatusForbidden, "without admin_token the API refuses changes a browser sends from another site (Origin %q)", r.Header.Get("Origin"))
+		}
 		return caller{admin: true}, nil
 	}
 	var key [sha256.Size]byte
@@ -66,7 +88,7 @@ func (a *API) authenticate(r *http.Request) (caller, error) {
 	}
 	// From here the caller is unauthenticated until auth_url says otherwise:
 	// a client address that failed too often does not get that far.
-	if a.limit != nil && !a.limit.allowed(clientAddr(r)) {
+	if a.limit != nil && !a.limit.allowed(ClientPrefix(r)) {
 		return caller{}, fail(http.StatusTooManyRequests, "too many unauthenticated requests: slow down")
 	}
 	if a.cfg.AuthURL == "" || h == "" || hit {
@@ -95,7 +117,7 @@ func (a *API) authenticate(r *http.Request) (caller, error) {
 // refuse counts a failed authentication against the client's address.
 func (a *API) refuse(r *http.Request) error {
 	if a.limit != nil {
-		a.limit.take(clientAddr(r))
+		a.limit.take(ClientPrefix(r))
 	}
 	if a.cfg.AuthURL == "" {
 		return fail(http.StatusUnauthorized, "missing or wrong bearer token")
@@ -260,7 +282,9 @@ func (l *limiter) take(addr netip.Prefix) {
 
 // clientAddr is the rate limit's key: the peer's IPv4 address, or its IPv6 /64
 // (one host usually has a whole /64).
-func clientAddr(r *http.Request) netip.Prefix {
+// ClientPrefix is r's client address as rate limits count it: the address
+// for IPv4, its /64 for IPv6 (one host's share of a network).
+func ClientPrefix(r *http.Request) netip.Prefix {
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
 	if err != nil {
 		host = r.RemoteAddr

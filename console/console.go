@@ -21,8 +21,8 @@ import (
 	"html/template"
 	"io"
 	"io/fs"
-	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"strconv"
 	"strings"
@@ -67,21 +67,21 @@ type Console struct {
 	key   []byte // signs sessions and form tokens; new at every start
 
 	mu       sync.Mutex
-	failures map[string][]time.Time // failed sign-ins in the last minute, per client address
+	failures map[netip.Prefix][]time.Time // failed sign-ins in the last minute, per client address (IPv6: /64)
 }
 
 const (
 	cookieName     = "walhook_console"
 	sessionFor     = 12 * time.Hour
 	maxLoginFails  = 10    // per minute and client address: then its sign-ins wait
-	maxLoginAddrs  = 10000 // addresses remembered; past it the oldest minute is forgotten at once
+	maxLoginAddrs  = 10000 // addresses remembered; past it the one that failed longest ago is forgotten
 	maxFormBytes   = 4 << 10
 	recentAttempts = 100 // the success rate is over this many attempts
 )
 
 // New returns the console.
 func New(cfg Config) *Console {
-	c := &Console{cfg: cfg, pages: map[string]*template.Template{}, key: make([]byte, 32), failures: map[string][]time.Time{}}
+	c := &Console{cfg: cfg, pages: map[string]*template.Template{}, key: make([]byte, 32), failures: map[netip.Prefix][]time.Time{}}
 	rand.Read(c.key)
 	funcs := template.FuncMap{
 		"ago":   ago,
@@ -307,7 +307,7 @@ func (c *Console) login(w http.ResponseWriter, r *http.Request) {
 		http.Redirect(w, r, "/console", http.StatusSeeOther)
 		return
 	}
-	if !c.allowLogin(clientAddr(r)) {
+	if !c.allowLogin(api.ClientPrefix(r)) {
 		c.render(w, "login", &view{Title: "Sign in", Status: http.StatusTooManyRequests, Error: "Too many failed sign-ins: try again in a minute."})
 		return
 	}
@@ -316,17 +316,17 @@ func (c *Console) login(w http.ResponseWriter, r *http.Request) {
 		token = r.PostForm.Get("token")
 	}
 	if subtle.ConstantTimeCompare([]byte(token), []byte(c.cfg.AdminToken)) != 1 {
-		c.loginFailed(clientAddr(r))
+		c.loginFailed(api.ClientPrefix(r))
 		c.render(w, "login", &view{Title: "Sign in", Status: http.StatusUnauthorized, Error: "That is not the admin token."})
 		return
 	}
 	exp := strconv.FormatInt(time.Now().Add(sessionFor).Unix(), 10)
 	http.SetCookie(w, &http.Cookie{Name: cookieName, Value: exp + "." + c.mac("session", exp), Path: "/console",
-		HttpOnly: true, Secure: r.TLS != nil, SameSite: http.SameSiteStrictMode, MaxAge: int(sessionFor.Seconds())})
+		HttpOnly: true, Secure: overTLS(r), SameSite: http.SameSiteStrictMode, MaxAge: int(sessionFor.Seconds())})
 	http.Redirect(w, r, "/console", http.StatusSeeOther)
 }
 
-func (c *Console) allowLogin(addr string) bool {
+func (c *Console) allowLogin(addr netip.Prefix) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	f := c.failures[addr]
@@ -342,22 +342,21 @@ func (c *Console) allowLogin(addr string) bool {
 	return len(f) < maxLoginFails
 }
 
-func (c *Console) loginFailed(addr string) {
+func (c *Console) loginFailed(addr netip.Prefix) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if len(c.failures) >= maxLoginAddrs {
-		clear(c.failures) // a flood of addresses: start the minute again
+	if _, known := c.failures[addr]; !known && len(c.failures) >= maxLoginAddrs {
+		// Full: forget the address whose last failure is oldest.
+		var oldest netip.Prefix
+		var at time.Time
+		for a, f := range c.failures {
+			if last := f[len(f)-1]; at.IsZero() || last.Before(at) {
+				oldest, at = a, last
+			}
+		}
+		delete(c.failures, oldest)
 	}
 	c.failures[addr] = append(c.failures[addr], time.Now())
-}
-
-// clientAddr is r's client address without its port.
-func clientAddr(r *http.Request) string {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		return r.RemoteAddr
-	}
-	return host
 }
 
 func (c *Console) logout(w http.ResponseWriter, r *http.Request) {
@@ -365,8 +364,15 @@ func (c *Console) logout(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	http.SetCookie(w, &http.Cookie{Name: cookieName, Value: "", Path: "/console", HttpOnly: true,
-		Secure: r.TLS != nil, SameSite: http.SameSiteStrictMode, MaxAge: -1})
+		Secure: overTLS(r), SameSite: http.SameSiteStrictMode, MaxAge: -1})
 	http.Redirect(w, r, "/console", http.StatusSeeOther)
+}
+
+// overTLS reports whether the browser reached the console over TLS: walhook's
+// own, or a proxy's that says so (X-Forwarded-Proto). Only the cookie's
+// Secure flag depends on it.
+func overTLS(r *http.Request) bool {
+	return r.TLS != nil || strings.EqualFold(r.Header.Get("X-Forwarded-Proto"), "https")
 }
 
 // apiError is the API's refusal of a console call.

@@ -277,6 +277,24 @@ func TestConsoleRefusesWhatDidNotComeFromIt(t *testing.T) {
 		}
 	}
 
+	// Nor does a web page's form posted to the open API change anything.
+	for h, v := range map[string]string{"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"} {
+		req, _ := http.NewRequest("POST", openBase+"/v1/dead-letters/1/replay", strings.NewReader("x=1"))
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		req.Header.Set(h, v)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusForbidden {
+			t.Errorf("open API, a form with %s: %s: %d, want 403", h, v, resp.StatusCode)
+		}
+	}
+	if status, _ := (client{t: t, base: openBase}).do("POST", "/v1/dead-letters/1/replay", nil); status != http.StatusNotFound {
+		t.Errorf("open API, a replay from curl: %d, want 404 (no such dead letter)", status)
+	}
+
 	off := newEnv(t, "admin_token: "+adminToken+"\nconsole: false\n")
 	off.setup()
 	resp, err = http.Get(off.addr(off.start()) + "/console")

@@ -190,6 +190,7 @@ func (l *AttemptLog) drain(batch []*outbox.Attempt) {
 		l.write(ctx, batch)
 		batch = batch[:0]
 		if ctx.Err() != nil {
+			l.dropped.Add(float64(len(l.queue))) // out of time: what is left is counted, not written
 			return
 		}
 	}
@@ -385,6 +386,9 @@ func (s *Store) ListAttempts(ctx context.Context, f AttemptFilter, limit int) ([
 	rows, err := s.pool.Query(ctx, `SELECT id, at, subscription, webhook_id, attempt, event_count, event_ids,
 		outcome, status, class, reason, duration_ms FROM walhook.attempts
 		WHERE `+strings.Join(cond, " AND ")+` ORDER BY id DESC LIMIT $`+strconv.Itoa(len(args)), args...)
+	if pgErr, ok := errors.AsType[*pgconn.PgError](err); ok && pgErr.Code == "42P01" {
+		return nil, 0, nil // set up by an older walhook: no attempt log yet
+	}
 	if err != nil {
 		return nil, 0, fmt.Errorf("list attempts: %w", err)
 	}

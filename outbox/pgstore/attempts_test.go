@@ -138,3 +138,33 @@ func TestAttemptLogPrunes(t *testing.T) {
 		t.Fatalf("%d summaries left, want s's", got)
 	}
 }
+
+// TestAttemptLogCountsWhatShutdownLeaves: a shutdown while the database
+// cannot take the queue writes for a while, then counts what is left:
+// written + dropped = recorded, still.
+func TestAttemptLogCountsWhatShutdownLeaves(t *testing.T) {
+	t.Parallel()
+	db := newAttemptDB(t)
+	tx, err := db.Pool.Begin(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(context.Background())
+	if _, err := tx.Exec(context.Background(), `LOCK TABLE walhook.attempts IN ACCESS EXCLUSIVE MODE`); err != nil {
+		t.Fatal(err)
+	}
+	l := NewAttemptLog(db.Pool, AttemptLogConfig{Mode: AttemptLogAll, Logger: zerolog.Nop()})
+	const n = 3000
+	for i := range n {
+		l.Record(attempt(i, false))
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // Run drains at once, into the locked table
+	if err := l.Run(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tx.Rollback(context.Background())
+	if written, dropped := count(t, db, `SELECT count(*) FROM walhook.attempts`), int(testutil.ToFloat64(l.dropped)); written+dropped != n {
+		t.Fatalf("written %d + dropped %d != recorded %d", written, dropped, n)
+	}
+}

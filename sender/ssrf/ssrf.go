@@ -18,7 +18,7 @@ import (
 )
 
 // ErrForbidden is wrapped by every refusal.
-var ErrForbidden = errors.New("ssrf: target not allowed")
+var ErrForbidden = errors.New("target not allowed") // unprefixed: API users read it in target_url errors
 
 // Error is a refusal: "target not allowed: " and why. It wraps ErrForbidden.
 type Error struct {
