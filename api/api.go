@@ -69,10 +69,14 @@ type API struct {
 	authDown     atomic.Bool // auth_url failing: logged once until it answers again
 }
 
+// RotationOverlapDefault is how long a rotated-out secret keeps signing
+// (rotation_overlap) unless configured.
+const RotationOverlapDefault = 24 * time.Hour
+
 // New returns the API.
 func New(cfg Config) *API {
 	if cfg.RotationOverlap == 0 {
-		cfg.RotationOverlap = 24 * time.Hour
+		cfg.RotationOverlap = RotationOverlapDefault
 	}
 	if cfg.AuthTimeout == 0 {
 		cfg.AuthTimeout = 5 * time.Second

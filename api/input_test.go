@@ -44,7 +44,7 @@ func FuzzDecodeRequest(f *testing.F) {
 		if req.Event != "" && outbox.CheckPattern(req.Event) == nil && !outbox.MatchPattern(req.Event, req.Event) && !strings.HasSuffix(req.Event, "*") {
 			t.Fatalf("pattern %q does not match itself", req.Event)
 		}
-		req.Options.Resolve("", outbox.DefaultDeliveryOptions)
+		req.Options.Resolve("", outbox.DefaultDeliveryOptions())
 	})
 }
 

@@ -43,13 +43,20 @@ type Config struct {
 	SlotFailover string
 }
 
+// Defaults of Config, in one place (config reads them too).
+const (
+	SlotDefault         = "walhook"
+	PublicationDefault  = "walhook"
+	StallTimeoutDefault = 30 * time.Second
+)
+
 // WithDefaults fills zero fields.
 func (c Config) WithDefaults() Config {
 	if c.Slot == "" {
-		c.Slot = "walhook"
+		c.Slot = SlotDefault
 	}
 	if c.Publication == "" {
-		c.Publication = "walhook"
+		c.Publication = PublicationDefault
 	}
 	if c.Table == (Table{}) {
 		c.Table = DefaultTable
@@ -64,7 +71,7 @@ func (c Config) WithDefaults() Config {
 		c.StatusMaxAge = 10 * time.Second
 	}
 	if c.StallTimeout == 0 {
-		c.StallTimeout = 30 * time.Second
+		c.StallTimeout = StallTimeoutDefault
 	}
 	if c.SlotFailover == "" {
 		c.SlotFailover = FailoverAuto

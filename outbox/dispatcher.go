@@ -189,7 +189,7 @@ func NewDispatcher(cfg DispatcherConfig) *Dispatcher {
 		cfg.QueueSize = 1024
 	}
 	if cfg.Defaults.Timeout == 0 { // unset
-		cfg.Defaults = DefaultDeliveryOptions
+		cfg.Defaults = DefaultDeliveryOptions()
 	}
 	if cfg.Metrics == nil {
 		cfg.Metrics = NewMetrics(prometheus.NewRegistry(), cfg.Acker)

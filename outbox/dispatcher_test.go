@@ -147,7 +147,7 @@ func (m *memStore) DeadLetter(_ context.Context, d DeadLetter) error {
 }
 
 func sub(id string, events ...string) *Subscription {
-	return &Subscription{ID: id, Events: events, Delivery: DefaultDeliveryOptions, Static: true}
+	return &Subscription{ID: id, Events: events, Delivery: DefaultDeliveryOptions(), Static: true}
 }
 
 func ev(id, typ string) Event { return Event{ID: id, Type: typ, Payload: json.RawMessage(`{}`)} }

@@ -54,7 +54,7 @@ func TestCheckHeadersRefusesReservedAndBrokenOnes(t *testing.T) {
 
 func TestHeadersAreMaskedAndMaskKeepsTheValue(t *testing.T) {
 	o := Options{Headers: map[string]string{"X-Api-Key": "k1", "X-Other": "o1"}}
-	d, err := o.Resolve("", DefaultDeliveryOptions)
+	d, err := o.Resolve("", DefaultDeliveryOptions())
 	if err != nil {
 		t.Fatal(err)
 	}

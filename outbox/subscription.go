@@ -93,23 +93,26 @@ type DeliveryOptions struct {
 	MaxTimeout time.Duration
 }
 
-// DefaultDeliveryOptions are used where config sets nothing.
-var DefaultDeliveryOptions = DeliveryOptions{
-	Timeout:          10 * time.Second,
-	RetryInitial:     time.Second,
-	RetryMaxInterval: 5 * time.Minute,
-	MaxWait:          60 * time.Second,
-	BatchMax:         1,
-	BatchWait:        50 * time.Millisecond,
-	BatchBytes:       1 << 20,
-	Payload:          PayloadFull,
-	MaxPayloadBytes:  256 << 10,
-	MaxInFlight:      16,
-	ParkAfter:        30 * time.Second,
-	RetryFor:         72 * time.Hour,
-	DisableAfter:     24 * time.Hour,
-	Signature:        Schemes{SchemeV1},
-	MaxTimeout:       60 * time.Second,
+// DefaultDeliveryOptions are used where config sets nothing: a fresh copy
+// each call (its slices are the caller's to change).
+func DefaultDeliveryOptions() DeliveryOptions {
+	return DeliveryOptions{
+		Timeout:          10 * time.Second,
+		RetryInitial:     time.Second,
+		RetryMaxInterval: 5 * time.Minute,
+		MaxWait:          60 * time.Second,
+		BatchMax:         1,
+		BatchWait:        50 * time.Millisecond,
+		BatchBytes:       1 << 20,
+		Payload:          PayloadFull,
+		MaxPayloadBytes:  256 << 10,
+		MaxInFlight:      16,
+		ParkAfter:        30 * time.Second,
+		RetryFor:         72 * time.Hour,
+		DisableAfter:     24 * time.Hour,
+		Signature:        Schemes{SchemeV1},
+		MaxTimeout:       60 * time.Second,
+	}
 }
 
 // Batched reports whether request bodies are arrays.

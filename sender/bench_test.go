@@ -24,7 +24,7 @@ func benchEvent(i int) outbox.Event {
 // BenchmarkEnvelope encodes one envelope into a reused buffer.
 func BenchmarkEnvelope(b *testing.B) {
 	e := benchEvent(1)
-	opts := outbox.DefaultDeliveryOptions
+	opts := outbox.DefaultDeliveryOptions()
 	buf := make([]byte, 0, 1024)
 	b.ReportAllocs()
 	for b.Loop() {
@@ -35,7 +35,7 @@ func BenchmarkEnvelope(b *testing.B) {
 
 // BenchmarkBatchBodyAndSign builds and signs the body of a batch of 1,000, per event.
 func BenchmarkBatchBodyAndSign(b *testing.B) {
-	sub := &outbox.Subscription{ID: "crm", Delivery: outbox.DefaultDeliveryOptions}
+	sub := &outbox.Subscription{ID: "crm", Delivery: outbox.DefaultDeliveryOptions()}
 	sub.Delivery.BatchMax = 1000
 	events := make([]outbox.Event, 1000)
 	for i := range events {
@@ -60,7 +60,7 @@ func BenchmarkDeliverBatch(b *testing.B) {
 	}))
 	defer srv.Close()
 	sub := &outbox.Subscription{ID: "crm", TargetURL: srv.URL, Secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-		Delivery: outbox.DefaultDeliveryOptions, Static: true}
+		Delivery: outbox.DefaultDeliveryOptions(), Static: true}
 	sub.Delivery.BatchMax = 1000
 	events := make([]outbox.Event, 1000)
 	for i := range events {
@@ -87,7 +87,7 @@ func BenchmarkDeliverOne(b *testing.B) {
 	}))
 	defer srv.Close()
 	sub := &outbox.Subscription{ID: "crm", TargetURL: srv.URL, Secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-		Delivery: outbox.DefaultDeliveryOptions, Static: true}
+		Delivery: outbox.DefaultDeliveryOptions(), Static: true}
 	batch := outbox.NewBatch(sub, benchEvent(1))
 	for _, kind := range []string{TransportLean, TransportStdlib} {
 		b.Run(kind, func(b *testing.B) {

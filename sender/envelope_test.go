@@ -42,7 +42,7 @@ func TestBodies(t *testing.T) {
 			Payload: json.RawMessage(payload), CommitTime: commit, Seq: 0x1D5F0C0<<16 | 3, Coalesced: 1}
 	}
 	sub := func(mod func(*outbox.DeliveryOptions)) *outbox.Subscription {
-		s := &outbox.Subscription{ID: "crm", Delivery: outbox.DefaultDeliveryOptions}
+		s := &outbox.Subscription{ID: "crm", Delivery: outbox.DefaultDeliveryOptions()}
 		mod(&s.Delivery)
 		return s
 	}

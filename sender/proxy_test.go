@@ -68,7 +68,7 @@ func byName(raw string) string {
 
 func dynamicBatch(target string, big bool) *outbox.Batch {
 	sub := &outbox.Subscription{ID: "dyn", Events: []string{"*"}, TargetURL: target,
-		Secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", Delivery: outbox.DefaultDeliveryOptions}
+		Secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", Delivery: outbox.DefaultDeliveryOptions()}
 	sub.Delivery.Timeout = 10 * time.Second
 	ev := outbox.Event{ID: "1", Type: "contact.updated", Payload: []byte(`{}`)}
 	if big {

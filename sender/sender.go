@@ -216,7 +216,7 @@ func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	// overlap the previous secret's keys sign too, all space-separated.
 	schemes := sub.Delivery.Signature
 	if len(schemes) == 0 {
-		schemes = outbox.DefaultDeliveryOptions.Signature
+		schemes = outbox.DefaultDeliveryOptions().Signature
 	}
 	var sigs []string
 	for _, secret := range sub.Secrets(now) {
@@ -374,7 +374,7 @@ func excerpt(body []byte) string {
 // target: a POST carrying a random X-Hook-Secret, which the target must echo in
 // a 2xx answer.
 func (s *Sender) VerifyIntent(ctx context.Context, target string, timeout time.Duration) error {
-	return s.VerifyTarget(ctx, &outbox.Subscription{TargetURL: target, Delivery: outbox.DefaultDeliveryOptions}, timeout)
+	return s.VerifyTarget(ctx, &outbox.Subscription{TargetURL: target, Delivery: outbox.DefaultDeliveryOptions()}, timeout)
 }
 
 // VerifyTarget is VerifyIntent for a dynamic subscription about to be

@@ -30,7 +30,7 @@ const secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 func testSub(url string) *outbox.Subscription {
 	return &outbox.Subscription{ID: "crm", Events: []string{"*"}, TargetURL: url, Secret: secret,
-		Delivery: outbox.DefaultDeliveryOptions, Static: true}
+		Delivery: outbox.DefaultDeliveryOptions(), Static: true}
 }
 
 func testEvent() outbox.Event {

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/walhook/walhook/api"
 	"github.com/walhook/walhook/cdc"
 	"github.com/walhook/walhook/outbox"
 	"github.com/walhook/walhook/outbox/pgstore"
@@ -160,10 +161,10 @@ func (c *Config) withDefaults() {
 		c.Listen = "127.0.0.1:8080"
 	}
 	if c.Slot == "" {
-		c.Slot = "walhook"
+		c.Slot = cdc.SlotDefault
 	}
 	if c.Publication == "" {
-		c.Publication = "walhook"
+		c.Publication = cdc.PublicationDefault
 	}
 	if c.SlotFailover == "" {
 		c.SlotFailover = cdc.FailoverAuto
@@ -219,7 +220,7 @@ func (c *Config) Validate(withSubscriptions bool) error {
 	default:
 		bad("log_level: %q must be debug, info, warn or error", c.LogLevel)
 	}
-	base := outbox.DefaultDeliveryOptions
+	base := outbox.DefaultDeliveryOptions()
 	if c.MaxTimeout.Set {
 		v, err := time.ParseDuration(c.MaxTimeout.Raw)
 		if err != nil || v <= 0 {
@@ -262,7 +263,7 @@ func (c *Config) Validate(withSubscriptions bool) error {
 	}
 	overlap := c.RotationOverlap
 	if !overlap.Set {
-		overlap = outbox.Dur(24 * time.Hour)
+		overlap = outbox.Dur(api.RotationOverlapDefault)
 	}
 	if c.overlap, err = time.ParseDuration(overlap.Raw); err != nil || c.overlap < 0 {
 		bad("rotation_overlap: %q is not a duration (like 24h)", overlap.Raw)
@@ -275,7 +276,7 @@ func (c *Config) Validate(withSubscriptions bool) error {
 		positive bool          // 0 is refused (a timeout of 0 would be none)
 		most     time.Duration // 0: no ceiling
 	}{
-		{key: "stall_timeout", v: c.StallTimeout, dst: &c.stall, def: 30 * time.Second},
+		{key: "stall_timeout", v: c.StallTimeout, dst: &c.stall, def: cdc.StallTimeoutDefault},
 		{key: "ready_max_lag", v: c.ReadyMaxLag, dst: &c.readyMaxLag},
 		{key: "shutdown_timeout", v: c.ShutdownTimeout, dst: &c.shutdown, def: 15 * time.Second},
 		{key: "outbox_retention", v: c.OutboxRetention, dst: &c.retention, def: 24 * time.Hour},
