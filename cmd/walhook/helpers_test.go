@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/walhook/walhook/internal/testwait"
+
 	"github.com/jackc/pglogrepl"
 	"github.com/walhook/walhook/internal/pgtest"
 	"github.com/walhook/walhook/sender/sendertest"
@@ -113,22 +115,7 @@ type runner struct {
 
 func (r *runner) exited() bool { return len(r.done) > 0 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+type syncBuffer = testwait.Buffer
 
 func (e *env) exec(sql string, args ...any) {
 	e.t.Helper()
@@ -174,15 +161,7 @@ func (e *env) waitCaughtUp() {
 // eventually polls cond until it holds or fails the test after timeout.
 func (e *env) eventually(timeout time.Duration, what string, cond func() bool) {
 	e.t.Helper()
-	deadline := time.Now().Add(timeout)
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		if time.Now().After(deadline) {
-			e.t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		<-tick.C
-	}
+	testwait.For(e.t, timeout, what, cond)
 }
 
 // envelope is the delivered body.

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/walhook/walhook/internal/testwait"
+
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/rs/zerolog"
 	"github.com/walhook/walhook/internal/pgtest"
@@ -40,13 +42,7 @@ func count(t *testing.T, db *pgtest.DB, query string) int {
 
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond) // polling a condition, with a deadline
-	}
+	testwait.For(t, 20*time.Second, what, cond)
 }
 
 func attempt(i int, failed bool) *outbox.Attempt {
