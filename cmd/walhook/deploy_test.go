@@ -15,6 +15,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/walhook/walhook/cdc"
 	"github.com/walhook/walhook/outbox"
+	"github.com/walhook/walhook/outbox/pgstore"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -28,7 +29,7 @@ func metricNames(t *testing.T) map[string]bool {
 		Acker: acker, Metrics: m, Logger: zerolog.Nop()})
 	_ = d
 	stream := cdc.NewStream(cdc.Config{Registerer: reg}, acker, zerolog.Nop())
-	newProber(reg, nil, m, acker, stream, zerolog.Nop())
+	pgstore.NewProber(reg, nil, m, acker, streamHold{stream}, zerolog.Nop())
 	names := map[string]bool{}
 	families, err := reg.Gather()
 	if err != nil {

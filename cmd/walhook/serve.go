@@ -57,9 +57,9 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	cdcCfg.Registerer = reg
 	stream := cdc.NewStream(cdcCfg, acker, log)
 	store := pgstore.New(pool, cfg.Slot)
-	prober := newProber(reg, store, metrics, acker, stream, log.With().Str("component", "probe").Logger())
+	prober := pgstore.NewProber(reg, store, metrics, acker, streamHold{stream}, log.With().Str("component", "probe").Logger())
 	if cfg.table == cdc.DefaultTable {
-		prober.retention = cfg.retention // other tables are the application's to prune
+		prober.Retention = cfg.retention // other tables are the application's to prune
 	}
 	attemptLog := newAttemptLog(ctx, pool, cfg, reg, log)
 	var attempts outbox.AttemptLog // nil unless there is one (not a nil *AttemptLog)
@@ -99,7 +99,7 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	}
 	if cfg.Console == nil || *cfg.Console {
 		lag := console.NewRing(time.Hour)
-		prober.onSample = func(slot pgstore.SlotStats, lagSeconds float64) {
+		prober.OnSample = func(slot pgstore.SlotStats, lagSeconds float64) {
 			lag.Add(console.Sample{At: time.Now(), LagBytes: slot.LagBytes, LagSeconds: lagSeconds})
 		}
 		console.New(console.Config{API: mux, AdminToken: cfg.AdminToken, Slot: cfg.Slot, Source: store, Lag: lag,
@@ -167,6 +167,11 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	log.Info().Msg("walhook stopped")
 	return err
 }
+
+// streamHold is the stream as the prober sees it.
+type streamHold struct{ *cdc.Stream }
+
+func (s streamHold) Holds() bool { h := s.Health(); return h == cdc.Streaming || h == cdc.Stalled }
 
 // newAttemptLog returns the attempt log attempt_log asks for, or nil for
 // none (off, or a database set up before it existed: say so, and go on).
