@@ -14,4 +14,11 @@
 //     from inserts into walhook.control, which only walhook's role may write;
 //     logical messages with control prefixes are forged: ignored and counted.
 //   - Decoding is pure (decodeRow, decodeMessage, decodeControl) and fuzzed.
+//   - A missing or invalidated slot ends Run with an error that matches
+//     ErrSlotMissing; nothing here creates a slot that would stream from "now"
+//     where one was lost. After a failover the next session simply finds the
+//     slot (a failover slot's synchronised copy, PostgreSQL 17+) or not.
+//   - What differs between server versions is asked, not assumed: the
+//     version (14+, pgoutput protocol 1) and the pg_replication_slots columns
+//     it has (read through to_jsonb).
 package cdc

@@ -37,7 +37,8 @@ func TestExamplesEndToEnd(t *testing.T) {
 			t.Fatalf("build %s: %v\n%s", pkg, err, out)
 		}
 	}
-	walhookAddr, appAddr, recvAddr := freeAddr(t), freeAddr(t), freeAddr(t)
+	addrs := freeAddrs(t, 3)
+	walhookAddr, appAddr, recvAddr := addrs[0], addrs[1], addrs[2]
 	cfg := filepath.Join(t.TempDir(), "walhook.yaml")
 	os.WriteFile(cfg, fmt.Appendf(nil, `database_url: %s
 listen: %s
@@ -229,13 +230,19 @@ type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
-func freeAddr(t *testing.T) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+// freeAddrs returns n distinct free addresses: every listener stays open
+// until all are chosen (one closed a moment ago may be handed out again).
+func freeAddrs(t *testing.T, n int) []string {
+	var addrs []string
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		addrs = append(addrs, l.Addr().String())
 	}
-	defer l.Close()
-	return l.Addr().String()
+	return addrs
 }
 
 func waitUp(t *testing.T, url string) {

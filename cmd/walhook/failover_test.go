@@ -67,11 +67,15 @@ func (f *failover) produce() {
 	f.stop, f.done = make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(f.done)
+		// At most 250 commits a second: enough traffic through the failover,
+		// without starving the tests that run beside this one.
+		pace := time.NewTicker(4 * time.Millisecond)
+		defer pace.Stop()
 		for i := 0; ; i++ {
 			select {
 			case <-f.stop:
 				return
-			default:
+			case <-pace.C:
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			var id int64
@@ -239,10 +243,10 @@ func TestFailoverContinuesOnTheSyncedSlot(t *testing.T) {
 		t.Skip("starts two servers")
 	}
 	t.Parallel()
-	f := newFailover(t)
-	if f.version < cdc.FailoverSlotVersion {
-		t.Skipf("PostgreSQL %d has no failover slots (TestFailoverWithoutSyncedSlot covers it)", f.version/10000)
+	if v := pgtest.ServerVersion(t); v < cdc.FailoverSlotVersion {
+		t.Skipf("PostgreSQL %d has no failover slots (TestFailoverWithoutSyncedSlot covers it)", v/10000)
 	}
+	f := newFailover(t)
 	f.e.setup()
 	r := f.e.start()
 	f.produce()

@@ -112,6 +112,9 @@ func TestInvalidatedSlotIsNeverSilent(t *testing.T) {
 	if code != exitFail || !strings.Contains(stderr, "was invalidated by the server") || !strings.Contains(stderr, "walhook recover") {
 		t.Fatalf("run on an invalidated slot: exit %d: %s", code, stderr)
 	}
+	if code, _, stderr := e.walhook("setup"); code != exitFail || !strings.Contains(stderr, "was invalidated by the server") {
+		t.Errorf("setup on an invalidated slot: exit %d: %s", code, stderr)
+	}
 	if _, text, _ := e.walhook("status"); !strings.Contains(text, "INVALIDATED") || !strings.Contains(text, "wal_removed") {
 		t.Errorf("status on an invalidated slot:\n%s", text)
 	}

@@ -64,23 +64,30 @@ func setup(ctx context.Context, cfg *Config, dryRun bool, out io.Writer) error {
 }
 
 // refuseLostSlot stops setup from quietly creating a new slot where one was
-// lost: the events between the loss and now would be skipped.
+// lost (or from calling an invalidated one set up): the events between the
+// loss and now would be skipped.
 func refuseLostSlot(ctx context.Context, conn *pgx.Conn, cfg *Config) error {
 	var lost bool
-	var high, at string
+	var high, at, invalid string
 	err := conn.QueryRow(ctx, `SELECT to_regclass('walhook.state') IS NOT NULL`).Scan(&lost)
 	if err != nil || !lost {
 		return err
 	}
-	err = conn.QueryRow(ctx, `SELECT high_water_id::text, updated_at::text FROM walhook.state s WHERE slot = $1
-		AND NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = s.slot)`, cfg.Slot).Scan(&high, &at)
-	if errors.Is(err, pgx.ErrNoRows) {
+	// invalid: "-" when the slot is missing, "" while it is usable.
+	err = conn.QueryRow(ctx, `SELECT st.high_water_id::text, st.updated_at::text,
+		coalesce((SELECT `+cdc.InvalidationSQL()+` FROM pg_replication_slots s WHERE s.slot_name = st.slot), '-')
+		FROM walhook.state st WHERE st.slot = $1`, cfg.Slot).Scan(&high, &at, &invalid)
+	if errors.Is(err, pgx.ErrNoRows) || err == nil && invalid == "" {
 		return nil
 	}
 	if err != nil {
 		return err
 	}
-	return fmt.Errorf("slot: %w", &cdc.SlotMissingError{Slot: cfg.Slot, HighWater: high, At: at})
+	e := &cdc.SlotMissingError{Slot: cfg.Slot, HighWater: high, At: at}
+	if invalid != "-" {
+		e.Invalidated = invalid
+	}
+	return fmt.Errorf("slot: %w", e)
 }
 
 // refuseLiveUpgrade stops setup from moving control changes to walhook.control

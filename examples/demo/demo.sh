@@ -16,7 +16,11 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 db=$WALHOOK_TEST_DATABASE_URL
-psql=("$PG_BINDIR/psql" -X -q -v ON_ERROR_STOP=1 "$db")
+# The server packages from npm (make test-pg) ship no psql; Debian's speaks to every version.
+psql_bin=$PG_BINDIR/psql
+[ -x "$psql_bin" ] || psql_bin=$(ls /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -1)
+[ -x "$psql_bin" ] || psql_bin=$(command -v psql)
+psql=("$psql_bin" -X -q -v ON_ERROR_STOP=1 "$db")
 secret="whsec_$(head -c 32 /dev/urandom | base64)"
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo $((20000 + RANDOM % 20000)); }
 rport=$(port); wport=$(port)
@@ -81,7 +85,7 @@ if [[ "${DEMO_ONCE:-}" != "" ]]; then
   echo "demo: ok"
   exit 0
 fi
-echo "demo: walhook is still running; try:  $PG_BINDIR/psql '$db' -c \"INSERT INTO walhook.outbox (event, resource_id, payload) VALUES ('contact.updated', 'c1', '{}')\""
+echo "demo: walhook is still running; try:  $psql_bin '$db' -c \"INSERT INTO walhook.outbox (event, resource_id, payload) VALUES ('contact.updated', 'c1', '{}')\""
 echo "demo: the operator console: http://127.0.0.1:$wport/console"
 echo "demo: Ctrl-C to stop and clean up"
 tail -n 0 -f "$work/received.jsonl" &  # only what arrives from now: the first hooks are printed above

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -60,6 +61,32 @@ func baseURL() (string, error) {
 		return "", ownErr
 	}
 	return own.URL, nil
+}
+
+// ServerVersion is the shared cluster's server_version_num (170010 for 17.10):
+// tests of what only some versions have ask it before they start servers.
+func ServerVersion(t testing.TB) int {
+	t.Helper()
+	base, err := baseURL()
+	if err != nil {
+		t.Fatalf("pgtest: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, base)
+	if err != nil {
+		t.Fatalf("pgtest: connect: %v", err)
+	}
+	defer conn.Close(ctx)
+	var v string
+	if err := conn.QueryRow(ctx, `SHOW server_version_num`).Scan(&v); err != nil {
+		t.Fatalf("pgtest: server_version_num: %v", err)
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		t.Fatalf("pgtest: server_version_num %q: %v", v, err)
+	}
+	return n
 }
 
 // DB is one test's database.
