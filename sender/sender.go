@@ -195,7 +195,8 @@ func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	if len(schemes) == 0 {
 		schemes = outbox.DefaultDeliveryOptions.Signature
 	}
-	var sigs []string
+	var buf [4]string // two schemes, two secrets during a rotation
+	sigs := buf[:0]
 	for _, secret := range sub.Secrets(now) {
 		var err error
 		if sigs, err = signatures(sigs, secret, schemes, b.WebhookID, ts, body); err != nil {
