@@ -292,6 +292,14 @@ func (a *API) apply(ctx context.Context, c caller, row *outbox.SubscriptionRow, 
 	if err != nil {
 		return fail(http.StatusBadRequest, "%v", err)
 	}
+	for name, v := range opts.Headers {
+		if v == outbox.Masked { // not a stored one given back (Merge kept those)
+			return fail(http.StatusBadRequest, "headers.%s: %s is how answers mask a value: give the value", name, outbox.Masked)
+		}
+	}
+	if strings.Contains(opts.ProxyURL, ":"+outbox.Masked+"@") && req.ProxyURL != nil && *req.ProxyURL == opts.ProxyURL {
+		return fail(http.StatusBadRequest, "proxy_url: %s is how answers mask a password: give the password", outbox.Masked)
+	}
 	if strings.HasPrefix(opts.ProxyURL, "socks5:") {
 		return fail(http.StatusBadRequest, "proxy_url: socks5:// would be handed the target's name, not the checked address: use http:// or https://")
 	}

@@ -44,7 +44,8 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		return err
 	}
 
-	snd := sender.New(cfg.guard, sender.WithMaxInFlightPerHost(cfg.defaults.MaxInFlightPerHost))
+	snd := sender.New(cfg.guard, sender.WithMaxInFlightPerHost(cfg.defaults.MaxInFlightPerHost),
+		sender.WithLogger(log.With().Str("component", "sender").Logger()))
 	defer snd.Close()
 	reg := prometheus.NewRegistry()
 	acker := outbox.NewAcker(0)
