@@ -439,8 +439,8 @@ func (a *API) patch(_ http.ResponseWriter, r *http.Request, c caller) (int, any,
 	}
 	// A changed signature changes the secret: a fresh key for a scheme
 	// added (shown in this answer only), none for a scheme dropped.
-	var added bool
-	row.Secret, added = sender.FitSecret(row.Secret, a.schemes(row))
+	fitted, added := sender.FitSecret(row.Secret, a.schemes(row))
+	row.Secret, row.SecretChanged = fitted, fitted != row.Secret
 	if err := a.cfg.Store.UpdateSubscription(r.Context(), row); err != nil {
 		return 0, nil, notFound(err, row.ID)
 	}
