@@ -300,6 +300,14 @@ func (a *API) apply(ctx context.Context, c caller, row *outbox.SubscriptionRow, 
 	if err != nil {
 		return fail(http.StatusBadRequest, "%v", err)
 	}
+	for name, v := range opts.Headers {
+		if v == outbox.Masked { // not a stored one given back (Merge kept those)
+			return fail(http.StatusBadRequest, "headers.%s: %s is how answers mask a value: give the value", name, outbox.Masked)
+		}
+	}
+	if strings.Contains(opts.ProxyURL, ":"+outbox.Masked+"@") && req.ProxyURL != nil && *req.ProxyURL == opts.ProxyURL {
+		return fail(http.StatusBadRequest, "proxy_url: %s is how answers mask a password: give the password", outbox.Masked)
+	}
 	if strings.HasPrefix(opts.ProxyURL, "socks5:") {
 		return fail(http.StatusBadRequest, "proxy_url: socks5:// would be handed the target's name, not the checked address: use http:// or https://")
 	}
@@ -439,8 +447,8 @@ func (a *API) patch(_ http.ResponseWriter, r *http.Request, c caller) (int, any,
 	}
 	// A changed signature changes the secret: a fresh key for a scheme
 	// added (shown in this answer only), none for a scheme dropped.
-	var added bool
-	row.Secret, added = sender.FitSecret(row.Secret, a.schemes(row))
+	fitted, added := sender.FitSecret(row.Secret, a.schemes(row))
+	row.Secret, row.SecretChanged = fitted, fitted != row.Secret
 	if err := a.cfg.Store.UpdateSubscription(r.Context(), row); err != nil {
 		return 0, nil, notFound(err, row.ID)
 	}

@@ -216,6 +216,11 @@ type SubscriptionRow struct {
 	DisabledAt          *time.Time `json:"disabled_at"`
 	CreatedAt           time.Time  `json:"created_at"`
 	UpdatedAt           time.Time  `json:"updated_at"`
+
+	// SecretChanged makes an update write Secret (a changed signature);
+	// otherwise it leaves the stored secret alone, so that a concurrent
+	// rotate-secret is not undone.
+	SecretChanged bool `json:"-"`
 }
 
 // Subscription resolves the row's options over defaults.

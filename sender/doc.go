@@ -1,7 +1,8 @@
 // Package sender turns outbox batches into signed HTTP requests.
 //
 // Invariants:
-//   - One shared, hardened http.Client: redirects are never followed, each attempt
+//   - Shared, hardened transports (one set per proxy_url and tls settings,
+//     route.go; TLS 1.2 at least): redirects are never followed, each attempt
 //     has a deadline covering the whole exchange, response headers over 64 KiB
 //     fail it, and at most 64 KiB of a body is read (a longer one's connection
 //     is closed, not drained).

@@ -33,7 +33,7 @@ type route struct {
 	t       *transport
 	stamps  [3]fileStamp // cert, key, ca as last read
 	checked time.Time
-	err     error // why the files could not be read, while there is no t
+	err     error // why the files could not be read at the last check; nil when they could
 }
 
 type routeKey struct {
@@ -94,7 +94,7 @@ func (r *route) transport(s *Sender) (*transport, error) {
 	if r.t != nil && (r.key.tls.IsZero() || now.Sub(r.checked) < tlsCheckEvery) {
 		return r.t, nil
 	}
-	if r.t == nil && r.err != nil && now.Sub(r.checked) < tlsCheckEvery {
+	if r.t == nil && r.err != nil && now.Sub(r.checked) < tlsCheckEvery { // no good files yet
 		return nil, r.err
 	}
 	r.checked = now
@@ -105,17 +105,24 @@ func (r *route) transport(s *Sender) (*transport, error) {
 	}
 	cfg, err := LoadTLS(o)
 	if err != nil {
+		if r.err == nil || r.err.Error() != err.Error() { // once per distinct failure
+			s.log.Error().Err(err).Bool("keeping_last_good", r.t != nil).Msg("tls files cannot be read")
+		}
+		r.err = err
 		if r.t != nil {
 			return r.t, nil // keep the last good files; tried again at the next check
 		}
-		r.err = err
 		return nil, err
 	}
 	old := r.t
-	r.t, r.stamps, r.err = s.newTransports(r.key.static, r.key.proxy, cfg), stamps, nil
+	r.t, r.stamps = s.newTransports(r.key.static, r.key.proxy, cfg), stamps
 	if old != nil {
 		old.CloseIdleConnections() // in-flight requests finish on their connections
+		s.log.Info().Str("client_cert_file", o.ClientCertFile).Str("ca_file", o.CAFile).Msg("tls files read again")
+	} else if r.err != nil {
+		s.log.Info().Str("client_cert_file", o.ClientCertFile).Str("ca_file", o.CAFile).Msg("tls files readable again")
 	}
+	r.err = nil
 	return r.t, nil
 }
 

@@ -11,10 +11,12 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/walhook/walhook/outbox"
 	"github.com/walhook/walhook/sender"
 	"github.com/walhook/walhook/sender/sendertest"
@@ -33,7 +35,8 @@ func TestMTLSClientCertificateIsSentAndReloaded(t *testing.T) {
 	sendertest.WritePEM(t, clientCA.Issue(t, "client-1"), certFile, keyFile)
 	serverCA.WriteCA(t, caFile)
 
-	s := sender.New(&ssrf.Guard{})
+	var logs syncLog
+	s := sender.New(&ssrf.Guard{}, sender.WithLogger(zerolog.New(&logs)))
 	t.Cleanup(s.Close)
 	sub := testSub(srv.HooksURL())
 	if err := send(s, sub); err == nil {
@@ -64,11 +67,40 @@ func TestMTLSClientCertificateIsSentAndReloaded(t *testing.T) {
 	if err := os.WriteFile(keyFile, []byte("not a key"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	for range 3 {
+	deadline = time.Now().Add(15 * time.Second)
+	for !strings.Contains(logs.String(), "tls files cannot be read") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the broken key file was never reported:\n%s", logs.String())
+		}
 		if err := send(s, sub); err != nil {
 			t.Fatalf("with a broken key file the last good one must go on: %v", err)
 		}
 	}
+	// Once for the broken file however often it is checked (a check between
+	// the two renames of the rotation may have logged a mismatch as well).
+	for range 3 {
+		send(s, sub)
+	}
+	if n := strings.Count(logs.String(), "PEM data in key input"); n != 1 || !strings.Contains(logs.String(), "tls files read again") {
+		t.Errorf("logged %d times (want once), and the reload must be logged:\n%s", n, logs.String())
+	}
+}
+
+type syncLog struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *syncLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *syncLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func TestTLSServerNameAndMinimumVersion(t *testing.T) {

@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/walhook/walhook/outbox"
 	"github.com/walhook/walhook/sender/ssrf"
 )
@@ -52,6 +53,8 @@ type Sender struct {
 
 	mu     sync.Mutex
 	routes map[routeKey]*route // subscriptions with proxy_url or tls (route.go)
+
+	log zerolog.Logger
 
 	perHost int  // max_in_flight_per_host; 0 = none
 	stdlib  bool // http_transport: stdlib
@@ -126,6 +129,12 @@ var transportUnderTest string
 // Option configures a Sender.
 type Option func(*Sender)
 
+// WithLogger is where the Sender reports what a person must know: TLS files
+// that cannot be read, and read again (default: nowhere).
+func WithLogger(log zerolog.Logger) Option {
+	return func(s *Sender) { s.log = log }
+}
+
 // WithMaxInFlightPerHost bounds the requests in flight to one host (by
 // name, across all subscriptions and ports) to n; 0 = no bound. A request
 // waits for a slot before its attempt's timeout starts.
@@ -137,6 +146,7 @@ func newSender(guard *ssrf.Guard, proxy func(*http.Request) (*url.URL, error), o
 	s := &Sender{
 		userAgent: "walhook/" + Version,
 		now:       time.Now,
+		log:       zerolog.Nop(),
 		dialer:    &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second},
 		guard:     guard,
 		proxyEnv:  proxy,
@@ -218,7 +228,8 @@ func (s *Sender) Deliver(ctx context.Context, b *outbox.Batch) error {
 	if len(schemes) == 0 {
 		schemes = outbox.DefaultDeliveryOptions().Signature
 	}
-	var sigs []string
+	var buf [4]string // two schemes, two secrets during a rotation
+	sigs := buf[:0]
 	for _, secret := range sub.Secrets(now) {
 		var err error
 		if sigs, err = signatures(sigs, secret, schemes, b.WebhookID, ts, body); err != nil {

@@ -192,7 +192,12 @@ func SignV1a(key ed25519.PrivateKey, id string, timestamp int64, body []byte) st
 // signatures appends the signatures of secret's keys whose schemes are in
 // schemes. The error never contains a key.
 func signatures(sigs []string, secret string, schemes outbox.Schemes, id string, ts int64, body []byte) ([]string, error) {
-	for key := range strings.FieldsSeq(secret) {
+	for rest := secret; rest != ""; { // not strings.FieldsSeq: this is per request, and its closure allocates
+		var key string
+		key, rest, _ = strings.Cut(rest, " ")
+		if key == "" {
+			continue
+		}
 		switch scheme := schemeOf(key); {
 		case scheme == "":
 			return nil, errors.New(`secret: each key must start with "whsec_" or "whsk_"`)

@@ -47,7 +47,8 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	}
 
 	snd := sender.New(cfg.guard, sender.WithMaxInFlightPerHost(cfg.defaults.MaxInFlightPerHost),
-		sender.WithHTTPTransport(cmp.Or(cfg.HTTPTransport, sender.TransportLean)))
+		sender.WithHTTPTransport(cmp.Or(cfg.HTTPTransport, sender.TransportLean)),
+		sender.WithLogger(log.With().Str("component", "sender").Logger()))
 	defer snd.Close()
 	reg := prometheus.NewRegistry()
 	acker := outbox.NewAcker(0)

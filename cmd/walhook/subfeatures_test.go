@@ -187,6 +187,9 @@ func TestCustomHeadersAreSentAndKeptSecret(t *testing.T) {
 		t.Fatalf("after the patch: X-Api-Key %q, Authorization %q", last.Header.Get("X-Api-Key"), last.Header.Get("Authorization"))
 	}
 
+	if status, bad := api.do("PATCH", "/v1/subscriptions/"+id, map[string]any{"headers": map[string]string{"X-New": "********"}}); status != http.StatusBadRequest || !strings.Contains(bad["error"].(string), "headers.X-New: ******** is how answers mask") {
+		t.Errorf("a masked value for a new header: %d %v", status, bad)
+	}
 	for name, value := range map[string]string{"webhook-id": "x", "Host": "x", "Content-Type": "text/plain",
 		"Transfer-Encoding": "chunked", "Connection": "close", "X-Evil": apiKey + "\r\nX-Injected: 1"} {
 		status, bad := api.do("PATCH", "/v1/subscriptions/"+id, map[string]any{"headers": map[string]string{name: value}})

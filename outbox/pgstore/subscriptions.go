@@ -71,7 +71,8 @@ func (s *Store) ListSubscriptions(ctx context.Context, tenant *string) ([]outbox
 	return out, rows.Err()
 }
 
-// UpdateSubscription replaces a subscription's events, target, tenant, options and secret.
+// UpdateSubscription replaces a subscription's events, target, tenant and options, and its secret when
+// r.SecretChanged.
 func (s *Store) UpdateSubscription(ctx context.Context, r *outbox.SubscriptionRow) error {
 	opts, err := json.Marshal(r.Options)
 	if err != nil {
@@ -79,9 +80,9 @@ func (s *Store) UpdateSubscription(ctx context.Context, r *outbox.SubscriptionRo
 	}
 	err = s.pool.QueryRow(ctx, `
 		UPDATE walhook.subscriptions SET events = $2, target_url = $3, tenant = $4, options = $5,
-		       verify_intent = $6, secret = $7, updated_at = now()
+		       verify_intent = $6, secret = CASE WHEN $8 THEN $7 ELSE secret END, updated_at = now()
 		 WHERE id = $1 RETURNING updated_at`,
-		r.ID, r.Events, r.TargetURL, r.Tenant, opts, r.VerifyIntent, r.Secret).Scan(&r.UpdatedAt)
+		r.ID, r.Events, r.TargetURL, r.Tenant, opts, r.VerifyIntent, r.Secret, r.SecretChanged).Scan(&r.UpdatedAt)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return ErrNotFound
 	}
