@@ -92,9 +92,11 @@ func (s *scheduler) loadParked() error {
 		return err
 	}
 	now := s.now()
+	s.parkedMarks = make(map[string]uint64, len(keys))
 	for _, pk := range keys {
 		k := s.key(pk.Resource)
 		k.parked, k.feedAt, k.parkedSeq = true, pk.NextAttempt, pk.MaxSeq
+		s.parkedMarks[pk.Resource] = pk.MaxSeq // outlives the key, which may drain before the stream gets here
 		s.schedule(k, now)
 	}
 	if len(keys) > 0 {

@@ -55,6 +55,7 @@ type scheduler struct {
 	epoch       *Epoch            // the one it runs in
 	startLSN    LSN               // where the epoch's stream started
 	sentMarks   map[string]uint64 // debounced: per resource, the newest sequence sent before this epoch
+	parkedMarks map[string]uint64 // per resource, the highest sequence parked before this epoch (loadParked)
 	senders     int               // sender goroutines started
 	jobs        chan *job         // to the senders
 	results     chan result
@@ -253,6 +254,16 @@ func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 			return
 		}
 		delete(s.sentMarks, ev.ResourceID) // the stream has passed it
+	}
+	if m, ok := s.parkedMarks[ev.ResourceID]; ok && ev.WebhookID == "" {
+		if ev.Seq < m {
+			// Streamed again after a restart or takeover, and parked before
+			// it: the table holds it or has finished it, even if the key has
+			// drained since (docs/parking.md).
+			s.done(dv.txn, dv.size)
+			return
+		}
+		delete(s.parkedMarks, ev.ResourceID) // the stream has passed it
 	}
 	k := s.key(dv.event.ResourceID)
 	ev.Coalesced = 1

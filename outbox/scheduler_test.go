@@ -50,11 +50,17 @@ type harness struct {
 }
 
 func newHarness(t *testing.T, opts func(*DeliveryOptions)) *harness {
+	return newHarnessWith(t, &memStore{}, opts)
+}
+
+// newHarnessWith is newHarness on a store that may hold rows already (a
+// previous epoch's).
+func newHarnessWith(t *testing.T, store *memStore, opts func(*DeliveryOptions)) *harness {
 	s := sub("s", "*")
 	if opts != nil {
 		opts(&s.Delivery)
 	}
-	h := &harness{t: t, acker: NewAcker(0), in: make(chan Change, 1024), rec: &recorder{}, store: &memStore{}}
+	h := &harness{t: t, acker: NewAcker(0), in: make(chan Change, 1024), rec: &recorder{}, store: store}
 	d := NewDispatcher(DispatcherConfig{Subscriptions: []*Subscription{s}, Acker: h.acker,
 		Deliverer: h.rec, Store: h.store, Logger: zerolog.Nop()})
 	ctx, cancel := context.WithCancel(t.Context())
