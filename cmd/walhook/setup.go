@@ -19,7 +19,8 @@ const setupLockKey = "SELECT pg_advisory_lock(hashtext('walhook setup'))"
 // setupSQL is every setup statement for a server of version
 // (server_version_num; 0 = not known, for --dry-run).
 func setupSQL(cfg *Config, version int) []string {
-	return append(pgstore.SchemaSQL(), cdc.SetupSQL(cfg.cdcConfig(), version)...)
+	// The routing log is seeded once the slot exists (pgstore.SeedRoutingSQL).
+	return append(append(pgstore.SchemaSQL(), cdc.SetupSQL(cfg.cdcConfig(), version)...), pgstore.SeedRoutingSQL(cfg.Slot))
 }
 
 // serverVersion reads the server's server_version_num.

@@ -132,8 +132,28 @@ func (s *Store) RecordRouting(ctx context.Context, c outbox.RoutingChange) error
 	return nil
 }
 
+// SeedRoutingSQL records the subscriptions in the table as in force from the
+// slot's start, unless the slot's log has entries already. Setup runs it right
+// after it creates the slot, before any walhook streams it: a subscription
+// created later reaches the log through the stream, at its place. (Seeding at
+// the first start instead, as LoadRouting still does for a slot set up by an
+// older walhook, would take in subscriptions created after the start position
+// and route earlier events to them.)
+//
+// The log's entry of sequence 0 (no subscription, no row) says it was seeded,
+// also when there was nothing to seed; compaction keeps it.
+func SeedRoutingSQL(slot string) string {
+	q := quoteLiteral(slot)
+	return `INSERT INTO walhook.routing_log (slot, seq, commit_lsn, subscription_id, row)
+SELECT ` + q + `, 0, '0/0'::pg_lsn, '', NULL::jsonb WHERE NOT EXISTS (SELECT 1 FROM walhook.routing_log WHERE slot = ` + q + `)
+UNION ALL
+SELECT ` + q + `, row_number() OVER (ORDER BY created_at, id), '0/0'::pg_lsn, id, to_jsonb(s) FROM walhook.subscriptions s
+ WHERE NOT EXISTS (SELECT 1 FROM walhook.routing_log WHERE slot = ` + q + `)`
+}
+
 // LoadRouting folds the recorded changes committed before at. On a slot's
-// first start it seeds the log from the table. It compacts what it folded.
+// first start without a seeded log it seeds it from the table. It compacts
+// what it folded.
 func (s *Store) LoadRouting(ctx context.Context, at outbox.LSN) ([]outbox.SubscriptionRow, error) {
 	tx, err := s.pool.Begin(ctx)
 	if err != nil {
@@ -143,16 +163,13 @@ func (s *Store) LoadRouting(ctx context.Context, at outbox.LSN) ([]outbox.Subscr
 	if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtext('walhook routing ' || $1))`, s.slot); err != nil {
 		return nil, err
 	}
-	_, err = tx.Exec(ctx, `
-		INSERT INTO walhook.routing_log (slot, seq, commit_lsn, subscription_id, row)
-		SELECT $1, row_number() OVER (ORDER BY created_at, id), '0/0', id, to_jsonb(s) FROM walhook.subscriptions s
-		 WHERE NOT EXISTS (SELECT 1 FROM walhook.routing_log WHERE slot = $1)`, s.slot)
+	_, err = tx.Exec(ctx, SeedRoutingSQL(s.slot))
 	if err != nil {
 		return nil, fmt.Errorf("seed subscriptions: %w", err)
 	}
 	// Keep only the newest change per subscription before at; a deletion needs no entry.
 	_, err = tx.Exec(ctx, `
-		DELETE FROM walhook.routing_log l WHERE slot = $1 AND commit_lsn < $2::pg_lsn
+		DELETE FROM walhook.routing_log l WHERE slot = $1 AND commit_lsn < $2::pg_lsn AND seq > 0
 		   AND (row IS NULL OR seq < (SELECT max(seq) FROM walhook.routing_log m
 		                              WHERE m.slot = $1 AND m.subscription_id = l.subscription_id AND m.commit_lsn < $2::pg_lsn))`,
 		s.slot, at.String())
