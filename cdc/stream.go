@@ -261,6 +261,8 @@ func (s *Stream) session(ctx context.Context, out chan<- outbox.Change, reconnec
 
 	tick := time.NewTicker(s.cfg.StatusInterval)
 	defer tick.Stop()
+	alive := time.NewTicker(pausedProbeEvery) // read only while paused: a tick nobody reads wakes nobody
+	defer alive.Stop()
 	for {
 		if ctx.Err() != nil {
 			return true, s.stop()
@@ -286,6 +288,8 @@ func (s *Stream) session(ctx context.Context, out chan<- outbox.Change, reconnec
 				s.handedOn()
 			case <-tick.C:
 				err = s.heartbeat(ctx)
+			case <-alive.C:
+				err = s.sendStatus(ctx, true)
 			case <-ctx.Done():
 			case <-s.epoch.Context().Done():
 			}
@@ -300,6 +304,8 @@ func (s *Stream) session(ctx context.Context, out chan<- outbox.Change, reconnec
 			select {
 			case <-tick.C:
 				err = s.heartbeat(ctx) // keep hearing the server: a quiet drain is no stall
+			case <-alive.C:
+				err = s.sendStatus(ctx, true)
 			case <-ctx.Done():
 			case <-s.epoch.Context().Done():
 			}
@@ -310,6 +316,8 @@ func (s *Stream) session(ctx context.Context, out chan<- outbox.Change, reconnec
 			case <-s.cfg.Budget.Freed():
 			case <-tick.C:
 				err = s.heartbeat(ctx)
+			case <-alive.C:
+				err = s.sendStatus(ctx, true)
 			case <-ctx.Done():
 			case <-s.epoch.Context().Done():
 			}
@@ -364,6 +372,14 @@ func (s *Stream) heartbeat(ctx context.Context) error {
 	}
 	return nil
 }
+
+// pausedProbeEvery is how often a stream that does not read (backpressure,
+// a full budget, a drain) writes a status update anyway: a server that went
+// away (a restart) answers a write with a reset, so the next write fails and
+// the epoch ends within two of these, before a restarted server can give
+// the slot to another replica (docs/design.md, "Ownership"). Reading would
+// notice at once, but a paused stream must not read.
+const pausedProbeEvery = 100 * time.Millisecond
 
 var (
 	errStalled  = errors.New("stream stalled: reconnecting")
