@@ -746,9 +746,20 @@ func (c *chaos) checkOrder(s string, ok []delivery) {
 			last[d.resource] = d.sequence
 		}
 	}
+	told := false
 	for res, seq := range last {
 		if seq != newest[res] {
 			t.Errorf("%s: resource %s ends on sequence %d, its newest delivered is %d", s, res, seq, newest[res])
+			if !told { // the resource's deliveries, for the first one only
+				told = true
+				var b strings.Builder
+				for _, d := range ok {
+					if d.resource == res {
+						fmt.Fprintf(&b, "\n  %s r%d event %s seq %d %s", d.at.Format("15:04:05.000"), d.replica, d.id, d.sequence, d.webhookID)
+					}
+				}
+				t.Logf("%s: resource %s's deliveries:%s", s, res, b.String())
+			}
 		}
 	}
 }
