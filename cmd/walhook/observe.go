@@ -145,20 +145,28 @@ func sameReport(a, b pgstore.Report) bool {
 
 // readyz is 200 while the stream streams (or this replica is a healthy
 // standby) and lag is within ready_max_lag.
-func readyz(stream *cdc.Stream, m *outbox.Metrics, maxLag time.Duration) http.HandlerFunc {
+// In relay mode relayHealth says whether JetStream takes the deliveries.
+func readyz(stream *cdc.Stream, m *outbox.Metrics, maxLag time.Duration, relayHealth func() (bool, string)) http.HandlerFunc {
 	return func(w http.ResponseWriter, _ *http.Request) {
 		state, lag := stream.Health(), m.LagSeconds()
 		ok := state == cdc.Streaming || state == cdc.Standby
 		if maxLag > 0 && lag > maxLag.Seconds() {
 			ok = false
 		}
+		answer := map[string]any{"state": state, "lag_seconds": lag}
+		if relayHealth != nil {
+			rok, reason := relayHealth()
+			ok = ok && rok
+			answer["relay"] = map[string]any{"ok": rok, "reason": reason}
+		}
+		answer["ready"] = ok
 		status := http.StatusOK
 		if !ok {
 			status = http.StatusServiceUnavailable
 		}
 		w.Header().Set("content-type", "application/json")
 		w.WriteHeader(status)
-		json.NewEncoder(w).Encode(map[string]any{"ready": ok, "state": state, "lag_seconds": lag})
+		json.NewEncoder(w).Encode(answer)
 	}
 }
 

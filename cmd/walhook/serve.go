@@ -58,7 +58,7 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	if cfg.table == cdc.DefaultTable {
 		prober.retention = cfg.retention // other tables are the application's to prune
 	}
-	dispatcher := outbox.NewDispatcher(outbox.DispatcherConfig{
+	dcfg := outbox.DispatcherConfig{
 		Subscriptions: cfg.subs,
 		Defaults:      cfg.defaults,
 		Metrics:       metrics,
@@ -67,7 +67,16 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		Deliverer:     snd,
 		Store:         store,
 		Logger:        log.With().Str("component", "outbox").Logger(),
-	})
+	}
+	var rl *relayRun // relay mode: deliveries go to JetStream (relay.go)
+	if cfg.relay != nil {
+		if rl, err = startRelay(cfg, reg, store, log); err != nil {
+			return err
+		}
+		defer rl.close()
+		dcfg.Relay = rl.pub
+	}
+	dispatcher := outbox.NewDispatcher(dcfg)
 	conns := newConnMetrics(reg)
 	var gatherer prometheus.Gatherer = reg
 	if !cfg.subscriptionLabels {
@@ -78,7 +87,7 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	if metricsLn == nil {
 		mux.Handle("GET /metrics", metricsHandler)
 	}
-	mux.Handle("GET /readyz", readyz(stream, metrics, cfg.readyMaxLag))
+	mux.Handle("GET /readyz", readyz(stream, metrics, cfg.readyMaxLag, rl.health()))
 	api.New(api.Config{
 		AdminToken: cfg.AdminToken, AuthURL: cfg.AuthURL, Disabled: cfg.apiDisabled(),
 		Store: store, Static: cfg.subs, Defaults: cfg.defaults, Guard: cfg.guard, Verifier: snd,
@@ -107,6 +116,9 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	g.Go(func() error { return stream.Run(gctx, changes) })
 	g.Go(func() error { return dispatcher.Run(gctx, changes) })
 	g.Go(func() error { return prober.Run(gctx) })
+	if rl != nil {
+		rl.run(g, gctx)
+	}
 	for i, srv := range servers {
 		g.Go(func() error {
 			if err := srv.Serve(listeners[i]); !errors.Is(err, http.ErrServerClosed) {
@@ -120,9 +132,11 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		case <-ctx.Done():
 			log.Info().Dur("shutdown_timeout", cfg.shutdown).Msg("stopping: finishing deliveries in flight")
 			stream.Drain()
+			deadline := time.After(cfg.shutdown)
 			select {
 			case <-dispatcher.Drained():
-			case <-time.After(cfg.shutdown):
+				rl.drained(deadline) // relay mode: what was handed on is acknowledged
+			case <-deadline:
 				log.Warn().Msg("shutdown_timeout: abandoning deliveries in flight (they are replayed at the next start)")
 			case <-gctx.Done():
 			}
