@@ -176,6 +176,7 @@ type statusOutput struct {
 	SlotStats     pgstore.SlotStats       `json:"slot_stats"`
 	Report        *pgstore.Report         `json:"report"` // nil when no walhook has streamed yet
 	Subscriptions []subscriptionStatusRow `json:"subscriptions"`
+	Relay         *relayStatus            `json:"relay,omitempty"` // relay mode only
 }
 
 type subscriptionStatusRow struct {
@@ -220,6 +221,7 @@ func status(ctx context.Context, cfg *Config, asJSON bool, out io.Writer) error 
 		add(r.ID, "api")
 	}
 	sort.SliceStable(o.Subscriptions, func(i, j int) bool { return o.Subscriptions[i].ID < o.Subscriptions[j].ID })
+	o.Relay = inspectRelay(ctx, cfg)
 	if asJSON {
 		enc := json.NewEncoder(out)
 		enc.SetIndent("", "  ")
@@ -246,6 +248,7 @@ func status(ctx context.Context, cfg *Config, asJSON bool, out io.Writer) error 
 	for _, s := range o.Subscriptions {
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%.1fs\t%d\t%d\n", s.ID, s.Source, s.Pending, s.OldestPendingSeconds, s.Parked, s.Dead)
 	}
+	printRelay(tw, o.Relay)
 	return tw.Flush()
 }
 

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -155,4 +157,49 @@ func deliver(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	err = g.Wait()
 	log.Info().Msg("walhook deliver stopped")
 	return err
+}
+
+// relayStatus is `walhook status`'s relay part: the stream and its
+// partitions, or why NATS could not tell.
+type relayStatus struct {
+	*relay.Status
+	Error string `json:"error,omitempty"`
+}
+
+func inspectRelay(ctx context.Context, cfg *Config) *relayStatus {
+	if cfg.relay == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	nc, js, err := connectRelay(cfg, "walhook status", zerolog.Nop())
+	if err != nil {
+		return &relayStatus{Error: err.Error()}
+	}
+	defer nc.Close()
+	st, err := relay.Inspect(ctx, js, *cfg.relay)
+	if err != nil {
+		return &relayStatus{Error: "cannot read the relay from NATS: " + err.Error()}
+	}
+	return &relayStatus{Status: st}
+}
+
+func printRelay(w io.Writer, r *relayStatus) {
+	if r == nil {
+		return
+	}
+	if r.Error != "" {
+		fmt.Fprintf(w, "\nrelay\t%s\n", r.Error)
+		return
+	}
+	fmt.Fprintf(w, "\nrelay stream\t%s\nbacklog\t%d messages, %s\nworkers\t%d %s\n\n", r.Stream, r.Messages,
+		humanBytes(int64(r.Bytes)), len(r.Workers), strings.Join(r.Workers, " "))
+	fmt.Fprintln(w, "PARTITION\tOWNER\tBACKLOG")
+	for _, p := range r.Partitions {
+		owner := p.Owner
+		if owner == "" {
+			owner = "(none)"
+		}
+		fmt.Fprintf(w, "%d\t%s\t%d\n", p.Partition, owner, p.Messages)
+	}
 }
