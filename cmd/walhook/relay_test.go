@@ -403,3 +403,52 @@ func TestRelayNATSNodeLost(t *testing.T) {
 	e.waitCaughtUp()
 	t.Logf("%d events, %d duplicates with one node of three stopped", n, dups)
 }
+
+// TestRelaySubscriptionChangesKeepStreamOrder: a subscription added while
+// events flow gets exactly the events committed after its creation; once it
+// is removed, later events no longer reach it; a worker learns of it from
+// its first message, without waiting for a refresh.
+func TestRelaySubscriptionChangesKeepStreamOrder(t *testing.T) {
+	t.Parallel()
+	nats := natstest.Start(t)
+	always := sendertest.NewServer(t, nil)
+	dyn := sendertest.NewServer(t, nil)
+	e := newEnv(t, "allow_targets: [127.0.0.1/32]\n"+relayYAML(t, nats.URL())+"subscriptions:\n"+sub("s", always.HooksURL(), `["*"]`))
+	e.setup()
+	var sidecarLog, workerLog syncBuffer
+	startReplica(t, e.path, &sidecarLog)
+	startWorker(t, e.path, &workerLog)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("sidecar:\n%s\nworker:\n%s", sidecarLog.String(), workerLog.String())
+		}
+	})
+	// The sidecar must stream before the subscription is added: a first
+	// start takes the subscriptions in the table as they are then.
+	e.eventually(30*time.Second, "the sidecar to load its subscriptions", func() bool {
+		return countLines(&sidecarLog, "subscriptions loaded") > 0
+	})
+	e.insertEvents(0, 30, 3)
+	code, out, stderr := e.walhook("subscriptions", "add", "--event", "*", "--target-url", dyn.HooksURL())
+	if code != 0 {
+		t.Fatalf("subscriptions add: exit %d: %s", code, stderr)
+	}
+	id := strings.TrimSpace(strings.TrimPrefix(strings.SplitN(out, "\n", 2)[0], "id: "))
+	e.insertEvents(30, 30, 3)
+	always.Wait(t, 60*time.Second, "the first 60 events", func(r []sendertest.Request) bool { return distinctEvents(t, r) == 60 })
+	dyn.Wait(t, 60*time.Second, "the 30 events after the creation", func(r []sendertest.Request) bool { return distinctEvents(t, r) == 30 })
+	if code, _, stderr := e.walhook("subscriptions", "rm", id); code != 0 {
+		t.Fatalf("subscriptions rm: exit %d: %s", code, stderr)
+	}
+	e.insertEvents(60, 30, 3)
+	always.Wait(t, 60*time.Second, "every event", func(r []sendertest.Request) bool { return distinctEvents(t, r) == 90 })
+	e.waitCaughtUp()
+	for _, r := range dyn.Requests() {
+		var p struct{ N int }
+		json.Unmarshal(decode(t, r.Body).Data, &p)
+		if p.N < 30 || p.N >= 60 {
+			t.Errorf("the dynamic subscription got n=%d, committed outside its lifetime [30, 60)", p.N)
+		}
+	}
+	checkRelayed(t, dyn.Requests())
+}
