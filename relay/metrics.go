@@ -83,7 +83,7 @@ func PollStream(ctx context.Context, js jetstream.JetStream, c Config, reg prome
 }
 
 type workerMetrics struct {
-	redeliveries, finished, resets, takes prometheus.Counter
+	redeliveries, finished, resets, takes, gaps prometheus.Counter
 }
 
 func newWorkerMetrics(reg prometheus.Registerer, w *Worker) *workerMetrics {
@@ -97,7 +97,9 @@ func newWorkerMetrics(reg prometheus.Registerer, w *Worker) *workerMetrics {
 		takes: prometheus.NewCounter(prometheus.CounterOpts{Name: "walhook_relay_partitions_taken_total",
 			Help: "Partition leases this worker took."}),
 	}
-	reg.MustRegister(m.redeliveries, m.finished, m.resets, m.takes,
+	m.gaps = prometheus.NewCounter(prometheus.CounterOpts{Name: "walhook_relay_delivery_gaps_total",
+		Help: "Deliveries from JetStream that never arrived (a reconnect): each restarts the worker's epoch."})
+	reg.MustRegister(m.redeliveries, m.finished, m.resets, m.takes, m.gaps,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "walhook_relay_partitions_owned",
 			Help: "Partitions this worker owns (their leases)."},
 			func() float64 { return float64(len(w.Owned())) }),

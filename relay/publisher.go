@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -86,8 +87,16 @@ func (p *Publisher) Publish(ctx context.Context, e *outbox.Epoch, sub *outbox.Su
 		if ev.WebhookID != "" {
 			dl.WebhookID = ev.WebhookID
 		}
-		if err := p.cfg.DeadLetter(ctx, dl); err != nil {
-			return err
+		for err := p.cfg.DeadLetter(ctx, dl); err != nil; err = p.cfg.DeadLetter(ctx, dl) {
+			if errors.Is(err, outbox.ErrPermanent) {
+				p.log.Error().Err(err).Str("subscription", sub.ID).Str("event_id", ev.ID).
+					Msg("event dropped: too large for nats, and the store cannot hold its dead letter")
+				break
+			}
+			p.log.Error().Err(err).Msg("cannot write dead letter; retrying")
+			if err := sleep(ctx, time.Second); err != nil {
+				return err
+			}
 		}
 		p.log.Warn().Str("subscription", sub.ID).Str("event_id", ev.ID).Int("bytes", len(data)).Msg("event too large for nats: dead-lettered")
 		done()

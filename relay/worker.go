@@ -29,11 +29,9 @@ const (
 	fetchWait      = time.Second
 	maxAckPending  = 10_000 // per partition consumer
 	defaultAckWait = 30 * time.Second
-	// An owner that has not renewed its lease for loseAfter stops: the
-	// lease lasts leaseTTL from the last renewal the server stored, which
-	// was sent after the one measured here, and the check runs every
-	// leaseRenew, so it stops at least leaseTTL-loseAfter-leaseRenew before
-	// anyone else can take the partition.
+	// An owner that has not renewed its lease for loseAfter stops (guard):
+	// the lease lasts leaseTTL from the last renewal the server stored,
+	// which was sent no earlier than the one measured here.
 	loseAfter = 3 * time.Second
 	// releaseWithin bounds a graceful hand-over: the partition's held
 	// messages finish, or the epoch ends (its sends are cancelled).
@@ -54,6 +52,7 @@ type WorkerConfig struct {
 	Registerer      prometheus.Registerer // default: registered nowhere
 	MaxPendingBytes int64                 // message bytes held at once before fetching pauses; default 64 MiB
 	AckWait         time.Duration         // consumers' AckWait (held messages get InProgress); default 30s
+	ShutdownTimeout time.Duration         // when Run's ctx ends, how long held messages may finish; default 15s
 }
 
 // Worker is `walhook deliver`: it owns a fair share of the partitions and
@@ -72,11 +71,12 @@ type Worker struct {
 	heldBytes atomic.Int64
 	freed     chan struct{} // signalled when heldBytes drops below the limit
 
-	mu     sync.Mutex
-	owned  map[int]*partition
-	epoch  *outbox.Epoch  // the current one; nil between epochs
-	fetch  sync.WaitGroup // the current epoch's fetchers
-	nEpoch uint64
+	mu       sync.Mutex
+	draining bool // shutting down: fetch nothing more, take nothing more
+	owned    map[int]*partition
+	epoch    *outbox.Epoch  // the current one; nil between epochs
+	fetch    sync.WaitGroup // the current epoch's fetchers
+	nEpoch   uint64
 
 	subsMu sync.Mutex
 	known  map[string]string // dynamic subscriptions fed to the Dispatcher: id → row JSON
@@ -126,6 +126,9 @@ func NewWorker(cfg WorkerConfig) *Worker {
 	if cfg.AckWait <= 0 {
 		cfg.AckWait = defaultAckWait
 	}
+	if cfg.ShutdownTimeout <= 0 {
+		cfg.ShutdownTimeout = 15 * time.Second
+	}
 	w := &Worker{cfg: cfg, store: &workerStore{WorkerStore: cfg.Store}, changes: make(chan outbox.Change, 256),
 		log: cfg.Logger, owned: map[int]*partition{}, known: map[string]string{}, gone: map[string]bool{}, freed: make(chan struct{}, 1),
 		budget: outbox.NewBudget(math.MaxInt64 / 2)} // the worker bounds bytes itself (heldBytes)
@@ -154,11 +157,15 @@ func (w *Worker) Owned() []int {
 	return ps
 }
 
-// Run delivers until ctx ends, and then gives its leases back.
+// Run delivers until ctx ends. Then it drains: it fetches nothing more,
+// lets what it holds finish (up to ShutdownTimeout, its leases renewed
+// meanwhile), cancels the rest and gives its leases back.
 func (w *Worker) Run(ctx context.Context) error {
 	if err := w.setup(ctx); err != nil {
 		return err
 	}
+	runCtx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	defer stop()
 	var wg sync.WaitGroup
 	errc := make(chan error, 1)
 	dctx, stopDisp := context.WithCancel(context.WithoutCancel(ctx))
@@ -167,24 +174,63 @@ func (w *Worker) Run(ctx context.Context) error {
 		defer wg.Done()
 		if err := w.disp.Run(dctx, w.changes); err != nil {
 			errc <- err
+			stop()
 		}
 	}()
-	for _, f := range []func(context.Context){w.leases, w.progress, w.refreshLoop} {
+	for _, f := range []func(context.Context){w.leases, w.guard, w.progress, w.refreshLoop} {
 		wg.Add(1)
-		go func() { defer wg.Done(); f(ctx) }()
+		go func() { defer wg.Done(); f(runCtx) }()
 	}
-	var err error
-	for ctx.Err() == nil && err == nil {
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
 		select {
-		case err = <-errc:
-		default:
-			w.runEpoch(ctx)
+		case <-ctx.Done():
+			w.drain(runCtx)
+			stop()
+		case <-runCtx.Done():
 		}
+	}()
+	for runCtx.Err() == nil {
+		w.runEpoch(runCtx)
 	}
 	stopDisp()
 	wg.Wait()
 	w.releaseAll()
-	return err
+	select {
+	case err := <-errc:
+		return err
+	default:
+		return nil
+	}
+}
+
+// drain stops fetching and waits until nothing fetched is unfinished, or
+// ShutdownTimeout.
+func (w *Worker) drain(ctx context.Context) {
+	w.mu.Lock()
+	w.draining = true
+	for _, p := range w.owned {
+		if p.stop != nil {
+			p.stop()
+		}
+	}
+	w.mu.Unlock()
+	w.log.Info().Dur("shutdown_timeout", w.cfg.ShutdownTimeout).Msg("stopping: finishing deliveries in flight")
+	deadline := time.NewTimer(w.cfg.ShutdownTimeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for w.heldBytes.Load() > 0 {
+		select {
+		case <-ctx.Done():
+			return
+		case <-deadline.C:
+			w.log.Warn().Msg("shutdown_timeout: abandoning deliveries in flight (their messages come again)")
+			return
+		case <-tick.C:
+		}
+	}
 }
 
 // setup creates the stream and the lease bucket if they are missing.
@@ -223,7 +269,7 @@ func (w *Worker) runEpoch(ctx context.Context) {
 	w.mu.Lock()
 	w.epoch = e
 	for _, p := range w.owned {
-		if p.releasing.IsZero() {
+		if p.releasing.IsZero() && !w.draining {
 			w.startFetch(e, p)
 		}
 	}
@@ -385,6 +431,7 @@ func (w *Worker) fetchLoop(ctx context.Context, e *outbox.Epoch, p *partition) {
 			}
 		}
 	}
+	var delivered uint64 // the consumer's delivery sequence last seen: a fresh consumer counts from 1
 	for ctx.Err() == nil {
 		if !w.waitRoom(ctx) {
 			return
@@ -392,7 +439,7 @@ func (w *Worker) fetchLoop(ctx context.Context, e *outbox.Epoch, p *partition) {
 		batch, err := cons.Fetch(fetchBatch, jetstream.FetchMaxWait(fetchWait))
 		if err == nil {
 			for msg := range batch.Messages() {
-				if err := w.handleMsg(ctx, e, p, msg); err != nil {
+				if err := w.handleMsg(ctx, e, p, msg, &delivered); err != nil {
 					return
 				}
 			}
@@ -439,12 +486,21 @@ func (w *Worker) resetConsumer(ctx context.Context, n int) (jetstream.Consumer, 
 
 // handleMsg hands one message to the Dispatcher, once per epoch and in
 // stream order: a redelivery of a message it holds is ignored, one it
-// finished is acknowledged again.
-func (w *Worker) handleMsg(ctx context.Context, e *outbox.Epoch, p *partition, msg jetstream.Msg) error {
+// finished is acknowledged again. A delivery lost on the way (its
+// consumer sequence skipped, say across a reconnect) would be redelivered
+// after later ones: the epoch ends instead, and the reset that follows
+// delivers from the oldest unacknowledged message again.
+func (w *Worker) handleMsg(ctx context.Context, e *outbox.Epoch, p *partition, msg jetstream.Msg, delivered *uint64) error {
 	meta, err := msg.Metadata()
 	if err != nil {
 		return nil
 	}
+	if meta.Sequence.Consumer != *delivered+1 {
+		w.m.gaps.Inc()
+		e.End(fmt.Errorf("partition %d: deliveries %d to %d never arrived", p.n, *delivered+1, meta.Sequence.Consumer-1))
+		return e.Err()
+	}
+	*delivered = meta.Sequence.Consumer
 	seq := meta.Sequence.Stream
 	if meta.NumDelivered > 1 {
 		w.m.redeliveries.Inc()
@@ -473,12 +529,13 @@ func (w *Worker) handleMsg(ctx context.Context, e *outbox.Epoch, p *partition, m
 	}
 	if !w.knows(m.Subscription) {
 		for err := w.refresh(e); err != nil; err = w.refresh(e) {
-			if ctx.Err() != nil {
-				return ctx.Err()
+			if ctx.Err() == nil {
+				w.log.Error().Err(err).Msg("cannot read subscriptions; retrying")
+				err = sleep(ctx, time.Second)
 			}
-			w.log.Error().Err(err).Msg("cannot read subscriptions; retrying")
-			if err := sleep(ctx, time.Second); err != nil {
-				return err
+			if ctx.Err() != nil {
+				w.unhold(p, seq)
+				return ctx.Err()
 			}
 		}
 		w.markGone(m.Subscription)
@@ -491,7 +548,20 @@ func (w *Worker) handleMsg(ctx context.Context, e *outbox.Epoch, p *partition, m
 	case w.changes <- outbox.Change{Kind: kind, Event: m.Event, SubscriptionID: m.Subscription, LSN: outbox.LSN(seq), Done: done}:
 		return nil
 	case <-ctx.Done():
+		w.unhold(p, seq)
 		return ctx.Err()
+	}
+}
+
+// unhold forgets a message that was not handed on (it stays
+// unacknowledged and comes again).
+func (w *Worker) unhold(p *partition, seq uint64) {
+	p.mu.Lock()
+	h, ok := p.held[seq]
+	delete(p.held, seq)
+	p.mu.Unlock()
+	if ok {
+		w.release(h.size)
 	}
 }
 
@@ -594,6 +664,34 @@ func (w *Worker) leases(ctx context.Context) {
 	}
 }
 
+// guard gives up, every quarter second, the partitions whose lease was not
+// renewed for loseAfter, whatever the lease loop is waiting for: the lease
+// lasts leaseTTL from a renewal sent no earlier than the last one that
+// succeeded, so this stops the partition's deliveries at least
+// leaseTTL - loseAfter - 250ms before anyone else can take it.
+func (w *Worker) guard(ctx context.Context) {
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		var stale []*partition
+		w.mu.Lock()
+		for _, p := range w.owned {
+			if time.Since(p.renewedAt) > loseAfter {
+				stale = append(stale, p)
+			}
+		}
+		w.mu.Unlock()
+		if len(stale) > 0 {
+			w.lose(fmt.Errorf("the lease could not be renewed for %s: %w", loseAfter, errPartitionLost), stale...)
+		}
+	}
+}
+
 func (w *Worker) leaseTick(ctx context.Context) {
 	op := func(f func(context.Context) error) error {
 		octx, cancel := context.WithTimeout(ctx, leaseRenew)
@@ -607,34 +705,45 @@ func (w *Worker) leaseTick(ctx context.Context) {
 		parts = append(parts, p)
 	}
 	w.mu.Unlock()
+	// All at once: one slow renewal must not delay the others past their TTL.
+	errs := make([]error, len(parts))
+	var wg sync.WaitGroup
+	for i, p := range parts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sent := time.Now()
+			var rev uint64
+			errs[i] = op(func(c context.Context) error {
+				var err error
+				rev, err = w.kv.Update(c, leaseKey(p.n), []byte(w.cfg.ID), p.rev)
+				return err
+			})
+			if errs[i] == nil {
+				w.mu.Lock()
+				p.rev, p.renewedAt = rev, sent
+				w.mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
 	var lost []*partition
-	var cause error
-	for _, p := range parts {
-		sent := time.Now()
-		var rev uint64
-		err := op(func(c context.Context) error {
-			var err error
-			rev, err = w.kv.Update(c, leaseKey(p.n), []byte(w.cfg.ID), p.rev)
-			return err
-		})
+	for i, p := range parts {
 		switch {
-		case err == nil:
-			w.mu.Lock()
-			p.rev, p.renewedAt = rev, sent
-			w.mu.Unlock()
-		case isWrongRevision(err):
-			lost, cause = append(lost, p), fmt.Errorf("the lease was taken: %w", errPartitionLost)
-			continue
-		case time.Since(p.renewedAt) > loseAfter:
-			lost, cause = append(lost, p), fmt.Errorf("the lease could not be renewed for %s: %w", loseAfter, err)
-			continue
-		}
-		if !p.releasing.IsZero() {
+		case isWrongRevision(errs[i]):
+			lost = append(lost, p)
+		case errs[i] == nil && !p.releasing.IsZero():
 			w.handOver(ctx, p)
 		}
 	}
 	if len(lost) > 0 {
-		w.lose(cause, lost...)
+		w.lose(fmt.Errorf("the lease was taken: %w", errPartitionLost), lost...)
+	}
+	w.mu.Lock()
+	draining := w.draining
+	w.mu.Unlock()
+	if draining {
+		return // renew, take nothing
 	}
 	members := 1
 	if err := op(func(c context.Context) error {

@@ -125,7 +125,7 @@ func deliver(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	w := relay.NewWorker(relay.WorkerConfig{
 		Relay: *cfg.relay, JetStream: js, Subscriptions: cfg.subs, Defaults: cfg.defaults, Deliverer: snd,
 		Store: pgstore.New(pool, cfg.Slot), Logger: log.With().Str("component", "worker").Logger(), Registerer: reg,
-		MaxPendingBytes: cfg.MaxPendingBytes, AckWait: cfg.relayAckWait,
+		MaxPendingBytes: cfg.MaxPendingBytes, AckWait: cfg.relayAckWait, ShutdownTimeout: cfg.shutdown,
 	})
 	mux := routes()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
