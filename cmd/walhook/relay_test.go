@@ -452,3 +452,51 @@ func TestRelaySubscriptionChangesKeepStreamOrder(t *testing.T) {
 	}
 	checkRelayed(t, dyn.Requests())
 }
+
+// TestRelayFailingResourceDoesNotBlockOthers: the endpoint rejects one
+// resource's events with 503 for as long as the test runs; the other
+// resources of the same partitions are delivered and acknowledged, the slot is
+// confirmed (the stream holds the failing ones), and the failing resource's
+// events wait in JetStream in order.
+func TestRelayFailingResourceDoesNotBlockOthers(t *testing.T) {
+	t.Parallel()
+	nats := natstest.Start(t)
+	srv := sendertest.NewServer(t, func(_ int, r *sendertest.Request) (int, http.Header) {
+		if strings.Contains(string(r.Body), `"resource_id":"r0"`) {
+			return http.StatusServiceUnavailable, nil
+		}
+		return http.StatusNoContent, nil
+	})
+	e := newEnv(t, strings.Replace(relayYAML(t, nats.URL()), "partitions: 8", "partitions: 1", 1)+
+		"defaults: {retry_initial: 100ms, retry_max_interval: 500ms}\nsubscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`))
+	e.setup()
+	var sidecarLog, workerLog syncBuffer
+	startReplica(t, e.path, &sidecarLog)
+	startWorker(t, e.path, &workerLog)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("sidecar:\n%s\nworker:\n%s", sidecarLog.String(), workerLog.String())
+		}
+	})
+	const resources = 5 // r0 fails; every resource is in the one partition
+	e.insertEvents(0, 100, resources)
+	reqs := srv.Wait(t, 60*time.Second, "the other resources' events", func(r []sendertest.Request) bool {
+		ok := map[string]bool{}
+		for _, q := range r {
+			if q.Status == http.StatusNoContent {
+				ok[decode(t, q.Body).ID] = true
+			}
+		}
+		return len(ok) == 80
+	})
+	e.waitCaughtUp()
+	for _, r := range reqs {
+		if res := deref(decode(t, r.Body).ResourceID); res == "r0" {
+			var p struct{ N int }
+			json.Unmarshal(decode(t, r.Body).Data, &p)
+			if p.N != 0 {
+				t.Errorf("r0: n=%d attempted while n=0 keeps failing", p.N)
+			}
+		}
+	}
+}
