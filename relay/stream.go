@@ -29,7 +29,21 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, c Config) (jetstr
 		Duplicates: c.Duplicates,
 		Discard:    jetstream.DiscardNew,
 	}
-	s, err := js.CreateOrUpdateStream(ctx, cfg)
+	// Update only what differs: every process calls this at start, and an
+	// update racing a consumer's creation is a data race inside nats-server
+	// 2.15 (seen under -race).
+	s, err := js.Stream(ctx, c.Stream)
+	switch {
+	case errors.Is(err, jetstream.ErrStreamNotFound):
+		s, err = js.CreateStream(ctx, cfg)
+		if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+			s, err = js.Stream(ctx, c.Stream)
+		}
+	case err == nil:
+		if have := s.CachedInfo().Config; have.Replicas != cfg.Replicas || have.Duplicates != cfg.Duplicates {
+			s, err = js.UpdateStream(ctx, cfg)
+		}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("create stream %s: %w", c.Stream, err)
 	}

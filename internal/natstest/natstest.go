@@ -6,11 +6,14 @@
 package natstest
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"net"
+	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -126,8 +129,12 @@ func (n *Node) start() error {
 	n.mu.Lock()
 	n.srv = s
 	n.mu.Unlock()
+	running.Add(1)
 	return nil
 }
+
+// running counts nodes of every cluster of the process that are up.
+var running atomic.Int64
 
 // URL is the node's client URL (the same across Restart).
 func (n *Node) URL() string { return fmt.Sprintf("nats://127.0.0.1:%d", n.opts.Port) }
@@ -148,6 +155,27 @@ func (n *Node) Shutdown() {
 	if s != nil {
 		s.Shutdown()
 		s.WaitForShutdown()
+		if running.Add(-1) == 0 {
+			waitServerGoroutines()
+		}
+	}
+}
+
+// waitServerGoroutines waits, once the last node of the process is down,
+// until nats-server's own goroutines have exited (some, like a file store's
+// state flusher, outlive Shutdown by a moment), for at most 10 s: a leak
+// check at the end of a test run must not see them.
+func waitServerGoroutines() {
+	deadline := time.Now().Add(10 * time.Second)
+	buf := make([]byte, 1<<20)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for time.Now().Before(deadline) {
+		n := runtime.Stack(buf, true)
+		if !bytes.Contains(buf[:n], []byte("nats-server/v2/server")) || running.Load() > 0 {
+			return
+		}
+		<-tick.C
 	}
 }
 
