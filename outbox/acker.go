@@ -26,6 +26,7 @@ type Txn struct {
 	end       LSN
 	time      time.Time // commit time
 	maxID     uint64    // highest numeric outbox id among its events
+	finished  func()    // BeginFunc's: called once when it is committed with nothing pending
 }
 
 // NewAcker starts at the slot's confirmed flush position.
@@ -39,6 +40,14 @@ func (a *Acker) Begin(commit time.Time) *Txn {
 	a.open = append(a.open, t)
 	a.mu.Unlock()
 	return t
+}
+
+// BeginFunc starts a transaction outside the flush position: finished is
+// called once, outside the Acker's lock, when it is committed and all its
+// deliveries are done, whatever the others (a relay worker acks each
+// message on its own).
+func (a *Acker) BeginFunc(commit time.Time, finished func()) *Txn {
+	return &Txn{time: commit, finished: finished}
 }
 
 // Reset forgets every transaction: a new epoch starts at start, the slot's
@@ -92,7 +101,11 @@ func (a *Acker) Commit(t *Txn, end LSN) {
 	a.mu.Lock()
 	t.committed, t.end = true, end
 	a.advance()
+	f := t.takeFinished()
 	a.mu.Unlock()
+	if f != nil {
+		f()
+	}
 }
 
 // Done records that one delivery of t finished (delivered or dead-lettered).
@@ -100,7 +113,22 @@ func (a *Acker) Done(t *Txn) {
 	a.mu.Lock()
 	t.pending--
 	a.advance()
+	f := t.takeFinished()
 	a.mu.Unlock()
+	if f != nil {
+		f()
+	}
+}
+
+// takeFinished returns t's finished callback once t is finished, only once.
+// The Acker's lock is held.
+func (t *Txn) takeFinished() func() {
+	if t.finished == nil || !t.committed || t.pending > 0 {
+		return nil
+	}
+	f := t.finished
+	t.finished = nil
+	return f
 }
 
 // Idle records the server's WAL end, received after everything before it in the

@@ -139,6 +139,21 @@ type DispatcherConfig struct {
 	Budget        *Budget    // bytes held in memory, shared with the stream; default NewBudget(0)
 	QueueSize     int        // pending deliveries per subscription before the stream pauses; default 1024
 	Attempts      AttemptLog // where attempts are recorded; nil: nowhere
+
+	// Relay, when set, takes every routed delivery instead of schedulers
+	// (relay mode, docs/scale-out.md): no scheduler runs and nothing is sent
+	// from here; a delivery is finished once the relay has stored it.
+	Relay Relay
+	// NoParking keeps a failing resource's events in memory past park_after
+	// (a relay worker: its message stream holds them, not walhook.deliveries).
+	NoParking bool
+}
+
+// Relay hands routed deliveries on to a durable queue (relay mode).
+type Relay interface {
+	// Publish hands ev for sub on, in stream order, blocking while the relay
+	// is full until ctx ends. done is called once, when it is stored.
+	Publish(ctx context.Context, e *Epoch, sub *Subscription, ev Event, done func()) error
 }
 
 // Dispatcher routes the stream's events to subscriptions, each delivered by its
@@ -322,6 +337,12 @@ func (d *Dispatcher) stopEpoch() {
 }
 
 func (d *Dispatcher) add(s *Subscription) {
+	if d.cfg.Relay != nil { // nothing to schedule: the relay takes the deliveries
+		r := &running{sub: s}
+		d.subs = append(d.subs, r)
+		d.byID[s.ID] = r
+		return
+	}
 	r := &running{sub: s, queue: make(chan delivery, d.cfg.QueueSize), done: make(chan struct{})}
 	r.sc = newScheduler(d, s, r.queue)
 	ctx, cancel := context.WithCancel(d.epoch.Context())
@@ -358,7 +379,7 @@ func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 			}
 			d.cfg.Acker.Add(d.txn, 1)
 			r.sent = true
-			if err := enqueue(ctx, r, delivery{event: c.Event, txn: d.txn, size: size}); err != nil {
+			if err := d.deliver(ctx, r, delivery{event: c.Event, txn: d.txn, size: size}); err != nil {
 				return err
 			}
 		}
@@ -371,7 +392,12 @@ func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 		return d.deadLetter(ctx, DeadLetter{Event: c.Event, Reason: c.Reason})
 	case ChangeSubscription:
 		return d.handleSubscription(ctx, c)
+	case ChangeRouted:
+		return d.handleRouted(ctx, c)
 	case ChangeReplay:
+		if c.Done != nil { // a relay worker: the sidecar routed it
+			return d.handleRouted(ctx, c)
+		}
 		// A replay always carries a webhook-id (the one it would have had
 		// alone, if it was stored without): that is what marks it as one
 		// downstream (sent alone, never merged, ordered by its own sequence).
@@ -387,7 +413,7 @@ func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 		}
 		d.cfg.Acker.Add(d.txn, 1)
 		r.sent = true
-		return enqueue(ctx, r, delivery{event: c.Event, txn: d.txn, size: size})
+		return d.deliver(ctx, r, delivery{event: c.Event, txn: d.txn, size: size})
 	case ChangeCommit:
 		if d.txnMaxID > 0 {
 			d.cfg.Acker.SawID(d.txn, d.txnMaxID)
@@ -399,7 +425,7 @@ func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 		for _, r := range d.subs {
 			if r.sent {
 				r.sent = false
-				if err := enqueue(ctx, r, delivery{commit: true}); err != nil {
+				if err := d.deliver(ctx, r, delivery{commit: true}); err != nil {
 					return err
 				}
 			}
@@ -446,7 +472,7 @@ func (d *Dispatcher) subscribe(ctx context.Context, row *SubscriptionRow) error 
 		d.cfg.Logger.Warn().Str("subscription", s.ID).Msg("a dynamic subscription has a static one's id; ignored")
 	default:
 		r.sub = s
-		return enqueue(ctx, r, delivery{update: s})
+		return d.deliver(ctx, r, delivery{update: s})
 	}
 	return nil
 }
@@ -461,7 +487,54 @@ func (d *Dispatcher) unsubscribe(ctx context.Context, id string) error {
 	delete(d.byID, id)
 	d.subs = slices.DeleteFunc(d.subs, func(x *running) bool { return x == r })
 	d.cfg.Logger.Info().Str("subscription", id).Msg("unsubscribed; delivering what was committed before")
-	return enqueue(ctx, r, delivery{close: true})
+	return d.deliver(ctx, r, delivery{close: true})
+}
+
+// deliver hands dv to r's scheduler, or in relay mode an event to the relay
+// (which needs no markers: it keeps stream order itself).
+func (d *Dispatcher) deliver(ctx context.Context, r *running, dv delivery) error {
+	if d.cfg.Relay == nil {
+		return enqueue(ctx, r, dv)
+	}
+	if dv.commit || dv.update != nil || dv.close {
+		return nil
+	}
+	txn, size, n := dv.txn, dv.size, d.epoch.N
+	return d.cfg.Relay.Publish(ctx, d.epoch, r.sub, dv.event, func() {
+		d.cfg.Acker.Done(txn)
+		d.cfg.Budget.Release(n, size)
+	})
+}
+
+// handleRouted delivers one event that a relay routed (a relay worker): a
+// transaction of its own, finished (c.Done) when its delivery is, whatever
+// the events before it. A subscription deleted since has nothing to deliver.
+func (d *Dispatcher) handleRouted(ctx context.Context, c Change) error {
+	d.cfg.Metrics.events.Inc()
+	if c.Kind == ChangeReplay && c.Event.WebhookID == "" {
+		c.Event.WebhookID = WebhookID(c.SubscriptionID, []Event{c.Event})
+	}
+	r := d.byID[c.SubscriptionID]
+	if r == nil {
+		if c.Kind == ChangeReplay {
+			err := d.deadLetter(ctx, DeadLetter{Subscription: c.SubscriptionID, Event: c.Event, WebhookID: c.Event.WebhookID,
+				Reason: "replay: the subscription no longer exists"})
+			if err != nil {
+				return err
+			}
+		}
+		c.Done()
+		return nil
+	}
+	size := EventSize(&c.Event)
+	d.cfg.Budget.Hold(d.epoch.N, size)
+	txn := d.cfg.Acker.BeginFunc(c.Event.CommitTime, c.Done)
+	d.cfg.Acker.Add(txn, 1)
+	if err := enqueue(ctx, r, delivery{event: c.Event, txn: txn, size: size}); err != nil {
+		return err
+	}
+	d.cfg.Acker.Commit(txn, c.LSN)
+	return enqueue(ctx, r, delivery{commit: true})
 }
 
 func enqueue(ctx context.Context, r *running, dv delivery) error {

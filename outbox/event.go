@@ -68,6 +68,7 @@ const (
 	ChangeSubscription                       // a dynamic subscription changed in the open transaction
 	ChangeDrained                            // shutting down: nothing follows; finish what is in flight
 	ChangeReplay                             // a dead letter replayed to SubscriptionID (Event.WebhookID set)
+	ChangeRouted                             // relay mode: an event already routed to SubscriptionID, a transaction of its own
 )
 
 // Change is one item of the replication stream, in stream order, as cdc hands it
@@ -82,4 +83,7 @@ type Change struct {
 	Row            []byte
 	SubscriptionID string
 	Epoch          *Epoch // ChangeStart: the epoch the session starts
+	// ChangeRouted, and ChangeReplay in a worker: called once when the
+	// delivery is finished (delivered, dead-lettered or dropped).
+	Done func()
 }

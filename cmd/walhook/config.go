@@ -20,6 +20,7 @@ import (
 	"github.com/walhook/walhook/cdc"
 	"github.com/walhook/walhook/outbox"
 	"github.com/walhook/walhook/outbox/pgstore"
+	"github.com/walhook/walhook/relay"
 	"github.com/walhook/walhook/sender"
 	"github.com/walhook/walhook/sender/ssrf"
 	"go.yaml.in/yaml/v3"
@@ -51,6 +52,7 @@ type Config struct {
 	EmitRoles       []string             `yaml:"emit_roles"`        // setup: only these roles may EXECUTE walhook.emit; default none = leave its grants alone
 	Defaults        outbox.Options       `yaml:"defaults"`
 	Subscriptions   []SubscriptionConfig `yaml:"subscriptions"`
+	Relay           *RelayConfig         `yaml:"relay"` // relay mode on NATS JetStream (relayconfig.go); nil = direct mode
 
 	// The listen port (and metrics_listen) against slow, idle and unauthenticated clients.
 	ReadTimeout         outbox.Duration `yaml:"read_timeout"`         // a request's header and body; default 15s
@@ -91,6 +93,8 @@ type Config struct {
 	maxConnections                         int
 	unauthRate                             float64
 	subscriptionLabels                     bool
+	relay                                  *relay.Config // nil: direct mode
+	relayAckWait                           time.Duration
 }
 
 // SubscriptionConfig is one static subscription.
@@ -340,6 +344,7 @@ func (c *Config) Validate(withSubscriptions bool) error {
 			bad("metrics_listen: %q is listen's address too; leave it empty to serve /metrics there", c.MetricsListen)
 		}
 	}
+	errs = append(errs, c.validateRelay()...)
 	if withSubscriptions {
 		c.subs = nil
 		seen := map[string]bool{}
@@ -513,6 +518,7 @@ func (c *Config) secrets() []string {
 			}
 		}
 	}
+	s = append(s, c.relaySecrets()...)
 	for _, sub := range c.Subscriptions {
 		if sub.Secret != "" {
 			s = append(s, sub.Secret)

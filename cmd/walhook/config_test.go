@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // runConfig runs `walhook run` on yaml and returns its exit code and stderr.
@@ -80,5 +81,46 @@ func TestCLIChecksPatternsLikeTheAPI(t *testing.T) {
 		if code != exitConfig || !strings.Contains(errb.String(), "--event[1]") {
 			t.Errorf("--event %q: exit %d, %q", p, code, errb.String())
 		}
+	}
+}
+
+// TestRelayConfigReportsEveryMistake: every bad key of the relay section is
+// named at once, and its password is not shown.
+func TestRelayConfigReportsEveryMistake(t *testing.T) {
+	t.Parallel()
+	code, stderr := runConfig(t, "database_url: postgres://app@127.0.0.1:1/app\nrelay:\n"+
+		"  url: http://u:natspass1@host\n  stream: 'bad.name'\n  partitions: 0\n  replicas: 2\n"+
+		"  duplicate_window: soon\n  credentials_file: /nonexistent/x.creds\n  nkey_seed_file: /nonexistent/seed\n  tls_cert_file: /nonexistent/c.pem\n")
+	if code != exitConfig {
+		t.Errorf("exit %d, want %d", code, exitConfig)
+	}
+	for _, want := range []string{"relay.url:", "relay.stream:", "relay.partitions:", "relay.replicas:", "relay.duplicate_window:",
+		"relay.credentials_file:", "relay.nkey_seed_file:", "relay.tls_cert_file:"} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("stderr does not name %q:\n%s", want, stderr)
+		}
+	}
+	if strings.Contains(stderr, "natspass1") {
+		t.Errorf("stderr shows the NATS password: %s", stderr)
+	}
+}
+
+// TestRelayConfigDefaults: url alone is relay mode with the issue's defaults;
+// no section is direct mode.
+func TestRelayConfigDefaults(t *testing.T) {
+	t.Parallel()
+	c, err := parseConfig("", []byte("database_url: postgres://app@127.0.0.1:1/app\nrelay:\n  url: nats://127.0.0.1:4222\n"), noEnv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Validate(true); err != nil {
+		t.Fatal(err)
+	}
+	if r := c.relay; r == nil || r.Stream != "WALHOOK" || r.Partitions != 64 || r.Replicas != 3 || r.Duplicates != 10*time.Minute {
+		t.Errorf("relay = %+v, want stream WALHOOK, 64 partitions, 3 replicas, 10m window", r)
+	}
+	c, _ = parseConfig("", []byte("database_url: postgres://app@127.0.0.1:1/app\n"), noEnv)
+	if err := c.Validate(true); err != nil || c.relay != nil {
+		t.Errorf("without a relay section: relay = %+v, err %v", c.relay, err)
 	}
 }

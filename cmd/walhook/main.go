@@ -40,7 +40,8 @@ const usage = `walhook turns rows written to an outbox table into signed webhook
 
 Usage:
   walhook setup    [--config FILE] [--dry-run]      create or upgrade schema, outbox, emit(), control, publication, slot
-  walhook run      [--config FILE] [--log-format F] stream the slot and deliver hooks
+  walhook run      [--config FILE] [--log-format F] stream the slot and deliver hooks (with relay: publish them to NATS)
+  walhook deliver  [--config FILE] [--log-format F] relay mode: a worker that delivers hooks from NATS JetStream
   walhook teardown [--config FILE] [--drop-schema]  drop the slot and publication (and the schema)
   walhook recover  [--config FILE] [--since D]       after a slot loss: recreate it, redeliver outbox rows above the mark
   walhook status   [--config FILE] [--json]          slot, lag, retained WAL, per subscription backlog (from the database)
@@ -122,7 +123,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	redact := newRedactor(cfg.secrets())
 	stderr = redact.writer(stderr)
-	if err := cfg.Validate(cmd == "run" || cmd == "subscriptions" || cmd == "status"); err != nil {
+	if err := cfg.Validate(cmd == "run" || cmd == "deliver" || cmd == "subscriptions" || cmd == "status"); err != nil {
 		fmt.Fprintf(stderr, "walhook: invalid config:\n  %s\n", strings.ReplaceAll(err.Error(), "\n", "\n  "))
 		return exitConfig
 	}
@@ -135,6 +136,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		err = teardown(ctx, cfg, f.dropSchema, stdout)
 	case "run":
 		err = serve(ctx, cfg, log)
+	case "deliver":
+		err = deliver(ctx, cfg, log)
 	case "status":
 		err = status(ctx, cfg, f.asJSON, stdout)
 	case "recover":
@@ -188,7 +191,7 @@ func newFlagSet(cmd string, getenv func(string) string, f *cliFlags) *flag.FlagS
 		fs.BoolVar(&f.dryRun, "dry-run", false, "print the SQL instead of running it")
 	case "teardown":
 		fs.BoolVar(&f.dropSchema, "drop-schema", false, "also drop the walhook schema, with the outbox table if it is walhook.outbox")
-	case "run":
+	case "run", "deliver":
 	case "status":
 		fs.BoolVar(&f.asJSON, "json", false, "print JSON")
 	case "recover":

@@ -17,20 +17,28 @@ import (
 
 // readyz is 200 while the stream streams (or this replica is a healthy
 // standby) and lag is within ready_max_lag.
-func readyz(stream *cdc.Stream, m *outbox.Metrics, maxLag time.Duration) http.HandlerFunc {
+// In relay mode relayHealth says whether JetStream takes the deliveries.
+func readyz(stream *cdc.Stream, m *outbox.Metrics, maxLag time.Duration, relayHealth func() (bool, string)) http.HandlerFunc {
 	return func(w http.ResponseWriter, _ *http.Request) {
 		state, lag := stream.Health(), m.LagSeconds()
 		ok := state == cdc.Streaming || state == cdc.Standby
 		if maxLag > 0 && lag > maxLag.Seconds() {
 			ok = false
 		}
+		answer := map[string]any{"state": state, "lag_seconds": lag}
+		if relayHealth != nil {
+			rok, reason := relayHealth()
+			ok = ok && rok
+			answer["relay"] = map[string]any{"ok": rok, "reason": reason}
+		}
+		answer["ready"] = ok
 		status := http.StatusOK
 		if !ok {
 			status = http.StatusServiceUnavailable
 		}
 		w.Header().Set("content-type", "application/json")
 		w.WriteHeader(status)
-		json.NewEncoder(w).Encode(map[string]any{"ready": ok, "state": state, "lag_seconds": lag})
+		json.NewEncoder(w).Encode(answer)
 	}
 }
 
@@ -43,6 +51,7 @@ type statusOutput struct {
 	// than one: whether a standby has a synchronised copy to fail over to.
 	Hosts         []cdc.SlotCopy          `json:"hosts,omitempty"`
 	Subscriptions []subscriptionStatusRow `json:"subscriptions"`
+	Relay         *relayStatus            `json:"relay,omitempty"` // relay mode only
 }
 
 type subscriptionStatusRow struct {
@@ -95,6 +104,7 @@ func status(ctx context.Context, cfg *Config, asJSON bool, out io.Writer) error 
 		add(r.ID, "api")
 	}
 	sort.SliceStable(o.Subscriptions, func(i, j int) bool { return o.Subscriptions[i].ID < o.Subscriptions[j].ID })
+	o.Relay = inspectRelay(ctx, cfg)
 	if asJSON {
 		enc := json.NewEncoder(out)
 		enc.SetIndent("", "  ")
@@ -144,6 +154,7 @@ func status(ctx context.Context, cfg *Config, asJSON bool, out io.Writer) error 
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%.1fs\t%d\t%d\t%s\t%s\n", s.ID, s.Source, s.Pending, s.OldestPendingSeconds,
 			s.Parked, s.Dead, ago(s.LastSuccess), failure)
 	}
+	printRelay(tw, o.Relay)
 	return tw.Flush()
 }
 

@@ -46,9 +46,7 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		return err
 	}
 
-	snd := sender.New(cfg.guard, sender.WithMaxInFlightPerHost(cfg.defaults.MaxInFlightPerHost),
-		sender.WithHTTPTransport(cmp.Or(cfg.HTTPTransport, sender.TransportLean)),
-		sender.WithLogger(log.With().Str("component", "sender").Logger()))
+	snd := newSender(cfg, log)
 	defer snd.Close()
 	reg := prometheus.NewRegistry()
 	acker := outbox.NewAcker(0)
@@ -67,7 +65,7 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	if attemptLog != nil {
 		attempts = attemptLog
 	}
-	dispatcher := outbox.NewDispatcher(outbox.DispatcherConfig{
+	dcfg := outbox.DispatcherConfig{
 		Subscriptions: cfg.subs,
 		Defaults:      cfg.defaults,
 		Metrics:       metrics,
@@ -77,7 +75,16 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		Store:         store,
 		Logger:        log.With().Str("component", "outbox").Logger(),
 		Attempts:      attempts,
-	})
+	}
+	var rl *relayRun // relay mode: deliveries go to JetStream (relay.go)
+	if cfg.relay != nil {
+		if rl, err = startRelay(cfg, reg, store, log); err != nil {
+			return err
+		}
+		defer rl.close()
+		dcfg.Relay = rl.pub
+	}
+	dispatcher := outbox.NewDispatcher(dcfg)
 	conns := newConnMetrics(reg)
 	var gatherer prometheus.Gatherer = reg
 	if !cfg.subscriptionLabels {
@@ -88,7 +95,7 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	if metricsLn == nil {
 		mux.Handle("GET /metrics", metricsHandler)
 	}
-	mux.Handle("GET /readyz", readyz(stream, metrics, cfg.readyMaxLag))
+	mux.Handle("GET /readyz", readyz(stream, metrics, cfg.readyMaxLag, rl.health()))
 	api.New(api.Config{
 		AdminToken: cfg.AdminToken, AuthURL: cfg.AuthURL, Disabled: cfg.apiDisabled(),
 		Store: store, Static: cfg.subs, Defaults: cfg.defaults, Guard: cfg.guard, Verifier: snd,
@@ -129,6 +136,9 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	if attemptLog != nil {
 		g.Go(func() error { return attemptLog.Run(gctx) })
 	}
+	if rl != nil {
+		rl.run(g, gctx)
+	}
 	for i, srv := range servers {
 		g.Go(func() error {
 			if err := srv.Serve(listeners[i]); !errors.Is(err, http.ErrServerClosed) {
@@ -142,9 +152,11 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		case <-ctx.Done():
 			log.Info().Dur("shutdown_timeout", cfg.shutdown).Msg("stopping: finishing deliveries in flight")
 			stream.Drain()
+			deadline := time.After(cfg.shutdown)
 			select {
 			case <-dispatcher.Drained():
-			case <-time.After(cfg.shutdown):
+				rl.drained(deadline) // relay mode: what was handed on is acknowledged
+			case <-deadline:
 				log.Warn().Msg("shutdown_timeout: abandoning deliveries in flight (they are replayed at the next start)")
 			case <-gctx.Done():
 			}
@@ -167,6 +179,13 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	err = g.Wait()
 	log.Info().Msg("walhook stopped")
 	return err
+}
+
+// newSender is the Sender of walhook run and walhook deliver.
+func newSender(cfg *Config, log zerolog.Logger) *sender.Sender {
+	return sender.New(cfg.guard, sender.WithMaxInFlightPerHost(cfg.defaults.MaxInFlightPerHost),
+		sender.WithHTTPTransport(cmp.Or(cfg.HTTPTransport, sender.TransportLean)),
+		sender.WithLogger(log.With().Str("component", "sender").Logger()))
 }
 
 // streamHold is the stream as the prober sees it.

@@ -1,0 +1,314 @@
+package relay
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+	"github.com/walhook/walhook/outbox"
+)
+
+// Publisher limits.
+const (
+	maxInFlight = 4096             // publishes awaiting their PubAck
+	maxQueued   = 8192             // publishes held, in flight or waiting
+	ackTimeout  = 10 * time.Second // a PubAck not back by then is a failure
+	stuckAfter  = 10 * time.Second // /readyz: the oldest publish is this old
+)
+
+// PublisherConfig configures a Publisher.
+type PublisherConfig struct {
+	Relay      Config
+	JetStream  jetstream.JetStream
+	Conn       *nats.Conn
+	Logger     zerolog.Logger
+	Registerer prometheus.Registerer // default: registered nowhere
+	// DeadLetter stores an event that cannot be published (larger than
+	// the server's max_payload).
+	DeadLetter func(ctx context.Context, d outbox.DeadLetter) error
+}
+
+// Publisher is the sidecar's outbox.Relay: the Dispatcher calls Publish in
+// stream order; Run, one goroutine, publishes asynchronously in that order
+// and calls each delivery's done once JetStream stored it.
+type Publisher struct {
+	cfg PublisherConfig
+	in  chan *pub
+	log zerolog.Logger
+	m   *publisherMetrics
+
+	pending atomic.Int64 // held: waiting or in flight
+	oldest  atomic.Int64 // unix nanos of the oldest unacknowledged publish; 0 none
+	failing atomic.Bool  // the last attempt failed and none succeeded since
+	mu      sync.Mutex
+	lastErr string
+}
+
+type pub struct {
+	msg   *nats.Msg
+	id    string
+	epoch *outbox.Epoch
+	done  func()
+	at    time.Time
+	fut   jetstream.PubAckFuture
+}
+
+// NewPublisher returns a Publisher; Run starts it.
+func NewPublisher(cfg PublisherConfig) *Publisher {
+	cfg.Relay = cfg.Relay.WithDefaults()
+	if cfg.Registerer == nil {
+		cfg.Registerer = prometheus.NewRegistry()
+	}
+	p := &Publisher{cfg: cfg, in: make(chan *pub, 1024), log: cfg.Logger}
+	p.m = newPublisherMetrics(cfg.Registerer, p)
+	return p
+}
+
+// Publish implements outbox.Relay.
+func (p *Publisher) Publish(ctx context.Context, e *outbox.Epoch, sub *outbox.Subscription, ev outbox.Event, done func()) error {
+	data, err := json.Marshal(message{Subscription: sub.ID, Event: ev})
+	if err != nil {
+		return fmt.Errorf("encode relay message: %w", err)
+	}
+	id := msgID(sub.ID, &ev)
+	if max := p.cfg.Conn.MaxPayload(); max > 0 && int64(len(data))+512 > max {
+		// JetStream would refuse it every time: it must not wedge the slot.
+		dl := outbox.DeadLetter{Subscription: sub.ID, Event: ev, WebhookID: outbox.WebhookID(sub.ID, []outbox.Event{ev}),
+			Reason: fmt.Sprintf("relay: %d bytes is more than the NATS server's max_payload (%d)", len(data), max)}
+		if ev.WebhookID != "" {
+			dl.WebhookID = ev.WebhookID
+		}
+		for err := p.cfg.DeadLetter(ctx, dl); err != nil; err = p.cfg.DeadLetter(ctx, dl) {
+			if errors.Is(err, outbox.ErrPermanent) {
+				p.log.Error().Err(err).Str("subscription", sub.ID).Str("event_id", ev.ID).
+					Msg("event dropped: too large for nats, and the store cannot hold its dead letter")
+				break
+			}
+			p.log.Error().Err(err).Msg("cannot write dead letter; retrying")
+			if err := sleep(ctx, time.Second); err != nil {
+				return err
+			}
+		}
+		p.log.Warn().Str("subscription", sub.ID).Str("event_id", ev.ID).Int("bytes", len(data)).Msg("event too large for nats: dead-lettered")
+		done()
+		return nil
+	}
+	msg := &nats.Msg{Subject: p.cfg.Relay.subject(Partition(sub.ID, ev.ResourceID, p.cfg.Relay.Partitions)), Data: data}
+	x := &pub{msg: msg, id: id, epoch: e, done: done}
+	p.pending.Add(1)
+	select {
+	case p.in <- x:
+		return nil
+	case <-ctx.Done():
+		p.pending.Add(-1)
+		return ctx.Err()
+	}
+}
+
+// Health says whether publishing works: not when the last attempt failed, or
+// the oldest publish has waited for its acknowledgement for long.
+func (p *Publisher) Health() (ok bool, reason string) {
+	if p.failing.Load() {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return false, "relay: cannot publish to JetStream: " + p.lastErr
+	}
+	if o := p.oldest.Load(); o > 0 && time.Since(time.Unix(0, o)) > stuckAfter {
+		return false, "relay: JetStream has not acknowledged a publish for " + time.Since(time.Unix(0, o)).Round(time.Second).String()
+	}
+	return true, ""
+}
+
+// Pending is the number of publishes not yet acknowledged.
+func (p *Publisher) Pending() int64 { return p.pending.Load() }
+
+// Run publishes until ctx ends. Order: in flight, every publish but the
+// first after a failure expects its predecessor as the stream's last message,
+// so JetStream refuses one that would overtake a lost one. After a failure
+// the publisher waits for everything in flight, then publishes again from the
+// first unacknowledged message, one at a time (without expectation) until one
+// is stored anew, and then pipelines again. Publishes of an ended epoch are
+// dropped unacknowledged: the next epoch streams them again.
+func (p *Publisher) Run(ctx context.Context) error {
+	var (
+		queue    []*pub // to publish, in order
+		inflight []*pub // published, in order
+		failed   []*pub // failed while others were in flight: republished first
+		chain    bool   // pipelining: the last publish is expected to be stored
+		last     string // the id the next publish expects as the stream's last
+		epoch    *outbox.Epoch
+		dupsIn   *outbox.Epoch // the epoch whose first duplicate was logged
+		retryAt  time.Time
+	)
+	bo := backoff.NewExponentialBackOff(backoff.WithInitialInterval(100*time.Millisecond),
+		backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0))
+	for { // the stream first; publishes wait in the input meanwhile
+		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_, err := EnsureStream(sctx, p.cfg.JetStream, p.cfg.Relay)
+		cancel()
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		p.fail(err)
+		if sleep(ctx, bo.NextBackOff()) != nil {
+			return nil
+		}
+	}
+	bo.Reset()
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		// Publish what may go now.
+		for len(queue) > 0 && len(inflight) < maxInFlight && len(failed) == 0 && (chain || len(inflight) == 0) &&
+			!time.Now().Before(retryAt) {
+			x := queue[0]
+			if x.epoch.Err() != nil {
+				queue[0] = nil
+				queue = queue[1:]
+				p.pending.Add(-1)
+				continue
+			}
+			if x.epoch != epoch { // a new epoch starts serial: the old one's tail may be lost
+				epoch, chain = x.epoch, false
+				if len(inflight) > 0 {
+					break
+				}
+			}
+			// Headers afresh: an earlier attempt's expectation must not stick.
+			x.msg.Header = nats.Header{}
+			opts := []jetstream.PublishOpt{jetstream.WithMsgID(x.id), jetstream.WithExpectStream(p.cfg.Relay.Stream)}
+			if chain {
+				opts = append(opts, jetstream.WithExpectLastMsgID(last))
+			}
+			fut, err := p.cfg.JetStream.PublishMsgAsync(x.msg, opts...)
+			if err != nil {
+				p.fail(err)
+				chain, retryAt = false, time.Now().Add(bo.NextBackOff())
+				break
+			}
+			queue[0] = nil
+			queue = queue[1:]
+			if x.at.IsZero() {
+				x.at = time.Now()
+			}
+			x.fut = fut
+			inflight = append(inflight, x)
+			last = x.id
+		}
+		if len(inflight) > 0 {
+			p.oldest.Store(inflight[0].at.UnixNano())
+		} else if len(queue) > 0 && !queue[0].at.IsZero() {
+			p.oldest.Store(queue[0].at.UnixNano())
+		} else {
+			p.oldest.Store(0)
+		}
+
+		in := p.in
+		if len(queue)+len(inflight)+len(failed) >= maxQueued {
+			in = nil // backpressure: the Dispatcher, and behind it the stream, wait
+		}
+		var okc <-chan *jetstream.PubAck
+		var errc <-chan error
+		if len(inflight) > 0 {
+			okc, errc = inflight[0].fut.Ok(), inflight[0].fut.Err()
+		}
+		var retry <-chan time.Time
+		if len(queue) > 0 && len(inflight) == 0 && time.Now().Before(retryAt) {
+			timer.Reset(time.Until(retryAt))
+			retry = timer.C
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case x := <-in:
+			queue = append(queue, x)
+			p.takeMore(&queue)
+		case ack := <-okc:
+			x := inflight[0]
+			inflight[0] = nil
+			inflight = inflight[1:]
+			if ack.Duplicate {
+				p.m.duplicates.Inc()
+				if dupsIn != x.epoch {
+					dupsIn = x.epoch
+					p.log.Info().Msg("jetstream already holds deliveries streamed again after a restart: dropped as duplicates")
+				}
+			} else if !chain && len(failed) == 0 {
+				chain, last = true, x.id // stored anew: pipelining is safe from here
+			}
+			p.m.published.Inc()
+			p.m.ackSeconds.Observe(time.Since(x.at).Seconds())
+			if p.failing.Swap(false) {
+				p.log.Info().Msg("publishing to jetstream again")
+			}
+			bo.Reset()
+			p.pending.Add(-1)
+			x.done()
+		case err := <-errc:
+			x := inflight[0]
+			inflight[0] = nil
+			inflight = inflight[1:]
+			failed = append(failed, x)
+			chain = false
+			p.fail(err)
+		case <-retry:
+		}
+		if len(failed) > 0 && len(inflight) == 0 {
+			// Everything in flight is back: republish from the first failure.
+			queue = append(failed, queue...)
+			failed = nil
+			retryAt = time.Now().Add(bo.NextBackOff())
+		}
+	}
+}
+
+func (p *Publisher) fail(err error) {
+	p.m.errors.Inc()
+	p.log.Debug().Err(err).Msg("publish failed")
+	msg := err.Error()
+	p.mu.Lock()
+	p.lastErr = msg
+	p.mu.Unlock()
+	if !p.failing.Swap(true) {
+		p.log.Error().Err(err).Msg("cannot publish to jetstream; retrying, the slot is not confirmed meanwhile")
+	}
+}
+
+// Drained waits until every publish was acknowledged or ctx ends (shutdown).
+func (p *Publisher) Drained(ctx context.Context) error {
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for p.pending.Load() > 0 {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+	return nil
+}
+
+// takeMore moves what waits in the input to the queue, up to its bound: one
+// select per burst instead of one per delivery.
+func (p *Publisher) takeMore(queue *[]*pub) {
+	for len(*queue) < maxQueued {
+		select {
+		case x := <-p.in:
+			*queue = append(*queue, x)
+		default:
+			return
+		}
+	}
+}

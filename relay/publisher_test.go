@@ -1,0 +1,123 @@
+package relay
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+	"github.com/walhook/walhook/internal/natstest"
+	"github.com/walhook/walhook/outbox"
+)
+
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		<-tick.C
+	}
+}
+
+type testRig struct {
+	nats *natstest.Cluster
+	nc   *nats.Conn
+	js   jetstream.JetStream
+	cfg  Config
+	pub  *Publisher
+	done atomic.Int64
+	ep   *outbox.Epoch
+	sub  *outbox.Subscription
+}
+
+func newRig(t *testing.T) *testRig {
+	r := &testRig{nats: natstest.Start(t)}
+	r.cfg = Config{URL: r.nats.URL(), Stream: "P", Partitions: 4, Replicas: 1}.WithDefaults()
+	var err error
+	if r.nc, err = r.cfg.Connect("test"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(r.nc.Close)
+	r.js, _ = jetstream.New(r.nc, jetstream.WithPublishAsyncTimeout(2*time.Second))
+	r.pub = NewPublisher(PublisherConfig{Relay: r.cfg, JetStream: r.js, Conn: r.nc, Logger: zerolog.Nop()})
+	ctx, cancel := context.WithCancel(context.Background())
+	stopped := make(chan struct{})
+	go func() { r.pub.Run(ctx); close(stopped) }()
+	t.Cleanup(func() { cancel(); <-stopped })
+	r.ep = outbox.NewEpoch(context.Background(), 1)
+	r.sub = &outbox.Subscription{ID: "s"}
+	return r
+}
+
+func (r *testRig) publish(t *testing.T, from, n int) {
+	for i := from; i < from+n; i++ {
+		ev := outbox.Event{ID: fmt.Sprint(i), Type: "t", ResourceID: "r", Payload: json.RawMessage(`{}`), Seq: uint64(i)}
+		if err := r.pub.Publish(context.Background(), r.ep, r.sub, ev, func() { r.done.Add(1) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// stored reads the stream's messages in stream order.
+func (r *testRig) stored(t *testing.T) []string {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := r.js.Stream(ctx, r.cfg.Stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for seq := s.CachedInfo().State.FirstSeq; seq <= s.CachedInfo().State.LastSeq; seq++ {
+		m, err := s.GetMsg(ctx, seq)
+		if err != nil {
+			t.Fatal(err)
+		}
+		msg, _ := decodeMessage(m.Data)
+		ids = append(ids, msg.Event.ID)
+	}
+	return ids
+}
+
+// TestPublisherSurvivesNATSRestart: publishes while NATS is down wait, the
+// publisher says it is failing, and once NATS is back every delivery is
+// stored once, in order.
+func TestPublisherSurvivesNATSRestart(t *testing.T) {
+	r := newRig(t)
+	r.publish(t, 0, 50)
+	waitFor(t, 20*time.Second, "the first publishes", func() bool { return r.done.Load() == 50 })
+	// As if workers had finished them: after the restart the stream has no
+	// last message id, which the publisher's next expectation meets.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if s, err := r.js.Stream(ctx, r.cfg.Stream); err != nil || s.Purge(ctx) != nil {
+		t.Fatalf("purge: %v", err)
+	}
+	r.nats.Shutdown(0)
+	r.publish(t, 50, 50)
+	waitFor(t, 20*time.Second, "the publisher to say it fails", func() bool { ok, _ := r.pub.Health(); return !ok })
+	if n := r.done.Load(); n != 50 {
+		t.Fatalf("%d deliveries acknowledged while NATS was down", n-50)
+	}
+	if err := r.nats.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "every publish", func() bool { return r.done.Load() == 100 })
+	ids := r.stored(t)
+	if len(ids) != 50 {
+		t.Fatalf("stream holds %d messages, want 50", len(ids))
+	}
+	for i, id := range ids {
+		if id != fmt.Sprint(50+i) {
+			t.Fatalf("message %d is event %s: out of order", i, id)
+		}
+	}
+}

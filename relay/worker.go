@@ -1,0 +1,947 @@
+package relay
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"math"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nuid"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+	"github.com/walhook/walhook/outbox"
+)
+
+// Worker limits and timings.
+const (
+	fetchBatch     = 256
+	fetchWait      = time.Second
+	maxAckPending  = 10_000 // per partition consumer
+	defaultAckWait = 30 * time.Second
+	// An owner that has not renewed its lease for loseAfter stops (guard):
+	// the lease lasts leaseTTL from the last renewal the server stored,
+	// which was sent no earlier than the one measured here.
+	loseAfter = 3 * time.Second
+	// releaseWithin bounds a graceful hand-over: the partition's held
+	// messages finish, or the epoch ends (its sends are cancelled).
+	releaseWithin = 10 * time.Second
+	refreshEvery  = 2 * time.Second // subscription rows
+)
+
+// WorkerConfig configures a Worker.
+type WorkerConfig struct {
+	Relay           Config
+	JetStream       jetstream.JetStream
+	ID              string                 // the worker's name among members; default host-pid-random
+	Subscriptions   []*outbox.Subscription // static, from the config file
+	Defaults        outbox.DeliveryOptions
+	Deliverer       outbox.Deliverer
+	Store           WorkerStore
+	Logger          zerolog.Logger
+	Registerer      prometheus.Registerer // default: registered nowhere
+	MaxPendingBytes int64                 // message bytes held at once before fetching pauses; default 64 MiB
+	AckWait         time.Duration         // consumers' AckWait (held messages get InProgress); default 30s
+	ShutdownTimeout time.Duration         // when Run's ctx ends, how long held messages may finish; default 15s
+}
+
+// Worker is `walhook deliver`: it owns a fair share of the partitions and
+// delivers their messages through a Dispatcher with direct mode's
+// schedulers (docs/scale-out.md).
+type Worker struct {
+	cfg     WorkerConfig
+	kv      jetstream.KeyValue
+	store   *workerStore
+	changes chan outbox.Change
+	disp    *outbox.Dispatcher
+	budget  *outbox.Budget
+	log     zerolog.Logger
+	m       *workerMetrics
+
+	heldBytes atomic.Int64
+	freed     chan struct{} // signalled when heldBytes drops below the limit
+
+	mu       sync.Mutex
+	draining bool // shutting down: fetch nothing more, take nothing more
+	owned    map[int]*partition
+	epoch    *outbox.Epoch  // the current one; nil between epochs
+	fetch    sync.WaitGroup // the current epoch's fetchers
+	nEpoch   uint64
+
+	subsMu sync.Mutex
+	known  map[string]string // dynamic subscriptions fed to the Dispatcher: id → row JSON
+	gone   map[string]bool   // not found by a refresh after a message for it came: deleted since it was routed
+}
+
+// partition is an owned partition. The lease fields belong to the lease
+// loop; held and high to the partition's fetcher and the finish callbacks.
+type partition struct {
+	n         int
+	rev       uint64    // the lease's revision
+	renewedAt time.Time // when the last renewal that succeeded was sent
+	releasing time.Time // non-zero: handing over since then
+	stop      context.CancelFunc
+
+	mu   sync.Mutex
+	held map[uint64]heldMsg // by stream sequence: handed to the Dispatcher, not finished
+	high uint64             // highest stream sequence handed on in this epoch
+}
+
+type heldMsg struct {
+	msg  jetstream.Msg
+	size int64
+}
+
+var errPartitionLost = errors.New("relay: a partition lease was lost")
+
+// NewWorker returns a Worker; Run starts it.
+func NewWorker(cfg WorkerConfig) *Worker {
+	cfg.Relay = cfg.Relay.WithDefaults()
+	if cfg.ID == "" {
+		host, _ := os.Hostname()
+		cfg.ID = fmt.Sprintf("%s-%d-%s", host, os.Getpid(), nuid.Next()[:6])
+	}
+	cfg.ID = strings.Map(func(r rune) rune {
+		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' {
+			return r
+		}
+		return '_'
+	}, cfg.ID)
+	if cfg.Registerer == nil {
+		cfg.Registerer = prometheus.NewRegistry()
+	}
+	if cfg.MaxPendingBytes <= 0 {
+		cfg.MaxPendingBytes = outbox.DefaultMaxPendingBytes
+	}
+	if cfg.AckWait <= 0 {
+		cfg.AckWait = defaultAckWait
+	}
+	if cfg.ShutdownTimeout <= 0 {
+		cfg.ShutdownTimeout = 15 * time.Second
+	}
+	w := &Worker{cfg: cfg, store: &workerStore{WorkerStore: cfg.Store}, changes: make(chan outbox.Change, 256),
+		log: cfg.Logger, owned: map[int]*partition{}, known: map[string]string{}, gone: map[string]bool{}, freed: make(chan struct{}, 1),
+		budget: outbox.NewBudget(math.MaxInt64 / 2)} // the worker bounds bytes itself (heldBytes)
+	w.m = newWorkerMetrics(cfg.Registerer, w)
+	acker := outbox.NewAcker(0)
+	w.disp = outbox.NewDispatcher(outbox.DispatcherConfig{
+		Subscriptions: cfg.Subscriptions, Defaults: cfg.Defaults, Acker: acker, Deliverer: cfg.Deliverer,
+		Store: w.store, Logger: cfg.Logger, Metrics: outbox.NewMetrics(cfg.Registerer, acker), Budget: w.budget,
+		NoParking: true,
+	})
+	return w
+}
+
+// ID is the worker's name in the lease bucket.
+func (w *Worker) ID() string { return w.cfg.ID }
+
+// Owned lists the partitions this worker owns.
+func (w *Worker) Owned() []int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var ps []int
+	for n := range w.owned {
+		ps = append(ps, n)
+	}
+	slices.Sort(ps)
+	return ps
+}
+
+// Run delivers until ctx ends. Then it drains: it fetches nothing more,
+// lets what it holds finish (up to ShutdownTimeout, its leases renewed
+// meanwhile), cancels the rest and gives its leases back.
+func (w *Worker) Run(ctx context.Context) error {
+	if err := w.setup(ctx); err != nil {
+		return err
+	}
+	runCtx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	defer stop()
+	var wg sync.WaitGroup
+	errc := make(chan error, 1)
+	dctx, stopDisp := context.WithCancel(context.WithoutCancel(ctx))
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := w.disp.Run(dctx, w.changes); err != nil {
+			errc <- err
+			stop()
+		}
+	}()
+	for _, f := range []func(context.Context){w.leases, w.guard, w.progress, w.refreshLoop} {
+		wg.Add(1)
+		go func() { defer wg.Done(); f(runCtx) }()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		select {
+		case <-ctx.Done():
+			w.drain(runCtx)
+			stop()
+		case <-runCtx.Done():
+		}
+	}()
+	for runCtx.Err() == nil {
+		w.runEpoch(runCtx)
+	}
+	stopDisp()
+	wg.Wait()
+	w.releaseAll()
+	select {
+	case err := <-errc:
+		return err
+	default:
+		return nil
+	}
+}
+
+// drain stops fetching and waits until nothing fetched is unfinished, or
+// ShutdownTimeout.
+func (w *Worker) drain(ctx context.Context) {
+	w.mu.Lock()
+	w.draining = true
+	for _, p := range w.owned {
+		if p.stop != nil {
+			p.stop()
+		}
+	}
+	w.mu.Unlock()
+	w.log.Info().Dur("shutdown_timeout", w.cfg.ShutdownTimeout).Msg("stopping: finishing deliveries in flight")
+	deadline := time.NewTimer(w.cfg.ShutdownTimeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for w.heldBytes.Load() > 0 {
+		select {
+		case <-ctx.Done():
+			return
+		case <-deadline.C:
+			w.log.Warn().Msg("shutdown_timeout: abandoning deliveries in flight (their messages come again)")
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// setup creates the stream and the lease bucket if they are missing.
+func (w *Worker) setup(ctx context.Context) error {
+	for {
+		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_, err := EnsureStream(sctx, w.cfg.JetStream, w.cfg.Relay)
+		if err == nil {
+			w.kv, err = ensureBucket(sctx, w.cfg.JetStream, w.cfg.Relay)
+		}
+		cancel()
+		if err == nil {
+			return nil
+		}
+		w.log.Error().Err(err).Msg("cannot reach jetstream; retrying")
+		if sleep(ctx, time.Second) != nil {
+			return nil
+		}
+	}
+}
+
+// runEpoch is one epoch: the Dispatcher starts from the subscriptions as
+// they are, every owned partition is reset to what is unacknowledged and
+// fetched, until a partition is lost (or ctx ends). Then every send of the
+// epoch is cancelled and its held messages are forgotten unacknowledged.
+func (w *Worker) runEpoch(ctx context.Context) {
+	w.mu.Lock()
+	w.nEpoch++
+	e := outbox.NewEpoch(ctx, w.nEpoch)
+	w.mu.Unlock()
+	w.budget.Reset(e.N)
+	if err := w.startSubscriptions(e); err != nil {
+		e.End(err)
+		return
+	}
+	w.mu.Lock()
+	w.epoch = e
+	for _, p := range w.owned {
+		if p.releasing.IsZero() && !w.draining {
+			w.startFetch(e, p)
+		}
+	}
+	w.mu.Unlock()
+	w.log.Info().Uint64("epoch", e.N).Ints("partitions", w.Owned()).Msg("delivering")
+	<-e.Context().Done()
+	w.mu.Lock()
+	w.epoch = nil
+	w.mu.Unlock()
+	w.fetch.Wait()
+	w.mu.Lock()
+	for _, p := range w.owned {
+		p.forget(w)
+	}
+	w.mu.Unlock()
+	if ctx.Err() == nil {
+		w.log.Warn().Err(e.Err()).Msg("epoch ended: sends in flight cancelled, unacknowledged messages come again")
+	}
+}
+
+// startSubscriptions loads the dynamic subscriptions and starts the
+// Dispatcher's epoch with them.
+func (w *Worker) startSubscriptions(e *outbox.Epoch) error {
+	w.subsMu.Lock()
+	defer w.subsMu.Unlock()
+	var rows []outbox.SubscriptionRow
+	for {
+		lctx, cancel := context.WithTimeout(e.Context(), 10*time.Second)
+		var err error
+		rows, err = w.cfg.Store.ListSubscriptions(lctx, nil)
+		cancel()
+		if err == nil {
+			break
+		}
+		w.log.Error().Err(err).Msg("cannot read subscriptions; retrying")
+		if sleep(e.Context(), time.Second) != nil {
+			return err
+		}
+	}
+	clear(w.known)
+	for i := range rows {
+		b, _ := json.Marshal(&rows[i])
+		w.known[rows[i].ID] = string(b)
+	}
+	w.store.rows.Store(&rows)
+	select {
+	case w.changes <- outbox.Change{Kind: outbox.ChangeStart, Epoch: e}:
+		return nil
+	case <-e.Context().Done():
+		return e.Err()
+	}
+}
+
+func (w *Worker) refreshLoop(ctx context.Context) {
+	t := time.NewTicker(refreshEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			w.mu.Lock()
+			e := w.epoch
+			w.mu.Unlock()
+			if e != nil {
+				w.refresh(e)
+			}
+		}
+	}
+}
+
+// refresh feeds the Dispatcher the subscription rows that changed since it
+// last looked: new, updated (secrets, options, disabled) and deleted ones.
+func (w *Worker) refresh(e *outbox.Epoch) error {
+	w.subsMu.Lock()
+	defer w.subsMu.Unlock()
+	lctx, cancel := context.WithTimeout(e.Context(), 10*time.Second)
+	rows, err := w.cfg.Store.ListSubscriptions(lctx, nil)
+	cancel()
+	if err != nil {
+		return err
+	}
+	seen := map[string]bool{}
+	var changes []outbox.Change
+	for i := range rows {
+		b, _ := json.Marshal(&rows[i])
+		seen[rows[i].ID] = true
+		if w.known[rows[i].ID] != string(b) {
+			w.known[rows[i].ID] = string(b)
+			changes = append(changes, outbox.Change{Kind: outbox.ChangeSubscription, SubscriptionID: rows[i].ID, Row: b})
+		}
+	}
+	for id := range w.known {
+		if !seen[id] {
+			delete(w.known, id)
+			changes = append(changes, outbox.Change{Kind: outbox.ChangeSubscription, SubscriptionID: id})
+		}
+	}
+	for _, c := range changes {
+		select {
+		case w.changes <- c:
+		case <-e.Context().Done():
+			return e.Err()
+		}
+	}
+	return nil
+}
+
+// knows says whether a subscription is static or fed to the Dispatcher.
+func (w *Worker) knows(id string) bool {
+	for _, s := range w.cfg.Subscriptions {
+		if s.ID == id {
+			return true
+		}
+	}
+	w.subsMu.Lock()
+	defer w.subsMu.Unlock()
+	_, ok := w.known[id]
+	return ok || w.gone[id]
+}
+
+// markGone remembers a subscription that a refresh after its message came
+// did not find: it was deleted after the event was routed to it (ids are
+// not reused), so its later messages are dropped without another look.
+func (w *Worker) markGone(id string) {
+	w.subsMu.Lock()
+	defer w.subsMu.Unlock()
+	if _, ok := w.known[id]; !ok && !w.gone[id] {
+		w.gone[id] = true
+		w.log.Warn().Str("subscription", id).Msg("messages for a subscription that no longer exists are dropped")
+	}
+}
+
+// startFetch starts p's fetcher in epoch e. w.mu is held.
+func (w *Worker) startFetch(e *outbox.Epoch, p *partition) {
+	ctx, cancel := context.WithCancel(e.Context())
+	p.stop = cancel
+	w.fetch.Add(1)
+	go func() {
+		defer w.fetch.Done()
+		defer cancel()
+		w.fetchLoop(ctx, e, p)
+	}()
+}
+
+// fetchLoop resets p's consumer to what is unacknowledged, then hands its
+// messages to the Dispatcher in stream order.
+func (w *Worker) fetchLoop(ctx context.Context, e *outbox.Epoch, p *partition) {
+	var cons jetstream.Consumer
+	for cons == nil {
+		var err error
+		if cons, err = w.resetConsumer(ctx, p.n); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			w.log.Error().Err(err).Int("partition", p.n).Msg("cannot reset the partition's consumer; retrying")
+			if sleep(ctx, time.Second) != nil {
+				return
+			}
+		}
+	}
+	var delivered uint64 // the consumer's delivery sequence last seen: a fresh consumer counts from 1
+	for ctx.Err() == nil {
+		if !w.waitRoom(ctx) {
+			return
+		}
+		batch, err := cons.Fetch(fetchBatch, jetstream.FetchMaxWait(fetchWait))
+		if err == nil {
+			for msg := range batch.Messages() {
+				if err := w.handleMsg(ctx, e, p, msg, &delivered); err != nil {
+					return
+				}
+			}
+			err = batch.Error()
+		}
+		switch {
+		case err == nil || errors.Is(err, jetstream.ErrNoMessages) || errors.Is(err, nats.ErrTimeout):
+		case ctx.Err() != nil:
+			return
+		case errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrConsumerDeleted):
+			// Someone else reset it: only a new owner does that.
+			w.lose(fmt.Errorf("partition %d: its consumer was reset by another worker: %w", p.n, errPartitionLost), p)
+			return
+		default:
+			w.log.Debug().Err(err).Int("partition", p.n).Msg("fetch failed")
+			if sleep(ctx, 250*time.Millisecond) != nil {
+				return
+			}
+		}
+	}
+}
+
+// resetConsumer recreates partition n's consumer: it then delivers from the
+// oldest message not acknowledged (work-queue retention keeps only those), so
+// what the previous owner held comes first, in order, before anything newer.
+func (w *Worker) resetConsumer(ctx context.Context, n int) (jetstream.Consumer, error) {
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	name := w.cfg.Relay.consumer(n)
+	if err := w.cfg.JetStream.DeleteConsumer(rctx, w.cfg.Relay.Stream, name); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return nil, fmt.Errorf("delete consumer %s: %w", name, err)
+	}
+	c, err := w.cfg.JetStream.CreateConsumer(rctx, w.cfg.Relay.Stream, jetstream.ConsumerConfig{
+		Durable: name, FilterSubject: w.cfg.Relay.subject(n), AckPolicy: jetstream.AckExplicitPolicy,
+		DeliverPolicy: jetstream.DeliverAllPolicy, AckWait: w.cfg.AckWait, MaxAckPending: maxAckPending, MaxDeliver: -1,
+		Replicas: 0, // the stream's
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create consumer %s: %w", name, err)
+	}
+	w.m.resets.Inc()
+	return c, nil
+}
+
+// handleMsg hands one message to the Dispatcher, once per epoch and in
+// stream order: a redelivery of a message it holds is ignored, one it
+// finished is acknowledged again. A delivery lost on the way (its
+// consumer sequence skipped, say across a reconnect) would be redelivered
+// after later ones: the epoch ends instead, and the reset that follows
+// delivers from the oldest unacknowledged message again.
+func (w *Worker) handleMsg(ctx context.Context, e *outbox.Epoch, p *partition, msg jetstream.Msg, delivered *uint64) error {
+	meta, err := msg.Metadata()
+	if err != nil {
+		return nil
+	}
+	if meta.Sequence.Consumer != *delivered+1 {
+		w.m.gaps.Inc()
+		e.End(fmt.Errorf("partition %d: deliveries %d to %d never arrived", p.n, *delivered+1, meta.Sequence.Consumer-1))
+		return e.Err()
+	}
+	*delivered = meta.Sequence.Consumer
+	seq := meta.Sequence.Stream
+	if meta.NumDelivered > 1 {
+		w.m.redeliveries.Inc()
+	}
+	size := int64(len(msg.Data()) + 256)
+	p.mu.Lock()
+	if _, ok := p.held[seq]; ok {
+		p.mu.Unlock()
+		return nil
+	}
+	if seq <= p.high {
+		p.mu.Unlock()
+		msg.Ack() // finished before; its acknowledgement was lost
+		return nil
+	}
+	p.high = seq
+	p.held[seq] = heldMsg{msg: msg, size: size}
+	p.mu.Unlock()
+	w.heldBytes.Add(size)
+	done := func() { w.finish(p, seq) }
+	m, err := decodeMessage(msg.Data())
+	if err != nil {
+		w.log.Error().Err(err).Int("partition", p.n).Uint64("stream_seq", seq).Msg("unreadable relay message dropped")
+		done()
+		return nil
+	}
+	if !w.knows(m.Subscription) {
+		for err := w.refresh(e); err != nil; err = w.refresh(e) {
+			if ctx.Err() == nil {
+				w.log.Error().Err(err).Msg("cannot read subscriptions; retrying")
+				_ = sleep(ctx, time.Second) // ctx is checked below
+			}
+			if ctx.Err() != nil {
+				w.unhold(p, seq)
+				return ctx.Err()
+			}
+		}
+		w.markGone(m.Subscription)
+	}
+	kind := outbox.ChangeRouted
+	if m.Event.WebhookID != "" {
+		kind = outbox.ChangeReplay
+	}
+	select {
+	case w.changes <- outbox.Change{Kind: kind, Event: m.Event, SubscriptionID: m.Subscription, LSN: outbox.LSN(seq), Done: done}:
+		return nil
+	case <-ctx.Done():
+		w.unhold(p, seq)
+		return ctx.Err()
+	}
+}
+
+// unhold forgets a message that was not handed on (it stays
+// unacknowledged and comes again).
+func (w *Worker) unhold(p *partition, seq uint64) {
+	p.mu.Lock()
+	h, ok := p.held[seq]
+	delete(p.held, seq)
+	p.mu.Unlock()
+	if ok {
+		w.release(h.size)
+	}
+}
+
+// finish acknowledges a finished message.
+func (w *Worker) finish(p *partition, seq uint64) {
+	p.mu.Lock()
+	h, ok := p.held[seq]
+	delete(p.held, seq)
+	p.mu.Unlock()
+	if !ok {
+		return // its epoch ended: forgotten
+	}
+	if err := h.msg.Ack(); err != nil {
+		w.log.Debug().Err(err).Uint64("stream_seq", seq).Msg("ack failed: the message comes again, as a duplicate")
+	}
+	w.m.finished.Inc()
+	w.release(h.size)
+}
+
+func (w *Worker) release(n int64) {
+	if w.heldBytes.Add(-n) < w.cfg.MaxPendingBytes {
+		select {
+		case w.freed <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// forget drops what p holds at the end of an epoch (unacknowledged: it comes
+// again). w.mu is held.
+func (p *partition) forget(w *Worker) {
+	p.mu.Lock()
+	var n int64
+	for _, h := range p.held {
+		n += h.size
+	}
+	clear(p.held)
+	p.high = 0
+	p.mu.Unlock()
+	w.release(n)
+}
+
+// waitRoom waits while the worker holds max_pending_bytes.
+func (w *Worker) waitRoom(ctx context.Context) bool {
+	for w.heldBytes.Load() >= w.cfg.MaxPendingBytes {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-w.freed:
+		case <-time.After(time.Second): // a release signal may have gone to another fetcher
+		}
+	}
+	return true
+}
+
+// progress tells JetStream every AckWait/3 that held messages are still
+// being worked on, so that none is redelivered while its owner holds it.
+func (w *Worker) progress(ctx context.Context) {
+	t := time.NewTicker(w.cfg.AckWait / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		w.mu.Lock()
+		parts := make([]*partition, 0, len(w.owned))
+		for _, p := range w.owned {
+			parts = append(parts, p)
+		}
+		w.mu.Unlock()
+		for _, p := range parts {
+			p.mu.Lock()
+			msgs := make([]jetstream.Msg, 0, len(p.held))
+			for _, h := range p.held {
+				msgs = append(msgs, h.msg)
+			}
+			p.mu.Unlock()
+			for _, m := range msgs {
+				m.InProgress()
+			}
+		}
+	}
+}
+
+// leases keeps this worker's membership and partition leases, every
+// leaseRenew: renew what it owns (stopping what it could not renew in time),
+// take free partitions up to its fair share, hand extras over.
+func (w *Worker) leases(ctx context.Context) {
+	t := time.NewTicker(leaseRenew)
+	defer t.Stop()
+	for {
+		w.leaseTick(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// guard gives up, every quarter second, the partitions whose lease was not
+// renewed for loseAfter, whatever the lease loop is waiting for: the lease
+// lasts leaseTTL from a renewal sent no earlier than the last one that
+// succeeded, so this stops the partition's deliveries at least
+// leaseTTL - loseAfter - 250ms before anyone else can take it.
+func (w *Worker) guard(ctx context.Context) {
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		var stale []*partition
+		w.mu.Lock()
+		for _, p := range w.owned {
+			if time.Since(p.renewedAt) > loseAfter {
+				stale = append(stale, p)
+			}
+		}
+		w.mu.Unlock()
+		if len(stale) > 0 {
+			w.lose(fmt.Errorf("the lease could not be renewed for %s: %w", loseAfter, errPartitionLost), stale...)
+		}
+	}
+}
+
+func (w *Worker) leaseTick(ctx context.Context) {
+	op := func(f func(context.Context) error) error {
+		octx, cancel := context.WithTimeout(ctx, leaseRenew)
+		defer cancel()
+		return f(octx)
+	}
+	op(func(c context.Context) error { _, err := w.kv.Put(c, "m."+w.cfg.ID, []byte("1")); return err })
+	w.mu.Lock()
+	parts := make([]*partition, 0, len(w.owned))
+	for _, p := range w.owned {
+		parts = append(parts, p)
+	}
+	w.mu.Unlock()
+	// All at once: one slow renewal must not delay the others past their TTL.
+	errs := make([]error, len(parts))
+	var wg sync.WaitGroup
+	for i, p := range parts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sent := time.Now()
+			var rev uint64
+			errs[i] = op(func(c context.Context) error {
+				var err error
+				rev, err = w.kv.Update(c, leaseKey(p.n), []byte(w.cfg.ID), p.rev)
+				return err
+			})
+			if errs[i] == nil {
+				w.mu.Lock()
+				p.rev, p.renewedAt = rev, sent
+				w.mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	var lost []*partition
+	for i, p := range parts {
+		switch {
+		case isWrongRevision(errs[i]):
+			lost = append(lost, p)
+		case errs[i] == nil && !p.releasing.IsZero():
+			w.handOver(ctx, p)
+		}
+	}
+	if len(lost) > 0 {
+		w.lose(fmt.Errorf("the lease was taken: %w", errPartitionLost), lost...)
+	}
+	w.mu.Lock()
+	draining := w.draining
+	w.mu.Unlock()
+	if draining {
+		return // renew, take nothing
+	}
+	members := 1
+	if err := op(func(c context.Context) error {
+		keys, err := w.kv.ListKeysFiltered(c, "m.*")
+		if err != nil {
+			return err
+		}
+		n := 0
+		for range keys.Keys() {
+			n++
+		}
+		members = max(n, 1)
+		return nil
+	}); err != nil {
+		return // cannot see the others: take nothing more
+	}
+	share := (w.cfg.Relay.Partitions + members - 1) / members
+	mine := w.active()
+	order := w.preference()
+	if mine < share {
+		for _, n := range order {
+			if mine >= share || ctx.Err() != nil {
+				break
+			}
+			w.mu.Lock()
+			_, have := w.owned[n]
+			w.mu.Unlock()
+			if have {
+				continue
+			}
+			sent := time.Now()
+			var rev uint64
+			if op(func(c context.Context) error {
+				var err error
+				rev, err = w.kv.Create(c, leaseKey(n), []byte(w.cfg.ID))
+				return err
+			}) != nil {
+				continue // owned by someone, or unreachable
+			}
+			w.take(n, rev, sent)
+			mine++
+		}
+	} else if mine > share {
+		// Hand over the ones this worker likes least.
+		for i := len(order) - 1; i >= 0 && mine > share; i-- {
+			w.mu.Lock()
+			p := w.owned[order[i]]
+			if p != nil && p.releasing.IsZero() {
+				p.releasing = time.Now()
+				if p.stop != nil {
+					p.stop() // fetch no more of it
+				}
+				mine--
+			}
+			w.mu.Unlock()
+		}
+	}
+}
+
+// active counts owned partitions not being handed over.
+func (w *Worker) active() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	n := 0
+	for _, p := range w.owned {
+		if p.releasing.IsZero() {
+			n++
+		}
+	}
+	return n
+}
+
+// preference orders partitions by rendezvous hash for this worker, so that
+// workers prefer different partitions and a rebalance moves few.
+func (w *Worker) preference() []int {
+	type scored struct {
+		n     int
+		score uint64
+	}
+	s := make([]scored, w.cfg.Relay.Partitions)
+	for n := range s {
+		h := fnv.New64a()
+		h.Write([]byte(w.cfg.ID))
+		h.Write([]byte{0})
+		h.Write([]byte(strconv.Itoa(n)))
+		s[n] = scored{n, h.Sum64()}
+	}
+	slices.SortFunc(s, func(a, b scored) int {
+		if a.score > b.score {
+			return -1
+		}
+		if a.score < b.score {
+			return 1
+		}
+		return 0
+	})
+	out := make([]int, len(s))
+	for i, x := range s {
+		out[i] = x.n
+	}
+	return out
+}
+
+// take starts owning partition n.
+func (w *Worker) take(n int, rev uint64, sent time.Time) {
+	p := &partition{n: n, rev: rev, renewedAt: sent, held: map[uint64]heldMsg{}}
+	w.mu.Lock()
+	w.owned[n] = p
+	if w.epoch != nil && w.epoch.Err() == nil {
+		w.startFetch(w.epoch, p)
+	}
+	w.mu.Unlock()
+	w.m.takes.Inc()
+	w.log.Info().Int("partition", n).Msg("partition taken")
+}
+
+// lose stops owning ps at once: the epoch ends, so nothing of them is sent
+// any more, and the other partitions start again from what is
+// unacknowledged.
+func (w *Worker) lose(cause error, ps ...*partition) {
+	var ns []int
+	w.mu.Lock()
+	for _, p := range ps {
+		if w.owned[p.n] == p {
+			delete(w.owned, p.n)
+			ns = append(ns, p.n)
+		}
+	}
+	e := w.epoch
+	w.mu.Unlock()
+	if len(ns) == 0 {
+		return
+	}
+	slices.Sort(ns)
+	w.log.Warn().Err(cause).Ints("partitions", ns).Msg("partitions lost: stopping their deliveries")
+	if e != nil {
+		e.End(cause)
+	}
+}
+
+// handOver gives a partition being released back once nothing of it is held
+// (or after releaseWithin, by ending the epoch first).
+func (w *Worker) handOver(ctx context.Context, p *partition) {
+	p.mu.Lock()
+	held := len(p.held)
+	p.mu.Unlock()
+	if held > 0 {
+		if time.Since(p.releasing) < releaseWithin {
+			return
+		}
+		w.mu.Lock()
+		e := w.epoch
+		w.mu.Unlock()
+		if e != nil {
+			e.End(fmt.Errorf("partition %d: its deliveries did not finish within %s of its hand-over", p.n, releaseWithin))
+		}
+		return // the epoch's end forgets what it held: the next tick hands it over
+	}
+	dctx, cancel := context.WithTimeout(ctx, leaseRenew)
+	defer cancel()
+	if err := w.kv.Delete(dctx, leaseKey(p.n), jetstream.LastRevision(p.rev)); err != nil {
+		return // next tick; the lease stays ours meanwhile
+	}
+	w.mu.Lock()
+	delete(w.owned, p.n)
+	w.mu.Unlock()
+	w.log.Info().Int("partition", p.n).Msg("partition handed over")
+}
+
+// releaseAll gives every lease back at shutdown, after the epoch ended: the
+// next owner need not wait for them to expire.
+func (w *Worker) releaseAll() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for n, p := range w.owned {
+		w.kv.Delete(ctx, leaseKey(n), jetstream.LastRevision(p.rev))
+		delete(w.owned, n)
+	}
+	w.kv.Delete(ctx, "m."+w.cfg.ID)
+}
+
+func leaseKey(n int) string { return "p." + strconv.Itoa(n) }
+
+func isWrongRevision(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.Is(err, jetstream.ErrKeyRevisionMismatch) || errors.As(err, &apiErr) &&
+		(apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
