@@ -30,7 +30,12 @@ func (e *env) configFile(name, extra string) string {
 
 // startReplica runs `walhook run --config path` as a child process.
 func startReplica(t *testing.T, path string, log *syncBuffer) *exec.Cmd {
-	cmd := exec.Command(os.Args[0], "run", "--config", path)
+	return runChild(t, log, "run", "--config", path)
+}
+
+// runChild runs this test binary as walhook with args, killed when t ends.
+func runChild(t *testing.T, log *syncBuffer, args ...string) *exec.Cmd {
+	cmd := exec.Command(os.Args[0], args...)
 	cmd.Env = append(os.Environ(), "WALHOOK_TEST_MAIN=1")
 	if log != nil {
 		cmd.Stderr = log

@@ -34,16 +34,7 @@ func relayYAMLStream(url, stream string) string {
 
 // startWorker runs `walhook deliver --config path` as a child process.
 func startWorker(t *testing.T, path string, log *syncBuffer) *exec.Cmd {
-	cmd := exec.Command(os.Args[0], "deliver", "--config", path)
-	cmd.Env = append(os.Environ(), "WALHOOK_TEST_MAIN=1")
-	if log != nil {
-		cmd.Stderr = log
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	return cmd
+	return runChild(t, log, "deliver", "--config", path)
 }
 
 // slowServer answers 204, one request at a time, each taking a little
