@@ -53,6 +53,7 @@ type WorkerConfig struct {
 	MaxPendingBytes int64                 // message bytes held at once before fetching pauses; default 64 MiB
 	AckWait         time.Duration         // consumers' AckWait (held messages get InProgress); default 30s
 	ShutdownTimeout time.Duration         // when Run's ctx ends, how long held messages may finish; default 15s
+	Attempts        outbox.AttemptLog     // where attempts are recorded (docs/attempts.md); nil: nowhere
 }
 
 // Worker is `walhook deliver`: it owns a fair share of the partitions and
@@ -137,7 +138,7 @@ func NewWorker(cfg WorkerConfig) *Worker {
 	w.disp = outbox.NewDispatcher(outbox.DispatcherConfig{
 		Subscriptions: cfg.Subscriptions, Defaults: cfg.Defaults, Acker: acker, Deliverer: cfg.Deliverer,
 		Store: w.store, Logger: cfg.Logger, Metrics: outbox.NewMetrics(cfg.Registerer, acker), Budget: w.budget,
-		NoParking: true,
+		NoParking: true, Attempts: cfg.Attempts,
 	})
 	return w
 }

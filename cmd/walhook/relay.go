@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rs/zerolog"
+	"github.com/walhook/walhook/outbox"
 	"github.com/walhook/walhook/outbox/pgstore"
 	"github.com/walhook/walhook/relay"
 	"golang.org/x/sync/errgroup"
@@ -121,10 +122,16 @@ func deliver(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	snd := newSender(cfg, log)
 	defer snd.Close()
 	reg := prometheus.NewRegistry()
+	attemptLog := newAttemptLog(ctx, pool, cfg, reg, log)
+	var attempts outbox.AttemptLog // nil unless there is one (not a nil *AttemptLog)
+	if attemptLog != nil {
+		attempts = attemptLog
+	}
 	w := relay.NewWorker(relay.WorkerConfig{
 		Relay: *cfg.relay, JetStream: js, Subscriptions: cfg.subs, Defaults: cfg.defaults, Deliverer: snd,
 		Store: pgstore.New(pool, cfg.Slot), Logger: log.With().Str("component", "worker").Logger(), Registerer: reg,
 		MaxPendingBytes: cfg.MaxPendingBytes, AckWait: cfg.relayAckWait, ShutdownTimeout: cfg.shutdown,
+		Attempts: attempts,
 	})
 	mux := routes()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
@@ -139,6 +146,9 @@ func deliver(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 	srv := newServer(cfg, jsonErrors(mux))
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return w.Run(gctx) })
+	if attemptLog != nil {
+		g.Go(func() error { return attemptLog.Run(gctx) })
+	}
 	g.Go(func() error { return relay.PollStream(gctx, js, *cfg.relay, reg, 5*time.Second) })
 	g.Go(func() error {
 		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {

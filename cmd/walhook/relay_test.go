@@ -150,6 +150,12 @@ func TestRelayDeliversThroughJetStream(t *testing.T) {
 	if code, out, stderr := e.walhook("status"); code != 0 || !strings.Contains(out, "PARTITION") {
 		t.Errorf("walhook status: exit %d\n%s%s", code, out, stderr)
 	}
+	// The workers write the attempt log, as direct mode does.
+	e.eventually(10*time.Second, "the workers' attempts in walhook.attempts", func() bool {
+		var logged int
+		e.db.Pool.QueryRow(context.Background(), `SELECT count(*) FROM walhook.attempts WHERE outcome = 'delivered'`).Scan(&logged)
+		return logged >= n
+	})
 	t.Logf("%d events, %d duplicates", n, dups)
 }
 
