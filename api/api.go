@@ -15,12 +15,11 @@ import (
 
 	"github.com/rs/zerolog"
 	"github.com/walhook/walhook/outbox"
-	"github.com/walhook/walhook/outbox/pgstore"
 	"github.com/walhook/walhook/sender"
 	"github.com/walhook/walhook/sender/ssrf"
 )
 
-// Store is what the API needs of pgstore.
+// Store is what the API needs of a store (pgstore.Store in walhook).
 type Store interface {
 	InsertSubscription(ctx context.Context, r *outbox.SubscriptionRow) error
 	GetSubscription(ctx context.Context, id string) (*outbox.SubscriptionRow, error)
@@ -28,10 +27,10 @@ type Store interface {
 	UpdateSubscription(ctx context.Context, r *outbox.SubscriptionRow) error
 	RotateSecret(ctx context.Context, id, secret string, until time.Time) error
 	DeleteSubscriptionStrict(ctx context.Context, id string) error
-	ListDeadLetters(ctx context.Context, f pgstore.DeadLetterFilter, limit int) ([]pgstore.DeadLetterRow, error)
-	ReplayDeadLetters(ctx context.Context, f pgstore.DeadLetterFilter) (int64, error)
+	ListDeadLetters(ctx context.Context, f outbox.DeadLetterFilter, limit int) ([]outbox.DeadLetterRow, error)
+	ReplayDeadLetters(ctx context.Context, f outbox.DeadLetterFilter) (int64, error)
 	EnableSubscription(ctx context.Context, id string) error
-	ListAttempts(ctx context.Context, f pgstore.AttemptFilter, limit int) ([]pgstore.AttemptRow, int64, error)
+	ListAttempts(ctx context.Context, f outbox.AttemptFilter, limit int) ([]outbox.AttemptRow, int64, error)
 }
 
 // Verifier runs the X-Hook-Secret handshake (sender.Sender).
@@ -389,7 +388,7 @@ func (a *API) find(r *http.Request, c caller) (*outbox.Subscription, *outbox.Sub
 		return a.cfg.Static[i], nil, nil
 	}
 	row, err := a.cfg.Store.GetSubscription(r.Context(), id)
-	if errors.Is(err, pgstore.ErrNotFound) || (err == nil && !c.admin && deref(row.Tenant) != c.tenant) {
+	if errors.Is(err, outbox.ErrNotFound) || (err == nil && !c.admin && deref(row.Tenant) != c.tenant) {
 		return nil, nil, fail(http.StatusNotFound, "subscription %q not found", id)
 	}
 	return nil, row, err
@@ -517,7 +516,7 @@ func (a *API) enable(_ http.ResponseWriter, r *http.Request, c caller) (int, any
 }
 
 func notFound(err error, id string) error {
-	if errors.Is(err, pgstore.ErrNotFound) {
+	if errors.Is(err, outbox.ErrNotFound) {
 		return fail(http.StatusNotFound, "subscription %q not found", id)
 	}
 	return err
@@ -548,7 +547,7 @@ func NewID() string {
 
 // deadFilter scopes a filter to what the caller may see: a tenant sees the dead
 // letters of the subscriptions it owns, whatever tenant their events name.
-func deadFilter(c caller, f pgstore.DeadLetterFilter) pgstore.DeadLetterFilter {
+func deadFilter(c caller, f outbox.DeadLetterFilter) outbox.DeadLetterFilter {
 	if !c.admin {
 		t := c.tenant
 		f.Owner = &t
@@ -575,7 +574,7 @@ func (a *API) listDead(_ http.ResponseWriter, r *http.Request, c caller) (int, a
 	if err != nil {
 		return 0, nil, err
 	}
-	f := pgstore.DeadLetterFilter{Subscription: q.Get("subscription"), All: true}
+	f := outbox.DeadLetterFilter{Subscription: q.Get("subscription"), All: true}
 	if f.Since, err = parseTime("since", q.Get("since")); err != nil {
 		return 0, nil, err
 	}
@@ -593,7 +592,7 @@ func (a *API) listDead(_ http.ResponseWriter, r *http.Request, c caller) (int, a
 		return 0, nil, err
 	}
 	if rows == nil {
-		rows = []pgstore.DeadLetterRow{}
+		rows = []outbox.DeadLetterRow{}
 	}
 	return http.StatusOK, rows, nil
 }
@@ -603,7 +602,7 @@ func (a *API) replayOne(_ http.ResponseWriter, r *http.Request, c caller) (int, 
 	if err != nil {
 		return 0, nil, err
 	}
-	n, err := a.cfg.Store.ReplayDeadLetters(r.Context(), deadFilter(c, pgstore.DeadLetterFilter{ID: id}))
+	n, err := a.cfg.Store.ReplayDeadLetters(r.Context(), deadFilter(c, outbox.DeadLetterFilter{ID: id}))
 	if err != nil {
 		return 0, nil, err
 	}
@@ -626,7 +625,7 @@ func (a *API) replayMany(_ http.ResponseWriter, r *http.Request, c caller) (int,
 	if err := checkText("subscription", req.Subscription); err != nil {
 		return 0, nil, err
 	}
-	f := pgstore.DeadLetterFilter{Subscription: req.Subscription, All: req.All}
+	f := outbox.DeadLetterFilter{Subscription: req.Subscription, All: req.All}
 	var err error
 	if f.Since, err = parseTime("since", req.Since); err != nil {
 		return 0, nil, err

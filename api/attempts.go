@@ -7,7 +7,7 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/walhook/walhook/outbox/pgstore"
+	"github.com/walhook/walhook/outbox"
 )
 
 // Bounds of attempt-log reads (docs/attempts.md).
@@ -19,8 +19,8 @@ const (
 // AttemptPage is one page of the attempt log, newest first. NextCursor, when
 // set, is the cursor query value of the next (older) page.
 type AttemptPage struct {
-	Attempts   []pgstore.AttemptRow `json:"attempts"`
-	NextCursor *string              `json:"next_cursor"`
+	Attempts   []outbox.AttemptRow `json:"attempts"`
+	NextCursor *string             `json:"next_cursor"`
 }
 
 // subscriptionAttempts is GET /v1/subscriptions/{id}/attempts.
@@ -29,7 +29,7 @@ func (a *API) subscriptionAttempts(_ http.ResponseWriter, r *http.Request, c cal
 	if err != nil {
 		return 0, nil, err
 	}
-	f := pgstore.AttemptFilter{}
+	f := outbox.AttemptFilter{}
 	if static != nil {
 		f.Subscription = static.ID
 	} else {
@@ -48,11 +48,11 @@ func (a *API) eventAttempts(_ http.ResponseWriter, r *http.Request, c caller) (i
 	if id == "" || len(id) > 1024 {
 		return 0, nil, fail(http.StatusBadRequest, "event_id: must be 1 to 1024 bytes")
 	}
-	return a.attempts(r, c, pgstore.AttemptFilter{EventID: id}, "status", "since", "until", "cursor", "limit")
+	return a.attempts(r, c, outbox.AttemptFilter{EventID: id}, "status", "since", "until", "cursor", "limit")
 }
 
 // attempts lists a page of f, with the filters of the query.
-func (a *API) attempts(r *http.Request, c caller, f pgstore.AttemptFilter, allowed ...string) (int, any, error) {
+func (a *API) attempts(r *http.Request, c caller, f outbox.AttemptFilter, allowed ...string) (int, any, error) {
 	q, err := query(r, allowed...)
 	if err != nil {
 		return 0, nil, err
@@ -112,7 +112,7 @@ func (a *API) attempts(r *http.Request, c caller, f pgstore.AttemptFilter, allow
 	}
 	page := AttemptPage{Attempts: list}
 	if page.Attempts == nil {
-		page.Attempts = []pgstore.AttemptRow{}
+		page.Attempts = []outbox.AttemptRow{}
 	}
 	if next > 0 {
 		cur := strconv.FormatInt(next, 10)

@@ -62,10 +62,6 @@ const invalidationSQL = `coalesce(to_jsonb(s) ->> 'invalidation_reason',
 	CASE WHEN s.wal_status = 'lost' THEN 'wal_removed' END,
 	CASE WHEN (to_jsonb(s) ->> 'conflicting')::bool THEN 'conflicting' END, '')`
 
-// InvalidationSQL is invalidationSQL for other packages' queries on
-// pg_replication_slots s.
-func InvalidationSQL() string { return invalidationSQL }
-
 // Unwrap makes errors.Is(err, ErrSlotMissing) hold.
 func (e *SlotMissingError) Unwrap() error { return ErrSlotMissing }
 

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/walhook/walhook/api"
+	"github.com/walhook/walhook/outbox"
 	"github.com/walhook/walhook/outbox/pgstore"
 )
 
@@ -194,7 +195,7 @@ func (c *Console) rotate(r *http.Request) (string, *view, error) {
 
 type deadLettersData struct {
 	Subscription string
-	Letters      []pgstore.DeadLetterRow
+	Letters      []outbox.DeadLetterRow
 }
 
 func (c *Console) deadLetters(r *http.Request) (string, *view, error) {

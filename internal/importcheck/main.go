@@ -26,6 +26,7 @@ var rules = []rule{
 	{"cdc/...", "sender/...", "the stream and the sender meet only in outbox"},
 	{"sender/...", "cdc/...", "the stream and the sender meet only in outbox"},
 	{"api/...", "cdc/...", "the API changes subscriptions through the store, never the stream"},
+	{"api/...", "outbox/pgstore", "the API knows its store by the interface api.Store, not by the database behind it"},
 	{"relay/...", "cdc/...", "relay carries routed work: it knows neither the stream nor HTTP"},
 	{"relay/...", "sender/...", "relay carries routed work: it knows neither the stream nor HTTP"},
 	{"...", "cmd/...", "cmd is wiring: nothing builds on it"},

@@ -316,32 +316,12 @@ func text(s string) string {
 	return strings.ReplaceAll(strings.ToValidUTF8(s, "\uFFFD"), "\x00", "\uFFFD")
 }
 
-// AttemptFilter selects attempts; Subscription or EventID is required.
-type AttemptFilter struct {
-	Subscription string
-	EventID      string
-	Owner        *string    // only API subscriptions this tenant owns (forward-authenticated callers)
-	Failed       *bool      // only failed (true) or delivered (false) attempts
-	Status       int        // only this response status
-	Since, Until *time.Time // at in [Since, Until)
-	Before       int64      // the cursor: ids below it
-}
-
-// AttemptRow is an attempt as listed.
-type AttemptRow struct {
-	ID           int64     `json:"id"`
-	At           time.Time `json:"at"`
-	Subscription string    `json:"subscription"`
-	WebhookID    string    `json:"webhook_id"`
-	Attempt      int32     `json:"attempt"`
-	EventCount   int32     `json:"event_count"`
-	EventIDs     []string  `json:"event_ids"`
-	Outcome      string    `json:"outcome"`
-	Status       *int32    `json:"status"`
-	Class        string    `json:"class"`
-	Reason       *string   `json:"reason"`
-	DurationMS   float64   `json:"duration_ms"`
-}
+// AttemptFilter and AttemptRow are outbox's (the API reads them without
+// knowing the store).
+type (
+	AttemptFilter = outbox.AttemptFilter
+	AttemptRow    = outbox.AttemptRow
+)
 
 // ErrNoFilter is ListAttempts' refusal of a filter without a subscription or an event.
 var ErrNoFilter = errors.New("pgstore: an attempt filter needs a subscription or an event id")

@@ -5,31 +5,20 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/walhook/walhook/outbox"
 )
 
-// DeadLetterFilter selects dead letters. An empty filter selects nothing
-// unless All is set.
-//
-// Owner is the subscription's owner (walhook.subscriptions.tenant), never the
-// event's tenant: a tenant's events also reach tenant-less and config-file
-// subscriptions, whose dead letters are the admin's alone.
-type DeadLetterFilter struct {
-	ID           int64      // one dead letter
-	Subscription string     // of one subscription
-	Owner        *string    // of the API subscriptions this tenant owns (forward-authenticated callers)
-	Since, Until *time.Time // created in [Since, Until)
-	All          bool
-}
+// DeadLetterFilter and DeadLetterRow are outbox's (the API reads them
+// without knowing the store).
+type (
+	DeadLetterFilter = outbox.DeadLetterFilter
+	DeadLetterRow    = outbox.DeadLetterRow
+)
 
-// Empty reports whether f selects nothing on its own (needs All).
-func (f DeadLetterFilter) Empty() bool {
-	return f.ID == 0 && f.Subscription == "" && f.Owner == nil && f.Since == nil && f.Until == nil && !f.All
-}
-
-func (f DeadLetterFilter) where() (string, []any) {
+// deadLetterWhere is f as a WHERE clause and its arguments.
+func deadLetterWhere(f DeadLetterFilter) (string, []any) {
 	var cond []string
 	var args []any
 	add := func(c string, v any) {
@@ -60,26 +49,9 @@ func (f DeadLetterFilter) where() (string, []any) {
 	return strings.Join(cond, " AND "), args
 }
 
-// DeadLetterRow is a dead letter as listed.
-type DeadLetterRow struct {
-	ID           int64      `json:"id"`
-	Subscription *string    `json:"subscription"`
-	EventID      string     `json:"event_id"`
-	Event        *string    `json:"event"`
-	ResourceID   *string    `json:"resource_id"`
-	Tenant       *string    `json:"tenant"`
-	WebhookID    *string    `json:"webhook_id"`
-	Status       *int32     `json:"status"`
-	Reason       string     `json:"reason"`
-	Attempts     int32      `json:"attempts"`
-	FirstAttempt *time.Time `json:"first_attempt_at"`
-	LastAttempt  *time.Time `json:"last_attempt_at"`
-	CreatedAt    time.Time  `json:"created_at"`
-}
-
 // ListDeadLetters returns up to limit dead letters, oldest first.
 func (s *Store) ListDeadLetters(ctx context.Context, f DeadLetterFilter, limit int) ([]DeadLetterRow, error) {
-	where, args := f.where()
+	where, args := deadLetterWhere(f)
 	args = append(args, limit)
 	rows, err := s.pool.Query(ctx, `SELECT id, subscription, event_id, event, resource_id, tenant, webhook_id, status,
 		reason, attempts, first_attempt_at, last_attempt_at, created_at FROM walhook.dead_letters
@@ -102,7 +74,7 @@ func (s *Store) ListDeadLetters(ctx context.Context, f DeadLetterFilter, limit i
 // subscription (undecodable outbox rows) are left. It returns how many were
 // replayed.
 func (s *Store) ReplayDeadLetters(ctx context.Context, f DeadLetterFilter) (int64, error) {
-	where, args := f.where()
+	where, args := deadLetterWhere(f)
 	var n int64
 	err := s.pool.QueryRow(ctx, `
 		WITH d AS (DELETE FROM walhook.dead_letters WHERE subscription IS NOT NULL AND event IS NOT NULL AND (`+where+`) RETURNING *),
@@ -122,7 +94,7 @@ func (s *Store) ReplayDeadLetters(ctx context.Context, f DeadLetterFilter) (int6
 
 // PurgeDeadLetters deletes the selected dead letters.
 func (s *Store) PurgeDeadLetters(ctx context.Context, f DeadLetterFilter) (int64, error) {
-	where, args := f.where()
+	where, args := deadLetterWhere(f)
 	tag, err := s.pool.Exec(ctx, `DELETE FROM walhook.dead_letters WHERE `+where, args...)
 	if err != nil {
 		return 0, fmt.Errorf("purge dead letters: %w", err)

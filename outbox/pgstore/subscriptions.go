@@ -13,7 +13,7 @@ import (
 )
 
 // ErrNotFound is returned for a subscription that does not exist.
-var ErrNotFound = errors.New("pgstore: subscription not found")
+var ErrNotFound = outbox.ErrNotFound
 
 const subscriptionColumns = `id, events, target_url, tenant, secret, previous_secret, previous_secret_until,
 	options, verify_intent, created_at, updated_at, disabled_at`
