@@ -337,7 +337,8 @@ const (
 )
 
 // Resolve applies o over base; errors name each bad key under prefix. A
-// timeout above base.MaxTimeout is refused.
+// timeout above base.MaxTimeout is refused, and so are a debounce, max_wait,
+// batch_wait or park_after above base.MaxHold.
 func (o Options) Resolve(prefix string, base DeliveryOptions) (DeliveryOptions, error) {
 	r := base
 	var errs []error
@@ -371,6 +372,11 @@ func (o Options) Resolve(prefix string, base DeliveryOptions) (DeliveryOptions, 
 	dur(&r.MaxWait, o.MaxWait, "max_wait", false)
 	dur(&r.BatchWait, o.BatchWait, "batch_wait", true)
 	dur(&r.ParkAfter, o.ParkAfter, "park_after", false)
+	for _, h := range o.holds(&r) {
+		if h.v.Set && base.MaxHold > 0 && *h.dst > base.MaxHold {
+			errs = append(errs, fmt.Errorf("%s%s: %s is more than max_hold (%s): it would hold the slot's WAL that long", prefix, h.name, h.v.Raw, base.MaxHold))
+		}
+	}
 	dur(&r.RetryFor, o.RetryFor, "retry_for", false)
 	dur(&r.DisableAfter, o.DisableAfter, "disable_after", false)
 	count(&r.BatchMax, o.BatchMax, "batch_max", 1, MostBatchMax)
@@ -560,15 +566,39 @@ func masked(headers map[string]string) map[string]string {
 	return m
 }
 
+// hold is an option that keeps events in memory: at most MaxHold.
+type hold struct {
+	name string
+	v    Duration       // as o sets it
+	dst  *time.Duration // as resolved into r
+}
+
+// holds lists o's options that MaxHold bounds, with their places in r.
+func (o *Options) holds(r *DeliveryOptions) []hold {
+	return []hold{
+		{"debounce", o.Debounce, &r.Debounce},
+		{"max_wait", o.MaxWait, &r.MaxWait},
+		{"batch_wait", o.BatchWait, &r.BatchWait},
+		{"park_after", o.ParkAfter, &r.ParkAfter},
+	}
+}
+
 // clamped is o with the values that are out of bounds now brought inside
 // them: a stored subscription from before a bound, or from before the operator
-// lowered max_timeout, keeps being delivered, within the bounds.
+// lowered max_timeout or max_hold, keeps being delivered, within the bounds.
 func (o Options) clamped(base DeliveryOptions) Options {
-	if o.Timeout.Set && base.MaxTimeout > 0 {
-		if d, err := time.ParseDuration(o.Timeout.Raw); err == nil && d > base.MaxTimeout {
-			o.Timeout = Dur(base.MaxTimeout)
+	ceil := func(v *Duration, most time.Duration) {
+		if v.Set && most > 0 {
+			if d, err := time.ParseDuration(v.Raw); err == nil && d > most {
+				*v = Dur(most)
+			}
 		}
 	}
+	ceil(&o.Timeout, base.MaxTimeout)
+	ceil(&o.Debounce, base.MaxHold)
+	ceil(&o.MaxWait, base.MaxHold)
+	ceil(&o.BatchWait, base.MaxHold)
+	ceil(&o.ParkAfter, base.MaxHold)
 	clamp := func(v **int, most int) {
 		if *v != nil && **v > most {
 			m := most

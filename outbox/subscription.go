@@ -91,6 +91,11 @@ type DeliveryOptions struct {
 	// MaxTimeout is the operator's ceiling of Timeout (max_timeout): Resolve
 	// refuses a higher one; default 60s, 0 = none. It is a bound, not an option.
 	MaxTimeout time.Duration
+	// MaxHold is the operator's ceiling of the options that keep an event in
+	// memory, and so hold the slot's confirmed position back: debounce,
+	// max_wait, batch_wait and park_after (max_hold). Resolve refuses higher
+	// ones; default 15m, 0 = none. A bound, not an option.
+	MaxHold time.Duration
 }
 
 // DefaultDeliveryOptions are used where config sets nothing: a fresh copy
@@ -112,6 +117,7 @@ func DefaultDeliveryOptions() DeliveryOptions {
 		DisableAfter:     24 * time.Hour,
 		Signature:        Schemes{SchemeV1},
 		MaxTimeout:       60 * time.Second,
+		MaxHold:          15 * time.Minute,
 	}
 }
 

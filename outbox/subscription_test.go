@@ -1,6 +1,10 @@
 package outbox
 
-import "testing"
+import (
+	"strings"
+	"testing"
+	"time"
+)
 
 func TestMatchPattern(t *testing.T) {
 	tests := []struct {
@@ -54,5 +58,25 @@ func TestWebhookIDIsDerived(t *testing.T) {
 	}
 	if WebhookID("a1", []Event{{ID: "2"}}) == WebhookID("a", []Event{{ID: "12"}}) {
 		t.Error("webhook-id is ambiguous at the subscription/event boundary")
+	}
+}
+
+// A stored subscription from before a ceiling was lowered keeps being
+// delivered, within the ceiling, instead of failing to load.
+func TestStoredRowIsClampedToTheCeilings(t *testing.T) {
+	base := DefaultDeliveryOptions()
+	base.MaxTimeout, base.MaxHold = 5*time.Second, time.Minute
+	row := &SubscriptionRow{ID: "s", Events: []string{"*"}, TargetURL: "http://x/", Secret: "whsec_" + strings.Repeat("A", 32),
+		Options: Options{Timeout: Dur(time.Hour), Debounce: Dur(time.Hour), MaxWait: Dur(time.Hour), ParkAfter: Dur(100 * time.Hour)}}
+	sub, err := row.Subscription(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := sub.Delivery
+	if d.Timeout != 5*time.Second || d.Debounce != time.Minute || d.MaxWait != time.Minute || d.ParkAfter != time.Minute {
+		t.Errorf("timeout %s, debounce %s, max_wait %s, park_after %s: want 5s and 1m", d.Timeout, d.Debounce, d.MaxWait, d.ParkAfter)
+	}
+	if _, err := (Options{ParkAfter: Dur(2 * time.Minute)}).Resolve("", base); err == nil || !strings.Contains(err.Error(), "park_after: 2m0s is more than max_hold") {
+		t.Errorf("a new park_after above max_hold: %v", err)
 	}
 }

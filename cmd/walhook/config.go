@@ -47,6 +47,7 @@ type Config struct {
 	ShutdownTimeout outbox.Duration      `yaml:"shutdown_timeout"`  // on SIGTERM, how long deliveries in flight may finish; default 15s
 	OutboxRetention outbox.Duration      `yaml:"outbox_retention"`  // walhook.outbox rows older than this are deleted; default 24h, 0 = keep
 	MaxTimeout      outbox.Duration      `yaml:"max_timeout"`       // ceiling of every subscription's timeout (API and file); default 60s
+	MaxHold         outbox.Duration      `yaml:"max_hold"`          // ceiling of debounce, max_wait, batch_wait and park_after (API and file); default 15m
 	MaxPendingBytes int64                `yaml:"max_pending_bytes"` // bytes of events held in memory before the stream pauses; default 64 MiB
 	AcceptEmit      *bool                `yaml:"accept_emit"`       // logical messages with prefix walhook (walhook.emit) are events; default true
 	EmitRoles       []string             `yaml:"emit_roles"`        // setup: only these roles may EXECUTE walhook.emit; default none = leave its grants alone
@@ -232,6 +233,16 @@ func (c *Config) Validate(withSubscriptions bool) error {
 		} else {
 			base.MaxTimeout = v
 			base.Timeout = min(base.Timeout, v)
+		}
+	}
+	if c.MaxHold.Set {
+		v, err := time.ParseDuration(c.MaxHold.Raw)
+		if err != nil || v <= 0 {
+			bad("max_hold: %q is not a positive duration (like 15m)", c.MaxHold.Raw)
+		} else {
+			base.MaxHold = v
+			base.Debounce, base.MaxWait = min(base.Debounce, v), min(base.MaxWait, v)
+			base.BatchWait, base.ParkAfter = min(base.BatchWait, v), min(base.ParkAfter, v)
 		}
 	}
 	defaults, err := c.Defaults.Resolve("defaults.", base)

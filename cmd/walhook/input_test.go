@@ -68,6 +68,10 @@ func TestAPIRefusesHostileInput(t *testing.T) {
 		{"batch_max", okBody(`, "batch_max": "5"`)},
 		{"batch_max", okBody(`, "batch_max": 5.5`)},
 		{"timeout", okBody(`, "timeout": "1000h"`)},
+		{"park_after", okBody(`, "park_after": "100000h"`)},
+		{"debounce", okBody(`, "debounce": "100000h"`)},
+		{"max_wait", okBody(`, "max_wait": "16m"`)},
+		{"batch_wait", okBody(`, "batch_wait": "100000h"`)},
 		{"timeout", okBody(`, "timeout": "31s"`)},
 		{"timeout", okBody(`, "timeout": 5`)},
 		{"colour", okBody(`, "colour": "red"`)},
@@ -135,6 +139,10 @@ func TestMaxTimeoutIsACeiling(t *testing.T) {
 		{db + "defaults: {timeout: 61s}\n", "defaults.timeout: 61s is more than max_timeout"},
 		{db + "max_timeout: 5s\n" + subWith("timeout: 6s"), "subscriptions[crm].timeout: 6s is more than max_timeout (5s)"},
 		{db + "max_timeout: soon\n", `max_timeout: "soon" is not a positive duration`},
+		{db + subWith("debounce: 100000h"), "subscriptions[crm].debounce: 100000h is more than max_hold (15m0s)"},
+		{db + "defaults: {park_after: 16m}\n", "defaults.park_after: 16m is more than max_hold"},
+		{db + "max_hold: 1m\n" + subWith("max_wait: 2m"), "subscriptions[crm].max_wait: 2m is more than max_hold (1m0s)"},
+		{db + "max_hold: 0\n", `max_hold: "0" is not a positive duration`},
 		{db + subWith("max_in_flight: 2000"), "subscriptions[crm].max_in_flight: 2000 must be at most 1024"},
 		{db + subWith("batch_max: 10001"), "subscriptions[crm].batch_max: 10001 must be at most 10000"},
 		{db + "subscriptions:\n  - id: crm\n    events: ['a..b', 'ok', ' x']\n    target_url: http://x/\n    secret: " + testSecret + "\n", "subscriptions[crm].events[2]"},
@@ -152,10 +160,13 @@ func TestMaxTimeoutIsACeiling(t *testing.T) {
 	if err := cfg.Validate(true); err != nil || cfg.subs[0].Delivery.Timeout.String() != "1m30s" {
 		t.Errorf("max_timeout: 2m with a 90s timeout: %v", err)
 	}
-	low := &Config{DatabaseURL: "postgres://app@127.0.0.1:1/app", MaxTimeout: mustDur("3s")}
+	low := &Config{DatabaseURL: "postgres://app@127.0.0.1:1/app", MaxTimeout: mustDur("3s"), MaxHold: mustDur("10s")}
 	low.withDefaults()
 	if err := low.Validate(false); err != nil || low.defaults.Timeout.String() != "3s" {
 		t.Errorf("max_timeout: 3s: %v, default timeout %s", err, low.defaults.Timeout)
+	}
+	if low.defaults.ParkAfter.String() != "10s" || low.defaults.MaxWait.String() != "10s" {
+		t.Errorf("max_hold: 10s: default park_after %s, max_wait %s", low.defaults.ParkAfter, low.defaults.MaxWait)
 	}
 }
 
