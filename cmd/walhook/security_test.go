@@ -242,3 +242,37 @@ END $fn$`)
 		return len(hooksOnly(q)) == 1
 	})
 }
+
+// TestTargetRefusedAtDialIsDeadLettered: a subscription's target that the
+// SSRF guard refuses when walhook dials it (here: allow_targets no longer
+// lets loopback through after a restart, as a name rebound to a forbidden
+// address would) is dead-lettered at once with "target not allowed", not
+// retried for retry_for, and the stream goes on.
+func TestTargetRefusedAtDialIsDeadLettered(t *testing.T) {
+	t.Parallel()
+	srv := echoing(t)
+	e := newEnv(t, "admin_token: "+adminToken+"\nallow_targets: [127.0.0.1/32]\n")
+	e.setup()
+	r := e.start()
+	api := client{t: t, base: e.addr(r), token: adminToken}
+	status, got := api.do("POST", "/v1/subscriptions", map[string]any{"event": "*", "target_url": srv.HooksURL(), "verify_intent": false})
+	if status != 201 {
+		t.Fatalf("create: %d %v", status, got)
+	}
+	e.waitCaughtUp()
+	r.stop()
+	e.writeConfig("admin_token: " + adminToken + "\n") // loopback is forbidden now
+	e.start()
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id) VALUES ('a', 'r1')`)
+	var reason string
+	e.eventually(30*time.Second, "the event to be dead-lettered", func() bool {
+		return e.db.Pool.QueryRow(context.Background(), `SELECT reason FROM walhook.dead_letters`).Scan(&reason) == nil
+	})
+	if !strings.Contains(reason, "target not allowed") {
+		t.Errorf("dead letter reason %q, want it to say target not allowed", reason)
+	}
+	e.waitCaughtUp()
+	if n := len(hooksOnly(srv.Requests())); n != 0 {
+		t.Errorf("the forbidden target got %d hooks", n)
+	}
+}
