@@ -780,6 +780,11 @@ func (s *Stream) queueEvent(at outbox.LSN, e outbox.Event, err error) {
 		// could store neither a parked row nor a dead letter of it as it is.
 		err = errors.New("id, event, resource_id or tenant contains a NUL character")
 	}
+	if err == nil && max(len(e.ID), len(e.Type), len(e.ResourceID), len(e.Tenant)) > MaxKeyBytes {
+		// Indexed where it is parked or dead-lettered: a btree entry larger
+		// than a third of a page is refused, and the event would wedge.
+		err = fmt.Errorf("id, event, resource_id or tenant is longer than %d bytes", MaxKeyBytes)
+	}
 	s.beginLazily()
 	s.cfg.Budget.Hold(s.epoch.N, outbox.EventSize(&e)) // released downstream, when the event is finished
 	e.CommitTime = s.commitTime
@@ -789,11 +794,18 @@ func (s *Stream) queueEvent(at outbox.LSN, e outbox.Event, err error) {
 		if e.ID == "" {
 			e.ID = "lsn:" + at.String()
 		}
+		if len(e.ID) > MaxKeyBytes { // the dead letter's key: cut, and marked so
+			e.ID = strings.ToValidUTF8(e.ID[:MaxKeyBytes], "") + "…"
+		}
 		s.pending = append(s.pending, outbox.Change{Kind: outbox.ChangeMalformed, Event: e, Reason: err.Error()})
 		return
 	}
 	s.pending = append(s.pending, outbox.Change{Kind: outbox.ChangeEvent, Event: e})
 }
+
+// MaxKeyBytes bounds an event's id, type, resource_id and tenant: a longer
+// one makes the row malformed (dead-lettered with the reason).
+const MaxKeyBytes = 1024
 
 func hasNUL(s string) bool { return strings.IndexByte(s, 0) >= 0 }
 

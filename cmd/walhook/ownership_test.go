@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"os"
 	"os/exec"
@@ -381,5 +382,46 @@ func TestNULInAMessageIsDeadLettered(t *testing.T) {
 	e.db.Pool.QueryRow(context.Background(), `SELECT reason FROM walhook.dead_letters WHERE subscription IS NULL`).Scan(&reason)
 	if !strings.Contains(reason, "NUL") {
 		t.Errorf("dead letter reason %q, want the NUL named", reason)
+	}
+}
+
+// TestOversizedKeysAreDeadLettered: a resource_id or an id too long for the
+// indexes of walhook.deliveries and walhook.dead_letters (incompressible, so
+// TOAST does not save it) is a malformed event, dead-lettered with its reason
+// (its id cut), while the stream goes on; not a park retried forever.
+func TestOversizedKeysAreDeadLettered(t *testing.T) {
+	t.Parallel()
+	srv := sendertest.NewServer(t, nil)
+	e := newEnv(t, "outbox_table: public.events\nsubscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`))
+	e.exec(`CREATE TABLE events (pk bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, id text NOT NULL DEFAULT gen_random_uuid()::text, event text NOT NULL,
+		resource_id text, tenant text, payload jsonb)`)
+	e.setup()
+	e.start()
+	const long = `(SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 100))` // 3,200 bytes
+	e.exec(`INSERT INTO events (event, resource_id) VALUES ('a', ` + long + `)`)
+	e.exec(`INSERT INTO events (id, event, resource_id) VALUES (` + long + `, 'a', 'r')`)
+	e.exec(`SELECT pg_logical_emit_message(true, 'walhook', json_build_object('event', ` + long + `)::text)`)
+	e.exec(`INSERT INTO events (event, resource_id) VALUES ('after', 'r')`)
+	srv.WaitN(t, 1, 30*time.Second)
+	e.waitCaughtUp()
+	rows, err := e.db.Pool.Query(context.Background(), `SELECT reason, length(event_id) FROM walhook.dead_letters ORDER BY id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for rows.Next() {
+		var reason string
+		var idLen int
+		rows.Scan(&reason, &idLen)
+		got = append(got, fmt.Sprintf("%d %s", idLen, reason))
+		if !strings.Contains(reason, "longer than 1024 bytes") || idLen > 1025 {
+			t.Errorf("dead letter (id of %d characters): %q, want the length named and the id cut", idLen, reason)
+		}
+	}
+	if len(got) != 3 {
+		t.Errorf("dead letters %q, want 3", got)
+	}
+	if n := len(srv.Requests()); n != 1 {
+		t.Errorf("%d requests, want the one event after", n)
 	}
 }

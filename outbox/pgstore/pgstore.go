@@ -229,9 +229,13 @@ func insertDeadLetter(ctx context.Context, db execer, d outbox.DeadLetter) error
 }
 
 // classify marks errors that retrying cannot fix: the data itself is refused
-// (SQLSTATE classes 22, data exception, and 23, integrity constraint).
+// (SQLSTATE classes 22, data exception; 23, integrity constraint; 54, program
+// limit exceeded, like an index entry too large). Everything else (lost
+// connections, serialization failures, shutdowns, but also a missing table
+// or privilege an operator can fix) is retried.
 func classify(err error) error {
-	if pgErr, ok := errors.AsType[*pgconn.PgError](err); ok && (strings.HasPrefix(pgErr.Code, "22") || strings.HasPrefix(pgErr.Code, "23")) {
+	if pgErr, ok := errors.AsType[*pgconn.PgError](err); ok && (strings.HasPrefix(pgErr.Code, "22") ||
+		strings.HasPrefix(pgErr.Code, "23") || strings.HasPrefix(pgErr.Code, "54")) {
 		return fmt.Errorf("%w: %w", outbox.ErrPermanent, err)
 	}
 	return err
