@@ -137,6 +137,12 @@ type DispatcherConfig struct {
 	Logger        zerolog.Logger
 	Metrics       *Metrics   // default: registered nowhere
 	Budget        *Budget    // bytes held in memory, shared with the stream; default NewBudget(0)
+	// SubscriptionBytes bounds the bytes one subscription holds in memory
+	// (max_pending_bytes_per_subscription): over it, its scheduler takes no
+	// more events, and a failing endpoint's parks at once (docs/design.md,
+	// "Memory"); default a quarter of the Budget (all of it with NoParking:
+	// what cannot park can only wait).
+	SubscriptionBytes int64
 	QueueSize     int        // pending deliveries per subscription before the stream pauses; default 1024
 	Attempts      AttemptLog // where attempts are recorded; nil: nowhere
 
@@ -211,6 +217,12 @@ func NewDispatcher(cfg DispatcherConfig) *Dispatcher {
 	}
 	if cfg.Budget == nil {
 		cfg.Budget = NewBudget(0)
+	}
+	if cfg.SubscriptionBytes <= 0 {
+		cfg.SubscriptionBytes = cfg.Budget.Limit() / 4
+		if cfg.NoParking {
+			cfg.SubscriptionBytes = cfg.Budget.Limit()
+		}
 	}
 	return &Dispatcher{cfg: cfg, byID: map[string]*running{}, drain: make(chan struct{}), drained: make(chan struct{}),
 		disabledStatic: map[string]bool{}}

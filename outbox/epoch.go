@@ -108,6 +108,9 @@ func (b *Budget) Release(epoch uint64, n int64) {
 	}
 }
 
+// Limit is the budget's size in bytes.
+func (b *Budget) Limit() int64 { return b.limit }
+
 // Full reports whether the held bytes reached the limit.
 func (b *Budget) Full() bool {
 	b.mu.Lock()

@@ -115,7 +115,7 @@ func (s *scheduler) report() {
 			}
 		}
 	}
-	s.metrics.setPending(s.sub.ID, int64(s.pending), oldest)
+	s.metrics.setPending(s.sub.ID, int64(s.pending), s.held, oldest)
 }
 
 // unsubscribe handles a 410 Gone: every held event is dropped (finished), later

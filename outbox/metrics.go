@@ -16,6 +16,7 @@ type Metrics struct {
 	coalesced   *prometheus.CounterVec
 	lagSeconds  prometheus.GaugeFunc
 	pending     *prometheus.Desc
+	bytes       *prometheus.Desc
 	oldest      *prometheus.Desc
 	parked      *prometheus.Desc
 	dead        *prometheus.Desc
@@ -28,6 +29,7 @@ type Metrics struct {
 
 type subStats struct {
 	pending int64
+	bytes   int64 // held in memory
 	oldest  time.Time // commit time of the oldest in-memory event; zero when none
 }
 
@@ -56,6 +58,8 @@ func NewMetrics(reg prometheus.Registerer, acker *Acker) *Metrics {
 			Help: "Events merged into a newer one by debounce."}, []string{"subscription"}),
 		pending: prometheus.NewDesc("walhook_pending_events",
 			"Events not yet delivered or dead-lettered (in memory and parked).", []string{"subscription"}, nil),
+		bytes: prometheus.NewDesc("walhook_pending_bytes",
+			"Bytes of events held in memory (max_pending_bytes_per_subscription bounds it).", []string{"subscription"}, nil),
 		oldest: prometheus.NewDesc("walhook_oldest_pending_seconds",
 			"Age of the oldest pending event's commit; 0 when none.", []string{"subscription"}, nil),
 		parked: prometheus.NewDesc("walhook_parked_events",
@@ -85,6 +89,7 @@ func (m *Metrics) LagSeconds() float64 {
 // Describe implements prometheus.Collector for the per-subscription gauges.
 func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 	ch <- m.pending
+	ch <- m.bytes
 	ch <- m.oldest
 	ch <- m.parked
 	ch <- m.dead
@@ -94,6 +99,7 @@ func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 	for id, s := range m.Snapshot() {
 		ch <- prometheus.MustNewConstMetric(m.pending, prometheus.GaugeValue, float64(s.Pending), id)
+		ch <- prometheus.MustNewConstMetric(m.bytes, prometheus.GaugeValue, float64(s.PendingBytes), id)
 		ch <- prometheus.MustNewConstMetric(m.oldest, prometheus.GaugeValue, s.OldestPendingSeconds, id)
 		ch <- prometheus.MustNewConstMetric(m.parked, prometheus.GaugeValue, float64(s.Parked), id)
 		ch <- prometheus.MustNewConstMetric(m.dead, prometheus.GaugeValue, float64(s.Dead), id)
@@ -103,6 +109,7 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 // SubscriptionReport is one subscription's state, for metrics and status.
 type SubscriptionReport struct {
 	Pending              int64   `json:"pending"`
+	PendingBytes         int64   `json:"pending_bytes"` // in memory
 	OldestPendingSeconds float64 `json:"oldest_pending_seconds"`
 	Parked               int64   `json:"parked"`
 	Dead                 int64   `json:"dead_letters"`
@@ -116,7 +123,7 @@ func (m *Metrics) Snapshot() map[string]SubscriptionReport {
 	out := map[string]SubscriptionReport{}
 	for id, s := range m.subs {
 		st := m.parkedStats[id]
-		r := SubscriptionReport{Pending: s.pending + st.Parked, Parked: st.Parked, Dead: st.Dead}
+		r := SubscriptionReport{Pending: s.pending + st.Parked, PendingBytes: s.bytes, Parked: st.Parked, Dead: st.Dead}
 		oldest := s.oldest
 		if !st.ParkedOldest.IsZero() && (oldest.IsZero() || st.ParkedOldest.Before(oldest)) {
 			oldest = st.ParkedOldest
@@ -136,10 +143,10 @@ func (m *Metrics) SetStored(stats map[string]StoredStats) {
 	m.mu.Unlock()
 }
 
-func (m *Metrics) setPending(sub string, pending int64, oldest time.Time) {
+func (m *Metrics) setPending(sub string, pending, bytes int64, oldest time.Time) {
 	m.mu.Lock()
 	if s := m.subs[sub]; s != nil {
-		s.pending, s.oldest = pending, oldest
+		s.pending, s.bytes, s.oldest = pending, bytes, oldest
 	}
 	m.mu.Unlock()
 }

@@ -156,7 +156,7 @@ func (s *scheduler) parkWaiting(j *job, next, now time.Time) (n, parked int) {
 	}
 	// The endpoint keeps failing: keys that waited as long for a free request
 	// slot go too, without an attempt, or the slot would stay pinned by them.
-	full := s.budget.Full()
+	full := s.overBudget()
 	kept := s.ready[:0]
 	for _, k := range s.ready {
 		if full || now.Sub(k.items[0].first) >= s.opts.ParkAfter {

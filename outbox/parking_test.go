@@ -2,10 +2,15 @@ package outbox
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"testing/synctest"
 	"time"
+
+	"github.com/rs/zerolog"
 )
 
 func TestParkingReleasesTheSlotAndKeepsOrder(t *testing.T) {
@@ -163,6 +168,64 @@ func TestRestreamedEventsOfADrainedKeyAreNotSentAgain(t *testing.T) {
 		synctest.Wait()
 		if got := sent(); got[len(got)-1] != "4" || slices.Contains(got[2:], "1") || slices.Contains(got[2:], "2") {
 			t.Fatalf("a new event: sent %v", got)
+		}
+	})
+}
+
+// TestASubscriptionOverItsShareParksAtOnce: a failing subscription that holds
+// more than SubscriptionBytes parks what is over it at once, long before
+// park_after and with the process's budget far from full, and a healthy
+// subscription of the same events is not held up.
+func TestASubscriptionOverItsShareParksAtOnce(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		failing, healthy := sub("failing", "*"), sub("healthy", "*")
+		failing.Delivery.ParkAfter = time.Hour
+		rec := &recorder{answer: func(b *Batch) error {
+			if b.Subscription.ID == "failing" {
+				return failure{status: 503, retryable: true}
+			}
+			return nil
+		}}
+		acker, store, in := NewAcker(0), &memStore{}, make(chan Change, 1024)
+		d := NewDispatcher(DispatcherConfig{Subscriptions: []*Subscription{failing, healthy}, Acker: acker,
+			Deliverer: rec, Store: store, Logger: zerolog.Nop(), SubscriptionBytes: 1 << 20})
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan struct{})
+		in <- Change{Kind: ChangeStart}
+		go func() { d.Run(ctx, in); close(done) }()
+		defer func() { cancel(); <-done }()
+
+		h := &harness{t: t, acker: acker, in: in, rec: rec, store: store}
+		payload := json.RawMessage(`"` + strings.Repeat("x", 100<<10) + `"`)
+		for i := 1; i <= 40; i++ { // 4 MB: over the 1 MiB share, a sixteenth of the budget
+			e := event(i, "x", fmt.Sprint("r", i%8))
+			e.Payload = payload
+			h.commit(e)
+		}
+		time.Sleep(time.Minute) // retries, a minute of the hour's park_after
+		synctest.Wait()
+		store.mu.Lock()
+		parked := len(store.parked)
+		store.mu.Unlock()
+		// What stays in memory is at most the share: ten events of 100 KiB,
+		// and one more that crossed it.
+		if held := 40 - parked; held > 11 {
+			t.Fatalf("%d of 40 events parked: the failing subscription holds %d (%d KiB) in memory, over its 1 MiB share",
+				parked, held, held*100)
+		}
+		if f := acker.Flush(); f == 0 {
+			t.Errorf("flush %v: the parked events still hold the slot", f)
+		}
+		delivered := 0
+		rec.mu.Lock()
+		for _, b := range rec.batches {
+			if b.sub == "healthy" {
+				delivered += len(b.events)
+			}
+		}
+		rec.mu.Unlock()
+		if delivered != 40 {
+			t.Errorf("healthy got %d events, want 40", delivered)
 		}
 	})
 }

@@ -44,6 +44,8 @@ type scheduler struct {
 	feeds       []*key // parked keys due for their next rows
 	timers      timerHeap
 	pending     int               // items held
+	held        int64             // bytes of the events held (their budget sizes)
+	share       int64             // the most bytes it may hold (SubscriptionBytes)
 	inFlight    int               // requests in flight
 	gatherUntil time.Time         // batch_wait deadline while gathering; zero otherwise
 	inTxn       bool              // events came that their transaction's commit has not followed yet
@@ -115,7 +117,7 @@ type result struct {
 
 func newScheduler(d *Dispatcher, s *Subscription, in <-chan delivery) *scheduler {
 	sc := &scheduler{in: in, d: d, now: time.Now, epoch: d.epoch, startLSN: d.start,
-		store: d.cfg.Store, metrics: d.cfg.Metrics, budget: d.cfg.Budget,
+		store: d.cfg.Store, metrics: d.cfg.Metrics, budget: d.cfg.Budget, share: d.cfg.SubscriptionBytes,
 		log:  d.cfg.Logger.With().Str("subscription", s.ID).Logger(),
 		keys: map[string]*key{},
 	}
@@ -170,7 +172,7 @@ func (s *scheduler) run(ctx context.Context) error {
 		now := s.now()
 		s.dispatch(ctx, now)
 		in := s.in
-		if s.pending >= pendingLimit {
+		if s.saturated() {
 			in = nil // backpressure
 		}
 		var wake <-chan time.Time
@@ -205,7 +207,7 @@ func (s *scheduler) take(dv delivery) {
 	now := s.now()
 	s.handleEvent(dv, now)
 	for range 256 {
-		if s.pending >= pendingLimit {
+		if s.saturated() {
 			return
 		}
 		select {
@@ -217,9 +219,20 @@ func (s *scheduler) take(dv delivery) {
 	}
 }
 
+// saturated reports whether the scheduler holds as much as it may: it takes
+// no more input until it holds less (and so, once the Dispatcher's queue to it
+// is full, the stream pauses).
+func (s *scheduler) saturated() bool { return s.pending >= pendingLimit || s.held >= s.share }
+
+// overBudget reports whether memory is short, for the whole process or for
+// this subscription: a failing endpoint's events park at once, and batches
+// do not wait for more input.
+func (s *scheduler) overBudget() bool { return s.held >= s.share || s.budget.Full() }
+
 // handleEvent queues an event under its key, merging it into the key's tail item
 // when debounce allows.
 func (s *scheduler) handleEvent(dv delivery, now time.Time) {
+	s.held += dv.size // until done
 	switch {
 	case dv.commit:
 		s.inTxn = false
@@ -304,6 +317,7 @@ func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 
 // done finishes one delivery: the Acker's count and the budget's bytes.
 func (s *scheduler) done(t *Txn, size int64) {
+	s.held -= size
 	s.d.cfg.Acker.Done(t)
 	s.budget.Release(s.epoch.N, size)
 }
@@ -389,7 +403,7 @@ func (s *scheduler) dispatch(ctx context.Context, now time.Time) {
 			// Wait for a fuller batch until batch_wait has passed, and while
 			// more events are sure to come: the transaction is still streaming
 			// in, or events wait in the input (unless memory is full).
-			midBurst := (s.inTxn || len(s.in) > 0) && s.pending < pendingLimit && !s.budget.Full()
+			midBurst := (s.inTxn || len(s.in) > 0) && !s.saturated() && !s.overBudget()
 			if s.readyEvents < s.opts.BatchMax && (now.Before(s.gatherUntil) || midBurst) {
 				return
 			}
@@ -602,8 +616,8 @@ func (s *scheduler) handleResult(r result) {
 	switch {
 	case j.parked:
 		s.retryParked(j, r.err, now.Add(wait))
-	case now.Sub(j.first) >= s.opts.ParkAfter || s.budget.Full():
-		// Failing for park_after, or failing while memory is full: the
+	case now.Sub(j.first) >= s.opts.ParkAfter || s.overBudget():
+		// Failing for park_after, or failing while memory is short: the
 		// endpoint is failing anyway, its events make room in the table.
 		s.parkJob(j, now.Add(wait))
 	default:

@@ -30,30 +30,32 @@ import (
 // from the environment as WALHOOK_<KEY> (WALHOOK_DATABASE_URL, ...), which wins
 // over the file.
 type Config struct {
-	DatabaseURL     string               `yaml:"database_url"`      // required
-	Listen          string               `yaml:"listen"`            // health endpoint address; default 127.0.0.1:8080
-	Slot            string               `yaml:"slot"`              // replication slot; default walhook
-	SlotFailover    string               `yaml:"slot_failover"`     // setup makes the slot a failover slot: auto (on PostgreSQL 17+), true (an error before 17), false; default auto
-	Publication     string               `yaml:"publication"`       // publication; default walhook
-	OutboxTable     string               `yaml:"outbox_table"`      // schema.table; default walhook.outbox
-	OutboxColumns   map[string]string    `yaml:"outbox_columns"`    // id, event, resource_id, tenant, payload; "" = no such column
-	LogLevel        string               `yaml:"log_level"`         // debug, info, warn, error; default info
-	AdminToken      string               `yaml:"admin_token"`       // bearer token of the API; required off loopback
-	AuthURL         string               `yaml:"auth_url"`          // forward auth for subscribers without the admin token
-	AllowTargets    []string             `yaml:"allow_targets"`     // CIDRs or host names API subscriptions may target anyway
-	RotationOverlap outbox.Duration      `yaml:"rotation_overlap"`  // how long a rotated-out secret keeps signing; default 24h
-	StallTimeout    outbox.Duration      `yaml:"stall_timeout"`     // server silence that counts as a stalled stream; default 30s
-	ReadyMaxLag     outbox.Duration      `yaml:"ready_max_lag"`     // /readyz fails when replication lag exceeds it; default 0 = off
-	ShutdownTimeout outbox.Duration      `yaml:"shutdown_timeout"`  // on SIGTERM, how long deliveries in flight may finish; default 15s
-	OutboxRetention outbox.Duration      `yaml:"outbox_retention"`  // walhook.outbox rows older than this are deleted; default 24h, 0 = keep
-	MaxTimeout      outbox.Duration      `yaml:"max_timeout"`       // ceiling of every subscription's timeout (API and file); default 60s
-	MaxHold         outbox.Duration      `yaml:"max_hold"`          // ceiling of debounce, max_wait, batch_wait and park_after (API and file); default 15m
-	MaxPendingBytes int64                `yaml:"max_pending_bytes"` // bytes of events held in memory before the stream pauses; default 64 MiB
-	AcceptEmit      *bool                `yaml:"accept_emit"`       // logical messages with prefix walhook (walhook.emit) are events; default true
-	EmitRoles       []string             `yaml:"emit_roles"`        // setup: only these roles may EXECUTE walhook.emit; default none = leave its grants alone
-	Defaults        outbox.Options       `yaml:"defaults"`
-	Subscriptions   []SubscriptionConfig `yaml:"subscriptions"`
-	Relay           *RelayConfig         `yaml:"relay"` // relay mode on NATS JetStream (relayconfig.go); nil = direct mode
+	DatabaseURL     string            `yaml:"database_url"`      // required
+	Listen          string            `yaml:"listen"`            // health endpoint address; default 127.0.0.1:8080
+	Slot            string            `yaml:"slot"`              // replication slot; default walhook
+	SlotFailover    string            `yaml:"slot_failover"`     // setup makes the slot a failover slot: auto (on PostgreSQL 17+), true (an error before 17), false; default auto
+	Publication     string            `yaml:"publication"`       // publication; default walhook
+	OutboxTable     string            `yaml:"outbox_table"`      // schema.table; default walhook.outbox
+	OutboxColumns   map[string]string `yaml:"outbox_columns"`    // id, event, resource_id, tenant, payload; "" = no such column
+	LogLevel        string            `yaml:"log_level"`         // debug, info, warn, error; default info
+	AdminToken      string            `yaml:"admin_token"`       // bearer token of the API; required off loopback
+	AuthURL         string            `yaml:"auth_url"`          // forward auth for subscribers without the admin token
+	AllowTargets    []string          `yaml:"allow_targets"`     // CIDRs or host names API subscriptions may target anyway
+	RotationOverlap outbox.Duration   `yaml:"rotation_overlap"`  // how long a rotated-out secret keeps signing; default 24h
+	StallTimeout    outbox.Duration   `yaml:"stall_timeout"`     // server silence that counts as a stalled stream; default 30s
+	ReadyMaxLag     outbox.Duration   `yaml:"ready_max_lag"`     // /readyz fails when replication lag exceeds it; default 0 = off
+	ShutdownTimeout outbox.Duration   `yaml:"shutdown_timeout"`  // on SIGTERM, how long deliveries in flight may finish; default 15s
+	OutboxRetention outbox.Duration   `yaml:"outbox_retention"`  // walhook.outbox rows older than this are deleted; default 24h, 0 = keep
+	MaxTimeout      outbox.Duration   `yaml:"max_timeout"`       // ceiling of every subscription's timeout (API and file); default 60s
+	MaxHold         outbox.Duration   `yaml:"max_hold"`          // ceiling of debounce, max_wait, batch_wait and park_after (API and file); default 15m
+	MaxPendingBytes int64             `yaml:"max_pending_bytes"` // bytes of events held in memory before the stream pauses; default 64 MiB
+	// bytes one subscription holds in memory before it takes no more (a failing one parks); default a quarter of max_pending_bytes
+	MaxPendingBytesPerSubscription int64                `yaml:"max_pending_bytes_per_subscription"`
+	AcceptEmit                     *bool                `yaml:"accept_emit"` // logical messages with prefix walhook (walhook.emit) are events; default true
+	EmitRoles                      []string             `yaml:"emit_roles"`  // setup: only these roles may EXECUTE walhook.emit; default none = leave its grants alone
+	Defaults                       outbox.Options       `yaml:"defaults"`
+	Subscriptions                  []SubscriptionConfig `yaml:"subscriptions"`
+	Relay                          *RelayConfig         `yaml:"relay"` // relay mode on NATS JetStream (relayconfig.go); nil = direct mode
 
 	// The listen port (and metrics_listen) against slow, idle and unauthenticated clients.
 	ReadTimeout         outbox.Duration `yaml:"read_timeout"`         // a request's header and body; default 15s
@@ -334,6 +336,11 @@ func (c *Config) Validate(withSubscriptions bool) error {
 	}
 	if c.MaxPendingBytes < 0 || c.MaxPendingBytes > 0 && c.MaxPendingBytes < 1<<20 {
 		bad("max_pending_bytes: %d must be at least 1048576 (1 MiB); default %d", c.MaxPendingBytes, outbox.DefaultMaxPendingBytes)
+	}
+	if total := cmp.Or(c.MaxPendingBytes, outbox.DefaultMaxPendingBytes); c.MaxPendingBytesPerSubscription < 0 ||
+		c.MaxPendingBytesPerSubscription > 0 && (c.MaxPendingBytesPerSubscription < 1<<20 || c.MaxPendingBytesPerSubscription > total) {
+		bad("max_pending_bytes_per_subscription: %d must be from 1048576 (1 MiB) to max_pending_bytes (%d); default a quarter of it",
+			c.MaxPendingBytesPerSubscription, total)
 	}
 	c.maxConnections = 4096
 	if c.MaxConnections != nil {

@@ -143,6 +143,8 @@ func TestMaxTimeoutIsACeiling(t *testing.T) {
 		{db + "defaults: {park_after: 16m}\n", "defaults.park_after: 16m is more than max_hold"},
 		{db + "max_hold: 1m\n" + subWith("max_wait: 2m"), "subscriptions[crm].max_wait: 2m is more than max_hold (1m0s)"},
 		{db + "max_hold: 0\n", `max_hold: "0" is not a positive duration`},
+		{db + "max_pending_bytes_per_subscription: 1000\n", "max_pending_bytes_per_subscription: 1000 must be from 1048576"},
+		{db + "max_pending_bytes: 2097152\nmax_pending_bytes_per_subscription: 4194304\n", "to max_pending_bytes (2097152)"},
 		{db + subWith("max_in_flight: 2000"), "subscriptions[crm].max_in_flight: 2000 must be at most 1024"},
 		{db + subWith("batch_max: 10001"), "subscriptions[crm].batch_max: 10001 must be at most 10000"},
 		{db + "subscriptions:\n  - id: crm\n    events: ['a..b', 'ok', ' x']\n    target_url: http://x/\n    secret: " + testSecret + "\n", "subscriptions[crm].events[2]"},

@@ -66,15 +66,16 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		attempts = attemptLog
 	}
 	dcfg := outbox.DispatcherConfig{
-		Subscriptions: cfg.subs,
-		Defaults:      cfg.defaults,
-		Metrics:       metrics,
-		Acker:         acker,
-		Budget:        cdcCfg.Budget,
-		Deliverer:     snd,
-		Store:         store,
-		Logger:        log.With().Str("component", "outbox").Logger(),
-		Attempts:      attempts,
+		Subscriptions:     cfg.subs,
+		Defaults:          cfg.defaults,
+		Metrics:           metrics,
+		Acker:             acker,
+		Budget:            cdcCfg.Budget,
+		SubscriptionBytes: cfg.MaxPendingBytesPerSubscription,
+		Deliverer:         snd,
+		Store:             store,
+		Logger:            log.With().Str("component", "outbox").Logger(),
+		Attempts:          attempts,
 	}
 	var rl *relayRun // relay mode: deliveries go to JetStream (relay.go)
 	if cfg.relay != nil {
