@@ -56,3 +56,45 @@ func TestOutboxRetentionPrunesOldRows(t *testing.T) {
 	})
 	e.eventually(10*time.Second, "the pruning logged", func() bool { return strings.Contains(r.log.String(), `"rows":2500`) })
 }
+
+// TestGracefulStopSurvivesALostConnection: the replication connection drops
+// while a graceful stop waits for a delivery in flight. The delivery still
+// finishes and walhook still stops as soon as it has (the drain's end is not
+// lost with the session), not at shutdown_timeout.
+func TestGracefulStopSurvivesALostConnection(t *testing.T) {
+	t.Parallel()
+	arrived, release := make(chan struct{}, 1), make(chan struct{})
+	srv := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) {
+		select {
+		case arrived <- struct{}{}:
+		default:
+		}
+		<-release
+		return http.StatusNoContent, nil
+	})
+	e := newEnv(t, "shutdown_timeout: 60s\nsubscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`))
+	e.setup()
+	r := e.start()
+	e.exec(`INSERT INTO walhook.outbox (event) VALUES ('x')`)
+	<-arrived
+	stopped := make(chan struct{})
+	go func() { r.stop(); close(stopped) }()
+	e.eventually(10*time.Second, "the graceful stop to begin", func() bool {
+		return strings.Contains(r.log.String(), "stopping: finishing deliveries in flight")
+	})
+	var killed bool
+	e.eventually(10*time.Second, "the walsender to be terminated", func() bool {
+		e.db.Pool.QueryRow(context.Background(), `SELECT coalesce(bool_or(pg_terminate_backend(active_pid)), false)
+			FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL`, e.db.Name).Scan(&killed)
+		return killed
+	})
+	close(release)
+	select {
+	case <-stopped:
+	case <-time.After(20 * time.Second):
+		t.Fatalf("walhook still running 20 s after its last delivery finished (shutdown_timeout 60s):\n%s", r.log.String())
+	}
+	if got := sendertest.Delivered(srv.Requests()); len(got) != 1 {
+		t.Errorf("%d deliveries completed, want the one in flight", len(got))
+	}
+}
