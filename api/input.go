@@ -11,13 +11,15 @@ import (
 	"strconv"
 	"strings"
 	"unicode/utf8"
+
+	"github.com/walhook/walhook/outbox"
 )
 
 // Bounds of the API's input (docs/subscriptions.md).
 const (
-	MaxBodyBytes    = 64 << 10 // a request body; larger is 413
-	MaxTargetURLLen = 2048     // target_url, bytes
-	MaxTextLen      = 256      // ids, tenants, query values, bytes
+	MaxBodyBytes    = 64 << 10                // a request body; larger is 413
+	MaxTargetURLLen = outbox.MostTargetURLLen // target_url, bytes
+	MaxTextLen      = outbox.MostTextLen      // ids, tenants, query values, bytes
 )
 
 // decode reads a JSON request body into v: it must be application/json, valid
@@ -146,10 +148,10 @@ func checkStrings(raw []byte) error {
 			switch {
 			case isKey && len(stack) == 1:
 				field, top = t, t
-			case isKey && len(stack) == 2 && stack[0].object && !hasControl(t):
+			case isKey && len(stack) == 2 && stack[0].object && !outbox.HasControl(t):
 				field = top + "." + t
 			}
-			if !utf8.Valid(raw[prev:end]) || hasControl(t) {
+			if !utf8.Valid(raw[prev:end]) || outbox.HasControl(t) {
 				what := "not valid UTF-8 or holds a control character"
 				if isKey {
 					return fail(http.StatusBadRequest, "body: a key %s", what)
@@ -168,21 +170,10 @@ func checkStrings(raw []byte) error {
 	}
 }
 
-// hasControl reports a control character: C0 (NUL, newline, tab, ...), DEL or C1.
-func hasControl(s string) bool {
-	return strings.IndexFunc(s, func(r rune) bool { return r < 0x20 || (r >= 0x7f && r < 0xa0) }) >= 0
-}
-
-// checkText checks a value from a path or query: valid UTF-8, no control
-// character, at most MaxTextLen bytes.
+// checkText checks a value from a path or query (outbox.CheckText): a 400.
 func checkText(field, v string) error {
-	switch {
-	case !utf8.ValidString(v):
-		return fail(http.StatusBadRequest, "%s: not valid UTF-8", field)
-	case hasControl(v):
-		return fail(http.StatusBadRequest, "%s: holds a control character", field)
-	case len(v) > MaxTextLen:
-		return fail(http.StatusBadRequest, "%s: longer than %d bytes", field, MaxTextLen)
+	if err := outbox.CheckText(field, v); err != nil {
+		return fail(http.StatusBadRequest, "%v", err)
 	}
 	return nil
 }
@@ -242,12 +233,9 @@ func checkRequest(req *Request) error {
 			return err
 		}
 	}
-	if len(req.TargetURL) > MaxTargetURLLen {
-		return fail(http.StatusBadRequest, "target_url: longer than %d bytes", MaxTargetURLLen)
-	}
 	if req.TargetURL != "" {
-		if u, err := url.Parse(req.TargetURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			return fail(http.StatusBadRequest, "target_url: must be an absolute http:// or https:// URL")
+		if err := outbox.CheckTargetURL("target_url", req.TargetURL); err != nil {
+			return fail(http.StatusBadRequest, "%v", err)
 		}
 	}
 	if req.ResourceURL != nil && len(*req.ResourceURL) > MaxTargetURLLen {

@@ -3,6 +3,7 @@ package outbox
 import (
 	"errors"
 	"fmt"
+	"net/url"
 	"slices"
 	"strings"
 	"time"
@@ -151,11 +152,70 @@ func MatchPattern(pattern, typ string) bool {
 	}
 }
 
-// Bounds of a subscription's patterns.
+// Bounds of a subscription's fields, wherever it comes from (config, API, CLI).
 const (
-	MostPatterns   = 50  // patterns per subscription
-	MostPatternLen = 256 // bytes per pattern
+	MostPatterns     = 50   // patterns per subscription
+	MostPatternLen   = 256  // bytes per pattern
+	MostTargetURLLen = 2048 // bytes of target_url
+	MostTextLen      = 256  // bytes of a tenant or an id
 )
+
+// CheckSubscription checks what every subscription has, whoever makes it:
+// its patterns, its target URL and its tenant ("" is none). Errors name each
+// bad field under key ("" for none, like the API's fields).
+func CheckSubscription(key string, events []string, targetURL, tenant string) error {
+	if key != "" {
+		key += "."
+	}
+	var errs []error
+	if err := CheckPatterns(key+"events", events); err != nil {
+		errs = append(errs, err)
+	}
+	if err := CheckTargetURL(key+"target_url", targetURL); err != nil {
+		errs = append(errs, err)
+	}
+	if tenant != "" {
+		if err := CheckText(key+"tenant", tenant); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// CheckTargetURL says why u cannot be a target: it must be an absolute
+// http:// or https:// URL of at most MostTargetURLLen bytes. (Whether it is a
+// safe one is the SSRF guard's to say.)
+func CheckTargetURL(key, u string) error {
+	if u == "" {
+		return fmt.Errorf("%s: required", key)
+	}
+	if len(u) > MostTargetURLLen {
+		return fmt.Errorf("%s: longer than %d bytes", key, MostTargetURLLen)
+	}
+	if p, err := url.Parse(u); err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" {
+		return fmt.Errorf("%s: must be an absolute http:// or https:// URL", key)
+	}
+	return nil
+}
+
+// CheckText checks a tenant, an id or a value like them: valid UTF-8, no
+// control character (NUL included), at most MostTextLen bytes.
+func CheckText(key, v string) error {
+	switch {
+	case !utf8.ValidString(v):
+		return fmt.Errorf("%s: not valid UTF-8", key)
+	case HasControl(v):
+		return fmt.Errorf("%s: holds a control character", key)
+	case len(v) > MostTextLen:
+		return fmt.Errorf("%s: longer than %d bytes", key, MostTextLen)
+	}
+	return nil
+}
+
+// HasControl reports a control character: C0 (NUL, newline, tab, ...), DEL or C1.
+func HasControl(s string) bool {
+	return strings.IndexFunc(s, func(r rune) bool { return r < 0x20 || (r >= 0x7f && r < 0xa0) }) >= 0
+}
 
 // ValidPattern reports whether p is a pattern MatchPattern understands (see
 // CheckPattern).

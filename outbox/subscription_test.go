@@ -80,3 +80,22 @@ func TestStoredRowIsClampedToTheCeilings(t *testing.T) {
 		t.Errorf("a new park_after above max_hold: %v", err)
 	}
 }
+
+// TestCheckSubscriptionNamesEveryBadField: config, API and CLI check a
+// subscription's patterns, target and tenant here, and every bad one is named.
+func TestCheckSubscriptionNamesEveryBadField(t *testing.T) {
+	err := CheckSubscription("subscriptions[crm]", []string{"a..b"}, "ftp://x/"+strings.Repeat("y", 10), "t\x00")
+	for _, want := range []string{"subscriptions[crm].events[0]", "subscriptions[crm].target_url: must be an absolute",
+		"subscriptions[crm].tenant: holds a control character"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("error %v, want it to name %s", err, want)
+		}
+	}
+	if err := CheckSubscription("", []string{"*"}, "https://x/"+strings.Repeat("y", MostTargetURLLen), ""); err == nil ||
+		!strings.HasPrefix(err.Error(), "target_url: longer than 2048 bytes") {
+		t.Errorf("a long target: %v", err)
+	}
+	if err := CheckSubscription("", []string{"contact.*"}, "https://x/hooks", "acme"); err != nil {
+		t.Errorf("a good one: %v", err)
+	}
+}

@@ -415,13 +415,8 @@ func (sc SubscriptionConfig) subscription(key string, defaults outbox.DeliveryOp
 		seen[sc.ID] = true
 		key = fmt.Sprintf("subscriptions[%s]", sc.ID)
 	}
-	if err := outbox.CheckPatterns(key+".events", sc.Events); err != nil {
+	if err := outbox.CheckSubscription(key, sc.Events, sc.TargetURL, sc.Tenant); err != nil {
 		errs = append(errs, err)
-	}
-	if sc.TargetURL == "" {
-		bad("%s.target_url: required", key)
-	} else if u, err := url.Parse(sc.TargetURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		bad("%s.target_url: must be an absolute http:// or https:// URL", key)
 	}
 	if sc.MaxInFlightPerHost != nil {
 		bad("%s.max_in_flight_per_host: only in defaults (it bounds all subscriptions' requests to a host)", key)

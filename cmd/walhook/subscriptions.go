@@ -78,6 +78,14 @@ func subscriptionsCommand(ctx context.Context, cfg *Config, f subscriptionFlags,
 		if err := outbox.CheckPatterns("--event", events); err != nil {
 			return usageError("%v", err)
 		}
+		if err := outbox.CheckTargetURL("--target-url", *target); err != nil {
+			return usageError("%v", err)
+		}
+		if *tenant != "" {
+			if err := outbox.CheckText("--tenant", *tenant); err != nil {
+				return usageError("%v", err)
+			}
+		}
 		if err := cfg.guard.CheckURL(ctx, *target); err != nil {
 			return usageError("--target-url: %v (allow_targets can open it)", err)
 		}
