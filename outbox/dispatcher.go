@@ -135,16 +135,16 @@ type DispatcherConfig struct {
 	Deliverer     Deliverer
 	Store         Store
 	Logger        zerolog.Logger
-	Metrics       *Metrics   // default: registered nowhere
-	Budget        *Budget    // bytes held in memory, shared with the stream; default NewBudget(0)
+	Metrics       *Metrics // default: registered nowhere
+	Budget        *Budget  // bytes held in memory, shared with the stream; default NewBudget(0)
 	// SubscriptionBytes bounds the bytes one subscription holds in memory
 	// (max_pending_bytes_per_subscription): over it, its scheduler takes no
 	// more events, and a failing endpoint's parks at once (docs/design.md,
 	// "Memory"); default a quarter of the Budget (all of it with NoParking:
 	// what cannot park can only wait).
 	SubscriptionBytes int64
-	QueueSize     int        // pending deliveries per subscription before the stream pauses; default 1024
-	Attempts      AttemptLog // where attempts are recorded; nil: nowhere
+	QueueSize         int        // pending deliveries per subscription before the stream pauses; default 1024
+	Attempts          AttemptLog // where attempts are recorded; nil: nowhere
 
 	// Relay, when set, takes every routed delivery instead of schedulers
 	// (relay mode, docs/scale-out.md): no scheduler runs and nothing is sent

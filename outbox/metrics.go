@@ -29,7 +29,7 @@ type Metrics struct {
 
 type subStats struct {
 	pending int64
-	bytes   int64 // held in memory
+	bytes   int64     // held in memory
 	oldest  time.Time // commit time of the oldest in-memory event; zero when none
 }
 
