@@ -67,7 +67,7 @@ func BenchmarkDeliverBatch(b *testing.B) {
 		events[i] = benchEvent(i)
 	}
 	batch := outbox.NewBatch(sub, events...)
-	s := New(&ssrf.Guard{})
+	s := New(&ssrf.Guard{}, Config{})
 	defer s.Close()
 	b.ReportAllocs()
 	for b.Loop() {
@@ -91,7 +91,7 @@ func BenchmarkDeliverOne(b *testing.B) {
 	batch := outbox.NewBatch(sub, benchEvent(1))
 	for _, kind := range []string{TransportLean, TransportStdlib} {
 		b.Run(kind, func(b *testing.B) {
-			s := New(&ssrf.Guard{}, WithHTTPTransport(kind))
+			s := New(&ssrf.Guard{}, Config{Transport: kind})
 			defer s.Close()
 			b.ReportAllocs()
 			for b.Loop() {

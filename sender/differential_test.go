@@ -44,8 +44,8 @@ func attempt(t *testing.T, s *sender.Sender, target string, timeout time.Duratio
 // transport and through net/http's end the same for the core, and the
 // receiver sees the same request (method, path, headers, body).
 func TestLeanAndStdlibTransportsAgree(t *testing.T) {
-	lean := sender.New(&ssrf.Guard{}, sender.WithHTTPTransport(sender.TransportLean))
-	std := sender.New(&ssrf.Guard{}, sender.WithHTTPTransport(sender.TransportStdlib))
+	lean := sender.New(&ssrf.Guard{}, sender.Config{Transport: sender.TransportLean})
+	std := sender.New(&ssrf.Guard{}, sender.Config{Transport: sender.TransportStdlib})
 	defer lean.Close()
 	defer std.Close()
 	if sender.UsesStdlib(lean) || !sender.UsesStdlib(std) {

@@ -46,7 +46,7 @@ func hostileBatch(target string, big bool, timeout time.Duration) *outbox.Batch 
 // success) and how long the attempt took.
 func deliver(t *testing.T, b *outbox.Batch) (*sender.DeliveryError, time.Duration) {
 	t.Helper()
-	s := sender.New(&ssrf.Guard{})
+	s := sender.New(&ssrf.Guard{}, sender.Config{})
 	defer s.Close()
 	start := time.Now()
 	err := s.Deliver(context.Background(), b)
@@ -182,7 +182,7 @@ func TestRefusedTargetIsAPermanentFailure(t *testing.T) {
 	for _, target := range []string{srv.HooksURL(), strings.Replace(srv.HooksURL(), "127.0.0.1", "localhost", 1)} {
 		sub := testSub(target)
 		sub.Static = false
-		err := sender.New(&ssrf.Guard{}).Deliver(context.Background(), outbox.NewBatch(sub, testEvent()))
+		err := sender.New(&ssrf.Guard{}, sender.Config{}).Deliver(context.Background(), outbox.NewBatch(sub, testEvent()))
 		var de *sender.DeliveryError
 		if !errors.As(err, &de) || de.Retryable() || de.Reason != "target not allowed" || !errors.Is(err, ssrf.ErrForbidden) {
 			t.Fatalf("%s: err = %v, want a permanent \"target not allowed\"", target, err)
@@ -194,7 +194,7 @@ func TestRefusedTargetIsAPermanentFailure(t *testing.T) {
 	if n := len(srv.Requests()); n != 0 {
 		t.Fatalf("%d requests reached loopback", n)
 	}
-	err := sender.New(&ssrf.Guard{}).VerifyIntent(context.Background(), srv.HooksURL(), 5*time.Second)
+	err := sender.New(&ssrf.Guard{}, sender.Config{}).VerifyIntent(context.Background(), srv.HooksURL(), 5*time.Second)
 	if !errors.Is(err, ssrf.ErrForbidden) {
 		t.Errorf("VerifyIntent: err = %v, want target not allowed", err)
 	}
@@ -204,7 +204,7 @@ func TestRefusedTargetIsAPermanentFailure(t *testing.T) {
 // /v1/subscriptions, reads no more of a hostile answer than a delivery.
 func TestVerifyIntentAgainstAHostileTarget(t *testing.T) {
 	guard, _ := ssrf.New([]string{"127.0.0.1"})
-	s := sender.New(guard)
+	s := sender.New(guard, sender.Config{})
 	defer s.Close()
 	for _, tt := range []struct {
 		name   string

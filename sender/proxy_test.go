@@ -56,7 +56,7 @@ func proxyTargets(t *testing.T, guard *ssrf.Guard, proxy *url.URL) (s *Sender, p
 	cert, pool := localhostTLS(t)
 	plain = sendertest.NewServer(t, nil)
 	secure = sendertest.NewTLSServer(t, nil, cert)
-	s = newSender(guard, http.ProxyURL(proxy))
+	s = newSender(guard, http.ProxyURL(proxy), Config{})
 	s.guarded.pinned.https.TLSClientConfig = &tls.Config{RootCAs: pool}
 	t.Cleanup(s.Close)
 	return s, plain, secure
@@ -210,7 +210,7 @@ func TestAHostileProxyIsBounded(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			proxy := sendertest.NewHostile(t, tt.behave)
-			s := newSender(guard, http.ProxyURL(&url.URL{Scheme: "http", Host: proxy.Addr()}))
+			s := newSender(guard, http.ProxyURL(&url.URL{Scheme: "http", Host: proxy.Addr()}), Config{})
 			s.guarded.pinned.connectTimeout = 2 * time.Second // the dial outlives the attempt this long
 			defer s.Close()
 			b := dynamicBatch("http://127.0.0.1:1/hooks", false)

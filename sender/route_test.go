@@ -36,7 +36,7 @@ func TestMTLSClientCertificateIsSentAndReloaded(t *testing.T) {
 	serverCA.WriteCA(t, caFile)
 
 	var logs syncLog
-	s := sender.New(&ssrf.Guard{}, sender.WithLogger(zerolog.New(&logs)))
+	s := sender.New(&ssrf.Guard{}, sender.Config{Logger: zerolog.New(&logs)})
 	t.Cleanup(s.Close)
 	sub := testSub(srv.HooksURL())
 	if err := send(s, sub); err == nil {
@@ -108,7 +108,7 @@ func TestTLSServerNameAndMinimumVersion(t *testing.T) {
 	dir := t.TempDir()
 	caFile := filepath.Join(dir, "ca.crt")
 	ca.WriteCA(t, caFile)
-	s := sender.New(&ssrf.Guard{})
+	s := sender.New(&ssrf.Guard{}, sender.Config{})
 	t.Cleanup(s.Close)
 
 	// The certificate names hooks.internal, not 127.0.0.1: server_name says
@@ -162,7 +162,7 @@ func TestProxyURLPerSubscription(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := sender.New(guard)
+	s := sender.New(guard, sender.Config{})
 	t.Cleanup(s.Close)
 	pu, _ := url.Parse(proxy.URL)
 	pu.User = url.UserPassword("walhook", "pr0xy-pass")
@@ -211,7 +211,7 @@ func TestMaxInFlightPerHostAcrossSubscriptions(t *testing.T) {
 		inFlight.Add(-1)
 		return http.StatusNoContent, nil
 	})
-	s := sender.New(&ssrf.Guard{}, sender.WithMaxInFlightPerHost(2))
+	s := sender.New(&ssrf.Guard{}, sender.Config{MaxInFlightPerHost: 2})
 	t.Cleanup(s.Close)
 	errs := make(chan error, 6)
 	for i := range 6 {
@@ -245,7 +245,7 @@ func TestMaxInFlightPerHostAcrossSubscriptions(t *testing.T) {
 		return 204, nil
 	})
 	first := make(chan error, 1)
-	one := sender.New(&ssrf.Guard{}, sender.WithMaxInFlightPerHost(1))
+	one := sender.New(&ssrf.Guard{}, sender.Config{MaxInFlightPerHost: 1})
 	t.Cleanup(func() { close(gate2); <-first; one.Close() }) // before the server's Close, which waits for its handler
 	go func() { first <- send(one, testSub(slow.HooksURL())) }()
 	<-started

@@ -2,6 +2,7 @@ package sender
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -97,11 +98,26 @@ func (s *Sender) acquireHost(ctx context.Context, host string) (release func(), 
 	}
 }
 
+// Config configures a Sender; its zero value is the defaults.
+type Config struct {
+	// Transport is TransportLean (the default) or TransportStdlib
+	// (http_transport). Both keep the SSRF guard and the limits on what an
+	// answer may make walhook read.
+	Transport string
+	// MaxInFlightPerHost bounds the requests in flight to one host (by name,
+	// across all subscriptions and ports); 0 = no bound. A request waits for
+	// a slot before its attempt's timeout starts.
+	MaxInFlightPerHost int
+	// Logger is where the Sender reports what a person must know: TLS files
+	// that cannot be read, and read again; default nowhere (the zero Logger).
+	Logger zerolog.Logger
+}
+
 // New returns a Sender with hardened clients; guard checks the addresses that
 // dynamic subscriptions' requests dial, or, through a proxy (HTTP_PROXY,
 // HTTPS_PROXY), the address each request is pinned to.
-func New(guard *ssrf.Guard, opts ...Option) *Sender {
-	return newSender(guard, http.ProxyFromEnvironment, opts...)
+func New(guard *ssrf.Guard, cfg Config) *Sender {
+	return newSender(guard, http.ProxyFromEnvironment, cfg)
 }
 
 // The HTTP transports (http_transport).
@@ -114,46 +130,21 @@ const (
 	TransportStdlib = "stdlib"
 )
 
-// WithHTTPTransport picks the transport: TransportLean or TransportStdlib.
-// Both keep the SSRF guard and the limits on what an answer may make walhook
-// read.
-func WithHTTPTransport(kind string) Option {
-	return func(s *Sender) { s.stdlib = kind == TransportStdlib }
-}
-
 // transportUnderTest, when set (by the tests' TestMain, from
-// WALHOOK_TEST_HTTP_TRANSPORT), is the transport of every Sender: the
-// package's tests run through both.
+// WALHOOK_TEST_HTTP_TRANSPORT), is the transport of every Sender that does
+// not name one: the package's tests run through both.
 var transportUnderTest string
 
-// Option configures a Sender.
-type Option func(*Sender)
-
-// WithLogger is where the Sender reports what a person must know: TLS files
-// that cannot be read, and read again (default: nowhere).
-func WithLogger(log zerolog.Logger) Option {
-	return func(s *Sender) { s.log = log }
-}
-
-// WithMaxInFlightPerHost bounds the requests in flight to one host (by
-// name, across all subscriptions and ports) to n; 0 = no bound. A request
-// waits for a slot before its attempt's timeout starts.
-func WithMaxInFlightPerHost(n int) Option {
-	return func(s *Sender) { s.perHost = n }
-}
-
-func newSender(guard *ssrf.Guard, proxy func(*http.Request) (*url.URL, error), opts ...Option) *Sender {
+func newSender(guard *ssrf.Guard, proxy func(*http.Request) (*url.URL, error), cfg Config) *Sender {
 	s := &Sender{
 		userAgent: "walhook/" + Version,
 		now:       time.Now,
-		log:       zerolog.Nop(),
+		log:       cfg.Logger,
 		dialer:    &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second},
 		guard:     guard,
 		proxyEnv:  proxy,
-		stdlib:    transportUnderTest == TransportStdlib,
-	}
-	for _, o := range opts {
-		o(s)
+		stdlib:    cmp.Or(cfg.Transport, transportUnderTest) == TransportStdlib,
+		perHost:   cfg.MaxInFlightPerHost,
 	}
 	s.trusted = s.newTransports(true, "", nil)
 	s.guarded = s.newTransports(false, "", nil)

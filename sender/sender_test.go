@@ -40,7 +40,7 @@ func testEvent() outbox.Event {
 
 func TestDeliverSignsAndFollowsContract(t *testing.T) {
 	srv := sendertest.NewServer(t, nil)
-	s := sender.New(&ssrf.Guard{})
+	s := sender.New(&ssrf.Guard{}, sender.Config{})
 	b := outbox.NewBatch(testSub(srv.HooksURL()), testEvent())
 	if err := s.Deliver(context.Background(), b); err != nil {
 		t.Fatalf("Deliver: %v", err)
@@ -91,7 +91,7 @@ func TestDeliverClassifiesResponses(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(strconv.Itoa(tt.status), func(t *testing.T) {
 			srv := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) { return tt.status, tt.header })
-			err := sender.New(&ssrf.Guard{}).Deliver(context.Background(), outbox.NewBatch(testSub(srv.HooksURL()), testEvent()))
+			err := sender.New(&ssrf.Guard{}, sender.Config{}).Deliver(context.Background(), outbox.NewBatch(testSub(srv.HooksURL()), testEvent()))
 			var de *sender.DeliveryError
 			if !errors.As(err, &de) {
 				t.Fatalf("err = %v, want *DeliveryError", err)
@@ -109,7 +109,7 @@ func TestDeliverClassifiesResponses(t *testing.T) {
 
 func TestDeliverNetworkErrorIsRetryableAndHidesURL(t *testing.T) {
 	sub := testSub("http://user:hunter2@127.0.0.1:1/hooks?token=s3cret")
-	err := sender.New(&ssrf.Guard{}).Deliver(context.Background(), outbox.NewBatch(sub, testEvent()))
+	err := sender.New(&ssrf.Guard{}, sender.Config{}).Deliver(context.Background(), outbox.NewBatch(sub, testEvent()))
 	var de *sender.DeliveryError
 	if !errors.As(err, &de) || !de.Retryable() || de.StatusCode() != 0 {
 		t.Fatalf("err = %v, want a retryable DeliveryError without status", err)
@@ -129,7 +129,7 @@ func TestDeliverDeadlineCoversWholeExchange(t *testing.T) {
 	sub := testSub(srv.HooksURL())
 	sub.Delivery.Timeout = 200 * time.Millisecond
 	start := time.Now()
-	err := sender.New(&ssrf.Guard{}).Deliver(context.Background(), outbox.NewBatch(sub, testEvent()))
+	err := sender.New(&ssrf.Guard{}, sender.Config{}).Deliver(context.Background(), outbox.NewBatch(sub, testEvent()))
 	var de *sender.DeliveryError
 	if !errors.As(err, &de) || !de.Retryable() {
 		t.Fatalf("err = %v, want retryable timeout", err)
@@ -157,7 +157,7 @@ func TestRotationSignsWithBothSecretsDuringOverlap(t *testing.T) {
 	srv := sendertest.NewServer(t, nil)
 	sub := testSub(srv.HooksURL())
 	sub.PreviousSecret, sub.PreviousUntil = old, time.Now().Add(time.Hour)
-	snd := sender.New(&ssrf.Guard{})
+	snd := sender.New(&ssrf.Guard{}, sender.Config{})
 	if err := snd.Deliver(context.Background(), outbox.NewBatch(sub, testEvent())); err != nil {
 		t.Fatal(err)
 	}
@@ -185,7 +185,7 @@ func TestDynamicTargetsAreGuardedAtDial(t *testing.T) {
 	srv := sendertest.NewServer(t, nil)
 	sub := testSub(srv.HooksURL())
 	sub.Static = false
-	err := sender.New(&ssrf.Guard{}).Deliver(context.Background(), outbox.NewBatch(sub, testEvent()))
+	err := sender.New(&ssrf.Guard{}, sender.Config{}).Deliver(context.Background(), outbox.NewBatch(sub, testEvent()))
 	if !errors.Is(err, ssrf.ErrForbidden) || len(srv.Requests()) != 0 {
 		t.Fatalf("err = %v, %d requests: a dynamic subscription reached loopback", err, len(srv.Requests()))
 	}
@@ -197,7 +197,7 @@ func TestVerifyIntent(t *testing.T) {
 	})
 	mute := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) { return 200, nil })
 	guard, _ := ssrf.New([]string{"127.0.0.0/8"})
-	snd := sender.New(guard)
+	snd := sender.New(guard, sender.Config{})
 	if err := snd.VerifyIntent(context.Background(), echo.HooksURL(), 5*time.Second); err != nil {
 		t.Errorf("echoing target: %v", err)
 	}
@@ -213,7 +213,7 @@ func TestVerifyIntent(t *testing.T) {
 // each arrive whole and signed.
 func TestRecycledBodiesStayIntact(t *testing.T) {
 	srv := sendertest.NewServer(t, nil)
-	s := sender.New(&ssrf.Guard{})
+	s := sender.New(&ssrf.Guard{}, sender.Config{})
 	defer s.Close()
 	sub := testSub(srv.HooksURL())
 	sub.Delivery.BatchMax = 100
@@ -256,7 +256,7 @@ func TestEarlyAnswerToALargeBody(t *testing.T) {
 		w.WriteHeader(http.StatusRequestEntityTooLarge) // without reading the body
 	}))
 	defer srv.Close()
-	s := sender.New(&ssrf.Guard{})
+	s := sender.New(&ssrf.Guard{}, sender.Config{})
 	defer s.Close()
 	sub := testSub(srv.URL)
 	sub.Delivery.BatchMax = 1000

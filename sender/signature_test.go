@@ -58,7 +58,7 @@ func deliverOnce(t *testing.T, sub *outbox.Subscription) sendertest.Request {
 	t.Helper()
 	srv := sendertest.NewServer(t, nil)
 	sub.TargetURL = srv.HooksURL()
-	if err := sender.New(&ssrf.Guard{}).Deliver(context.Background(), outbox.NewBatch(sub, testEvent())); err != nil {
+	if err := sender.New(&ssrf.Guard{}, sender.Config{}).Deliver(context.Background(), outbox.NewBatch(sub, testEvent())); err != nil {
 		t.Fatalf("Deliver: %v", err)
 	}
 	return srv.Requests()[0]

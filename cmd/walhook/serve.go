@@ -184,9 +184,8 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 
 // newSender is the Sender of walhook run and walhook deliver.
 func newSender(cfg *Config, log zerolog.Logger) *sender.Sender {
-	return sender.New(cfg.guard, sender.WithMaxInFlightPerHost(cfg.defaults.MaxInFlightPerHost),
-		sender.WithHTTPTransport(cmp.Or(cfg.HTTPTransport, sender.TransportLean)),
-		sender.WithLogger(log.With().Str("component", "sender").Logger()))
+	return sender.New(cfg.guard, sender.Config{MaxInFlightPerHost: cfg.defaults.MaxInFlightPerHost,
+		Transport: cmp.Or(cfg.HTTPTransport, sender.TransportLean), Logger: log.With().Str("component", "sender").Logger()})
 }
 
 // streamHold is the stream as the prober sees it.
