@@ -37,14 +37,14 @@ func (s *scheduler) nextAttempt() time.Time {
 func (s *scheduler) limited(now time.Time) bool { return now.Before(s.holdUntil) }
 
 // parkLimited parks what the rate limit or a 429's pause holds back past
-// park_after (or at once while memory is full): a subscription that cannot
+// park_after (or at once while memory is short): a subscription that cannot
 // send as fast as its events come must not pin WAL. Its keys move to
 // walhook.deliveries and are fed from there, at the rate.
 func (s *scheduler) parkLimited(now time.Time) {
 	if s.closing || len(s.ready) == 0 {
 		return
 	}
-	if now.Sub(s.ready[0].items[0].first) < s.opts.ParkAfter && !s.budget.Full() {
+	if now.Sub(s.ready[0].items[0].first) < s.opts.ParkAfter && !s.overBudget() {
 		return
 	}
 	if n, keys := s.parkWaiting(nil, now, now); n > 0 {
