@@ -8,7 +8,9 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -23,7 +25,7 @@ import (
 type Store interface {
 	InsertSubscription(ctx context.Context, r *outbox.SubscriptionRow) error
 	GetSubscription(ctx context.Context, id string) (*outbox.SubscriptionRow, error)
-	ListSubscriptions(ctx context.Context, tenant *string) ([]outbox.SubscriptionRow, error)
+	ListSubscriptionsAfter(ctx context.Context, tenant *string, after string, limit int) ([]outbox.SubscriptionRow, error)
 	UpdateSubscription(ctx context.Context, r *outbox.SubscriptionRow) error
 	RotateSecret(ctx context.Context, id, secret string, until time.Time) error
 	DeleteSubscriptionStrict(ctx context.Context, id string) error
@@ -336,10 +338,31 @@ func (a *API) apply(ctx context.Context, c caller, row *outbox.SubscriptionRow, 
 	return nil
 }
 
-func (a *API) list(_ http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
-	q, err := query(r, "tenant", "event")
+// listPageMax is the most API subscriptions one page of the list holds.
+const listPageMax = 1000
+
+// list answers GET /v1/subscriptions: the config file's subscriptions (admin
+// only; on the first page) and a page of API subscriptions, at most limit
+// (default and most listPageMax). When more may follow, a Link header
+// (rel="next") gives the next page's URL, with its cursor.
+func (a *API) list(w http.ResponseWriter, r *http.Request, c caller) (int, any, error) {
+	q, err := query(r, "tenant", "event", "limit", "cursor")
 	if err != nil {
 		return 0, nil, err
+	}
+	limit := listPageMax
+	if v := q.Get("limit"); v != "" {
+		n, err := parseCount("limit", v, 1, listPageMax)
+		if err != nil {
+			return 0, nil, err
+		}
+		limit = int(n)
+	}
+	cursor := q.Get("cursor")
+	if cursor != "" {
+		if _, _, err := outbox.ParseSubscriptionCursor(cursor); err != nil {
+			return 0, nil, fail(http.StatusBadRequest, "%v", err)
+		}
 	}
 	var tenant *string
 	if t := q.Get("tenant"); t != "" {
@@ -359,21 +382,38 @@ func (a *API) list(_ http.ResponseWriter, r *http.Request, c caller) (int, any, 
 		return event == "" || (&outbox.Subscription{Events: events}).Matches(&outbox.Event{Type: event, Tenant: t})
 	}
 	out := []View{}
-	if c.admin {
+	if c.admin && cursor == "" {
 		for _, s := range a.cfg.Static {
 			if wants(s.Events, s.Tenant) {
 				out = append(out, staticView(s))
 			}
 		}
 	}
-	rows, err := a.cfg.Store.ListSubscriptions(r.Context(), tenant)
-	if err != nil {
-		return 0, nil, err
-	}
-	for i := range rows {
-		if wants(rows[i].Events, deref(rows[i].Tenant)) {
-			out = append(out, a.view(&rows[i]))
+	// Pages of the store until this page is full or the store has no more;
+	// with an event filter some rows are left out, so a few reads may be needed.
+	found, more := 0, true
+	for found < limit && more {
+		rows, err := a.cfg.Store.ListSubscriptionsAfter(r.Context(), tenant, cursor, limit-found)
+		if err != nil {
+			return 0, nil, err
 		}
+		more = len(rows) == limit-found
+		for i := range rows {
+			cursor = rows[i].Cursor()
+			if wants(rows[i].Events, deref(rows[i].Tenant)) {
+				out = append(out, a.view(&rows[i]))
+				found++
+			}
+		}
+	}
+	if more {
+		next := url.Values{"cursor": {cursor}, "limit": {strconv.Itoa(limit)}}
+		for _, k := range []string{"tenant", "event"} {
+			if v := q.Get(k); v != "" {
+				next.Set(k, v)
+			}
+		}
+		w.Header().Set("Link", `</v1/subscriptions?`+next.Encode()+`>; rel="next"`)
 	}
 	return http.StatusOK, out, nil
 }

@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"net/url"
 	"sort"
+	"strconv"
 	"time"
 
 	"github.com/walhook/walhook/api"
@@ -31,7 +32,7 @@ type overviewData struct {
 	Reported      *pgstore.Report
 	Chart         chart
 	Subscriptions []subscriptionRow
-	Total         int // subscriptions in all; the page shows maxOverview
+	More          bool // more subscriptions than the page shows (maxOverview)
 }
 
 // maxOverview bounds the overview's rows (and its queries): past it, the API
@@ -41,7 +42,9 @@ const maxOverview = 500
 func (c *Console) overview(r *http.Request) (string, *view, error) {
 	ctx := r.Context()
 	var subs []api.View
-	if err := c.call(r, http.MethodGet, "/v1/subscriptions", &subs); err != nil {
+	// The config file's and the first maxOverview+1 API subscriptions: one
+	// more than shown says that there are more.
+	if err := c.call(r, http.MethodGet, "/v1/subscriptions?limit="+strconv.Itoa(maxOverview+1), &subs); err != nil {
 		return "", nil, err
 	}
 	slot, stored, err := c.cfg.Source.Stats(ctx)
@@ -57,7 +60,7 @@ func (c *Console) overview(r *http.Request) (string, *view, error) {
 		return "", nil, err
 	}
 	sort.SliceStable(subs, func(i, j int) bool { return subs[i].ID < subs[j].ID })
-	total := len(subs)
+	more := len(subs) > maxOverview
 	subs = subs[:min(len(subs), maxOverview)]
 	ids := make([]string, len(subs))
 	for i, s := range subs {
@@ -67,7 +70,7 @@ func (c *Console) overview(r *http.Request) (string, *view, error) {
 	if err != nil {
 		return "", nil, err
 	}
-	d := overviewData{Stats: slot, Reported: report, Total: total}
+	d := overviewData{Stats: slot, Reported: report, More: more}
 	if report != nil {
 		d.LagSeconds = report.LagSeconds
 	}

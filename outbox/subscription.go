@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 	"unicode"
@@ -287,6 +288,22 @@ type SubscriptionRow struct {
 	// otherwise it leaves the stored secret alone, so that a concurrent
 	// rotate-secret is not undone.
 	SecretChanged bool `json:"-"`
+}
+
+// Cursor is where a list of subscriptions goes on after this row (they are
+// listed by creation time, then id): opaque to callers.
+func (r *SubscriptionRow) Cursor() string {
+	return strconv.FormatInt(r.CreatedAt.UnixMicro(), 10) + "." + r.ID
+}
+
+// ParseSubscriptionCursor reads a Cursor back.
+func ParseSubscriptionCursor(c string) (time.Time, string, error) {
+	us, id, ok := strings.Cut(c, ".")
+	n, err := strconv.ParseInt(us, 10, 64)
+	if !ok || err != nil || id == "" {
+		return time.Time{}, "", fmt.Errorf("cursor: %q is not a cursor this API returned", c)
+	}
+	return time.UnixMicro(n), id, nil
 }
 
 // Subscription resolves the row's options over defaults.

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"regexp"
@@ -399,5 +400,76 @@ func TestFirstStartRoutesBySubscriptionsInForce(t *testing.T) {
 	early.WaitN(t, 2, 30*time.Second)
 	if got := hooksOnly(late.Requests()); len(got) != 1 || !strings.Contains(string(got[0].Body), "after_late") {
 		t.Errorf("the late subscription got %d hooks, want only after_late", len(got))
+	}
+}
+
+// TestSubscriptionListPages: GET /v1/subscriptions answers at most limit API
+// subscriptions (and the config file's on the first page), with a Link to the
+// next page; following the links lists each once; bad limits and cursors are
+// 400s naming the field.
+func TestSubscriptionListPages(t *testing.T) {
+	t.Parallel()
+	srv := echoing(t)
+	_, api := apiEnv(t, "subscriptions:\n"+sub("file", srv.HooksURL(), `["*"]`))
+	created := map[string]bool{}
+	for i := range 5 {
+		status, got := api.do("POST", "/v1/subscriptions", map[string]any{"event": fmt.Sprint("e", i%2), "target_url": srv.HooksURL(), "verify_intent": false})
+		if status != 201 {
+			t.Fatalf("create: %d %v", status, got)
+		}
+		created[got["id"].(string)] = true
+	}
+	seen := map[string]int{}
+	path, pages := "/v1/subscriptions?limit=2", 0
+	for path != "" {
+		req, _ := http.NewRequest("GET", api.base+path, nil)
+		req.Header.Set("Authorization", "Bearer "+adminToken)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var list []map[string]any
+		json.NewDecoder(resp.Body).Decode(&list)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("GET %s: %d", path, resp.StatusCode)
+		}
+		api := 0
+		for _, v := range list {
+			seen[v["id"].(string)]++
+			if v["id"] != "file" {
+				api++
+			}
+		}
+		if api > 2 {
+			t.Errorf("page %s holds %d API subscriptions, limit 2", path, api)
+		}
+		path = ""
+		if link := resp.Header.Get("Link"); link != "" {
+			path = strings.TrimPrefix(strings.TrimSuffix(link, `>; rel="next"`), "<")
+		}
+		if pages++; pages > 5 {
+			t.Fatal("the links do not end")
+		}
+	}
+	if seen["file"] != 1 {
+		t.Errorf("the config file's subscription listed %d times, want once (first page)", seen["file"])
+	}
+	for id := range created {
+		if seen[id] != 1 {
+			t.Errorf("subscription %s listed %d times, want once", id, seen[id])
+		}
+	}
+	// An event filter pages through what matches.
+	status, got := api.do("GET", "/v1/subscriptions?event=e1&limit=1", nil)
+	if list := got["list"].([]any); status != 200 || len(list) != 2 { // the file's ("*") and one e1
+		t.Errorf("event=e1&limit=1: %d, %d subscriptions", status, len(list))
+	}
+	for _, bad := range []string{"limit=0", "limit=1001", "limit=x", "cursor=nope", "cursor=1.", "colour=red"} {
+		status, got := api.do("GET", "/v1/subscriptions?"+bad, nil)
+		field, _, _ := strings.Cut(bad, "=")
+		if msg, _ := got["error"].(string); status != 400 || !strings.HasPrefix(msg, field) {
+			t.Errorf("%s: %d %q, want 400 naming %s", bad, status, msg, field)
+		}
 	}
 }

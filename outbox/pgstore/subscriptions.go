@@ -71,6 +71,37 @@ func (s *Store) ListSubscriptions(ctx context.Context, tenant *string) ([]outbox
 	return out, rows.Err()
 }
 
+// ListSubscriptionsAfter reads up to limit subscriptions (of one tenant when
+// tenant is set) in the order ListSubscriptions gives, after the one whose
+// Cursor is after ("" = from the first).
+func (s *Store) ListSubscriptionsAfter(ctx context.Context, tenant *string, after string, limit int) ([]outbox.SubscriptionRow, error) {
+	var at *time.Time
+	var id string
+	if after != "" {
+		t, rest, err := outbox.ParseSubscriptionCursor(after)
+		if err != nil {
+			return nil, err
+		}
+		at, id = &t, rest
+	}
+	rows, err := s.pool.Query(ctx, `SELECT `+subscriptionColumns+` FROM walhook.subscriptions
+		WHERE ($1::text IS NULL OR tenant = $1) AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
+		ORDER BY created_at, id LIMIT $4`, tenant, at, id, limit)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []outbox.SubscriptionRow
+	for rows.Next() {
+		r, err := scanRow(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, *r)
+	}
+	return out, rows.Err()
+}
+
 // UpdateSubscription replaces a subscription's events, target, tenant and options, and its secret when
 // r.SecretChanged.
 func (s *Store) UpdateSubscription(ctx context.Context, r *outbox.SubscriptionRow) error {
