@@ -138,10 +138,10 @@ type DispatcherConfig struct {
 	Metrics       *Metrics // default: registered nowhere
 	Budget        *Budget  // bytes held in memory, shared with the stream; default NewBudget(0)
 	// SubscriptionBytes bounds the bytes one subscription holds in memory
-	// (max_pending_bytes_per_subscription): over it, its scheduler takes no
-	// more events, and a failing endpoint's parks at once (docs/design.md,
-	// "Memory"); default a quarter of the Budget (all of it with NoParking:
-	// what cannot park can only wait).
+	// (max_pending_bytes_per_subscription) while its endpoint fails: over it,
+	// a failing endpoint's events park at once (docs/design.md, "Memory");
+	// default a quarter of the Budget (all of it with NoParking: what cannot
+	// park can only wait).
 	SubscriptionBytes int64
 	QueueSize         int        // pending deliveries per subscription before the stream pauses; default 1024
 	Attempts          AttemptLog // where attempts are recorded; nil: nowhere

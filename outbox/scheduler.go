@@ -219,14 +219,17 @@ func (s *scheduler) take(dv delivery) {
 	}
 }
 
-// saturated reports whether the scheduler holds as much as it may: it takes
-// no more input until it holds less (and so, once the Dispatcher's queue to it
-// is full, the stream pauses).
-func (s *scheduler) saturated() bool { return s.pending >= pendingLimit || s.held >= s.share }
+// saturated reports whether the scheduler holds as many events as it may: it
+// takes no more input until it holds fewer (and so, once the Dispatcher's
+// queue to it is full, the stream pauses). Bytes are not a reason: the stream
+// already pauses while the budget is full, and one subscription's input
+// waiting on its share would pause the stream for everyone just the same,
+// only sooner.
+func (s *scheduler) saturated() bool { return s.pending >= pendingLimit }
 
 // overBudget reports whether memory is short, for the whole process or for
-// this subscription: a failing endpoint's events park at once, and batches
-// do not wait for more input.
+// this subscription (its share): a failing endpoint's events park at once,
+// and batches do not wait for more input.
 func (s *scheduler) overBudget() bool { return s.held >= s.share || s.budget.Full() }
 
 // handleEvent queues an event under its key, merging it into the key's tail item

@@ -49,7 +49,7 @@ type Config struct {
 	MaxTimeout      outbox.Duration   `yaml:"max_timeout"`       // ceiling of every subscription's timeout (API and file); default 60s
 	MaxHold         outbox.Duration   `yaml:"max_hold"`          // ceiling of debounce, max_wait, batch_wait and park_after (API and file); default 15m
 	MaxPendingBytes int64             `yaml:"max_pending_bytes"` // bytes of events held in memory before the stream pauses; default 64 MiB
-	// bytes one subscription holds in memory before it takes no more (a failing one parks); default a quarter of max_pending_bytes
+	// bytes a failing subscription holds in memory before it parks at once; default a quarter of max_pending_bytes
 	MaxPendingBytesPerSubscription int64                `yaml:"max_pending_bytes_per_subscription"`
 	AcceptEmit                     *bool                `yaml:"accept_emit"` // logical messages with prefix walhook (walhook.emit) are events; default true
 	EmitRoles                      []string             `yaml:"emit_roles"`  // setup: only these roles may EXECUTE walhook.emit; default none = leave its grants alone
