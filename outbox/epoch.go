@@ -49,16 +49,21 @@ func (e *Epoch) Err() error {
 
 // Budget bounds the bytes of events held in memory, from the stream to the
 // senders: the stream stops reading while it is full (docs/design.md,
-// "Memory"). Holds and releases belong to an epoch; Reset starts a new one and
-// forgets the old one's, whose late releases are then ignored. Safe for
-// concurrent use.
+// "Memory"). Once full it stays full until an eighth of it is free again, so
+// that a stream at the limit reads in runs, not an event per release. Holds
+// and releases belong to an epoch; Reset starts a new one and forgets the old
+// one's, whose late releases are then ignored. Safe for concurrent use.
 type Budget struct {
 	limit int64
 	mu    sync.Mutex
 	epoch uint64
 	used  int64
-	freed chan struct{} // signalled when used drops below limit
+	full  bool          // used reached limit, and has not dropped below resume since
+	freed chan struct{} // signalled when it stops being full
 }
+
+// resume is where a full budget stops being full.
+func (b *Budget) resume() int64 { return b.limit - b.limit/8 }
 
 // DefaultMaxPendingBytes is max_pending_bytes' default.
 const DefaultMaxPendingBytes = 64 << 20
@@ -74,7 +79,7 @@ func NewBudget(limit int64) *Budget {
 // Reset starts epoch's accounting at zero.
 func (b *Budget) Reset(epoch uint64) {
 	b.mu.Lock()
-	b.epoch, b.used = epoch, 0
+	b.epoch, b.used, b.full = epoch, 0, false
 	b.mu.Unlock()
 	b.signal()
 }
@@ -85,6 +90,7 @@ func (b *Budget) Hold(epoch uint64, n int64) {
 	b.mu.Lock()
 	if epoch == b.epoch {
 		b.used += n
+		b.full = b.full || b.used >= b.limit
 	}
 	b.mu.Unlock()
 }
@@ -99,9 +105,11 @@ func (b *Budget) Release(epoch uint64, n int64) {
 		b.mu.Unlock()
 		return
 	}
-	wasFull := b.used >= b.limit
 	b.used -= n
-	free := wasFull && b.used < b.limit
+	free := b.full && b.used < b.resume()
+	if free {
+		b.full = false
+	}
 	b.mu.Unlock()
 	if free {
 		b.signal()
@@ -111,11 +119,12 @@ func (b *Budget) Release(epoch uint64, n int64) {
 // Limit is the budget's size in bytes.
 func (b *Budget) Limit() int64 { return b.limit }
 
-// Full reports whether the held bytes reached the limit.
+// Full reports whether the held bytes reached the limit and have not dropped
+// below seven eighths of it since.
 func (b *Budget) Full() bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.used >= b.limit
+	return b.full
 }
 
 // Used is the bytes held in the current epoch.
