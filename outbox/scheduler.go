@@ -45,7 +45,7 @@ type scheduler struct {
 	timers      timerHeap
 	pending     int               // items held
 	held        int64             // bytes of the events held (their budget sizes)
-	share       int64             // the most bytes it may hold (SubscriptionBytes)
+	share       int64             // past this many bytes held, a failing endpoint parks at once (SubscriptionBytes)
 	inFlight    int               // requests in flight
 	gatherUntil time.Time         // batch_wait deadline while gathering; zero otherwise
 	inTxn       bool              // events came that their transaction's commit has not followed yet
@@ -228,8 +228,7 @@ func (s *scheduler) take(dv delivery) {
 func (s *scheduler) saturated() bool { return s.pending >= pendingLimit }
 
 // overBudget reports whether memory is short, for the whole process or for
-// this subscription (its share): a failing endpoint's events park at once,
-// and batches do not wait for more input.
+// this subscription (its share): a failing endpoint's events park at once.
 func (s *scheduler) overBudget() bool { return s.held >= s.share || s.budget.Full() }
 
 // handleEvent queues an event under its key, merging it into the key's tail item
@@ -406,7 +405,7 @@ func (s *scheduler) dispatch(ctx context.Context, now time.Time) {
 			// Wait for a fuller batch until batch_wait has passed, and while
 			// more events are sure to come: the transaction is still streaming
 			// in, or events wait in the input (unless memory is full).
-			midBurst := (s.inTxn || len(s.in) > 0) && !s.saturated() && !s.overBudget()
+			midBurst := (s.inTxn || len(s.in) > 0) && !s.saturated() && !s.budget.Full()
 			if s.readyEvents < s.opts.BatchMax && (now.Before(s.gatherUntil) || midBurst) {
 				return
 			}
