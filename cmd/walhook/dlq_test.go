@@ -2,9 +2,12 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -143,4 +146,68 @@ func TestEndpointHealthDisablesAndEnables(t *testing.T) {
 	srv.Wait(t, 30*time.Second, "the dead letters replayed", func(q []sendertest.Request) bool {
 		return len(sendertest.Delivered(hooksOnly(q))) == 3
 	})
+}
+
+// TestReplayIntoAParkedBatchedSubscription: a dead letter of a batched
+// subscription is replayed while its resource is parked. It waits in the
+// table in its sequence's place (before the newer parked events) and goes out
+// alone, with its original webhook-id, event id and sequence, not batched
+// with the others under a new id.
+func TestReplayIntoAParkedBatchedSubscription(t *testing.T) {
+	t.Parallel()
+	var mode atomic.Int32 // 0 reject, 1 down, 2 up
+	srv := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) {
+		return [...]int{http.StatusBadRequest, http.StatusServiceUnavailable, http.StatusNoContent}[mode.Load()], nil
+	})
+	e := newEnv(t, "subscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`,
+		"    batch_max: 10\n    park_after: 1s\n    retry_initial: 50ms\n    retry_max_interval: 200ms\n"))
+	e.setup()
+	e.start()
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload) VALUES ('a', 'r1', '{"n": 1}')`)
+	e.eventually(30*time.Second, "the rejected event dead-lettered", func() bool {
+		var n int
+		e.db.Pool.QueryRow(context.Background(), `SELECT count(*) FROM walhook.dead_letters`).Scan(&n)
+		return n == 1
+	})
+	mode.Store(1)
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload) VALUES ('a', 'r1', '{"n": 2}'), ('a', 'r1', '{"n": 3}')`)
+	e.eventually(30*time.Second, "the newer events parked", func() bool { return e.parked() == 2 })
+	if code, out, stderr := e.walhook("dlq", "replay", "--subscription", "s"); code != 0 || !strings.Contains(out, "replayed 1") {
+		t.Fatalf("dlq replay: %d %s%s", code, out, stderr)
+	}
+	e.eventually(30*time.Second, "the replay parked behind nothing newer", func() bool { return e.parked() == 3 })
+	mode.Store(2)
+	reqs := srv.Wait(t, 30*time.Second, "all three delivered", func(q []sendertest.Request) bool {
+		n := 0
+		for _, r := range sendertest.Delivered(q) {
+			n += len(hooks(t, r.Body))
+		}
+		return n == 3
+	})
+	var rejected sendertest.Request
+	var order []int
+	for _, q := range reqs {
+		if q.Status == http.StatusBadRequest && rejected.Body == nil {
+			rejected = q
+		}
+		if q.Status != http.StatusNoContent {
+			continue
+		}
+		hs := hooks(t, q.Body)
+		for _, h := range hs {
+			var d struct{ N int }
+			json.Unmarshal(h.Data, &d)
+			order = append(order, d.N)
+			if d.N == 1 {
+				first := hooks(t, rejected.Body)[0]
+				if len(hs) != 1 || q.Header.Get("webhook-id") != rejected.Header.Get("webhook-id") || h.ID != first.ID || h.Sequence != first.Sequence {
+					t.Errorf("the replay went out in a request of %d with webhook-id %s, id %s, sequence %d; first sent alone as %s, %s, %d",
+						len(hs), q.Header.Get("webhook-id"), h.ID, h.Sequence, rejected.Header.Get("webhook-id"), first.ID, first.Sequence)
+				}
+			}
+		}
+	}
+	if !slices.Equal(order, []int{1, 2, 3}) {
+		t.Errorf("delivered in order %v, want 1 2 3 (the replay keeps its place)", order)
+	}
 }
