@@ -425,3 +425,48 @@ func TestOversizedKeysAreDeadLettered(t *testing.T) {
 		t.Errorf("%d requests, want the one event after", n)
 	}
 }
+
+// TestReconnectSendsHeldEventsOnce: events held in memory for a failing
+// endpoint when the replication connection drops are streamed again by the
+// next session; the old session's copies are dropped with its epoch, so once
+// the endpoint is back each event is delivered once, not once per session.
+func TestReconnectSendsHeldEventsOnce(t *testing.T) {
+	t.Parallel()
+	down := &atomic.Bool{}
+	down.Store(true)
+	srv := sendertest.NewServer(t, switchable(down))
+	e := newEnv(t, "subscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`,
+		"    park_after: 10m\n    retry_initial: 50ms\n    retry_max_interval: 200ms\n"))
+	e.setup()
+	r := e.start()
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id) SELECT 'a', 'r' || (g % 5) FROM generate_series(1, 20) g`)
+	srv.Wait(t, 30*time.Second, "attempts while down", func(q []sendertest.Request) bool { return len(q) >= 20 })
+	for session := 1; session <= 2; session++ {
+		var killed bool
+		e.eventually(10*time.Second, "the walsender terminated", func() bool {
+			e.db.Pool.QueryRow(context.Background(), `SELECT coalesce(bool_or(pg_terminate_backend(active_pid)), false)
+				FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL`, e.db.Name).Scan(&killed)
+			return killed
+		})
+		e.eventually(30*time.Second, "a new session", func() bool {
+			return strings.Count(r.log.String(), `"message":"delivering: subscriptions loaded"`) > session && e.slotActive()
+		})
+	}
+	down.Store(false)
+	reqs := srv.Wait(t, 30*time.Second, "every event delivered", func(q []sendertest.Request) bool {
+		return len(sendertest.Delivered(q)) >= 20
+	})
+	e.waitCaughtUp()
+	seen := map[string]int{}
+	for _, q := range sendertest.Delivered(srv.Requests()) {
+		seen[decode(t, q.Body).ID]++
+	}
+	for id, n := range seen {
+		if n != 1 {
+			t.Errorf("event %s delivered %d times after two reconnects", id, n)
+		}
+	}
+	if len(seen) != 20 {
+		t.Errorf("%d events delivered, want 20 (%d requests)", len(seen), len(reqs))
+	}
+}
