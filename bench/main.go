@@ -769,6 +769,25 @@ The targets, what was profiled where one is missed, and each change measured bef
 - Versus: the same 10,000 single-row transactions at 1,000/s consumed by bench/relay (poll, deliver,
   DELETE), by pg_recvlogical (-s 1, to /dev/null), and by walhook. Database CPU is every postgres process
   but autovacuum, the producers' backends included; idle transactions/s over 5 s with nothing to do.
+- Relay mode (docs/scale-out.md): NATS is a real nats-server (examples/demo/natsd, one node, its own
+  process, file store), the stream R1 with 64 partitions; ` + "`walhook run`" + ` with a relay: section publishes,
+  ` + "`walhook deliver`" + ` workers send. Drain: BENCH_RELAY_ROWS rows committed with nothing running, two workers
+  started and owning their partitions, then the sidecar; published = until the slot confirms everything
+  (JetStream acknowledged every delivery), end to end = until the receiver has every event; the reference is
+  direct mode draining the same rows in the same run. Latency: as above, batch_max 1, two workers, next to
+  direct mode in the same run. Scale-out: BENCH_SCALE_EVENTS events of distinct resources published and
+  confirmed first, for an endpoint answering in 20 ms (the receiver's ?delay=), then 1, 2 or 4 workers with
+  max_in_flight 16 and batch_max 1 started; the rate is the receiver's between the 10th and the 90th
+  percentile of receipts (start-up and the tail left out). Every process shares the 2 cores: 4 workers,
+  nats-server, the receiver and PostgreSQL.
+- REST Hooks: the application is an HTTP server in the bench process (pgx pool, synchronous_commit on);
+  POST /contacts inserts a contact and, but for inline, an outbox row in the same transaction. Inline calls
+  the three subscribers one after another after its commit, inside the request. The SQL queue is
+  bench/relay (poll every 100 ms, each row to each subscriber in turn, delete). Walhook direct and relay
+  (two workers) deliver with batch_max 1, max_in_flight 16. Delivery latency is the receiver's: from the
+  event's timestamp (its commit; the row's created_at for the SQL queue; after the commit for inline) to the
+  request's arrival, so the 200 ms subscriber's own answer time is not in it, only what it makes others
+  wait.
 
 Micro-benchmarks (` + "`go test -run '^$' -bench . -benchmem ./cdc ./outbox ./sender`" + `) cover the hot path with
 allocations: decoding a pgoutput insert, routing, envelope encoding, batch body and signing, a batch
