@@ -157,7 +157,7 @@ type relayDrainResult struct {
 func relayDrain(run, rows, workers int) (relayDrainResult, error) {
 	var r relayDrainResult
 	name := fmt.Sprintf("bench_rdrain_%d", run)
-	const partitions = 64
+	partitions := relayPartitions()
 	db, cfg, err := prepareWith(name, relayTop(fmt.Sprintf("RDRAIN%d", run), partitions), "    batch_max: 1000\n")
 	if err != nil {
 		return r, err
@@ -212,7 +212,7 @@ func relayDrain(run, rows, workers int) (relayDrainResult, error) {
 // relayLatency is latency() in relay mode: commit → receipt at eps events/s,
 // batch_max 1, two workers.
 func relayLatency(run, eps int, d time.Duration) (map[string]any, error) {
-	const partitions = 64
+	partitions := relayPartitions()
 	db, cfg, err := prepareWith(fmt.Sprintf("bench_rlatency_%d", run), relayTop(fmt.Sprintf("RLAT%d", run), partitions), "    batch_max: 1\n")
 	if err != nil {
 		return nil, err
@@ -239,8 +239,44 @@ func relayLatency(run, eps int, d time.Duration) (map[string]any, error) {
 	s := receiverStats()
 	if n := sc.metric("walhook_relay_publish_ack_seconds_count"); n > 0 {
 		s["publish_ack_ms"] = sc.metric("walhook_relay_publish_ack_seconds_sum") / n * 1000
+		s["publish_ack_p99_ms"] = sc.bucketQuantile("walhook_relay_publish_ack_seconds", 0.99) * 1000
 	}
+	s["publish_errors"] = sc.metric("walhook_relay_publish_errors_total")
 	return s, nil
+}
+
+// bucketQuantile is the upper bound of the histogram bucket that holds the
+// q-quantile of name's observations (-1 when p serves none).
+func (p *proc) bucketQuantile(name string, q float64) float64 {
+	resp, err := http.Get("http://" + p.addr + "/metrics")
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	type bucket struct{ le, n float64 }
+	var bs []bucket
+	for _, l := range strings.Split(string(b), "\n") {
+		rest, ok := strings.CutPrefix(l, name+`_bucket{le="`)
+		if !ok {
+			continue
+		}
+		le, count, _ := strings.Cut(rest, `"} `)
+		x, err1 := strconv.ParseFloat(le, 64)
+		n, err2 := strconv.ParseFloat(count, 64)
+		if err1 == nil && err2 == nil {
+			bs = append(bs, bucket{x, n})
+		}
+	}
+	if len(bs) == 0 || bs[len(bs)-1].n == 0 {
+		return -1
+	}
+	for _, x := range bs { // cumulative, in order of le
+		if x.n >= q*bs[len(bs)-1].n {
+			return x.le
+		}
+	}
+	return -1
 }
 
 // warmUp commits one event and waits until the receiver has n requests of
@@ -266,7 +302,7 @@ func warmUp(db string, n int) error {
 // 20 ms to answer; then n workers with max_in_flight 16 each deliver them.
 // The rate is the receiver's steady one (between 10% and 90% of the events).
 func relayScale(run, n, events int) (map[string]any, error) {
-	const partitions = 64
+	partitions := relayPartitions()
 	name := fmt.Sprintf("bench_rscale_%d_%d", run, n)
 	db, cfg, err := prepareWith(name, relayTop(fmt.Sprintf("RSCALE%d_%d", run, n), partitions),
 		"    batch_max: 1\n    max_in_flight: 16\n")
@@ -315,3 +351,7 @@ func relayScale(run, n, events int) (map[string]any, error) {
 	s["workers_cpu_per_100k"] = cpu / float64(events) * 100000
 	return s, nil
 }
+
+// relayPartitions is the streams' partition count: BENCH_RELAY_PARTITIONS,
+// default 64 (relay's default).
+func relayPartitions() int { return envInt("BENCH_RELAY_PARTITIONS", 64) }

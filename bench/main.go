@@ -8,7 +8,8 @@
 // (drain,unbatched,attemptlog,latency,versus,busy, and relay mode's
 // relaydrain,relaylatency,relayscale, and resthooks) picks scenarios.
 // BENCH_RELAY_ROWS (100000) rows for the drain through JetStream,
-// BENCH_SCALE_EVENTS (16000) events for the scale-out.
+// BENCH_SCALE_EVENTS (16000) events for the scale-out, BENCH_RELAY_PARTITIONS
+// (64) partitions of the relay streams.
 package main
 
 import (
@@ -190,7 +191,7 @@ func run() error {
 		if err != nil {
 			return err
 		}
-		add(fmt.Sprintf("relay: backlog drain through JetStream, %d rows in 100-row txns, 2 workers, run %d", relayRows, r),
+		add(fmt.Sprintf("relay: backlog drain through JetStream, %d rows in 100-row txns, 2 workers, %d partitions, run %d", relayRows, relayPartitions(), r),
 			fmt.Sprintf("walhook direct (batch_max 1000) %.0f events/s", direct.rate),
 			fmt.Sprintf("published and confirmed %.0f events/s; end to end %.0f events/s = %.2f× direct", d.publishRate, d.rate, d.rate/direct.rate),
 			fmt.Sprintf("CPU-s/100k: sidecar %.2f, workers %.2f, nats-server %.2f; peak RSS sidecar %d MiB, worker %d MiB, nats-server %d MiB",
@@ -206,10 +207,11 @@ func run() error {
 		if err != nil {
 			return err
 		}
-		add(fmt.Sprintf("relay: latency at %d events/s (synchronous_commit=on), 10s, 2 workers, run %d", eps, r),
+		add(fmt.Sprintf("relay: latency at %d events/s (synchronous_commit=on), 10s, 2 workers, %d partitions, run %d", eps, relayPartitions(), r),
 			fmt.Sprintf("walhook direct commit → receipt p50 %.2f ms, p99 %.2f ms, max %.2f ms", direct["p50_ms"], direct["p99_ms"], direct["max_ms"]),
 			fmt.Sprintf("relay commit → receipt p50 %.2f ms, p99 %.2f ms, max %.2f ms (goal p99 ≤ 10 ms)", l["p50_ms"], l["p99_ms"], l["max_ms"]),
-			fmt.Sprintf("%v events received; the sidecar's publish → JetStream ack took %.2f ms on average", l["events"], l["publish_ack_ms"]))
+			fmt.Sprintf("%v events received; the sidecar's publish → JetStream ack %.2f ms on average, p99 ≤ %g ms; %.0f publish errors",
+				l["events"], l["publish_ack_ms"], l["publish_ack_p99_ms"], l["publish_errors"]))
 	}
 	for r := 1; r <= runs && want("relayscale"); r++ {
 		var rates []float64
@@ -223,7 +225,7 @@ func run() error {
 			rates = append(rates, rate)
 			cells = append(cells, fmt.Sprintf("%d worker(s) %.0f events/s (all in %.1f s, workers %.2f CPU-s/100k)", n, rate, s["total_s"], s["workers_cpu_per_100k"]))
 		}
-		add(fmt.Sprintf("relay: scale-out, %d events, an endpoint answering in 20 ms, max_in_flight 16 per worker, run %d", scaleEvents, r),
+		add(fmt.Sprintf("relay: scale-out, %d events, an endpoint answering in 20 ms, max_in_flight 16 per worker, %d partitions, run %d", scaleEvents, relayPartitions(), r),
 			"ceiling 16 / 20 ms = 800 events/s per worker",
 			strings.Join(cells, "; "),
 			fmt.Sprintf("4 workers / 1 worker = %.2f× (goal ≥ 3×)", rates[2]/rates[0]))

@@ -51,7 +51,7 @@ type restResult struct {
 func restHooks(run int, mode string) (restResult, error) {
 	var res restResult
 	name := fmt.Sprintf("bench_rest_%s_%d", mode, run)
-	const partitions = 64
+	partitions := relayPartitions()
 	top := ""
 	if mode == "relay" {
 		top = relayTop(fmt.Sprintf("REST%d", run), partitions)
