@@ -74,6 +74,7 @@ func run() error {
 	defer recv.Process.Kill()
 	waitHTTP("http://" + recvAddr + "/stats")
 
+	loadAtStart = loadAvg()
 	var table [][]string
 	add := func(row ...string) { table = append(table, row); fmt.Println(strings.Join(row, " | ")) }
 	want := wanted
@@ -719,7 +720,8 @@ func writeDoc(table [][]string, rest []string, rows, unbatched, runs int) error 
 	fmt.Fprintf(&b, "# Benchmarks\n\nMeasured by `make bench` (bench/main.go) on %s: %d CPUs (%s), %s, %s; PostgreSQL on the same machine\n",
 		time.Now().UTC().Format("2006-01-02"), runtime.NumCPU(), cpu, runtime.Version(), strings.TrimSpace(string(pgv)))
 	fmt.Fprintf(&b, "(throwaway cluster: fsync off, synchronous_commit off except in the latency runs). Receiver: bench/receiver,\n")
-	fmt.Fprintf(&b, "a separate process answering 204 at once. BENCH_ROWS=%d BENCH_UNBATCHED=%d BENCH_RUNS=%d.\n\n", rows, unbatched, runs)
+	fmt.Fprintf(&b, "a separate process answering 204 at once. BENCH_ROWS=%d BENCH_UNBATCHED=%d BENCH_RUNS=%d. The machine is shared:\n", rows, unbatched, runs)
+	fmt.Fprintf(&b, "load average %s at the start of this run, %s at its end.\n\n", loadAtStart, loadAvg())
 	old, _ := os.ReadFile("docs/benchmarks.md")
 	kept, keptRest := earlierRows(string(old))
 	if len(kept) > 0 || (len(rest) == 0 && len(keptRest) > 0) {
@@ -847,6 +849,17 @@ func earlierRows(doc string) (map[string][]string, []string) {
 		rest = nil
 	}
 	return rows, rest
+}
+
+var loadAtStart string
+
+// loadAvg is the 1-minute load average from /proc/loadavg.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if f := strings.Fields(string(b)); err == nil && len(f) > 0 {
+		return f[0]
+	}
+	return "unknown"
 }
 
 func envInt(k string, def int) int {
