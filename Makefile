@@ -13,7 +13,7 @@ PG_VERSIONS := 14 16 17 18
 # server version, and run in `make test` and `make test-chaos`. PG_SKIP= runs it too.
 PG_SKIP     ?= TestChaos$$
 
-.PHONY: help test test-pg test-pg-all test-chaos fuzz demo bench build vet browser clean
+.PHONY: help test test-pg test-pg-all test-chaos fuzz demo demo-relay bench build vet browser clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -62,7 +62,11 @@ fuzz: ## fuzz the pgoutput row, message and control-row decoders, the API's requ
 demo: build ## throwaway PostgreSQL + walhook + receiver; writes outbox rows; Ctrl-C cleans up (DEMO_ONCE=1 exits when done)
 	$(PGTMP) ./examples/demo/demo.sh
 
-bench: ## end-to-end benchmarks with their references on a throwaway PostgreSQL; writes docs/benchmarks.md (BENCH_ROWS, BENCH_UNBATCHED, BENCH_RUNS, BENCH_SCENARIOS)
+demo-relay: build ## relay mode: throwaway PostgreSQL, an embedded NATS, the sidecar, two workers, the receiver (DEMO_ONCE=1 exits when done)
+	CGO_ENABLED=0 $(GO) build -o bin/natsd ./examples/demo/natsd
+	$(PGTMP) ./examples/demo/demo-relay.sh
+
+bench: ## end-to-end benchmarks with their references on a throwaway PostgreSQL; writes docs/benchmarks.md (BENCH_ROWS, BENCH_UNBATCHED, BENCH_RUNS, BENCH_SCENARIOS; relay: BENCH_RELAY_ROWS, BENCH_SCALE_EVENTS, BENCH_RELAY_PARTITIONS)
 	$(PGTMP) $(GO) run ./bench
 	$(GO) test -run '^$$' -bench . -benchmem ./cdc ./outbox ./sender
 

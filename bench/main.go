@@ -5,7 +5,11 @@
 //
 // BENCH_ROWS (default 1000000) rows for the backlog drain, BENCH_UNBATCHED
 // (100000) for the unbatched run, BENCH_RUNS (2) runs of each; BENCH_SCENARIOS
-// (drain,unbatched,attemptlog,latency,versus,busy) picks scenarios.
+// (drain,unbatched,attemptlog,latency,versus,busy, and relay mode's
+// relaydrain,relaylatency,relayscale, and resthooks) picks scenarios.
+// BENCH_RELAY_ROWS (100000) rows for the drain through JetStream,
+// BENCH_SCALE_EVENTS (16000) events for the scale-out, BENCH_RELAY_PARTITIONS
+// (64) partitions of the relay streams.
 package main
 
 import (
@@ -55,7 +59,8 @@ func run() error {
 		return err
 	}
 	defer os.RemoveAll(tmp)
-	for _, p := range []string{"cmd/walhook", "bench/receiver", "bench/relay"} {
+	relayRows, scaleEvents := envInt("BENCH_RELAY_ROWS", 100000), envInt("BENCH_SCALE_EVENTS", 16000)
+	for _, p := range []string{"cmd/walhook", "bench/receiver", "bench/relay", "examples/demo/natsd"} {
 		if out, err := exec.Command("go", "build", "-o", filepath.Join(tmp, filepath.Base(p)), "./"+p).CombinedOutput(); err != nil {
 			return fmt.Errorf("build %s: %v\n%s", p, err, out)
 		}
@@ -69,11 +74,16 @@ func run() error {
 	defer recv.Process.Kill()
 	waitHTTP("http://" + recvAddr + "/stats")
 
+	loadAtStart = loadAvg()
 	var table [][]string
 	add := func(row ...string) { table = append(table, row); fmt.Println(strings.Join(row, " | ")) }
-	want := func(name string) bool {
-		list := os.Getenv("BENCH_SCENARIOS")
-		return list == "" || strings.Contains(","+list+",", ","+name+",")
+	want := wanted
+	if want("relaydrain") || want("relaylatency") || want("relayscale") || want("resthooks") {
+		stopNATS, err := startNATS()
+		if err != nil {
+			return err
+		}
+		defer stopNATS()
 	}
 	for r := 1; r <= runs && want("drain"); r++ {
 		drain, err := backlogDrain(r, rows)
@@ -173,7 +183,70 @@ func run() error {
 			add(fmt.Sprintf("busy primary: pgbench simple-update at 1,000 txns/s for 10s, no outbox rows, run %d: %s", r, label), "", "", res)
 		}
 	}
-	return writeDoc(table, rows, unbatched, runs)
+	for r := 1; r <= runs && want("relaydrain"); r++ {
+		direct, err := backlogDrainWith("bench_rdrain_direct", r, relayRows, "")
+		if err != nil {
+			return err
+		}
+		d, err := relayDrain(r, relayRows, 2)
+		if err != nil {
+			return err
+		}
+		add(fmt.Sprintf("relay: backlog drain through JetStream, %d rows in 100-row txns, 2 workers, %d partitions, run %d", relayRows, relayPartitions(), r),
+			fmt.Sprintf("walhook direct (batch_max 1000) %.0f events/s", direct.rate),
+			fmt.Sprintf("published and confirmed %.0f events/s; end to end %.0f events/s = %.2f× direct", d.publishRate, d.rate, d.rate/direct.rate),
+			fmt.Sprintf("CPU-s/100k: sidecar %.2f, workers %.2f, nats-server %.2f; peak RSS sidecar %d MiB, worker %d MiB, nats-server %d MiB",
+				d.sidecarCPU, d.workersCPU, d.natsCPU, d.sidecarRSS, d.workerRSS, d.natsRSSMiB))
+	}
+	for r := 1; r <= runs && want("relaylatency"); r++ {
+		const eps = 1000
+		direct, err := latency(eps, 10*time.Second)
+		if err != nil {
+			return err
+		}
+		l, err := relayLatency(r, eps, 10*time.Second)
+		if err != nil {
+			return err
+		}
+		add(fmt.Sprintf("relay: latency at %d events/s (synchronous_commit=on), 10s, 2 workers, %d partitions, run %d", eps, relayPartitions(), r),
+			fmt.Sprintf("walhook direct commit → receipt p50 %.2f ms, p99 %.2f ms, max %.2f ms", direct["p50_ms"], direct["p99_ms"], direct["max_ms"]),
+			fmt.Sprintf("relay commit → receipt p50 %.2f ms, p99 %.2f ms, max %.2f ms (goal p99 ≤ 10 ms)", l["p50_ms"], l["p99_ms"], l["max_ms"]),
+			fmt.Sprintf("%v events received; the sidecar's publish → JetStream ack %.2f ms on average, p99 ≤ %g ms; %.0f publish errors",
+				l["events"], l["publish_ack_ms"], l["publish_ack_p99_ms"], l["publish_errors"]))
+	}
+	for r := 1; r <= runs && want("relayscale"); r++ {
+		var rates []float64
+		var cells []string
+		for _, n := range []int{1, 2, 4} {
+			s, err := relayScale(r, n, scaleEvents)
+			if err != nil {
+				return err
+			}
+			rate, _ := s["rate"].(float64)
+			rates = append(rates, rate)
+			cells = append(cells, fmt.Sprintf("%d worker(s) %.0f events/s (all in %.1f s, workers %.2f CPU-s/100k)", n, rate, s["total_s"], s["workers_cpu_per_100k"]))
+		}
+		add(fmt.Sprintf("relay: scale-out, %d events, an endpoint answering in 20 ms, max_in_flight 16 per worker, %d partitions, run %d", scaleEvents, relayPartitions(), r),
+			"ceiling 16 / 20 ms = 800 events/s per worker",
+			strings.Join(cells, "; "),
+			fmt.Sprintf("4 workers / 1 worker = %.2f× (goal ≥ 3×)", rates[2]/rates[0]))
+	}
+	var rest []string
+	for r := 1; r <= runs && want("resthooks"); r++ {
+		labels := map[string]string{"inline": "inline HTTP calls in the request", "sqlqueue": "SQL queue table + polling worker (bench/relay, every 100ms)",
+			"direct": "walhook direct", "relay": "walhook relay (2 workers)"}
+		for _, mode := range []string{"inline", "sqlqueue", "direct", "relay"} {
+			x, err := restHooks(r, mode)
+			if err != nil {
+				return err
+			}
+			row := fmt.Sprintf("| %s, run %d | %.2f | %.2f | %.2f / %.2f | %.2f / %.2f | %d of %d |", labels[mode], r, x.reqP50, x.reqP99,
+				x.fast["p50_ms"], x.fast["p99_ms"], x.slow["p50_ms"], x.slow["p99_ms"], x.requests-x.failed, x.requests)
+			rest = append(rest, row)
+			fmt.Println(row)
+		}
+	}
+	return writeDoc(table, rest, rows, unbatched, runs)
 }
 
 type drainResult struct {
@@ -214,11 +287,22 @@ func prepareWith(name, top, extra string) (db, cfg string, err error) {
 }
 
 func config(db, top, extra string) (string, error) {
+	return configSubs(db, top, benchSub("bench", "http://"+recvAddr+"/hooks", extra))
+}
+
+// configSubs writes a config with top-level lines top and subscriptions subs
+// (benchSub's).
+func configSubs(db, top, subs string) (string, error) {
 	path := filepath.Join(tmp, "walhook.yaml")
 	u, _ := url.Parse(db)
 	slot := strings.TrimPrefix(u.Path, "/") // slot names are cluster-wide: one per database
-	cfg := fmt.Sprintf("database_url: %s\nlisten: 127.0.0.1:0\nlog_level: warn\nslot: %s\n%ssubscriptions:\n  - id: bench\n    events: ['*']\n    target_url: http://%s/hooks\n    secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n%s", db, slot, top, recvAddr, extra)
+	cfg := fmt.Sprintf("database_url: %s\nlisten: 127.0.0.1:0\nlog_level: warn\nslot: %s\n%ssubscriptions:\n%s", db, slot, top, subs)
 	return path, os.WriteFile(path, []byte(cfg), 0o600)
+}
+
+// benchSub is one subscription of every event to target, with options extra.
+func benchSub(id, target, extra string) string {
+	return fmt.Sprintf("  - id: %s\n    events: ['*']\n    target_url: %s\n    secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n%s", id, target, extra)
 }
 
 func walhook(args ...string) error {
@@ -621,7 +705,7 @@ func stop(c *exec.Cmd) {
 	}
 }
 
-func writeDoc(table [][]string, rows, unbatched, runs int) error {
+func writeDoc(table [][]string, rest []string, rows, unbatched, runs int) error {
 	cpu := "unknown"
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
 		for _, l := range strings.Split(string(b), "\n") {
@@ -636,10 +720,38 @@ func writeDoc(table [][]string, rows, unbatched, runs int) error {
 	fmt.Fprintf(&b, "# Benchmarks\n\nMeasured by `make bench` (bench/main.go) on %s: %d CPUs (%s), %s, %s; PostgreSQL on the same machine\n",
 		time.Now().UTC().Format("2006-01-02"), runtime.NumCPU(), cpu, runtime.Version(), strings.TrimSpace(string(pgv)))
 	fmt.Fprintf(&b, "(throwaway cluster: fsync off, synchronous_commit off except in the latency runs). Receiver: bench/receiver,\n")
-	fmt.Fprintf(&b, "a separate process answering 204 at once. BENCH_ROWS=%d BENCH_UNBATCHED=%d BENCH_RUNS=%d.\n\n", rows, unbatched, runs)
+	fmt.Fprintf(&b, "a separate process answering 204 at once. BENCH_ROWS=%d BENCH_UNBATCHED=%d BENCH_RUNS=%d. The machine is shared:\n", rows, unbatched, runs)
+	fmt.Fprintf(&b, "load average %s at the start of this run, %s at its end.\n\n", loadAtStart, loadAvg())
+	old, _ := os.ReadFile("docs/benchmarks.md")
+	kept, keptRest := earlierRows(string(old))
+	if len(kept) > 0 || (len(rest) == 0 && len(keptRest) > 0) {
+		fmt.Fprintf(&b, "This run: BENCH_SCENARIOS=%s; the rows of the other scenarios are from an earlier run.\n\n", os.Getenv("BENCH_SCENARIOS"))
+	}
 	fmt.Fprintf(&b, "| scenario | reference | walhook | resources |\n|---|---|---|---|\n")
-	for _, r := range table {
-		fmt.Fprintf(&b, "| %s |\n", strings.Join(r, " | "))
+	for _, name := range scenarioOrder {
+		if !wanted(name) {
+			for _, r := range kept[name] {
+				fmt.Fprintln(&b, r)
+			}
+			continue
+		}
+		for _, r := range table {
+			if scenarioOf(r[0]) == name {
+				fmt.Fprintf(&b, "| %s |\n", strings.Join(r, " | "))
+			}
+		}
+	}
+	if !wanted("resthooks") {
+		rest = keptRest
+	}
+	if len(rest) > 0 {
+		fmt.Fprintf(&b, "\n## REST Hooks: inline HTTP, a SQL queue, a proper queue\n\n")
+		fmt.Fprintf(&b, "An application request (POST, insert a contact, commit) triggers an event with 3 subscribers; two answer at once,\n")
+		fmt.Fprintf(&b, "one in 200 ms. %d requests/s for %s, each on its own. Latencies in ms.\n\n", restRate, restFor)
+		fmt.Fprintf(&b, "| approach | request p50 | request p99 | delivery p50 / p99, fast subscribers | delivery p50 / p99, the 200 ms one | requests answered |\n|---|---|---|---|---|---|\n")
+		for _, r := range rest {
+			fmt.Fprintln(&b, r)
+		}
 	}
 	b.WriteString(`
 The targets, what was profiled where one is missed, and each change measured before and after are in
@@ -661,12 +773,93 @@ The targets, what was profiled where one is missed, and each change measured bef
 - Versus: the same 10,000 single-row transactions at 1,000/s consumed by bench/relay (poll, deliver,
   DELETE), by pg_recvlogical (-s 1, to /dev/null), and by walhook. Database CPU is every postgres process
   but autovacuum, the producers' backends included; idle transactions/s over 5 s with nothing to do.
+- Relay mode (docs/scale-out.md): NATS is a real nats-server (examples/demo/natsd, one node, its own
+  process, file store), the stream R1 with 64 partitions; ` + "`walhook run`" + ` with a relay: section publishes,
+  ` + "`walhook deliver`" + ` workers send. Drain: BENCH_RELAY_ROWS rows committed with nothing running, two workers
+  started and owning their partitions, then the sidecar; published = until the slot confirms everything
+  (JetStream acknowledged every delivery), end to end = until the receiver has every event; the reference is
+  direct mode draining the same rows in the same run. Latency: as above, batch_max 1, two workers, next to
+  direct mode in the same run. Scale-out: BENCH_SCALE_EVENTS events of distinct resources published and
+  confirmed first, for an endpoint answering in 20 ms (the receiver's ?delay=), then 1, 2 or 4 workers with
+  max_in_flight 16 and batch_max 1 started; the rate is the receiver's between the 10th and the 90th
+  percentile of receipts (start-up and the tail left out). Every process shares the 2 cores: 4 workers,
+  nats-server, the receiver and PostgreSQL.
+- REST Hooks: the application is an HTTP server in the bench process (pgx pool, synchronous_commit on);
+  POST /contacts inserts a contact and, but for inline, an outbox row in the same transaction. Inline calls
+  the three subscribers one after another after its commit, inside the request. The SQL queue is
+  bench/relay (poll every 100 ms, each row to each subscriber in turn, delete). Walhook direct and relay
+  (two workers) deliver with batch_max 1, max_in_flight 16. Delivery latency is the receiver's: from the
+  event's timestamp (its commit; the row's created_at for the SQL queue; after the commit for inline) to the
+  request's arrival, so the 200 ms subscriber's own answer time is not in it, only what it makes others
+  wait.
 
 Micro-benchmarks (` + "`go test -run '^$' -bench . -benchmem ./cdc ./outbox ./sender`" + `) cover the hot path with
 allocations: decoding a pgoutput insert, routing, envelope encoding, batch body and signing, a batch
 delivery.
 `)
 	return os.WriteFile("docs/benchmarks.md", []byte(b.String()), 0o644)
+}
+
+// scenarioOrder is the order of the table; scenarioOf names a row's scenario
+// from its first cell.
+var scenarioOrder = []string{"drain", "unbatched", "attemptlog", "latency", "versus", "busy", "relaydrain", "relaylatency", "relayscale"}
+
+func scenarioOf(cell string) string {
+	for _, p := range []struct{ prefix, name string }{
+		{"backlog drain", "drain"}, {"unbatched", "unbatched"}, {"attempt log", "attemptlog"}, {"latency at", "latency"},
+		{"versus", "versus"}, {"busy primary", "busy"}, {"relay: backlog", "relaydrain"}, {"relay: latency", "relaylatency"},
+		{"relay: scale-out", "relayscale"},
+	} {
+		if strings.HasPrefix(cell, p.prefix) {
+			return p.name
+		}
+	}
+	return ""
+}
+
+// wanted reports whether BENCH_SCENARIOS selects scenario name (all when unset).
+func wanted(name string) bool {
+	list := os.Getenv("BENCH_SCENARIOS")
+	return list == "" || strings.Contains(","+list+",", ","+name+",")
+}
+
+// earlierRows are the rows of the previous docs/benchmarks.md by scenario,
+// and those of its REST Hooks table, kept for the scenarios not run now.
+func earlierRows(doc string) (map[string][]string, []string) {
+	rows := map[string][]string{}
+	var rest []string
+	inRest := false
+	for _, l := range strings.Split(doc, "\n") {
+		if strings.HasPrefix(l, "## REST Hooks") {
+			inRest = true
+		}
+		if !strings.HasPrefix(l, "| ") || strings.HasPrefix(l, "| scenario") || strings.HasPrefix(l, "| approach") {
+			continue
+		}
+		if inRest {
+			rest = append(rest, l)
+			continue
+		}
+		first, _, _ := strings.Cut(strings.TrimPrefix(l, "| "), " |")
+		if name := scenarioOf(first); name != "" && !wanted(name) {
+			rows[name] = append(rows[name], l)
+		}
+	}
+	if wanted("resthooks") {
+		rest = nil
+	}
+	return rows, rest
+}
+
+var loadAtStart string
+
+// loadAvg is the 1-minute load average from /proc/loadavg.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if f := strings.Fields(string(b)); err == nil && len(f) > 0 {
+		return f[0]
+	}
+	return "unknown"
 }
 
 func envInt(k string, def int) int {

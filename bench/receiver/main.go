@@ -1,6 +1,9 @@
 // Command receiver is the benchmark's endpoint, in its own process: it accepts
-// hooks (one envelope or an array), answers 204 at once, and counts events and
-// commit-to-receipt latencies, which GET /stats reports.
+// hooks (one envelope or an array) and answers 204, at once or after the
+// request's ?delay= (a slow endpoint's work, for the relay scale-out and the
+// REST Hooks comparison). It counts events, commit-to-receipt latencies and
+// receipt times, in total and per ?sub=, which GET /stats reports (?sub= for
+// one subscriber, ?latency=1 for quantiles, ?rate=1 for the steady rate).
 package main
 
 import (
@@ -15,47 +18,94 @@ import (
 )
 
 type stats struct {
-	mu        sync.Mutex
 	events    int
 	requests  int
 	latencies []float64 // milliseconds
+	received  []int64   // receipt times, unix nanoseconds, one per event
+}
+
+type receiver struct {
+	mu    sync.Mutex
+	total *stats
+	bySub map[string]*stats
+}
+
+func (rc *receiver) add(sub string, now time.Time, stamps []time.Time) {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	all := []*stats{rc.total}
+	if sub != "" {
+		s := rc.bySub[sub]
+		if s == nil {
+			s = &stats{}
+			rc.bySub[sub] = s
+		}
+		all = append(all, s)
+	}
+	for _, s := range all {
+		s.requests++
+		s.events += len(stamps)
+		for _, t := range stamps {
+			s.latencies = append(s.latencies, float64(now.Sub(t).Microseconds())/1000)
+			s.received = append(s.received, now.UnixNano())
+		}
+	}
 }
 
 func main() {
 	listen := flag.String("listen", "127.0.0.1:9999", "address")
 	flag.Parse()
-	s := &stats{}
+	rc := &receiver{total: &stats{}, bySub: map[string]*stats{}}
 	http.HandleFunc("POST /hooks", func(w http.ResponseWriter, r *http.Request) {
 		now := time.Now()
 		body, _ := io.ReadAll(r.Body)
-		stamps := timestamps(body)
-		s.mu.Lock()
-		s.requests++
-		s.events += len(stamps)
-		for _, t := range stamps {
-			s.latencies = append(s.latencies, float64(now.Sub(t).Microseconds())/1000)
+		rc.add(r.URL.Query().Get("sub"), now, timestamps(body))
+		if d, err := time.ParseDuration(r.URL.Query().Get("delay")); err == nil && d > 0 {
+			time.Sleep(d) // the endpoint's work, not synchronisation
 		}
-		s.mu.Unlock()
 		w.WriteHeader(http.StatusNoContent)
 	})
 	http.HandleFunc("GET /stats", func(w http.ResponseWriter, r *http.Request) {
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		out := map[string]any{"events": s.events, "requests": s.requests}
-		if r.URL.Query().Get("latency") != "" && len(s.latencies) > 0 {
-			l := append([]float64(nil), s.latencies...)
-			sort.Float64s(l)
-			q := func(p float64) float64 { return l[min(int(p*float64(len(l))), len(l)-1)] }
-			out["p50_ms"], out["p99_ms"], out["max_ms"] = q(0.5), q(0.99), l[len(l)-1]
+		rc.mu.Lock()
+		defer rc.mu.Unlock()
+		s := rc.total
+		if sub := r.URL.Query().Get("sub"); sub != "" {
+			if s = rc.bySub[sub]; s == nil {
+				s = &stats{}
+			}
 		}
-		json.NewEncoder(w).Encode(out)
+		json.NewEncoder(w).Encode(s.report(r.URL.Query().Get("latency") != "", r.URL.Query().Get("rate") != ""))
 	})
 	http.HandleFunc("POST /reset", func(w http.ResponseWriter, _ *http.Request) {
-		s.mu.Lock()
-		s.events, s.requests, s.latencies = 0, 0, nil
-		s.mu.Unlock()
+		rc.mu.Lock()
+		rc.total, rc.bySub = &stats{}, map[string]*stats{}
+		rc.mu.Unlock()
 	})
 	log.Fatal(http.ListenAndServe(*listen, nil))
+}
+
+// report is what /stats answers: events and requests; with latency, the
+// commit-to-receipt quantiles; with rate, events per second between the 10th
+// and the 90th percentile of receipt times (the steady rate, without start-up
+// and the tail).
+func (s *stats) report(latency, rate bool) map[string]any {
+	out := map[string]any{"events": s.events, "requests": s.requests}
+	if latency && len(s.latencies) > 0 {
+		l := append([]float64(nil), s.latencies...)
+		sort.Float64s(l)
+		q := func(p float64) float64 { return l[min(int(p*float64(len(l))), len(l)-1)] }
+		out["p50_ms"], out["p99_ms"], out["max_ms"] = q(0.5), q(0.99), l[len(l)-1]
+	}
+	if rate && len(s.received) >= 10 {
+		t := append([]int64(nil), s.received...)
+		sort.Slice(t, func(i, j int) bool { return t[i] < t[j] })
+		lo, hi := len(t)/10, len(t)*9/10
+		if d := time.Duration(t[hi] - t[lo]); d > 0 {
+			out["rate"] = float64(hi-lo) / d.Seconds()
+		}
+		out["span_s"] = time.Duration(t[len(t)-1] - t[0]).Seconds()
+	}
+	return out
 }
 
 // timestamps returns the "timestamp" of each envelope in body (one envelope or

@@ -10,6 +10,7 @@ import (
 	"flag"
 	"log"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -18,7 +19,7 @@ import (
 
 func main() {
 	db := flag.String("db", "", "database URL")
-	target := flag.String("target", "", "where to POST")
+	target := flag.String("target", "", "where to POST: a URL, or several comma-separated (each row to each, in turn)")
 	interval := flag.Duration("interval", 100*time.Millisecond, "poll interval when the outbox is empty")
 	batch := flag.Int("batch", 100, "rows per poll")
 	flag.Parse()
@@ -29,7 +30,7 @@ func main() {
 	}
 	client := &http.Client{Timeout: 10 * time.Second}
 	for {
-		n, err := pollOnce(ctx, pool, client, *target, *batch)
+		n, err := pollOnce(ctx, pool, client, strings.Split(*target, ","), *batch)
 		if err != nil {
 			log.Print(err)
 		}
@@ -48,8 +49,9 @@ type row struct {
 	Data       json.RawMessage `json:"data"`
 }
 
-// pollOnce locks a batch, delivers it row by row, deletes it.
-func pollOnce(ctx context.Context, pool *pgxpool.Pool, client *http.Client, target string, batch int) (int, error) {
+// pollOnce locks a batch, delivers it row by row (each row to every target in
+// turn), deletes it.
+func pollOnce(ctx context.Context, pool *pgxpool.Pool, client *http.Client, targets []string, batch int) (int, error) {
 	n := 0
 	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
 		rows, err := tx.Query(ctx, `SELECT id, event, resource_id, tenant, created_at, payload FROM walhook.outbox
@@ -68,11 +70,13 @@ func pollOnce(ctx context.Context, pool *pgxpool.Pool, client *http.Client, targ
 		ids := make([]int64, 0, len(got))
 		for _, x := range got {
 			body, _ := json.Marshal(x)
-			resp, err := client.Post(target, "application/json", bytes.NewReader(body))
-			if err != nil {
-				return err
+			for _, target := range targets {
+				resp, err := client.Post(target, "application/json", bytes.NewReader(body))
+				if err != nil {
+					return err
+				}
+				resp.Body.Close()
 			}
-			resp.Body.Close()
 			ids = append(ids, x.ID)
 		}
 		n = len(ids)
