@@ -1047,18 +1047,25 @@ func (c *chaos) check() {
 	// server is back; a partition's lease is deleted when its owner hands it
 	// over or stops, once its requests are answered or cancelled, and a
 	// cancelled request may still be recorded a moment later.
+	const recordLag = 100 * time.Millisecond
 	heldBy := func(holders []holderSample, want string, at time.Time) bool {
 		names := func(h holderSample) bool { return h.holder == want || h.holder == "?" }
 		i := sort.Search(len(holders), func(i int) bool { return holders[i].to.After(at) })
 		if i < len(holders) && !holders[i].from.After(at) && names(holders[i]) {
 			return true // a reading taken around t: the newest before it, or the first after it
 		}
+	before:
 		for j := i - 1; j >= 0 && holders[j].to.After(at.Add(-3*time.Second)); j-- {
-			if holders[j].holder != "" {
-				if names(holders[j]) {
-					return true
-				}
-				break
+			switch {
+			case holders[j].holder == "":
+			case names(holders[j]):
+				return true
+			case holders[j].from.After(at.Add(-recordLag)):
+				// The endpoint records a request when its handler runs, a
+				// moment after the sender wrote it: a holder killed with a
+				// request on the wire can be succeeded before that.
+			default:
+				break before
 			}
 		}
 		for j := i; j < len(holders) && !holders[j].from.After(at.Add(100*time.Millisecond)); j++ {
