@@ -168,3 +168,23 @@ func TestPublisherSurvivesClusterRestart(t *testing.T) {
 		}
 	}
 }
+
+// TestPublisherKeepsEachReplay: a dead letter replayed twice is two
+// deliveries; the second must not be dropped as a duplicate of the first. A
+// replay keeps the event's id, webhook-id and commit time, so only its own
+// place in the stream (ReplaySeq) tells the two apart.
+func TestPublisherKeepsEachReplay(t *testing.T) {
+	r := newRig(t)
+	ev := outbox.Event{ID: "7", Type: "t", ResourceID: "r", Payload: json.RawMessage(`{}`), Seq: 7,
+		CommitTime: time.Now(), WebhookID: "msg_first"}
+	for i, at := range []uint64{1000, 2000} {
+		ev.ReplaySeq = at
+		if err := r.pub.Publish(context.Background(), r.ep, r.sub, ev, func() { r.done.Add(1) }); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, 20*time.Second, fmt.Sprintf("replay %d stored", i+1), func() bool { return r.done.Load() == int64(i+1) })
+	}
+	if ids := r.stored(t); len(ids) != 2 {
+		t.Fatalf("the stream holds %d messages for two replays: the second was taken for a duplicate", len(ids))
+	}
+}
