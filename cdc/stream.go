@@ -761,6 +761,7 @@ func (s *Stream) handleControl(at outbox.LSN, rel *relation, cols []column) {
 		c.Event.Seq = seq
 	}
 	if c.Kind == outbox.ChangeReplay {
+		c.Event.ReplaySeq = seq
 		s.cfg.Budget.Hold(s.epoch.N, outbox.EventSize(&c.Event)) // released downstream, when the event is finished
 	}
 	s.pending = append(s.pending, c)

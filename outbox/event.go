@@ -24,6 +24,10 @@ type Event struct {
 	Seq        uint64          // increases with commit order; stable across restarts
 	Coalesced  int             // how many events this one stands for after debounce; 1 = itself
 	WebhookID  string          `json:",omitempty"` // a replayed dead letter: the id it was first sent with
+	// ReplaySeq is, for a replayed dead letter, the replay's own place in the
+	// stream (Seq keeps the one it was first sent with): each replay of one
+	// dead letter is a delivery of its own. 0 otherwise.
+	ReplaySeq uint64 `json:",omitempty"`
 }
 
 // Batch is what one webhook request carries.

@@ -7,7 +7,7 @@
 // Invariants:
 //   - Stream order is kept per partition: one goroutine publishes, every
 //     message expects the previous one as the stream's last
-//     (Nats-Expected-Last-Msg-Id), and after a failure publishing goes on one
+//     (Nats-Expected-Last-Sequence), and after a failure publishing goes on one
 //     message at a time from the first unacknowledged one, so a lost message
 //     is never overtaken by a later one.
 //   - The sidecar confirms an LSN only when JetStream acknowledged every

@@ -19,7 +19,10 @@ type message struct {
 // msgID is a delivery's Nats-Msg-Id: the webhook-id it has alone, so the
 // same event for the same subscription is the same message across restarts.
 // A replayed dead letter keeps its webhook-id, but each replay is a message
-// of its own: its id also covers the commit time of the replay's transaction.
+// of its own: its id also covers the replay's own place in the stream
+// (ReplaySeq; its CommitTime is the original event's, the same for every
+// replay of it, so a second replay within the duplicate window was dropped as
+// a duplicate of the first).
 func msgID(subscription string, ev *outbox.Event) string {
 	if ev.WebhookID == "" {
 		return outbox.WebhookID(subscription, []outbox.Event{*ev})
@@ -29,7 +32,10 @@ func msgID(subscription string, ev *outbox.Event) string {
 	h.Write([]byte{0})
 	h.Write([]byte(ev.ID))
 	var t [8]byte
-	binary.BigEndian.PutUint64(t[:], uint64(ev.CommitTime.UnixNano()))
+	binary.BigEndian.PutUint64(t[:], ev.ReplaySeq)
+	if ev.ReplaySeq == 0 { // not from the stream (tests)
+		binary.BigEndian.PutUint64(t[:], uint64(ev.CommitTime.UnixNano()))
+	}
 	h.Write(t[:])
 	return "rpl_" + hex.EncodeToString(h.Sum(nil)[:16])
 }

@@ -132,8 +132,9 @@ func (p *Publisher) Health() (ok bool, reason string) {
 func (p *Publisher) Pending() int64 { return p.pending.Load() }
 
 // Run publishes until ctx ends. Order: in flight, every publish but the
-// first after a failure expects its predecessor as the stream's last message,
-// so JetStream refuses one that would overtake a lost one. After a failure
+// first after a failure expects its predecessor as the stream's last message
+// (by sequence: the one stored before it, plus one per publish since), so
+// JetStream refuses one that would overtake a lost one. After a failure
 // the publisher waits for everything in flight, then publishes again from the
 // first unacknowledged message, one at a time (without expectation) until one
 // is stored anew, and then pipelines again. Publishes of an ended epoch are
@@ -144,7 +145,7 @@ func (p *Publisher) Run(ctx context.Context) error {
 		inflight []*pub // published, in order
 		failed   []*pub // failed while others were in flight: republished first
 		chain    bool   // pipelining: the last publish is expected to be stored
-		last     string // the id the next publish expects as the stream's last
+		last     uint64 // the stream sequence the next publish expects as the stream's last
 		epoch    *outbox.Epoch
 		dupsIn   *outbox.Epoch // the epoch whose first duplicate was logged
 		retryAt  time.Time
@@ -190,7 +191,15 @@ func (p *Publisher) Run(ctx context.Context) error {
 			x.msg.Header = nats.Header{}
 			opts := []jetstream.PublishOpt{jetstream.WithMsgID(x.id), jetstream.WithExpectStream(p.cfg.Relay.Stream)}
 			if chain {
-				opts = append(opts, jetstream.WithExpectLastMsgID(last))
+				// The sequence, not the message id: in a cluster every replica
+				// checks an expected message id when it applies the message,
+				// against a last id it rebuilds after a restart from its last
+				// stored message (a work queue removes it); one that disagrees
+				// fails with a critical write error and the stream stops
+				// storing. The leader alone checks an expected sequence, before
+				// proposing, against the stream's sequence
+				// (TestPublisherSurvivesClusterRestart).
+				opts = append(opts, jetstream.WithExpectLastSequence(last))
 			}
 			fut, err := p.cfg.JetStream.PublishMsgAsync(x.msg, opts...)
 			if err != nil {
@@ -205,7 +214,9 @@ func (p *Publisher) Run(ctx context.Context) error {
 			}
 			x.fut = fut
 			inflight = append(inflight, x)
-			last = x.id
+			if chain {
+				last++ // stored, x has the next sequence
+			}
 		}
 		if len(inflight) > 0 {
 			p.oldest.Store(inflight[0].at.UnixNano())
@@ -246,7 +257,7 @@ func (p *Publisher) Run(ctx context.Context) error {
 					p.log.Info().Msg("jetstream already holds deliveries streamed again after a restart: dropped as duplicates")
 				}
 			} else if !chain && len(failed) == 0 {
-				chain, last = true, x.id // stored anew: pipelining is safe from here
+				chain, last = true, ack.Sequence // stored anew: pipelining is safe from here
 			}
 			p.m.published.Inc()
 			p.m.ackSeconds.Observe(time.Since(x.at).Seconds())

@@ -33,9 +33,12 @@ type testRig struct {
 	sub  *outbox.Subscription
 }
 
-func newRig(t *testing.T) *testRig {
-	r := &testRig{nats: natstest.Start(t)}
-	r.cfg = Config{URL: r.nats.URL(), Stream: "P", Partitions: 4, Replicas: 1}.WithDefaults()
+func newRig(t *testing.T) *testRig { return newClusterRig(t, 1) }
+
+// newClusterRig is a publisher on n NATS nodes, its stream with n replicas.
+func newClusterRig(t *testing.T, n int) *testRig {
+	r := &testRig{nats: natstest.StartCluster(t, n)}
+	r.cfg = Config{URL: r.nats.URL(), Stream: "P", Partitions: 4, Replicas: n}.WithDefaults()
 	var err error
 	if r.nc, err = r.cfg.Connect("test"); err != nil {
 		t.Fatal(err)
@@ -113,5 +116,75 @@ func TestPublisherSurvivesNATSRestart(t *testing.T) {
 		if id != fmt.Sprint(50+i) {
 			t.Fatalf("message %d is event %s: out of order", i, id)
 		}
+	}
+}
+
+// TestPublisherSurvivesClusterRestart: a 3-node cluster (R3) stopped whole
+// between two publishes and started again: the second is stored, in order,
+// and the stream keeps its leader. The publisher used to chain its publishes
+// by the message id of the stream's last message: in a cluster every replica
+// checks that expectation when it applies a message, against a last id it
+// keeps in memory only. After a restart only the leader rebuilds it (from its
+// last stored message; a work queue may have removed even that), the
+// followers failed the check with "last msgid mismatch", a critical write
+// error, and the stream stopped storing: found by TestChaosRelay. An expected
+// last sequence is checked by the leader alone, before it proposes a message,
+// against the stream's sequence, which survives restarts.
+func TestPublisherSurvivesClusterRestart(t *testing.T) {
+	r := newClusterRig(t, 3)
+	leader := func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		s, err := r.js.Stream(ctx, r.cfg.Stream)
+		return err == nil && s.CachedInfo().Cluster != nil && s.CachedInfo().Cluster.Leader != ""
+	}
+	r.publish(t, 0, 50)
+	waitFor(t, 30*time.Second, "the first publishes", func() bool { return r.done.Load() == 50 })
+	// As if workers had finished them: the stream's messages are removed.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if s, err := r.js.Stream(ctx, r.cfg.Stream); err != nil || s.Purge(ctx) != nil {
+		t.Fatalf("purge: %v", err)
+	}
+	for i := range r.nats.Nodes {
+		r.nats.Shutdown(i)
+	}
+	if err := r.nats.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	// The stream's leader is back before the next publish: it goes out
+	// chained to the last one, as when NATS restarts between two.
+	waitFor(t, 30*time.Second, "the stream's leader", leader)
+	r.publish(t, 50, 50)
+	waitFor(t, 45*time.Second, "the publishes after the restart", func() bool { return r.done.Load() == 100 })
+	waitFor(t, 30*time.Second, "the stream's leader after them", leader)
+	ids := r.stored(t)
+	if len(ids) != 50 {
+		t.Fatalf("stream holds %d messages, want 50", len(ids))
+	}
+	for i, id := range ids {
+		if id != fmt.Sprint(50+i) {
+			t.Fatalf("message %d is event %s: out of order", i, id)
+		}
+	}
+}
+
+// TestPublisherKeepsEachReplay: a dead letter replayed twice is two
+// deliveries; the second must not be dropped as a duplicate of the first. A
+// replay keeps the event's id, webhook-id and commit time, so only its own
+// place in the stream (ReplaySeq) tells the two apart.
+func TestPublisherKeepsEachReplay(t *testing.T) {
+	r := newRig(t)
+	ev := outbox.Event{ID: "7", Type: "t", ResourceID: "r", Payload: json.RawMessage(`{}`), Seq: 7,
+		CommitTime: time.Now(), WebhookID: "msg_first"}
+	for i, at := range []uint64{1000, 2000} {
+		ev.ReplaySeq = at
+		if err := r.pub.Publish(context.Background(), r.ep, r.sub, ev, func() { r.done.Add(1) }); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, 20*time.Second, fmt.Sprintf("replay %d stored", i+1), func() bool { return r.done.Load() == int64(i+1) })
+	}
+	if ids := r.stored(t); len(ids) != 2 {
+		t.Fatalf("the stream holds %d messages for two replays: the second was taken for a duplicate", len(ids))
 	}
 }

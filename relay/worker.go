@@ -93,9 +93,10 @@ type partition struct {
 	releasing time.Time // non-zero: handing over since then
 	stop      context.CancelFunc
 
-	mu   sync.Mutex
-	held map[uint64]heldMsg // by stream sequence: handed to the Dispatcher, not finished
-	high uint64             // highest stream sequence handed on in this epoch
+	mu      sync.Mutex
+	held    map[uint64]heldMsg // by stream sequence: handed to the Dispatcher, not finished
+	high    uint64             // highest stream sequence handed on in this epoch
+	highSeq uint64             // highest event sequence handed on in this epoch (replays aside)
 }
 
 type heldMsg struct {
@@ -528,6 +529,24 @@ func (w *Worker) handleMsg(ctx context.Context, e *outbox.Epoch, p *partition, m
 		done()
 		return nil
 	}
+	if m.Event.WebhookID == "" {
+		// A partition's messages come in commit order, so an older event
+		// after a newer one is a copy stored again: JetStream forgets the ids
+		// of removed messages when it restarts, and a sidecar streaming from
+		// an older LSN republishes them. Its first copy was finished (else
+		// it would still be stored, and this one a duplicate): sent again
+		// now it would overtake nothing but arrive after newer events.
+		p.mu.Lock()
+		stale := m.Event.Seq < p.highSeq
+		p.highSeq = max(p.highSeq, m.Event.Seq)
+		p.mu.Unlock()
+		if stale {
+			w.log.Debug().Int("partition", p.n).Uint64("stream_seq", seq).Str("event_id", m.Event.ID).
+				Msg("older event stored again after a newer one: dropped")
+			done()
+			return nil
+		}
+	}
 	if !w.knows(m.Subscription) {
 		for err := w.refresh(e); err != nil; err = w.refresh(e) {
 			if ctx.Err() == nil {
@@ -600,7 +619,7 @@ func (p *partition) forget(w *Worker) {
 		n += h.size
 	}
 	clear(p.held)
-	p.high = 0
+	p.high, p.highSeq = 0, 0
 	p.mu.Unlock()
 	w.release(n)
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/walhook/walhook/internal/natstest"
+	"github.com/walhook/walhook/relay"
 	"github.com/walhook/walhook/sender/sendertest"
 )
 
@@ -495,5 +496,59 @@ func TestRelayFailingResourceDoesNotBlockOthers(t *testing.T) {
 				t.Errorf("r0: n=%d attempted while n=0 keeps failing", p.N)
 			}
 		}
+	}
+}
+
+// TestRelayWorkerDropsAnOlderEventStoredAgain: JetStream forgets the ids of
+// removed messages when it restarts, so a sidecar streaming again from an
+// older LSN stores copies of finished deliveries after newer ones. A worker
+// that already handed on a newer event of the partition drops such a copy
+// instead of sending the old event after the new one (found by
+// TestChaosRelay: a debounced subscription got a superseded event after the
+// newest). The copy is published here by hand, with another message id.
+func TestRelayWorkerDropsAnOlderEventStoredAgain(t *testing.T) {
+	t.Parallel()
+	natsSrv := natstest.Start(t)
+	srv := sendertest.NewServer(t, nil)
+	stream := fmt.Sprintf("S%d", time.Now().UnixNano()%1e9)
+	e := newEnv(t, relayYAMLStream(natsSrv.URL(), stream)+"subscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`))
+	e.setup()
+	var workerLog syncBuffer
+	startWorker(t, e.path, &workerLog)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("worker:\n%s", workerLog.String())
+		}
+	})
+	nc, err := nats.Connect(natsSrv.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	subject := fmt.Sprintf("%s.p.%d", stream, relay.Partition("s", "r0", 8))
+	publish := func(id string, seq uint64, msgID string) {
+		t.Helper()
+		body := fmt.Sprintf(`{"s":"s","e":{"ID":%q,"Type":"contact.updated","ResourceID":"r0","Payload":{"n":%q},"CommitTime":%q,"Seq":%d,"Coalesced":1}}`,
+			id, id, time.Now().UTC().Format(time.RFC3339Nano), seq)
+		e.eventually(30*time.Second, "a publish to the worker's stream", func() bool {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			_, err := js.Publish(ctx, subject, []byte(body), jetstream.WithMsgID(msgID), jetstream.WithExpectStream(stream))
+			return err == nil
+		})
+	}
+	publish("1", 100, "m1")
+	publish("2", 200, "m2")
+	srv.Wait(t, 30*time.Second, "events 1 and 2", func(r []sendertest.Request) bool { return distinctEvents(t, r) == 2 })
+	publish("1", 100, "m1-again") // stored again after 2: its id forgotten
+	publish("3", 300, "m3")
+	reqs := srv.Wait(t, 30*time.Second, "event 3", func(r []sendertest.Request) bool { return distinctEvents(t, r) == 3 })
+	var got []string
+	for _, r := range reqs {
+		got = append(got, decode(t, r.Body).ID)
+	}
+	if strings.Join(got, ",") != "1,2,3" {
+		t.Errorf("delivered %v, want 1,2,3: the older event stored again was sent after a newer one", got)
 	}
 }
