@@ -99,3 +99,34 @@ func TestTheLeaseNeedsTheSlotsSession(t *testing.T) {
 		t.Errorf("the holder's epoch is still in force: %v", err)
 	}
 }
+
+// TestDebounceMarksOutliveAnEpochStart: loading the marks for an epoch that
+// starts at a position does not delete the older ones (a crash can move the
+// slot back before it); PruneMarks deletes those below a confirmed position.
+func TestDebounceMarksOutliveAnEpochStart(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	db := newSchemaDB(t)
+	s := New(db.Pool, "slot3")
+	lsn := func(l uint64) uint64 { return l << 16 }
+	if err := s.MarkSent(ctx, "s", map[string]uint64{"old": lsn(0x100) + 2, "new": lsn(0x300)}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.SentMarks(ctx, "s", lsn(0x200))
+	if err != nil || len(got) != 1 || got["new"] != lsn(0x300) {
+		t.Fatalf("marks from 0/200: %v, %v; want only new", got, err)
+	}
+	got, _ = s.SentMarks(ctx, "s", lsn(0x80)) // an epoch after a crash, further back
+	if got["old"] != lsn(0x100)+2 {
+		t.Fatalf("marks from 0/80 after an epoch started at 0/200: %v; the old mark must still be there", got)
+	}
+	if n, err := s.PruneMarks(ctx, "0/200"); err != nil || n != 1 {
+		t.Fatalf("PruneMarks(0/200): %d, %v; want the old one deleted", n, err)
+	}
+	if got, _ = s.SentMarks(ctx, "s", 0); len(got) != 1 || got["new"] == 0 {
+		t.Errorf("after pruning: %v", got)
+	}
+	if d, err := s.CheckpointTimeout(ctx); err != nil || d < 30*time.Second {
+		t.Errorf("checkpoint_timeout %s, %v", d, err)
+	}
+}

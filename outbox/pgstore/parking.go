@@ -137,6 +137,27 @@ func (s *Store) DeadLetterParked(ctx context.Context, subscription, reason strin
 	return nil
 }
 
+// PruneMarks deletes the debounce marks below confirmed, a confirmed flush
+// position the server has surely written to disk since (a checkpoint began
+// after it was read): no crash brings the events below it back.
+func (s *Store) PruneMarks(ctx context.Context, confirmed string) (int64, error) {
+	tag, err := s.pool.Exec(ctx, `DELETE FROM walhook.debounce_marks WHERE sequence < ($1::pg_lsn - '0/0'::pg_lsn) * 65536`, confirmed)
+	if err != nil {
+		return 0, fmt.Errorf("prune debounce marks: %w", err)
+	}
+	return tag.RowsAffected(), nil
+}
+
+// CheckpointTimeout is the server's checkpoint_timeout: a checkpoint begins
+// at least this often.
+func (s *Store) CheckpointTimeout(ctx context.Context) (time.Duration, error) {
+	var v string
+	if err := s.pool.QueryRow(ctx, `SELECT setting || unit FROM pg_settings WHERE name = 'checkpoint_timeout'`).Scan(&v); err != nil {
+		return 0, err
+	}
+	return time.ParseDuration(v)
+}
+
 // MarkSent records the newest sequence a debounced request carries per
 // resource, before it is sent.
 func (s *Store) MarkSent(ctx context.Context, subscription string, marks map[string]uint64) error {
@@ -156,15 +177,14 @@ func (s *Store) MarkSent(ctx context.Context, subscription string, marks map[str
 	return nil
 }
 
-// SentMarks returns a subscription's debounce marks at or above from and
-// deletes the older ones: no event below from is streamed again.
+// SentMarks returns a subscription's debounce marks at or above from (no
+// event below from is streamed in an epoch that starts there). Older ones are
+// kept until PruneMarks: a crash of the server can move the slot's confirmed
+// position back to its last checkpoint, and the events they supersede come
+// again.
 func (s *Store) SentMarks(ctx context.Context, subscription string, from uint64) (map[string]uint64, error) {
-	f := strconv.FormatUint(from, 10)
-	if _, err := s.pool.Exec(ctx, `DELETE FROM walhook.debounce_marks WHERE subscription = $1 AND sequence < $2::numeric`,
-		subscription, f); err != nil {
-		return nil, fmt.Errorf("prune debounce marks: %w", err)
-	}
-	rows, err := s.pool.Query(ctx, `SELECT resource_id, sequence::text FROM walhook.debounce_marks WHERE subscription = $1`, subscription)
+	rows, err := s.pool.Query(ctx, `SELECT resource_id, sequence::text FROM walhook.debounce_marks
+		WHERE subscription = $1 AND sequence >= $2::numeric`, subscription, strconv.FormatUint(from, 10))
 	if err != nil {
 		return nil, fmt.Errorf("read debounce marks: %w", err)
 	}

@@ -119,7 +119,7 @@ EXCEPTION WHEN others THEN
 END
 $fn$`,
 		// Debounced subscriptions: the newest sequence sent per resource, kept
-		// until the slot has confirmed past it (docs/scheduler.md).
+		// until a checkpoint has written a confirmed position past it (docs/scheduler.md).
 		`CREATE TABLE IF NOT EXISTS walhook.debounce_marks (
   subscription text    NOT NULL,
   resource_id  text    NOT NULL,

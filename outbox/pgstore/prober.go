@@ -46,9 +46,16 @@ type Prober struct {
 
 	acker     *outbox.Acker
 	lastState string // confirmed LSN and high-water mark last written
+	confirmed []sample // the slot's confirmed position at each prune, oldest first (PruneMarks)
 
 	// OnSample gets each probe's reading (the console's chart); nil: nobody.
 	OnSample func(slot SlotStats, lagSeconds float64)
+}
+
+// sample is the slot's confirmed flush position when it was read.
+type sample struct {
+	at  time.Time
+	lsn string
 }
 
 // Stream is what the prober needs of the replication stream.
@@ -137,6 +144,9 @@ func (p *Prober) probe(ctx context.Context) error {
 		if n > 0 {
 			p.log.Debug().Int64("rows", n).Dur("older_than", controlRetention).Msg("control rows pruned")
 		}
+		if err := p.pruneMarks(ctx, slot); err != nil {
+			return err
+		}
 	}
 	host, _ := os.Hostname()
 	r := Report{Host: host, LagSeconds: p.metrics.LagSeconds(), Subscriptions: p.metrics.Snapshot()}
@@ -149,6 +159,35 @@ func (p *Prober) probe(ctx context.Context) error {
 	}
 	p.lastSent = &r
 	return nil
+}
+
+// pruneMarks deletes the debounce marks below a confirmed position read more
+// than two checkpoint_timeouts ago: a checkpoint has begun since, so the
+// server wrote that position to disk, and no crash moves the slot back
+// before it (docs/scheduler.md, "Debounce across restarts").
+func (p *Prober) pruneMarks(ctx context.Context, slot SlotStats) error {
+	if !slot.Exists || slot.ConfirmedFlush == "" {
+		return nil
+	}
+	now := time.Now()
+	p.confirmed = append(p.confirmed, sample{now, slot.ConfirmedFlush})
+	every, err := p.store.CheckpointTimeout(ctx)
+	if err != nil {
+		return err
+	}
+	safe := ""
+	for len(p.confirmed) > 0 && now.Sub(p.confirmed[0].at) > 2*every {
+		safe = p.confirmed[0].lsn
+		p.confirmed = p.confirmed[1:]
+	}
+	if safe == "" {
+		return nil
+	}
+	n, err := p.store.PruneMarks(ctx, safe)
+	if n > 0 {
+		p.log.Debug().Int64("rows", n).Str("below", safe).Msg("debounce marks pruned")
+	}
+	return err
 }
 
 func sameReport(a, b Report) bool {
