@@ -45,7 +45,7 @@ type Prober struct {
 	pruned    time.Time
 
 	acker     *outbox.Acker
-	lastState string // confirmed LSN and high-water mark last written
+	lastState string   // confirmed LSN and high-water mark last written
 	confirmed []sample // the slot's confirmed position at each prune, oldest first (PruneMarks)
 
 	// OnSample gets each probe's reading (the console's chart); nil: nobody.
