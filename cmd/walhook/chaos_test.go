@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"io"
 	"math/rand/v2"
 	"net/http"
@@ -123,6 +124,7 @@ const (
 type chaos struct {
 	t       *testing.T
 	rng     *rand.Rand
+	seed    uint64
 	cluster *pgtest.Cluster
 	pool    *pgxpool.Pool
 	e       *env // e.path is replica 0's config, for CLI commands
@@ -189,7 +191,7 @@ type holderSample struct {
 
 func newChaos(t *testing.T, seed uint64, relayMode bool) *chaos {
 	cluster, pool := ownCluster(t, "wal_sender_timeout=20s")
-	c := &chaos{t: t, rng: rand.New(rand.NewPCG(seed, 1)), cluster: cluster, pool: pool,
+	c := &chaos{t: t, rng: rand.New(rand.NewPCG(seed, 1)), seed: seed, cluster: cluster, pool: pool,
 		mode: map[string]*atomic.Int32{}, srv: map[string][]*sendertest.Server{}, holders: map[int][]holderSample{},
 		downSince: map[string]time.Time{}, samplerEnd: make(chan struct{}),
 		faultsInjected: map[string]int{}, dups: map[string]int{}, stopProducer: make(chan struct{}), producerDone: make(chan struct{})}
@@ -307,7 +309,11 @@ func (c *chaos) responder(sub string) sendertest.Responder {
 			}
 			return http.StatusBadRequest, nil
 		case modeFlaky:
-			if rand.IntN(3) == 0 {
+			// A third of the attempts, drawn from the seed and the attempt
+			// (its webhook-id and timestamp), so a rerun fails the same ones.
+			h := fnv.New64a()
+			fmt.Fprint(h, c.seed, r.Header.Get("webhook-id"), r.Header.Get("webhook-timestamp"))
+			if h.Sum64()%3 == 0 {
 				return http.StatusServiceUnavailable, nil
 			}
 		}
@@ -468,11 +474,13 @@ func (c *chaos) produce(seed uint64) {
 			return
 		case <-tick.C:
 		}
-		n := 1 + rng.IntN(3)
+		resources := make([]string, 1+rng.IntN(3)) // drawn from the seed, as the schedule is
+		for i := range resources {
+			resources[i] = fmt.Sprint("k", rng.IntN(chaosResources))
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		c.pool.Exec(ctx, `INSERT INTO walhook.outbox (event, resource_id, payload)
-			SELECT 'x', 'k' || (floor(random() * $1))::int, jsonb_build_object('g', g) FROM generate_series(1, $2) g`,
-			chaosResources, n)
+			SELECT 'x', r, jsonb_build_object('g', g) FROM unnest($1::text[]) WITH ORDINALITY AS t(r, g)`, resources)
 		cancel()
 	}
 }
