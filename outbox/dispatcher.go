@@ -196,6 +196,7 @@ type delivery struct {
 	commit bool          // no event: the transaction of the previous events committed
 	update *Subscription // no event: the subscription changed
 	close  bool          // no event: the subscription was deleted; drain and stop
+	reload bool          // no event: the store parked more resources (ChangeParked)
 }
 
 // NewDispatcher returns a Dispatcher; Run starts it.
@@ -432,6 +433,14 @@ func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 		}
 	case ChangeIdle:
 		d.cfg.Acker.Idle(c.LSN)
+	case ChangeParked:
+		// Behind everything routed so far and before what follows: a
+		// scheduler marks the resources parked before their next event.
+		for _, r := range d.subs {
+			if err := d.deliver(ctx, r, delivery{reload: true}); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }
@@ -496,7 +505,7 @@ func (d *Dispatcher) deliver(ctx context.Context, r *running, dv delivery) error
 	if d.cfg.Relay == nil {
 		return enqueue(ctx, r, dv)
 	}
-	if dv.commit || dv.update != nil || dv.close {
+	if dv.commit || dv.update != nil || dv.close || dv.reload {
 		return nil
 	}
 	txn, size, n := dv.txn, dv.size, d.epoch.N

@@ -230,6 +230,9 @@ func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 			s.disable()
 		}
 		return
+	case dv.reload:
+		s.reloadParked()
+		return
 	case dv.close:
 		s.closing = true
 		s.inTxn = false // nothing more comes: a partial batch must not wait for a commit marker

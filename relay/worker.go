@@ -68,6 +68,7 @@ type Worker struct {
 	budget  *outbox.Budget
 	log     zerolog.Logger
 	m       *workerMetrics
+	park    *parkStore
 
 	heldBytes atomic.Int64
 	freed     chan struct{} // signalled when heldBytes drops below the limit
@@ -96,6 +97,8 @@ type partition struct {
 	mu   sync.Mutex
 	held map[uint64]heldMsg // by stream sequence: handed to the Dispatcher, not finished
 	high uint64             // highest stream sequence handed on in this epoch
+
+	park *parkIndex // its parked resources (park.go)
 }
 
 type heldMsg struct {
@@ -134,11 +137,13 @@ func NewWorker(cfg WorkerConfig) *Worker {
 		log: cfg.Logger, owned: map[int]*partition{}, known: map[string]string{}, gone: map[string]bool{}, freed: make(chan struct{}, 1),
 		budget: outbox.NewBudget(math.MaxInt64 / 2)} // the worker bounds bytes itself (heldBytes)
 	w.m = newWorkerMetrics(cfg.Registerer, w)
+	w.park = &parkStore{w: w, rows: map[uint64]rowRef{}}
+	w.store.park = w.park
 	acker := outbox.NewAcker(0)
 	w.disp = outbox.NewDispatcher(outbox.DispatcherConfig{
 		Subscriptions: cfg.Subscriptions, Defaults: cfg.Defaults, Acker: acker, Deliverer: cfg.Deliverer,
 		Store: w.store, Logger: cfg.Logger, Metrics: outbox.NewMetrics(cfg.Registerer, acker), Budget: w.budget,
-		NoParking: true, Attempts: cfg.Attempts,
+		Attempts: cfg.Attempts,
 	})
 	return w
 }
@@ -242,6 +247,9 @@ func (w *Worker) setup(ctx context.Context) error {
 		if err == nil {
 			w.kv, err = ensureBucket(sctx, w.cfg.JetStream, w.cfg.Relay)
 		}
+		if err == nil {
+			w.park.stream, err = ensureParkStream(sctx, w.cfg.JetStream, w.cfg.Relay)
+		}
 		cancel()
 		if err == nil {
 			return nil
@@ -284,6 +292,7 @@ func (w *Worker) runEpoch(ctx context.Context) {
 	w.mu.Lock()
 	for _, p := range w.owned {
 		p.forget(w)
+		w.park.forget(p)
 	}
 	w.mu.Unlock()
 	if ctx.Err() == nil {
@@ -419,6 +428,26 @@ func (w *Worker) startFetch(e *outbox.Epoch, p *partition) {
 // fetchLoop resets p's consumer to what is unacknowledged, then hands its
 // messages to the Dispatcher in stream order.
 func (w *Worker) fetchLoop(ctx context.Context, e *outbox.Epoch, p *partition) {
+	// Its parked resources first, fenced: the schedulers mark them parked
+	// (ChangeParked) before any message of the partition reaches them.
+	for {
+		err := w.park.load(ctx, p)
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		w.log.Error().Err(err).Int("partition", p.n).Msg("cannot load parked deliveries; retrying")
+		if sleep(ctx, time.Second) != nil {
+			return
+		}
+	}
+	select {
+	case w.changes <- outbox.Change{Kind: outbox.ChangeParked}:
+	case <-ctx.Done():
+		return
+	}
 	var cons jetstream.Consumer
 	for cons == nil {
 		var err error
@@ -850,7 +879,8 @@ func (w *Worker) preference() []int {
 
 // take starts owning partition n.
 func (w *Worker) take(n int, rev uint64, sent time.Time) {
-	p := &partition{n: n, rev: rev, renewedAt: sent, held: map[uint64]heldMsg{}}
+	p := &partition{n: n, rev: rev, renewedAt: sent, held: map[uint64]heldMsg{},
+		park: &parkIndex{keys: map[string]*parkedKey{}, flight: map[uint64]bool{}}}
 	w.mu.Lock()
 	w.owned[n] = p
 	if w.epoch != nil && w.epoch.Err() == nil {
@@ -891,6 +921,9 @@ func (w *Worker) handOver(ctx context.Context, p *partition) {
 	p.mu.Lock()
 	held := len(p.held)
 	p.mu.Unlock()
+	if held == 0 && !p.park.detach() {
+		held = 1 // a parked batch of it is being sent
+	}
 	if held > 0 {
 		if time.Since(p.releasing) < releaseWithin {
 			return
@@ -912,6 +945,20 @@ func (w *Worker) handOver(ctx context.Context, p *partition) {
 	delete(w.owned, p.n)
 	w.mu.Unlock()
 	w.log.Info().Int("partition", p.n).Msg("partition handed over")
+}
+
+// handingOver says whether p is being handed over and holds nothing: no
+// message of it can reach a scheduler any more.
+func (w *Worker) handingOver(p *partition) bool {
+	w.mu.Lock()
+	releasing := !p.releasing.IsZero()
+	w.mu.Unlock()
+	if !releasing {
+		return false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.held) == 0
 }
 
 // releaseAll gives every lease back at shutdown, after the epoch ended: the
