@@ -144,9 +144,6 @@ type DispatcherConfig struct {
 	// (relay mode, docs/scale-out.md): no scheduler runs and nothing is sent
 	// from here; a delivery is finished once the relay has stored it.
 	Relay Relay
-	// NoParking keeps a failing resource's events in memory past park_after
-	// (a relay worker: its message stream holds them, not walhook.deliveries).
-	NoParking bool
 }
 
 // Relay hands routed deliveries on to a durable queue (relay mode).

@@ -13,17 +13,21 @@ import (
 type WorkerStore interface {
 	outbox.Store
 	ListSubscriptions(ctx context.Context, tenant *string) ([]outbox.SubscriptionRow, error)
+	// DisableSubscriptionSeen disables a dynamic subscription if its row is
+	// still the version updated at seen.
+	DisableSubscriptionSeen(ctx context.Context, id string, seen time.Time) error
 }
 
 // workerStore is the Store a worker's Dispatcher sees. The slot's lease and
 // the routing log belong to the sidecar, which routes; walhook.deliveries is
 // direct mode's. So: no lease (partition leases fence a worker), the
 // subscriptions as they are now, parking into the park stream (park.go), and
-// endpoint health kept in the worker (not shared yet).
+// endpoint health shared through the subscription's row.
 type workerStore struct {
 	WorkerStore
 	rows atomic.Pointer[[]outbox.SubscriptionRow] // what LoadRouting returns: set before each epoch starts
 	park *parkStore
+	w    *Worker
 }
 
 func (s *workerStore) Acquire(context.Context, uint32) error                     { return nil }
@@ -52,7 +56,19 @@ func (s *workerStore) Reschedule(ctx context.Context, rows []int64, attempts int
 func (s *workerStore) DropParked(ctx context.Context, sub string) error {
 	return s.park.DropParked(ctx, sub)
 }
-func (s *workerStore) DisableSubscription(context.Context, string) error { return nil }
+
+// DisableSubscription writes endpoint health's verdict to the row, fenced by
+// the version this worker judged; every worker's refresh then disables it.
+func (s *workerStore) DisableSubscription(ctx context.Context, id string) error {
+	seen, ok := s.w.version(id)
+	s.w.subsMu.Lock()
+	s.w.selfDisabled[id] = true
+	s.w.subsMu.Unlock()
+	if !ok {
+		return nil // deleted meanwhile
+	}
+	return s.WorkerStore.DisableSubscriptionSeen(ctx, id, seen)
+}
 func (s *workerStore) DeadLetterParked(ctx context.Context, sub, reason string) error {
 	return s.park.DeadLetterParked(ctx, sub, reason)
 }

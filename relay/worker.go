@@ -83,6 +83,9 @@ type Worker struct {
 	subsMu sync.Mutex
 	known  map[string]string // dynamic subscriptions fed to the Dispatcher: id → row JSON
 	gone   map[string]bool   // not found by a refresh after a message for it came: deleted since it was routed
+	// Disabled by this worker's endpoint health, its disabled row not seen
+	// by a refresh yet.
+	selfDisabled map[string]bool
 }
 
 // partition is an owned partition. The lease fields belong to the lease
@@ -134,11 +137,11 @@ func NewWorker(cfg WorkerConfig) *Worker {
 		cfg.ShutdownTimeout = 15 * time.Second
 	}
 	w := &Worker{cfg: cfg, store: &workerStore{WorkerStore: cfg.Store}, changes: make(chan outbox.Change, 256),
-		log: cfg.Logger, owned: map[int]*partition{}, known: map[string]string{}, gone: map[string]bool{}, freed: make(chan struct{}, 1),
+		log: cfg.Logger, owned: map[int]*partition{}, known: map[string]string{}, gone: map[string]bool{}, selfDisabled: map[string]bool{}, freed: make(chan struct{}, 1),
 		budget: outbox.NewBudget(math.MaxInt64 / 2)} // the worker bounds bytes itself (heldBytes)
 	w.m = newWorkerMetrics(cfg.Registerer, w)
 	w.park = &parkStore{w: w, rows: map[uint64]rowRef{}}
-	w.store.park = w.park
+	w.store.park, w.store.w = w.park, w
 	acker := outbox.NewAcker(0)
 	w.disp = outbox.NewDispatcher(outbox.DispatcherConfig{
 		Subscriptions: cfg.Subscriptions, Defaults: cfg.Defaults, Acker: acker, Deliverer: cfg.Deliverer,
@@ -320,6 +323,7 @@ func (w *Worker) startSubscriptions(e *outbox.Epoch) error {
 		}
 	}
 	clear(w.known)
+	clear(w.selfDisabled) // the new epoch's schedulers start from the rows as they are
 	for i := range rows {
 		b, _ := json.Marshal(&rows[i])
 		w.known[rows[i].ID] = string(b)
@@ -365,12 +369,25 @@ func (w *Worker) refresh(e *outbox.Epoch) error {
 	seen := map[string]bool{}
 	var changes []outbox.Change
 	for i := range rows {
-		b, _ := json.Marshal(&rows[i])
-		seen[rows[i].ID] = true
-		if w.known[rows[i].ID] != string(b) {
-			w.known[rows[i].ID] = string(b)
-			changes = append(changes, outbox.Change{Kind: outbox.ChangeSubscription, SubscriptionID: rows[i].ID, Row: b})
+		r := &rows[i]
+		b, _ := json.Marshal(r)
+		seen[r.ID] = true
+		if w.known[r.ID] == string(b) {
+			continue
 		}
+		w.known[r.ID] = string(b)
+		if w.selfDisabled[r.ID] {
+			delete(w.selfDisabled, r.ID)
+			if r.DisabledAt == nil {
+				// Enabled again before a refresh saw it disabled: the
+				// scheduler learns both, in order, so that it enables.
+				off := *r
+				off.DisabledAt = &r.UpdatedAt
+				ob, _ := json.Marshal(&off)
+				changes = append(changes, outbox.Change{Kind: outbox.ChangeSubscription, SubscriptionID: r.ID, Row: ob})
+			}
+		}
+		changes = append(changes, outbox.Change{Kind: outbox.ChangeSubscription, SubscriptionID: r.ID, Row: b})
 	}
 	for id := range w.known {
 		if !seen[id] {
@@ -386,6 +403,19 @@ func (w *Worker) refresh(e *outbox.Epoch) error {
 		}
 	}
 	return nil
+}
+
+// version is the updated_at of a dynamic subscription's row as this worker
+// last read it.
+func (w *Worker) version(id string) (time.Time, bool) {
+	w.subsMu.Lock()
+	b, ok := w.known[id]
+	w.subsMu.Unlock()
+	var r outbox.SubscriptionRow
+	if !ok || json.Unmarshal([]byte(b), &r) != nil {
+		return time.Time{}, false
+	}
+	return r.UpdatedAt, true
 }
 
 // knows says whether a subscription is static or fed to the Dispatcher.

@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/walhook/walhook/internal/natstest"
+	"github.com/walhook/walhook/outbox/pgstore"
 	"github.com/walhook/walhook/sender/sendertest"
 )
 
@@ -189,4 +190,71 @@ func TestRelayParkedSurviveWorkerKill9(t *testing.T) {
 	}
 	e.waitCaughtUp()
 	t.Logf("%d events, %d duplicates", n, dups)
+}
+
+// TestRelayEndpointHealthShared: one worker's endpoint health disables a
+// dynamic subscription (its resource fails for disable_after); every worker
+// then dead-letters its events, and an enable (the API's store call) reaches
+// every worker: later events of every partition are delivered.
+func TestRelayEndpointHealthShared(t *testing.T) {
+	t.Parallel()
+	nc := natstest.Start(t)
+	srv, down := failingResources(t) // r0 and r1 fail while down
+	e := newEnv(t, "allow_targets: [127.0.0.1/32]\n"+relayYAML(t, nc.URL())+
+		"defaults: {disable_after: 2s, park_after: 1s, retry_initial: 100ms, retry_max_interval: 300ms}\n")
+	e.setup()
+	var sidecarLog, w1Log, w2Log syncBuffer
+	startReplica(t, e.path, &sidecarLog)
+	startWorker(t, e.path, &w1Log)
+	startWorker(t, e.path, &w2Log)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("sidecar:\n%s\nworker 1:\n%s\nworker 2:\n%s", sidecarLog.String(), w1Log.String(), w2Log.String())
+		}
+	})
+	e.eventually(30*time.Second, "the sidecar to load its subscriptions and both workers to own partitions", func() bool {
+		return countLines(&sidecarLog, "subscriptions loaded") > 0 &&
+			countLines(&w1Log, `"partition taken"`) > 0 && countLines(&w2Log, `"partition taken"`) > 0
+	})
+	code, out, stderr := e.walhook("subscriptions", "add", "--event", "*", "--target-url", srv.HooksURL())
+	if code != 0 {
+		t.Fatalf("subscriptions add: exit %d: %s", code, stderr)
+	}
+	id := strings.TrimSpace(strings.TrimPrefix(strings.SplitN(out, "\n", 2)[0], "id: "))
+	deadLetters := func() (n int) {
+		e.db.Pool.QueryRow(context.Background(), `SELECT count(*) FROM walhook.dead_letters WHERE subscription = $1`, id).Scan(&n)
+		return n
+	}
+	// Only r0 first: the worker that owns its partition sees nothing but failures.
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload) SELECT 'x', 'r0', jsonb_build_object('n', g) FROM generate_series(0, 4) g`)
+	e.eventually(30*time.Second, "the subscription disabled in its row", func() bool {
+		var off bool
+		e.db.Pool.QueryRow(context.Background(), `SELECT disabled_at IS NOT NULL FROM walhook.subscriptions WHERE id = $1`, id).Scan(&off)
+		return off
+	})
+	e.eventually(30*time.Second, "r0's events dead-lettered", func() bool { return deadLetters() == 5 })
+	// The other worker learns it from the row (its refresh, every 2 s).
+	e.eventually(30*time.Second, "both workers to stop it", func() bool {
+		return countLines(&w1Log, "subscription disabled") > 0 && countLines(&w2Log, "subscription disabled") > 0
+	})
+	// Every worker stops it: events of 16 resources (both workers'
+	// partitions) become dead letters, none is sent.
+	sent := len(srv.Requests())
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload) SELECT 'x', 'q' || g, jsonb_build_object('n', 100 + g) FROM generate_series(0, 15) g`)
+	e.eventually(30*time.Second, "every later event dead-lettered", func() bool { return deadLetters() == 21 })
+	if got := len(srv.Requests()); got != sent {
+		t.Errorf("%d requests to a disabled subscription", got-sent)
+	}
+	down.Store(false)
+	if err := pgstore.New(e.db.Pool, e.db.Name).EnableSubscription(context.Background(), id); err != nil {
+		t.Fatal(err)
+	}
+	e.eventually(30*time.Second, "both workers to enable it", func() bool {
+		return countLines(&w1Log, "subscription enabled") > 0 && countLines(&w2Log, "subscription enabled") > 0
+	})
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id, payload) SELECT 'x', 'q' || g, jsonb_build_object('n', 200 + g) FROM generate_series(0, 15) g`)
+	srv.Wait(t, 30*time.Second, "every event after the enable", func(r []sendertest.Request) bool {
+		return len(sendertest.Delivered(r)) == 16
+	})
+	e.waitCaughtUp()
 }
