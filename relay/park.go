@@ -313,10 +313,10 @@ func (s *parkStore) NextParked(ctx context.Context, sub, resource string, limit,
 		since, _ := strconv.ParseInt(raw.Header.Get(hdrSince), 10, 64)
 		attempts, _ := strconv.Atoi(raw.Header.Get(hdrAttempts))
 		px.mu.Lock()
-		attempts = max(attempts, k.attempts)
+		attempts, next := max(attempts, k.attempts), k.next
 		px.mu.Unlock()
 		out = append(out, outbox.ParkedEvent{Row: int64(raw.Sequence), Event: m.Event, Attempts: attempts,
-			Since: time.Unix(0, since), NextAttempt: k.next})
+			Since: time.Unix(0, since), NextAttempt: next})
 	}
 	px.mu.Lock()
 	defer px.mu.Unlock()
@@ -500,6 +500,21 @@ func (s *parkStore) forget(p *partition) {
 		delete(s.rows, uint64(r))
 	}
 	s.mu.Unlock()
+}
+
+// hasParked says whether sub has parked resources in an owned partition.
+func (s *parkStore) hasParked(sub string) bool {
+	for _, px := range s.indexes() {
+		px.mu.Lock()
+		for _, k := range px.keys {
+			if k.sub == sub {
+				px.mu.Unlock()
+				return true
+			}
+		}
+		px.mu.Unlock()
+	}
+	return false
 }
 
 // detach stops feeding the partition's parked resources, unless a parked

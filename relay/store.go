@@ -16,6 +16,9 @@ type WorkerStore interface {
 	// DisableSubscriptionSeen disables a dynamic subscription if its row is
 	// still the version updated at seen.
 	DisableSubscriptionSeen(ctx context.Context, id string, seen time.Time) error
+	// RetiredSubscription returns a deleted subscription's last definition,
+	// or nil if there is none.
+	RetiredSubscription(ctx context.Context, id string) (*outbox.SubscriptionRow, error)
 }
 
 // workerStore is the Store a worker's Dispatcher sees. The slot's lease and

@@ -37,6 +37,10 @@ const (
 	// messages finish, or the epoch ends (its sends are cancelled).
 	releaseWithin = 10 * time.Second
 	refreshEvery  = 2 * time.Second // subscription rows
+	// A deleted subscription keeps delivering what was routed to it until
+	// no message of it came for retiredIdle and nothing of it is held or
+	// parked.
+	retiredIdle = 10 * time.Minute
 )
 
 // WorkerConfig configures a Worker.
@@ -86,6 +90,10 @@ type Worker struct {
 	// Disabled by this worker's endpoint health, its disabled row not seen
 	// by a refresh yet.
 	selfDisabled map[string]bool
+	// Deleted subscriptions still fed to the Dispatcher with their last
+	// definition (a row of walhook.retired_subscriptions): when a message of
+	// each last came.
+	retired map[string]time.Time
 }
 
 // partition is an owned partition. The lease fields belong to the lease
@@ -107,6 +115,7 @@ type partition struct {
 type heldMsg struct {
 	msg  jetstream.Msg
 	size int64
+	sub  string // its subscription, once decoded
 }
 
 var errPartitionLost = errors.New("relay: a partition lease was lost")
@@ -137,7 +146,7 @@ func NewWorker(cfg WorkerConfig) *Worker {
 		cfg.ShutdownTimeout = 15 * time.Second
 	}
 	w := &Worker{cfg: cfg, store: &workerStore{WorkerStore: cfg.Store}, changes: make(chan outbox.Change, 256),
-		log: cfg.Logger, owned: map[int]*partition{}, known: map[string]string{}, gone: map[string]bool{}, selfDisabled: map[string]bool{}, freed: make(chan struct{}, 1),
+		log: cfg.Logger, owned: map[int]*partition{}, known: map[string]string{}, gone: map[string]bool{}, selfDisabled: map[string]bool{}, retired: map[string]time.Time{}, freed: make(chan struct{}, 1),
 		budget: outbox.NewBudget(math.MaxInt64 / 2)} // the worker bounds bytes itself (heldBytes)
 	w.m = newWorkerMetrics(cfg.Registerer, w)
 	w.park = &parkStore{w: w, rows: map[uint64]rowRef{}}
@@ -324,6 +333,7 @@ func (w *Worker) startSubscriptions(e *outbox.Epoch) error {
 	}
 	clear(w.known)
 	clear(w.selfDisabled) // the new epoch's schedulers start from the rows as they are
+	clear(w.retired)      // deleted ones come back with their next message
 	for i := range rows {
 		b, _ := json.Marshal(&rows[i])
 		w.known[rows[i].ID] = string(b)
@@ -389,9 +399,23 @@ func (w *Worker) refresh(e *outbox.Epoch) error {
 		}
 		changes = append(changes, outbox.Change{Kind: outbox.ChangeSubscription, SubscriptionID: r.ID, Row: b})
 	}
+	now := time.Now()
 	for id := range w.known {
-		if !seen[id] {
+		if seen[id] {
+			continue
+		}
+		last, ok := w.retired[id]
+		if !ok {
+			// Deleted: what was routed to it before still comes, and is
+			// delivered, as direct mode delivers what was committed before
+			// the deletion. It stops once idle.
+			w.retired[id] = now
+			w.log.Info().Str("subscription", id).Msg("subscription deleted: delivering what was routed to it before")
+			continue
+		}
+		if now.Sub(last) >= retiredIdle && !w.holds(id) && !w.park.hasParked(id) {
 			delete(w.known, id)
+			delete(w.retired, id)
 			changes = append(changes, outbox.Change{Kind: outbox.ChangeSubscription, SubscriptionID: id})
 		}
 	}
@@ -416,6 +440,60 @@ func (w *Worker) version(id string) (time.Time, bool) {
 		return time.Time{}, false
 	}
 	return r.UpdatedAt, true
+}
+
+// holds says whether a message of sub is held. w.subsMu is held.
+func (w *Worker) holds(sub string) bool {
+	w.mu.Lock()
+	parts := make([]*partition, 0, len(w.owned))
+	for _, p := range w.owned {
+		parts = append(parts, p)
+	}
+	w.mu.Unlock()
+	for _, p := range parts {
+		p.mu.Lock()
+		for _, h := range p.held {
+			if h.sub == sub {
+				p.mu.Unlock()
+				return true
+			}
+		}
+		p.mu.Unlock()
+	}
+	return false
+}
+
+// retire feeds the Dispatcher a deleted subscription's last definition, so
+// that the messages routed to it before its deletion are delivered; false
+// if there is none (deleted over 30 days ago, or never a dynamic one).
+func (w *Worker) retire(ctx context.Context, id string) (bool, error) {
+	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	row, err := w.cfg.Store.RetiredSubscription(lctx, id)
+	cancel()
+	if err != nil || row == nil {
+		return false, err
+	}
+	b, _ := json.Marshal(row)
+	w.subsMu.Lock()
+	w.known[id] = string(b)
+	w.retired[id] = time.Now()
+	w.subsMu.Unlock()
+	w.log.Info().Str("subscription", id).Msg("deleted subscription loaded: delivering what was routed to it before")
+	select {
+	case w.changes <- outbox.Change{Kind: outbox.ChangeSubscription, SubscriptionID: id, Row: b}:
+		return true, nil
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
+}
+
+// used notes that a message of sub came.
+func (w *Worker) used(sub string) {
+	w.subsMu.Lock()
+	if _, ok := w.retired[sub]; ok {
+		w.retired[sub] = time.Now()
+	}
+	w.subsMu.Unlock()
 }
 
 // knows says whether a subscription is static or fed to the Dispatcher.
@@ -587,8 +665,26 @@ func (w *Worker) handleMsg(ctx context.Context, e *outbox.Epoch, p *partition, m
 		done()
 		return nil
 	}
+	p.mu.Lock()
+	if h, ok := p.held[seq]; ok {
+		h.sub = m.Subscription
+		p.held[seq] = h
+	}
+	p.mu.Unlock()
 	if !w.knows(m.Subscription) {
-		for err := w.refresh(e); err != nil; err = w.refresh(e) {
+		// Not loaded: created since the last refresh, or deleted after the
+		// event was routed to it (then its last definition delivers it).
+		for {
+			err := w.refresh(e)
+			if err == nil && !w.knows(m.Subscription) {
+				var found bool
+				if found, err = w.retire(ctx, m.Subscription); err == nil && !found {
+					w.markGone(m.Subscription)
+				}
+			}
+			if err == nil {
+				break
+			}
 			if ctx.Err() == nil {
 				w.log.Error().Err(err).Msg("cannot read subscriptions; retrying")
 				_ = sleep(ctx, time.Second) // ctx is checked below
@@ -598,8 +694,8 @@ func (w *Worker) handleMsg(ctx context.Context, e *outbox.Epoch, p *partition, m
 				return ctx.Err()
 			}
 		}
-		w.markGone(m.Subscription)
 	}
+	w.used(m.Subscription)
 	kind := outbox.ChangeRouted
 	if m.Event.WebhookID != "" {
 		kind = outbox.ChangeReplay

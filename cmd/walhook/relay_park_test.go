@@ -258,3 +258,52 @@ func TestRelayEndpointHealthShared(t *testing.T) {
 	})
 	e.waitCaughtUp()
 }
+
+// TestRelayDeletedSubscriptionDelivered: events routed to a dynamic
+// subscription before its deletion are delivered by a worker that never
+// loaded it (it started after the deletion), from its last definition, as
+// direct mode delivers what was committed before a deletion; events
+// committed after the deletion are not.
+func TestRelayDeletedSubscriptionDelivered(t *testing.T) {
+	t.Parallel()
+	nc := natstest.Start(t)
+	always := sendertest.NewServer(t, nil)
+	dyn := sendertest.NewServer(t, nil)
+	e := newEnv(t, "allow_targets: [127.0.0.1/32]\n"+relayYAML(t, nc.URL())+"subscriptions:\n"+sub("s", always.HooksURL(), `["*"]`))
+	e.setup()
+	var sidecarLog, workerLog syncBuffer
+	startReplica(t, e.path, &sidecarLog)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("sidecar:\n%s\nworker:\n%s", sidecarLog.String(), workerLog.String())
+		}
+	})
+	e.eventually(30*time.Second, "the sidecar to load its subscriptions", func() bool {
+		return countLines(&sidecarLog, "subscriptions loaded") > 0
+	})
+	code, out, stderr := e.walhook("subscriptions", "add", "--event", "*", "--target-url", dyn.HooksURL())
+	if code != 0 {
+		t.Fatalf("subscriptions add: exit %d: %s", code, stderr)
+	}
+	id := strings.TrimSpace(strings.TrimPrefix(strings.SplitN(out, "\n", 2)[0], "id: "))
+	e.insertEvents(0, 30, 3)
+	if code, _, stderr := e.walhook("subscriptions", "rm", id); code != 0 {
+		t.Fatalf("subscriptions rm: exit %d: %s", code, stderr)
+	}
+	e.insertEvents(30, 30, 3)
+	e.waitCaughtUp() // published: the worker starts after the deletion
+	startWorker(t, e.path, &workerLog)
+	always.Wait(t, 60*time.Second, "every event", func(r []sendertest.Request) bool { return distinctEvents(t, r) == 60 })
+	reqs := dyn.Wait(t, 60*time.Second, "the 30 events routed before the deletion", func(r []sendertest.Request) bool {
+		return distinctEvents(t, r) == 30
+	})
+	for _, r := range reqs {
+		if _, n := resourceN(t, r); n >= 30 {
+			t.Errorf("the deleted subscription got n=%d, committed after its deletion", n)
+		}
+	}
+	checkRelayed(t, reqs)
+	if countLines(&workerLog, "deleted subscription loaded") == 0 {
+		t.Errorf("the worker did not load the deleted subscription's definition")
+	}
+}

@@ -227,6 +227,19 @@ func (s *Store) DisableSubscriptionSeen(ctx context.Context, id string, seen tim
 	return err
 }
 
+// RetiredSubscription returns a deleted subscription's last definition
+// (deleted within 30 days), or nil.
+func (s *Store) RetiredSubscription(ctx context.Context, id string) (*outbox.SubscriptionRow, error) {
+	r, err := scanRow(s.pool.QueryRow(ctx, `SELECT `+subscriptionColumns+`
+		FROM jsonb_populate_record(NULL::walhook.subscriptions,
+		     (SELECT row FROM walhook.retired_subscriptions WHERE id = $1)) r
+		WHERE r.id IS NOT NULL`, id))
+	if errors.Is(err, ErrNotFound) {
+		return nil, nil
+	}
+	return r, err
+}
+
 // EnableSubscription turns a disabled subscription back on.
 func (s *Store) EnableSubscription(ctx context.Context, id string) error {
 	tag, err := s.pool.Exec(ctx, `UPDATE walhook.subscriptions SET disabled_at = NULL, updated_at = now() WHERE id = $1`, id)
