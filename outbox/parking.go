@@ -167,7 +167,7 @@ func (s *scheduler) parkJob(j *job, next time.Time) {
 	now := s.now()
 	n, keys := s.parkWaiting(j, next, now)
 	s.log.Warn().Int("resources", keys).Int("events", n).Dur("failing_for", s.now().Sub(j.first)).
-		Msg("parked: the endpoint keeps failing; events moved to walhook.deliveries")
+		Msg("parked: the endpoint keeps failing; events moved out of memory (walhook.deliveries, or a relay worker's park stream)")
 }
 
 // parkWaiting parks j's keys (j may be nil) and the ready keys that waited

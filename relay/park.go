@@ -425,6 +425,14 @@ func (s *parkStore) DropParked(ctx context.Context, sub string) error {
 				delete(px.keys, subj)
 				s.w.m.parkedResources.Dec()
 			}
+			s.mu.Lock()
+			for r, ref := range s.rows { // in flight when it was deleted: nobody settles them
+				if ref.subj == subj {
+					delete(s.rows, r)
+					delete(px.flight, r)
+				}
+			}
+			s.mu.Unlock()
 			px.mu.Unlock()
 		}
 	}
