@@ -64,9 +64,7 @@ func (s *workerStore) DropParked(ctx context.Context, sub string) error {
 // the version this worker judged; every worker's refresh then disables it.
 func (s *workerStore) DisableSubscription(ctx context.Context, id string) error {
 	seen, ok := s.w.version(id)
-	s.w.subsMu.Lock()
-	s.w.selfDisabled[id] = true
-	s.w.subsMu.Unlock()
+	s.w.disabledHere(id)
 	if !ok {
 		return nil // deleted meanwhile
 	}

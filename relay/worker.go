@@ -87,6 +87,11 @@ type Worker struct {
 	subsMu sync.Mutex
 	known  map[string]string // dynamic subscriptions fed to the Dispatcher: id → row JSON
 	gone   map[string]bool   // not found by a refresh after a message for it came: deleted since it was routed
+	// verMu guards what schedulers read (endpoint health), never held
+	// while waiting: subsMu is held while changes wait for the Dispatcher,
+	// which may wait for a scheduler.
+	verMu    sync.Mutex
+	versions map[string]time.Time // dynamic subscriptions' updated_at as last read
 	// Disabled by this worker's endpoint health, its disabled row not seen
 	// by a refresh yet.
 	selfDisabled map[string]bool
@@ -146,7 +151,7 @@ func NewWorker(cfg WorkerConfig) *Worker {
 		cfg.ShutdownTimeout = 15 * time.Second
 	}
 	w := &Worker{cfg: cfg, store: &workerStore{WorkerStore: cfg.Store}, changes: make(chan outbox.Change, 256),
-		log: cfg.Logger, owned: map[int]*partition{}, known: map[string]string{}, gone: map[string]bool{}, selfDisabled: map[string]bool{}, retired: map[string]time.Time{}, freed: make(chan struct{}, 1),
+		log: cfg.Logger, owned: map[int]*partition{}, known: map[string]string{}, gone: map[string]bool{}, selfDisabled: map[string]bool{}, versions: map[string]time.Time{}, retired: map[string]time.Time{}, freed: make(chan struct{}, 1),
 		budget: outbox.NewBudget(math.MaxInt64 / 2)} // the worker bounds bytes itself (heldBytes)
 	w.m = newWorkerMetrics(cfg.Registerer, w)
 	w.park = &parkStore{w: w, rows: map[uint64]rowRef{}}
@@ -332,8 +337,14 @@ func (w *Worker) startSubscriptions(e *outbox.Epoch) error {
 		}
 	}
 	clear(w.known)
+	w.verMu.Lock()
 	clear(w.selfDisabled) // the new epoch's schedulers start from the rows as they are
-	clear(w.retired)      // deleted ones come back with their next message
+	clear(w.versions)
+	for i := range rows {
+		w.versions[rows[i].ID] = rows[i].UpdatedAt
+	}
+	w.verMu.Unlock()
+	clear(w.retired) // deleted ones come back with their next message
 	for i := range rows {
 		b, _ := json.Marshal(&rows[i])
 		w.known[rows[i].ID] = string(b)
@@ -386,8 +397,8 @@ func (w *Worker) refresh(e *outbox.Epoch) error {
 			continue
 		}
 		w.known[r.ID] = string(b)
-		if w.selfDisabled[r.ID] {
-			delete(w.selfDisabled, r.ID)
+		w.setVersion(r.ID, r.UpdatedAt)
+		if w.tookDisabled(r.ID) {
 			if r.DisabledAt == nil {
 				// Enabled again before a refresh saw it disabled: the
 				// scheduler learns both, in order, so that it enables.
@@ -432,14 +443,33 @@ func (w *Worker) refresh(e *outbox.Epoch) error {
 // version is the updated_at of a dynamic subscription's row as this worker
 // last read it.
 func (w *Worker) version(id string) (time.Time, bool) {
-	w.subsMu.Lock()
-	b, ok := w.known[id]
-	w.subsMu.Unlock()
-	var r outbox.SubscriptionRow
-	if !ok || json.Unmarshal([]byte(b), &r) != nil {
-		return time.Time{}, false
-	}
-	return r.UpdatedAt, true
+	w.verMu.Lock()
+	defer w.verMu.Unlock()
+	v, ok := w.versions[id]
+	return v, ok
+}
+
+func (w *Worker) setVersion(id string, v time.Time) {
+	w.verMu.Lock()
+	w.versions[id] = v
+	w.verMu.Unlock()
+}
+
+// disabledHere notes that endpoint health disabled id in this worker.
+func (w *Worker) disabledHere(id string) {
+	w.verMu.Lock()
+	w.selfDisabled[id] = true
+	w.verMu.Unlock()
+}
+
+// tookDisabled says whether this worker disabled id and no refresh has
+// seen it since, and forgets it.
+func (w *Worker) tookDisabled(id string) bool {
+	w.verMu.Lock()
+	defer w.verMu.Unlock()
+	was := w.selfDisabled[id]
+	delete(w.selfDisabled, id)
+	return was
 }
 
 // holds says whether a message of sub is held. w.subsMu is held.
@@ -466,7 +496,15 @@ func (w *Worker) holds(sub string) bool {
 // retire feeds the Dispatcher a deleted subscription's last definition, so
 // that the messages routed to it before its deletion are delivered; false
 // if there is none (deleted over 30 days ago, or never a dynamic one).
+//
+// Like refresh, under subsMu until the change is handed on: another
+// partition's fetcher that finds it known hands its message on after it.
 func (w *Worker) retire(ctx context.Context, id string) (bool, error) {
+	w.subsMu.Lock()
+	defer w.subsMu.Unlock()
+	if _, ok := w.known[id]; ok {
+		return true, nil
+	}
 	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	row, err := w.cfg.Store.RetiredSubscription(lctx, id)
 	cancel()
@@ -474,10 +512,9 @@ func (w *Worker) retire(ctx context.Context, id string) (bool, error) {
 		return false, err
 	}
 	b, _ := json.Marshal(row)
-	w.subsMu.Lock()
 	w.known[id] = string(b)
 	w.retired[id] = time.Now()
-	w.subsMu.Unlock()
+	w.setVersion(id, row.UpdatedAt)
 	w.log.Info().Str("subscription", id).Msg("deleted subscription loaded: delivering what was routed to it before")
 	select {
 	case w.changes <- outbox.Change{Kind: outbox.ChangeSubscription, SubscriptionID: id, Row: b}:
