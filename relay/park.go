@@ -84,6 +84,7 @@ type parkIndex struct {
 type parkedKey struct {
 	sub, resource string
 	maxSeq        uint64    // the highest event sequence parked
+	from          uint64    // the stream sequence to read its next rows from: rows before it were handed out and finished
 	next          time.Time // when its next attempt is due (zero: now)
 	attempts      int       // attempts of its head rows so far (owner's memory)
 }
@@ -95,6 +96,56 @@ type parkStore struct {
 
 	mu   sync.Mutex
 	rows map[uint64]rowRef // rows handed out by NextParked and not settled
+
+	deletes  chan uint64     // finished rows, deleted in the background (deleter)
+	finished map[uint64]bool // queued in deletes: never handed out again
+}
+
+// deleteQueue bounds the finished rows waiting to be deleted; Unpark waits
+// beyond it.
+const deleteQueue = 4096
+
+// deleter deletes finished rows off the scheduler's path: NextParked reads
+// from a resource's cursor, so a row finished and not deleted yet is not
+// read again. A row whose delete was lost (a crash, NATS unreachable) is
+// sent again by the next owner: a duplicate with the same webhook-id. When
+// ctx ends it deletes what is queued for up to 5 s more.
+func (s *parkStore) deleter(ctx context.Context) {
+	del := func(ctx context.Context, seq uint64) {
+		for attempt := 0; ; attempt++ {
+			dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			err := s.stream.DeleteMsg(dctx, seq)
+			cancel()
+			if err == nil || errors.Is(err, jetstream.ErrMsgNotFound) || errors.Is(err, jetstream.ErrMsgDeleteUnsuccessful) {
+				s.w.m.unparked.Inc()
+				break
+			}
+			if attempt == 2 || sleep(ctx, 250*time.Millisecond) != nil {
+				s.w.log.Debug().Err(err).Uint64("row", seq).Msg("cannot delete a finished parked row: a next owner sends it again")
+				break
+			}
+		}
+		s.mu.Lock()
+		delete(s.finished, seq)
+		s.mu.Unlock()
+	}
+	for {
+		select {
+		case seq := <-s.deletes:
+			del(ctx, seq)
+		case <-ctx.Done():
+			fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			defer cancel()
+			for {
+				select {
+				case seq := <-s.deletes:
+					del(fctx, seq)
+				default:
+					return
+				}
+			}
+		}
+	}
 }
 
 func (s *parkStore) cfg() Config { return s.w.cfg.Relay }
@@ -289,7 +340,10 @@ func (s *parkStore) NextParked(ctx context.Context, sub, resource string, limit,
 	}
 	var out []outbox.ParkedEvent
 	size := 0
-	for seq := uint64(1); len(out) < max(limit, 1); {
+	px.mu.Lock()
+	from := max(k.from, 1)
+	px.mu.Unlock()
+	for seq := from; len(out) < max(limit, 1); {
 		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		raw, err := s.stream.GetMsg(gctx, seq, jetstream.WithGetMsgSubject(subj))
 		cancel()
@@ -300,6 +354,12 @@ func (s *parkStore) NextParked(ctx context.Context, sub, resource string, limit,
 			return nil, fmt.Errorf("read parked deliveries: %w", err)
 		}
 		seq = raw.Sequence + 1
+		s.mu.Lock()
+		done := s.finished[raw.Sequence]
+		s.mu.Unlock()
+		if done {
+			continue // finished; its delete is queued
+		}
 		m, err := decodeMessage(raw.Data)
 		if err != nil {
 			s.w.log.Error().Err(err).Uint64("row", raw.Sequence).Msg("unreadable parked message deleted")
@@ -330,6 +390,7 @@ func (s *parkStore) NextParked(ctx context.Context, sub, resource string, limit,
 		}
 		return nil, nil
 	}
+	k.from = uint64(out[len(out)-1].Row) + 1
 	s.mu.Lock()
 	for _, pe := range out {
 		px.flight[uint64(pe.Row)] = true
@@ -380,11 +441,14 @@ func (s *parkStore) Unpark(ctx context.Context, rows []int64) error {
 		if ref.px == nil {
 			return fmt.Errorf("unpark: partition %d is no longer owned: %w", ref.n, outbox.ErrFenced)
 		}
-		if err := s.stream.DeleteMsg(ctx, r); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) &&
-			!errors.Is(err, jetstream.ErrMsgDeleteUnsuccessful) {
-			return fmt.Errorf("unpark: %w", err)
+		s.mu.Lock()
+		s.finished[r] = true
+		s.mu.Unlock()
+		select {
+		case s.deletes <- r:
+		case <-ctx.Done():
+			return ctx.Err() // not deleted: a next owner sends it again
 		}
-		s.w.m.unparked.Inc()
 	}
 	return nil
 }
@@ -392,13 +456,14 @@ func (s *parkStore) Unpark(ctx context.Context, rows []int64) error {
 // Reschedule remembers a failed attempt of a resource's head rows, in this
 // owner's memory (a next owner retries at once).
 func (s *parkStore) Reschedule(_ context.Context, rows []int64, attempts int, next time.Time, _ string) error {
-	for _, ref := range s.settle(rows) {
+	for r, ref := range s.settle(rows) {
 		if ref.px == nil {
 			return fmt.Errorf("reschedule: partition %d is no longer owned: %w", ref.n, outbox.ErrFenced)
 		}
 		ref.px.mu.Lock()
 		if k := ref.px.keys[ref.subj]; k != nil {
 			k.attempts, k.next = attempts, next
+			k.from = min(k.from, r) // read again
 		}
 		ref.px.mu.Unlock()
 	}
@@ -454,6 +519,9 @@ func (s *parkStore) DeadLetterParked(ctx context.Context, sub, reason string) er
 		}
 		px.mu.Unlock()
 		for _, k := range keys {
+			px.mu.Lock()
+			k.from = 0 // also what is in flight: its result counts no more
+			px.mu.Unlock()
 			for {
 				rows, err := s.NextParked(ctx, sub, k.resource, 64, 4<<20)
 				if err != nil {
@@ -502,6 +570,9 @@ func (s *parkStore) forget(p *partition) {
 		rows = append(rows, int64(r))
 	}
 	clear(p.park.flight)
+	for _, k := range p.park.keys {
+		k.from = 0 // what was in flight comes again
+	}
 	p.park.mu.Unlock()
 	s.mu.Lock()
 	for _, r := range rows {

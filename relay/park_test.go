@@ -17,6 +17,9 @@ import (
 func parkWorker(t *testing.T, js jetstream.JetStream, cfg Config, id string) (*Worker, *partition) {
 	t.Helper()
 	w := NewWorker(WorkerConfig{Relay: cfg, JetStream: js, ID: id})
+	dctx, stop := context.WithCancel(context.Background())
+	t.Cleanup(stop)
+	go w.park.deleter(dctx)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var err error

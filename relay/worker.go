@@ -154,7 +154,7 @@ func NewWorker(cfg WorkerConfig) *Worker {
 		log: cfg.Logger, owned: map[int]*partition{}, known: map[string]string{}, gone: map[string]bool{}, selfDisabled: map[string]bool{}, versions: map[string]time.Time{}, retired: map[string]time.Time{}, freed: make(chan struct{}, 1),
 		budget: outbox.NewBudget(math.MaxInt64 / 2)} // the worker bounds bytes itself (heldBytes)
 	w.m = newWorkerMetrics(cfg.Registerer, w)
-	w.park = &parkStore{w: w, rows: map[uint64]rowRef{}}
+	w.park = &parkStore{w: w, rows: map[uint64]rowRef{}, deletes: make(chan uint64, deleteQueue), finished: map[uint64]bool{}}
 	w.store.park, w.store.w = w.park, w
 	acker := outbox.NewAcker(0)
 	w.disp = outbox.NewDispatcher(outbox.DispatcherConfig{
@@ -200,7 +200,7 @@ func (w *Worker) Run(ctx context.Context) error {
 			stop()
 		}
 	}()
-	for _, f := range []func(context.Context){w.leases, w.guard, w.progress, w.refreshLoop} {
+	for _, f := range []func(context.Context){w.leases, w.guard, w.progress, w.refreshLoop, w.park.deleter} {
 		wg.Add(1)
 		go func() { defer wg.Done(); f(runCtx) }()
 	}

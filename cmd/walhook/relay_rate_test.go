@@ -82,7 +82,7 @@ func TestRelayParkRate(t *testing.T) {
 	})
 	relay := strings.Replace(relayYAML(t, nc.URL()), "partitions: 8", "partitions: 1", 1)
 	stream := strings.Fields(relay[strings.Index(relay, "stream:"):])[1]
-	e := newEnv(t, relay+"max_pending_bytes: 8MiB\ndefaults: {park_after: 1s, retry_initial: 200ms, retry_max_interval: 1s}\n"+
+	e := newEnv(t, relay+"max_pending_bytes: 8388608\ndefaults: {park_after: 1s, retry_initial: 200ms, retry_max_interval: 1s}\n"+
 		"subscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`, "    max_in_flight: 64\n"))
 	b, _ := os.ReadFile(e.path)
 	os.WriteFile(e.path, []byte(strings.Replace(string(b), "log_level: debug", "log_level: info", 1)), 0o600)
