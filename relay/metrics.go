@@ -85,7 +85,6 @@ func PollStream(ctx context.Context, js jetstream.JetStream, c Config, reg prome
 type workerMetrics struct {
 	redeliveries, finished, resets, takes, gaps prometheus.Counter
 	parked, unparked, parkFenced                prometheus.Counter
-	parkedResources                             prometheus.Gauge
 }
 
 func newWorkerMetrics(reg prometheus.Registerer, w *Worker) *workerMetrics {
@@ -107,9 +106,10 @@ func newWorkerMetrics(reg prometheus.Registerer, w *Worker) *workerMetrics {
 		Help: "Parked events this worker finished (delivered or dead-lettered) and deleted."})
 	m.parkFenced = prometheus.NewCounter(prometheus.CounterOpts{Name: "walhook_relay_park_fenced_total",
 		Help: "Park publishes refused because a newer owner marked the partition."})
-	m.parkedResources = prometheus.NewGauge(prometheus.GaugeOpts{Name: "walhook_relay_parked_resources",
-		Help: "Parked resources in the partitions this worker owns."})
-	reg.MustRegister(m.parked, m.unparked, m.parkFenced, m.parkedResources)
+	reg.MustRegister(m.parked, m.unparked, m.parkFenced,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "walhook_relay_parked_resources",
+			Help: "Parked resources in the partitions this worker owns."},
+			func() float64 { return float64(w.park.parkedResources()) }))
 	reg.MustRegister(m.redeliveries, m.finished, m.resets, m.takes, m.gaps,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "walhook_relay_partitions_owned",
 			Help: "Partitions this worker owns (their leases)."},

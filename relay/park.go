@@ -229,7 +229,6 @@ func (s *parkStore) load(ctx context.Context, p *partition) error {
 	if len(keys) > 0 {
 		s.w.log.Info().Int("partition", p.n).Int("resources", len(keys)).Msg("parked resources loaded")
 	}
-	s.w.m.parkedResources.Add(float64(len(keys)))
 	return nil
 }
 
@@ -284,7 +283,6 @@ func (s *parkStore) Park(ctx context.Context, sub string, events []outbox.Parked
 		if k == nil {
 			k = &parkedKey{sub: sub, resource: ev.ResourceID}
 			px.keys[subj] = k
-			s.w.m.parkedResources.Inc()
 		}
 		k.maxSeq, k.next = max(k.maxSeq, ev.Seq), pe.NextAttempt
 		px.mu.Unlock()
@@ -386,7 +384,6 @@ func (s *parkStore) NextParked(ctx context.Context, sub, resource string, limit,
 	if len(out) == 0 {
 		if px.keys[subj] == k {
 			delete(px.keys, subj)
-			s.w.m.parkedResources.Dec()
 		}
 		return nil, nil
 	}
@@ -488,7 +485,6 @@ func (s *parkStore) DropParked(ctx context.Context, sub string) error {
 			px.mu.Lock()
 			if _, ok := px.keys[subj]; ok {
 				delete(px.keys, subj)
-				s.w.m.parkedResources.Dec()
 			}
 			s.mu.Lock()
 			for r, ref := range s.rows { // in flight when it was deleted: nobody settles them
@@ -579,6 +575,17 @@ func (s *parkStore) forget(p *partition) {
 		delete(s.rows, uint64(r))
 	}
 	s.mu.Unlock()
+}
+
+// parkedResources counts the parked resources of the owned partitions.
+func (s *parkStore) parkedResources() int {
+	n := 0
+	for _, px := range s.indexes() {
+		px.mu.Lock()
+		n += len(px.keys)
+		px.mu.Unlock()
+	}
+	return n
 }
 
 // hasParked says whether sub has parked resources in an owned partition.
