@@ -85,8 +85,20 @@ type parkedKey struct {
 	sub, resource string
 	maxSeq        uint64    // the highest event sequence parked
 	from          uint64    // the stream sequence to read its next rows from: rows before it were handed out and finished
+	pre           *prefetch // its next row, read while the rows handed out are sent
 	next          time.Time // when its next attempt is due (zero: now)
 	attempts      int       // attempts of its head rows so far (owner's memory)
+}
+
+// prefetch is a resource's next parked row, read from from in the
+// background while its head is being sent: the scheduler's loop then waits
+// for no round trip. Only a row found is used (one parked meanwhile may
+// follow a miss).
+type prefetch struct {
+	from uint64
+	done chan struct{}
+	raw  *jetstream.RawStreamMsg
+	err  error
 }
 
 // parkStore is the parking half of a worker's outbox.Store.
@@ -342,9 +354,7 @@ func (s *parkStore) NextParked(ctx context.Context, sub, resource string, limit,
 	from := max(k.from, 1)
 	px.mu.Unlock()
 	for seq := from; len(out) < max(limit, 1); {
-		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		raw, err := s.stream.GetMsg(gctx, seq, jetstream.WithGetMsgSubject(subj))
-		cancel()
+		raw, err := s.get(ctx, px, k, seq, subj)
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			break
 		}
@@ -388,6 +398,14 @@ func (s *parkStore) NextParked(ctx context.Context, sub, resource string, limit,
 		return nil, nil
 	}
 	k.from = uint64(out[len(out)-1].Row) + 1
+	pre := &prefetch{from: k.from, done: make(chan struct{})}
+	k.pre = pre
+	go func() {
+		defer close(pre.done)
+		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		pre.raw, pre.err = s.stream.GetMsg(gctx, pre.from, jetstream.WithGetMsgSubject(subj))
+	}()
 	s.mu.Lock()
 	for _, pe := range out {
 		px.flight[uint64(pe.Row)] = true
@@ -395,6 +413,28 @@ func (s *parkStore) NextParked(ctx context.Context, sub, resource string, limit,
 	}
 	s.mu.Unlock()
 	return out, nil
+}
+
+// get reads a resource's first row at or after seq: its prefetch if that
+// found one from seq, else from the stream.
+func (s *parkStore) get(ctx context.Context, px *parkIndex, k *parkedKey, seq uint64, subj string) (*jetstream.RawStreamMsg, error) {
+	px.mu.Lock()
+	pre := k.pre
+	k.pre = nil
+	px.mu.Unlock()
+	if pre != nil && pre.from == seq {
+		select {
+		case <-pre.done:
+			if pre.err == nil {
+				return pre.raw, nil
+			}
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	return s.stream.GetMsg(gctx, seq, jetstream.WithGetMsgSubject(subj))
 }
 
 // settle forgets rows handed out by NextParked; it returns each row's
@@ -460,7 +500,7 @@ func (s *parkStore) Reschedule(_ context.Context, rows []int64, attempts int, ne
 		ref.px.mu.Lock()
 		if k := ref.px.keys[ref.subj]; k != nil {
 			k.attempts, k.next = attempts, next
-			k.from = min(k.from, r) // read again
+			k.from, k.pre = min(k.from, r), nil // read again
 		}
 		ref.px.mu.Unlock()
 	}
@@ -516,7 +556,7 @@ func (s *parkStore) DeadLetterParked(ctx context.Context, sub, reason string) er
 		px.mu.Unlock()
 		for _, k := range keys {
 			px.mu.Lock()
-			k.from = 0 // also what is in flight: its result counts no more
+			k.from, k.pre = 0, nil // also what is in flight: its result counts no more
 			px.mu.Unlock()
 			for {
 				rows, err := s.NextParked(ctx, sub, k.resource, 64, 4<<20)
@@ -567,7 +607,7 @@ func (s *parkStore) forget(p *partition) {
 	}
 	clear(p.park.flight)
 	for _, k := range p.park.keys {
-		k.from = 0 // what was in flight comes again
+		k.from, k.pre = 0, nil // what was in flight comes again
 	}
 	p.park.mu.Unlock()
 	s.mu.Lock()
