@@ -523,9 +523,7 @@ func (s *parkStore) DropParked(ctx context.Context, sub string) error {
 				return fmt.Errorf("drop parked deliveries: %w", err)
 			}
 			px.mu.Lock()
-			if _, ok := px.keys[subj]; ok {
-				delete(px.keys, subj)
-			}
+			delete(px.keys, subj)
 			s.mu.Lock()
 			for r, ref := range s.rows { // in flight when it was deleted: nobody settles them
 				if ref.subj == subj {
