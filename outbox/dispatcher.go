@@ -140,8 +140,7 @@ type DispatcherConfig struct {
 	// SubscriptionBytes bounds the bytes one subscription holds in memory
 	// (max_pending_bytes_per_subscription) while its endpoint fails: over it,
 	// a failing endpoint's events park at once (docs/design.md, "Memory");
-	// default a quarter of the Budget (all of it with NoParking: what cannot
-	// park can only wait).
+	// default a quarter of the Budget.
 	SubscriptionBytes int64
 	QueueSize         int        // pending deliveries per subscription before the stream pauses; default 1024
 	Attempts          AttemptLog // where attempts are recorded; nil: nowhere
@@ -150,9 +149,6 @@ type DispatcherConfig struct {
 	// (relay mode, docs/scale-out.md): no scheduler runs and nothing is sent
 	// from here; a delivery is finished once the relay has stored it.
 	Relay Relay
-	// NoParking keeps a failing resource's events in memory past park_after
-	// (a relay worker: its message stream holds them, not walhook.deliveries).
-	NoParking bool
 }
 
 // Relay hands routed deliveries on to a durable queue (relay mode).
@@ -202,6 +198,7 @@ type delivery struct {
 	commit bool          // no event: the transaction of the previous events committed
 	update *Subscription // no event: the subscription changed
 	close  bool          // no event: the subscription was deleted; drain and stop
+	reload bool          // no event: the store parked more resources (ChangeParked)
 }
 
 // NewDispatcher returns a Dispatcher; Run starts it.
@@ -220,9 +217,6 @@ func NewDispatcher(cfg DispatcherConfig) *Dispatcher {
 	}
 	if cfg.SubscriptionBytes <= 0 {
 		cfg.SubscriptionBytes = cfg.Budget.Limit() / 4
-		if cfg.NoParking {
-			cfg.SubscriptionBytes = cfg.Budget.Limit()
-		}
 	}
 	return &Dispatcher{cfg: cfg, byID: map[string]*running{}, drain: make(chan struct{}), drained: make(chan struct{}),
 		disabledStatic: map[string]bool{}}
@@ -444,6 +438,14 @@ func (d *Dispatcher) handleChange(ctx context.Context, c Change) error {
 		}
 	case ChangeIdle:
 		d.cfg.Acker.Idle(c.LSN)
+	case ChangeParked:
+		// Behind everything routed so far and before what follows: a
+		// scheduler marks the resources parked before their next event.
+		for _, r := range d.subs {
+			if err := d.deliver(ctx, r, delivery{reload: true}); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }
@@ -508,7 +510,7 @@ func (d *Dispatcher) deliver(ctx context.Context, r *running, dv delivery) error
 	if d.cfg.Relay == nil {
 		return enqueue(ctx, r, dv)
 	}
-	if dv.commit || dv.update != nil || dv.close {
+	if dv.commit || dv.update != nil || dv.close || dv.reload {
 		return nil
 	}
 	txn, size, n := dv.txn, dv.size, d.epoch.N

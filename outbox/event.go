@@ -73,6 +73,7 @@ const (
 	ChangeDrained                            // shutting down: nothing follows; finish what is in flight
 	ChangeReplay                             // a dead letter replayed to SubscriptionID (Event.WebhookID set)
 	ChangeRouted                             // relay mode: an event already routed to SubscriptionID, a transaction of its own
+	ChangeParked                             // relay mode: the Store parked more resources (a partition taken); schedulers load them before what follows
 )
 
 // Change is one item of the replication stream, in stream order, as cdc hands it

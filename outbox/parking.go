@@ -105,6 +105,30 @@ func (s *scheduler) loadParked() error {
 	return nil
 }
 
+// reloadParked marks the resources the store has parked since loadParked
+// (a relay worker took a partition, docs/scale-out.md): none of their events
+// has reached this scheduler yet, so later ones go behind the parked ones.
+func (s *scheduler) reloadParked() {
+	var keys []ParkedKey
+	if retryForever(s.ctx, s.log, "cannot read parked deliveries", func() error {
+		var err error
+		keys, err = s.store.ParkedKeys(s.ctx, s.sub.ID)
+		return err
+	}) != nil {
+		return // the epoch ended
+	}
+	now := s.now()
+	for _, pk := range keys {
+		if k := s.keys[pk.Resource]; k != nil && (k.parked || len(k.items) > 0) {
+			continue // known already
+		}
+		k := s.key(pk.Resource)
+		k.parked, k.feedAt, k.parkedSeq = true, pk.NextAttempt, pk.MaxSeq
+		s.parkedMarks[pk.Resource] = max(s.parkedMarks[pk.Resource], pk.MaxSeq)
+		s.schedule(k, now)
+	}
+}
+
 // park writes events to walhook.deliveries. On error nothing is finished:
 // the epoch ended, or (ErrPermanent) the store cannot hold them.
 func (s *scheduler) park(events []ParkedEvent) error {
@@ -143,7 +167,7 @@ func (s *scheduler) parkJob(j *job, next time.Time) {
 	now := s.now()
 	n, keys := s.parkWaiting(j, next, now)
 	s.log.Warn().Int("resources", keys).Int("events", n).Dur("failing_for", s.now().Sub(j.first)).
-		Msg("parked: the endpoint keeps failing; events moved to walhook.deliveries")
+		Msg("parked: the endpoint keeps failing; events moved out of memory (walhook.deliveries, or a relay worker's park stream)")
 }
 
 // parkWaiting parks j's keys (j may be nil) and the ready keys that waited

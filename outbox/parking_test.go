@@ -229,3 +229,33 @@ func TestASubscriptionOverItsShareParksAtOnce(t *testing.T) {
 		}
 	})
 }
+
+// TestChangeParkedPutsLaterEventsBehind: resources the store parked after
+// the scheduler loaded its parked keys (a relay worker took a partition)
+// are marked parked at a ChangeParked, so a later event of theirs goes
+// behind the parked ones.
+func TestChangeParkedPutsLaterEventsBehind(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		store := &memStore{}
+		h := newHarnessWith(t, store, nil)
+		synctest.Wait()
+		now := time.Now()
+		store.Park(context.Background(), "s", []ParkedEvent{{Event: event(1, "x", "k1"), NextAttempt: now, Since: now},
+			{Event: event(2, "x", "k1"), NextAttempt: now, Since: now}})
+		h.in <- Change{Kind: ChangeParked}
+		h.commit(event(3, "x", "k1"))
+		time.Sleep(time.Second)
+		synctest.Wait()
+		h.rec.mu.Lock()
+		var ids []string
+		for _, b := range h.rec.batches {
+			for _, e := range b.events {
+				ids = append(ids, e.ID)
+			}
+		}
+		h.rec.mu.Unlock()
+		if !slices.Equal(ids, []string{"1", "2", "3"}) || store.everParked != 3 {
+			t.Fatalf("sent %v, %d ever parked; want 1, 2, 3 with 3 parked behind them", ids, store.everParked)
+		}
+	})
+}

@@ -138,9 +138,6 @@ func (s *scheduler) setSubscription(sub *Subscription) {
 	}
 	s.sub, s.opts = sub, sub.Delivery
 	s.rate = s.opts.RateLimit.PerSecond()
-	if s.d.cfg.NoParking {
-		s.opts.ParkAfter = 100 * 365 * 24 * time.Hour
-	}
 	s.opts.MaxInFlight = min(max(s.opts.MaxInFlight, 1), 1024)
 	s.opts.BatchMax = max(s.opts.BatchMax, 1)
 }
@@ -244,6 +241,9 @@ func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 		if dv.update.Disabled && !s.disabled {
 			s.disable()
 		}
+		return
+	case dv.reload:
+		s.reloadParked()
 		return
 	case dv.close:
 		s.closing = true

@@ -20,5 +20,9 @@
 //     before the lease can expire, and a new owner resets the partition's
 //     consumer to what is unacknowledged before it delivers anything.
 //   - A worker acknowledges a message when its event is finished (delivered,
-//     dead-lettered or dropped), each message on its own.
+//     dead-lettered, dropped, or parked: after the park stream acknowledged
+//     it), each message on its own.
+//   - Park writes of a partition are fenced by its owner's marker (expected
+//     last subject sequence); a new owner marks, loads the parked resources,
+//     then consumes, so newer events of a parked resource go behind it.
 package relay

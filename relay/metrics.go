@@ -84,6 +84,7 @@ func PollStream(ctx context.Context, js jetstream.JetStream, c Config, reg prome
 
 type workerMetrics struct {
 	redeliveries, finished, resets, takes, gaps prometheus.Counter
+	parked, unparked, parkFenced                prometheus.Counter
 }
 
 func newWorkerMetrics(reg prometheus.Registerer, w *Worker) *workerMetrics {
@@ -99,6 +100,16 @@ func newWorkerMetrics(reg prometheus.Registerer, w *Worker) *workerMetrics {
 	}
 	m.gaps = prometheus.NewCounter(prometheus.CounterOpts{Name: "walhook_relay_delivery_gaps_total",
 		Help: "Deliveries from JetStream that never arrived (a reconnect): each restarts the worker's epoch."})
+	m.parked = prometheus.NewCounter(prometheus.CounterOpts{Name: "walhook_relay_parked_total",
+		Help: "Events this worker parked into the park stream (a resource failing for park_after)."})
+	m.unparked = prometheus.NewCounter(prometheus.CounterOpts{Name: "walhook_relay_unparked_total",
+		Help: "Parked events this worker finished (delivered or dead-lettered) and deleted."})
+	m.parkFenced = prometheus.NewCounter(prometheus.CounterOpts{Name: "walhook_relay_park_fenced_total",
+		Help: "Park publishes refused because a newer owner marked the partition."})
+	reg.MustRegister(m.parked, m.unparked, m.parkFenced,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "walhook_relay_parked_resources",
+			Help: "Parked resources in the partitions this worker owns."},
+			func() float64 { return float64(w.park.parkedResources()) }))
 	reg.MustRegister(m.redeliveries, m.finished, m.resets, m.takes, m.gaps,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "walhook_relay_partitions_owned",
 			Help: "Partitions this worker owns (their leases)."},

@@ -37,6 +37,10 @@ const (
 	// messages finish, or the epoch ends (its sends are cancelled).
 	releaseWithin = 10 * time.Second
 	refreshEvery  = 2 * time.Second // subscription rows
+	// A deleted subscription keeps delivering what was routed to it until
+	// no message of it came for retiredIdle and nothing of it is held or
+	// parked.
+	retiredIdle = 10 * time.Minute
 )
 
 // WorkerConfig configures a Worker.
@@ -68,6 +72,7 @@ type Worker struct {
 	budget  *outbox.Budget
 	log     zerolog.Logger
 	m       *workerMetrics
+	park    *parkStore
 
 	heldBytes atomic.Int64
 	freed     chan struct{} // signalled when heldBytes drops below the limit
@@ -82,6 +87,18 @@ type Worker struct {
 	subsMu sync.Mutex
 	known  map[string]string // dynamic subscriptions fed to the Dispatcher: id → row JSON
 	gone   map[string]bool   // not found by a refresh after a message for it came: deleted since it was routed
+	// verMu guards what schedulers read (endpoint health), never held
+	// while waiting: subsMu is held while changes wait for the Dispatcher,
+	// which may wait for a scheduler.
+	verMu    sync.Mutex
+	versions map[string]time.Time // dynamic subscriptions' updated_at as last read
+	// Disabled by this worker's endpoint health, its disabled row not seen
+	// by a refresh yet.
+	selfDisabled map[string]bool
+	// Deleted subscriptions still fed to the Dispatcher with their last
+	// definition (a row of walhook.retired_subscriptions): when a message of
+	// each last came.
+	retired map[string]time.Time
 }
 
 // partition is an owned partition. The lease fields belong to the lease
@@ -97,11 +114,14 @@ type partition struct {
 	held    map[uint64]heldMsg // by stream sequence: handed to the Dispatcher, not finished
 	high    uint64             // highest stream sequence handed on in this epoch
 	highSeq uint64             // highest event sequence handed on in this epoch (replays aside)
+
+	park *parkIndex // its parked resources (park.go)
 }
 
 type heldMsg struct {
 	msg  jetstream.Msg
 	size int64
+	sub  string // its subscription, once decoded
 }
 
 var errPartitionLost = errors.New("relay: a partition lease was lost")
@@ -132,14 +152,16 @@ func NewWorker(cfg WorkerConfig) *Worker {
 		cfg.ShutdownTimeout = 15 * time.Second
 	}
 	w := &Worker{cfg: cfg, store: &workerStore{WorkerStore: cfg.Store}, changes: make(chan outbox.Change, 256),
-		log: cfg.Logger, owned: map[int]*partition{}, known: map[string]string{}, gone: map[string]bool{}, freed: make(chan struct{}, 1),
+		log: cfg.Logger, owned: map[int]*partition{}, known: map[string]string{}, gone: map[string]bool{}, selfDisabled: map[string]bool{}, versions: map[string]time.Time{}, retired: map[string]time.Time{}, freed: make(chan struct{}, 1),
 		budget: outbox.NewBudget(math.MaxInt64 / 2)} // the worker bounds bytes itself (heldBytes)
 	w.m = newWorkerMetrics(cfg.Registerer, w)
+	w.park = &parkStore{w: w, rows: map[uint64]rowRef{}, deletes: make(chan uint64, deleteQueue), finished: map[uint64]bool{}}
+	w.store.park, w.store.w = w.park, w
 	acker := outbox.NewAcker(0)
 	w.disp = outbox.NewDispatcher(outbox.DispatcherConfig{
 		Subscriptions: cfg.Subscriptions, Defaults: cfg.Defaults, Acker: acker, Deliverer: cfg.Deliverer,
 		Store: w.store, Logger: cfg.Logger, Metrics: outbox.NewMetrics(cfg.Registerer, acker), Budget: w.budget,
-		NoParking: true, Attempts: cfg.Attempts,
+		Attempts: cfg.Attempts,
 	})
 	return w
 }
@@ -179,7 +201,7 @@ func (w *Worker) Run(ctx context.Context) error {
 			stop()
 		}
 	}()
-	for _, f := range []func(context.Context){w.leases, w.guard, w.progress, w.refreshLoop} {
+	for _, f := range []func(context.Context){w.leases, w.guard, w.progress, w.refreshLoop, w.park.deleter} {
 		wg.Add(1)
 		go func() { defer wg.Done(); f(runCtx) }()
 	}
@@ -243,6 +265,9 @@ func (w *Worker) setup(ctx context.Context) error {
 		if err == nil {
 			w.kv, err = ensureBucket(sctx, w.cfg.JetStream, w.cfg.Relay)
 		}
+		if err == nil {
+			w.park.stream, err = ensureParkStream(sctx, w.cfg.JetStream, w.cfg.Relay)
+		}
 		cancel()
 		if err == nil {
 			return nil
@@ -285,6 +310,7 @@ func (w *Worker) runEpoch(ctx context.Context) {
 	w.mu.Lock()
 	for _, p := range w.owned {
 		p.forget(w)
+		w.park.forget(p)
 	}
 	w.mu.Unlock()
 	if ctx.Err() == nil {
@@ -312,6 +338,14 @@ func (w *Worker) startSubscriptions(e *outbox.Epoch) error {
 		}
 	}
 	clear(w.known)
+	w.verMu.Lock()
+	clear(w.selfDisabled) // the new epoch's schedulers start from the rows as they are
+	clear(w.versions)
+	for i := range rows {
+		w.versions[rows[i].ID] = rows[i].UpdatedAt
+	}
+	w.verMu.Unlock()
+	clear(w.retired) // deleted ones come back with their next message
 	for i := range rows {
 		b, _ := json.Marshal(&rows[i])
 		w.known[rows[i].ID] = string(b)
@@ -357,16 +391,43 @@ func (w *Worker) refresh(e *outbox.Epoch) error {
 	seen := map[string]bool{}
 	var changes []outbox.Change
 	for i := range rows {
-		b, _ := json.Marshal(&rows[i])
-		seen[rows[i].ID] = true
-		if w.known[rows[i].ID] != string(b) {
-			w.known[rows[i].ID] = string(b)
-			changes = append(changes, outbox.Change{Kind: outbox.ChangeSubscription, SubscriptionID: rows[i].ID, Row: b})
+		r := &rows[i]
+		b, _ := json.Marshal(r)
+		seen[r.ID] = true
+		if w.known[r.ID] == string(b) {
+			continue
 		}
+		w.known[r.ID] = string(b)
+		w.setVersion(r.ID, r.UpdatedAt)
+		if w.tookDisabled(r.ID) {
+			if r.DisabledAt == nil {
+				// Enabled again before a refresh saw it disabled: the
+				// scheduler learns both, in order, so that it enables.
+				off := *r
+				off.DisabledAt = &r.UpdatedAt
+				ob, _ := json.Marshal(&off)
+				changes = append(changes, outbox.Change{Kind: outbox.ChangeSubscription, SubscriptionID: r.ID, Row: ob})
+			}
+		}
+		changes = append(changes, outbox.Change{Kind: outbox.ChangeSubscription, SubscriptionID: r.ID, Row: b})
 	}
+	now := time.Now()
 	for id := range w.known {
-		if !seen[id] {
+		if seen[id] {
+			continue
+		}
+		last, ok := w.retired[id]
+		if !ok {
+			// Deleted: what was routed to it before still comes, and is
+			// delivered, as direct mode delivers what was committed before
+			// the deletion. It stops once idle.
+			w.retired[id] = now
+			w.log.Info().Str("subscription", id).Msg("subscription deleted: delivering what was routed to it before")
+			continue
+		}
+		if now.Sub(last) >= retiredIdle && !w.holds(id) && !w.park.hasParked(id) {
 			delete(w.known, id)
+			delete(w.retired, id)
 			changes = append(changes, outbox.Change{Kind: outbox.ChangeSubscription, SubscriptionID: id})
 		}
 	}
@@ -378,6 +439,99 @@ func (w *Worker) refresh(e *outbox.Epoch) error {
 		}
 	}
 	return nil
+}
+
+// version is the updated_at of a dynamic subscription's row as this worker
+// last read it.
+func (w *Worker) version(id string) (time.Time, bool) {
+	w.verMu.Lock()
+	defer w.verMu.Unlock()
+	v, ok := w.versions[id]
+	return v, ok
+}
+
+func (w *Worker) setVersion(id string, v time.Time) {
+	w.verMu.Lock()
+	w.versions[id] = v
+	w.verMu.Unlock()
+}
+
+// disabledHere notes that endpoint health disabled id in this worker.
+func (w *Worker) disabledHere(id string) {
+	w.verMu.Lock()
+	w.selfDisabled[id] = true
+	w.verMu.Unlock()
+}
+
+// tookDisabled says whether this worker disabled id and no refresh has
+// seen it since, and forgets it.
+func (w *Worker) tookDisabled(id string) bool {
+	w.verMu.Lock()
+	defer w.verMu.Unlock()
+	was := w.selfDisabled[id]
+	delete(w.selfDisabled, id)
+	return was
+}
+
+// holds says whether a message of sub is held. w.subsMu is held.
+func (w *Worker) holds(sub string) bool {
+	w.mu.Lock()
+	parts := make([]*partition, 0, len(w.owned))
+	for _, p := range w.owned {
+		parts = append(parts, p)
+	}
+	w.mu.Unlock()
+	for _, p := range parts {
+		p.mu.Lock()
+		for _, h := range p.held {
+			if h.sub == sub {
+				p.mu.Unlock()
+				return true
+			}
+		}
+		p.mu.Unlock()
+	}
+	return false
+}
+
+// retire feeds the Dispatcher a deleted subscription's last definition, so
+// that the messages routed to it before its deletion are delivered; false
+// if there is none (deleted over 30 days ago, or never a dynamic one).
+//
+// Like refresh, under subsMu until the change is handed on: another
+// partition's fetcher that finds it known hands its message on after it.
+func (w *Worker) retire(ctx context.Context, id string) (bool, error) {
+	w.subsMu.Lock()
+	defer w.subsMu.Unlock()
+	if _, ok := w.known[id]; ok {
+		return true, nil
+	}
+	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	row, err := w.cfg.Store.RetiredSubscription(lctx, id)
+	cancel()
+	if err != nil || row == nil {
+		return false, err
+	}
+	b, _ := json.Marshal(row)
+	w.known[id] = string(b)
+	w.retired[id] = time.Now()
+	w.setVersion(id, row.UpdatedAt)
+	w.log.Info().Str("subscription", id).Msg("deleted subscription loaded: delivering what was routed to it before")
+	select {
+	case w.changes <- outbox.Change{Kind: outbox.ChangeSubscription, SubscriptionID: id, Row: b}:
+		return true, nil
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
+}
+
+// used notes that a message of sub came.
+func (w *Worker) used(sub string) {
+	w.subsMu.Lock()
+	if _, ok := w.retired[sub]; ok {
+		w.retired[sub] = time.Now()
+	}
+	w.subsMu.Unlock()
 }
 
 // knows says whether a subscription is static or fed to the Dispatcher.
@@ -420,6 +574,26 @@ func (w *Worker) startFetch(e *outbox.Epoch, p *partition) {
 // fetchLoop resets p's consumer to what is unacknowledged, then hands its
 // messages to the Dispatcher in stream order.
 func (w *Worker) fetchLoop(ctx context.Context, e *outbox.Epoch, p *partition) {
+	// Its parked resources first, fenced: the schedulers mark them parked
+	// (ChangeParked) before any message of the partition reaches them.
+	for {
+		err := w.park.load(ctx, p)
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		w.log.Error().Err(err).Int("partition", p.n).Msg("cannot load parked deliveries; retrying")
+		if sleep(ctx, time.Second) != nil {
+			return
+		}
+	}
+	select {
+	case w.changes <- outbox.Change{Kind: outbox.ChangeParked}:
+	case <-ctx.Done():
+		return
+	}
 	var cons jetstream.Consumer
 	for cons == nil {
 		var err error
@@ -547,8 +721,26 @@ func (w *Worker) handleMsg(ctx context.Context, e *outbox.Epoch, p *partition, m
 			return nil
 		}
 	}
+	p.mu.Lock()
+	if h, ok := p.held[seq]; ok {
+		h.sub = m.Subscription
+		p.held[seq] = h
+	}
+	p.mu.Unlock()
 	if !w.knows(m.Subscription) {
-		for err := w.refresh(e); err != nil; err = w.refresh(e) {
+		// Not loaded: created since the last refresh, or deleted after the
+		// event was routed to it (then its last definition delivers it).
+		for {
+			err := w.refresh(e)
+			if err == nil && !w.knows(m.Subscription) {
+				var found bool
+				if found, err = w.retire(ctx, m.Subscription); err == nil && !found {
+					w.markGone(m.Subscription)
+				}
+			}
+			if err == nil {
+				break
+			}
 			if ctx.Err() == nil {
 				w.log.Error().Err(err).Msg("cannot read subscriptions; retrying")
 				_ = sleep(ctx, time.Second) // ctx is checked below
@@ -558,8 +750,8 @@ func (w *Worker) handleMsg(ctx context.Context, e *outbox.Epoch, p *partition, m
 				return ctx.Err()
 			}
 		}
-		w.markGone(m.Subscription)
 	}
+	w.used(m.Subscription)
 	kind := outbox.ChangeRouted
 	if m.Event.WebhookID != "" {
 		kind = outbox.ChangeReplay
@@ -869,7 +1061,8 @@ func (w *Worker) preference() []int {
 
 // take starts owning partition n.
 func (w *Worker) take(n int, rev uint64, sent time.Time) {
-	p := &partition{n: n, rev: rev, renewedAt: sent, held: map[uint64]heldMsg{}}
+	p := &partition{n: n, rev: rev, renewedAt: sent, held: map[uint64]heldMsg{},
+		park: &parkIndex{keys: map[string]*parkedKey{}, flight: map[uint64]bool{}}}
 	w.mu.Lock()
 	w.owned[n] = p
 	if w.epoch != nil && w.epoch.Err() == nil {
@@ -910,6 +1103,9 @@ func (w *Worker) handOver(ctx context.Context, p *partition) {
 	p.mu.Lock()
 	held := len(p.held)
 	p.mu.Unlock()
+	if held == 0 && !p.park.detach() {
+		held = 1 // a parked batch of it is being sent
+	}
 	if held > 0 {
 		if time.Since(p.releasing) < releaseWithin {
 			return
@@ -931,6 +1127,20 @@ func (w *Worker) handOver(ctx context.Context, p *partition) {
 	delete(w.owned, p.n)
 	w.mu.Unlock()
 	w.log.Info().Int("partition", p.n).Msg("partition handed over")
+}
+
+// handingOver says whether p is being handed over and holds nothing: no
+// message of it can reach a scheduler any more.
+func (w *Worker) handingOver(p *partition) bool {
+	w.mu.Lock()
+	releasing := !p.releasing.IsZero()
+	w.mu.Unlock()
+	if !releasing {
+		return false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.held) == 0
 }
 
 // releaseAll gives every lease back at shutdown, after the epoch ended: the

@@ -60,6 +60,15 @@ func SchemaSQL() []string {
 )`,
 		`CREATE INDEX IF NOT EXISTS subscriptions_tenant_idx ON walhook.subscriptions (tenant)`,
 		`ALTER TABLE walhook.subscriptions ADD COLUMN IF NOT EXISTS disabled_at timestamptz`,
+		// A deleted subscription's last definition, for relay workers: events
+		// routed to it before its deletion may still wait in the stream
+		// (docs/scale-out.md). Kept 30 days; it holds the secrets, as the
+		// row did.
+		`CREATE TABLE IF NOT EXISTS walhook.retired_subscriptions (
+  id         text        PRIMARY KEY,
+  row        jsonb       NOT NULL,
+  deleted_at timestamptz NOT NULL DEFAULT now()
+)`,
 		// Every change rides the replication stream, in its transaction, as a
 		// walhook.control row (docs/subscriptions.md, docs/security.md). That
 		// table is created by cdc.SetupSQL, which runs next; the function is
@@ -72,6 +81,9 @@ AS $fn$
 BEGIN
   IF TG_OP = 'DELETE' THEN
     INSERT INTO walhook.control (kind, body) VALUES ('subscription', jsonb_build_object('op', 'delete', 'id', OLD.id));
+    INSERT INTO walhook.retired_subscriptions (id, row) VALUES (OLD.id, to_jsonb(OLD))
+      ON CONFLICT (id) DO UPDATE SET row = EXCLUDED.row, deleted_at = now();
+    DELETE FROM walhook.retired_subscriptions WHERE deleted_at < now() - interval '30 days';
     RETURN OLD;
   END IF;
   INSERT INTO walhook.control (kind, body) VALUES ('subscription', jsonb_build_object('op', 'upsert', 'row', to_jsonb(NEW)));

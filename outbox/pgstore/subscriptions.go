@@ -247,6 +247,30 @@ func (s *Store) DisableSubscription(ctx context.Context, id string) error {
 	})
 }
 
+// DisableSubscriptionSeen marks a dynamic subscription disabled for a relay
+// worker (docs/scale-out.md, "Endpoint health across workers"): not fenced by
+// the slot's lease, which workers do not hold, but by the version the worker
+// judged: only if the row is still the one last updated at seen, so a
+// decision from before an enable or an update changes nothing.
+func (s *Store) DisableSubscriptionSeen(ctx context.Context, id string, seen time.Time) error {
+	_, err := s.pool.Exec(ctx, `UPDATE walhook.subscriptions SET disabled_at = now(), updated_at = now()
+		WHERE id = $1 AND disabled_at IS NULL AND updated_at = $2`, id, seen)
+	return err
+}
+
+// RetiredSubscription returns a deleted subscription's last definition
+// (deleted within 30 days), or nil.
+func (s *Store) RetiredSubscription(ctx context.Context, id string) (*outbox.SubscriptionRow, error) {
+	r, err := scanRow(s.pool.QueryRow(ctx, `SELECT `+subscriptionColumns+`
+		FROM jsonb_populate_record(NULL::walhook.subscriptions,
+		     (SELECT row FROM walhook.retired_subscriptions WHERE id = $1)) r
+		WHERE r.id IS NOT NULL`, id))
+	if errors.Is(err, ErrNotFound) {
+		return nil, nil
+	}
+	return r, err
+}
+
 // EnableSubscription turns a disabled subscription back on.
 func (s *Store) EnableSubscription(ctx context.Context, id string) error {
 	tag, err := s.pool.Exec(ctx, `UPDATE walhook.subscriptions SET disabled_at = NULL, updated_at = now() WHERE id = $1`, id)
