@@ -188,6 +188,9 @@ func (w *Worker) Run(ctx context.Context) error {
 	if err := w.setup(ctx); err != nil {
 		return err
 	}
+	if ctx.Err() != nil {
+		return nil // stopped before JetStream answered: nothing was started
+	}
 	runCtx, stop := context.WithCancel(context.WithoutCancel(ctx))
 	defer stop()
 	var wg sync.WaitGroup
