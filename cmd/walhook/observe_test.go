@@ -52,7 +52,7 @@ func metric(body, name, labels string) float64 {
 func TestMetricsFollowAnOutage(t *testing.T) {
 	t.Parallel()
 	srv, down := downServer(t)
-	e := newEnv(t, "defaults: {retry_initial: 100ms, retry_max_interval: 200ms, park_after: 1h}\nsubscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`))
+	e := newEnv(t, "max_hold: 2h\ndefaults: {retry_initial: 100ms, retry_max_interval: 200ms, park_after: 1h}\nsubscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`))
 	e.setup()
 	r := e.start()
 	base := e.addr(r)

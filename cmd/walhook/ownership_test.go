@@ -151,7 +151,7 @@ func TestRestartDoesNotReplayBehindParkedRows(t *testing.T) {
 	hold := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) { return http.StatusServiceUnavailable, nil })
 	down := &atomic.Bool{}
 	srv := sendertest.NewServer(t, switchable(down))
-	e := newEnv(t, "defaults: {retry_initial: 50ms, retry_max_interval: 100ms}\nsubscriptions:\n"+
+	e := newEnv(t, "max_hold: 2h\ndefaults: {retry_initial: 50ms, retry_max_interval: 100ms}\nsubscriptions:\n"+
 		sub("hold", hold.HooksURL(), `["*"]`, "    park_after: 1h\n")+
 		sub("s", srv.HooksURL(), `["*"]`, "    park_after: 1s\n"))
 	e.setup()
@@ -337,7 +337,7 @@ func TestParkAfterCutsAHangingAttempt(t *testing.T) {
 func TestMalformedRowStreamedAgainIsDeadLetteredOnce(t *testing.T) {
 	t.Parallel()
 	hold := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) { return http.StatusServiceUnavailable, nil })
-	e := newEnv(t, "outbox_table: public.events\ndefaults: {park_after: 1h, retry_initial: 50ms, retry_max_interval: 100ms}\nsubscriptions:\n"+
+	e := newEnv(t, "max_hold: 2h\noutbox_table: public.events\ndefaults: {park_after: 1h, retry_initial: 50ms, retry_max_interval: 100ms}\nsubscriptions:\n"+
 		sub("hold", hold.HooksURL(), `["*"]`))
 	e.exec(`CREATE TABLE events (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, event text, resource_id text, tenant text, payload text)`)
 	e.setup()
