@@ -54,26 +54,12 @@ func (s *Store) GetSubscription(ctx context.Context, id string) (*outbox.Subscri
 
 // ListSubscriptions reads the subscriptions, of one tenant when tenant is set.
 func (s *Store) ListSubscriptions(ctx context.Context, tenant *string) ([]outbox.SubscriptionRow, error) {
-	rows, err := s.pool.Query(ctx, `SELECT `+subscriptionColumns+` FROM walhook.subscriptions
-		WHERE $1::text IS NULL OR tenant = $1 ORDER BY created_at, id`, tenant)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []outbox.SubscriptionRow
-	for rows.Next() {
-		r, err := scanRow(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, *r)
-	}
-	return out, rows.Err()
+	return s.ListSubscriptionsAfter(ctx, tenant, "", 0)
 }
 
 // ListSubscriptionsAfter reads up to limit subscriptions (of one tenant when
 // tenant is set) in the order ListSubscriptions gives, after the one whose
-// Cursor is after ("" = from the first).
+// Cursor is after ("" = from the first); limit 0 = all of them.
 func (s *Store) ListSubscriptionsAfter(ctx context.Context, tenant *string, after string, limit int) ([]outbox.SubscriptionRow, error) {
 	var at *time.Time
 	var id string
@@ -86,7 +72,7 @@ func (s *Store) ListSubscriptionsAfter(ctx context.Context, tenant *string, afte
 	}
 	rows, err := s.pool.Query(ctx, `SELECT `+subscriptionColumns+` FROM walhook.subscriptions
 		WHERE ($1::text IS NULL OR tenant = $1) AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
-		ORDER BY created_at, id LIMIT $4`, tenant, at, id, limit)
+		ORDER BY created_at, id LIMIT $4`, tenant, at, id, nullInt(limit))
 	if err != nil {
 		return nil, err
 	}
