@@ -213,9 +213,6 @@ func TestASubscriptionOverItsShareParksAtOnce(t *testing.T) {
 			t.Fatalf("%d of 40 events parked: the failing subscription holds %d (%d KiB) in memory, over its 1 MiB share",
 				parked, held, held*100)
 		}
-		if f := acker.Flush(); f == 0 {
-			t.Errorf("flush %v: the parked events still hold the slot", f)
-		}
 		delivered := 0
 		rec.mu.Lock()
 		for _, b := range rec.batches {
