@@ -105,10 +105,31 @@ func (s *scheduler) loadParked() error {
 	return nil
 }
 
-// reloadParked marks the resources the store has parked since loadParked
+// reloadParked marks the resources the store has parked since loadParked, and
+// merges in the debounce marks written since
 // (a relay worker took a partition, docs/scale-out.md): none of their events
 // has reached this scheduler yet, so later ones go behind the parked ones.
 func (s *scheduler) reloadParked() {
+	if s.opts.Debounce > 0 {
+		// The debounce marks too: the partition's previous owner may have
+		// sent newer events of its resources than what comes again now. A
+		// mark only says that an event was sent, and what is older than it
+		// is superseded, so merging newer marks in is always safe.
+		var marks map[string]uint64
+		if retryForever(s.ctx, s.log, "cannot read debounce marks", func() error {
+			var err error
+			marks, err = s.store.SentMarks(s.ctx, s.sub.ID, uint64(s.startLSN)<<16)
+			return err
+		}) != nil {
+			return // the epoch ended
+		}
+		if s.sentMarks == nil {
+			s.sentMarks = make(map[string]uint64, len(marks))
+		}
+		for r, m := range marks {
+			s.sentMarks[r] = max(s.sentMarks[r], m)
+		}
+	}
 	var keys []ParkedKey
 	if retryForever(s.ctx, s.log, "cannot read parked deliveries", func() error {
 		var err error
