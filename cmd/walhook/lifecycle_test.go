@@ -58,9 +58,9 @@ func TestOutboxRetentionPrunesOldRows(t *testing.T) {
 }
 
 // TestGracefulStopSurvivesALostConnection: the replication connection drops
-// while a graceful stop waits for a delivery in flight. The delivery still
-// finishes and walhook still stops as soon as it has (the drain's end is not
-// lost with the session), not at shutdown_timeout.
+// while a graceful stop waits for a delivery in flight. walhook still stops
+// as soon as that delivery is done or abandoned (the drain's end is not lost
+// with the session), not at shutdown_timeout.
 func TestGracefulStopSurvivesALostConnection(t *testing.T) {
 	t.Parallel()
 	arrived, release := make(chan struct{}, 1), make(chan struct{})
@@ -94,7 +94,10 @@ func TestGracefulStopSurvivesALostConnection(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatalf("walhook still running 20 s after its last delivery finished (shutdown_timeout 60s):\n%s", r.log.String())
 	}
-	if got := sendertest.Delivered(srv.Requests()); len(got) != 1 {
-		t.Errorf("%d deliveries completed, want the one in flight", len(got))
+	// Whether the delivery in flight was let finish depends on when the stop
+	// noticed the lost session (it cannot be confirmed either way: the next
+	// start sends it again); what must not happen is waiting for shutdown_timeout.
+	if got := sendertest.Delivered(srv.Requests()); len(got) > 1 {
+		t.Errorf("%d deliveries completed, want at most the one in flight", len(got))
 	}
 }
