@@ -85,7 +85,7 @@ func New(cfg Config) *Console {
 	rand.Read(c.key)
 	funcs := template.FuncMap{
 		"ago":   ago,
-		"bytes": humanBytes,
+		"bytes": HumanBytes,
 		"deref": func(p *string) string {
 			if p == nil {
 				return ""
@@ -448,7 +448,8 @@ func ago(t *time.Time) string {
 	return fmt.Sprintf("%dd ago", int(d.Hours()/24))
 }
 
-func humanBytes(n int64) string {
+// HumanBytes is n in B, KiB, MiB or GiB, as the console and walhook status show sizes.
+func HumanBytes(n int64) string {
 	switch {
 	case n >= 1<<30:
 		return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/walhook/walhook/cdc"
+	"github.com/walhook/walhook/console"
 	"github.com/walhook/walhook/outbox"
 	"github.com/walhook/walhook/outbox/pgstore"
 )
@@ -126,11 +127,11 @@ func status(ctx context.Context, cfg *Config, asJSON bool, out io.Writer) error 
 				"lost in a failover or dropped; run walhook recover", st.HighWater)
 		}
 	}
-	fmt.Fprintf(tw, "slot\t%s\nactive\t%s\nconfirmed flush\t%s\nlag\t%s", cfg.Slot, active, slot.ConfirmedFlush, humanBytes(slot.LagBytes))
+	fmt.Fprintf(tw, "slot\t%s\nactive\t%s\nconfirmed flush\t%s\nlag\t%s", cfg.Slot, active, slot.ConfirmedFlush, console.HumanBytes(slot.LagBytes))
 	if report != nil {
 		fmt.Fprintf(tw, ", %.1fs (reported %s ago by %s)", report.LagSeconds, time.Since(report.ReportedAt).Round(time.Second), report.Host)
 	}
-	fmt.Fprintf(tw, "\nretained WAL\t%s\n", humanBytes(slot.RetainedBytes))
+	fmt.Fprintf(tw, "\nretained WAL\t%s\n", console.HumanBytes(slot.RetainedBytes))
 	if slot.Exists {
 		fmt.Fprintf(tw, "failover\t%s\n", failoverText(slot))
 	}
@@ -226,16 +227,4 @@ func deref32(p *int32) int32 {
 		return 0
 	}
 	return *p
-}
-
-func humanBytes(n int64) string {
-	switch {
-	case n >= 1<<30:
-		return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
-	case n >= 1<<20:
-		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
-	case n >= 1<<10:
-		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
-	}
-	return fmt.Sprintf("%d B", n)
 }

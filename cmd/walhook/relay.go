@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rs/zerolog"
+	"github.com/walhook/walhook/console"
 	"github.com/walhook/walhook/outbox"
 	"github.com/walhook/walhook/outbox/pgstore"
 	"github.com/walhook/walhook/relay"
@@ -202,7 +203,7 @@ func printRelay(w io.Writer, r *relayStatus) {
 		return
 	}
 	fmt.Fprintf(w, "\nrelay stream\t%s\nbacklog\t%d messages, %s\nworkers\t%d %s\n\n", r.Stream, r.Messages,
-		humanBytes(int64(r.Bytes)), len(r.Workers), strings.Join(r.Workers, " "))
+		console.HumanBytes(int64(r.Bytes)), len(r.Workers), strings.Join(r.Workers, " "))
 	fmt.Fprintln(w, "PARTITION\tOWNER\tBACKLOG")
 	for _, p := range r.Partitions {
 		owner := p.Owner
