@@ -74,8 +74,10 @@ func ensureParkStream(ctx context.Context, js jetstream.JetStream, c Config) (je
 
 // parkIndex is what an owner knows of its partition's parked resources.
 type parkIndex struct {
+	pub      sync.Mutex // held while a park publish of the partition is in flight
 	mu       sync.Mutex
 	fence    uint64                // the stream sequence of this owner's marker; 0: not loaded
+	epoch    uint64                // the worker epoch that loaded it: it serves that epoch's schedulers only
 	detached bool                  // handed over: feed nothing more
 	keys     map[string]*parkedKey // by subject
 	flight   map[uint64]bool       // rows handed to a scheduler and not settled yet
@@ -162,8 +164,25 @@ func (s *parkStore) deleter(ctx context.Context) {
 
 func (s *parkStore) cfg() Config { return s.w.cfg.Relay }
 
-// index returns partition n's index while this worker owns it, loaded.
-func (s *parkStore) index(n int) *parkIndex {
+// epochKey carries the worker epoch a call belongs to (runEpoch puts it in
+// the epoch's context, so every scheduler's calls carry it).
+type epochKey struct{}
+
+func withEpoch(ctx context.Context, n uint64) context.Context {
+	return context.WithValue(ctx, epochKey{}, n)
+}
+
+func epochOf(ctx context.Context) uint64 {
+	n, _ := ctx.Value(epochKey{}).(uint64)
+	return n
+}
+
+// servesLocked says whether px was loaded in epoch n. px.mu is held.
+func (px *parkIndex) servesLocked(n uint64) bool { return px.fence != 0 && px.epoch == n }
+
+// index returns partition n's index while this worker owns it, loaded in
+// the caller's epoch.
+func (s *parkStore) index(ctx context.Context, n int) *parkIndex {
 	s.w.mu.Lock()
 	p := s.w.owned[n]
 	s.w.mu.Unlock()
@@ -171,7 +190,7 @@ func (s *parkStore) index(n int) *parkIndex {
 		return nil
 	}
 	p.park.mu.Lock()
-	loaded := p.park.fence != 0
+	loaded := p.park.servesLocked(epochOf(ctx))
 	p.park.mu.Unlock()
 	if !loaded {
 		return nil
@@ -180,10 +199,16 @@ func (s *parkStore) index(n int) *parkIndex {
 }
 
 // load fences partition n and reads its parked resources: a marker first,
-// so that no older owner can park more once the reading starts.
+// so that no older owner can park more once the reading starts. Every worker
+// epoch loads its partitions again behind a marker of its own: a park
+// publish of an ended epoch that JetStream receives late (it was on the
+// wire, or in the client's reconnect buffer, when the epoch ended) is then
+// either before the marker, and read, or after it, and refused. With one
+// marker per ownership such a late row was stored unseen, and after the
+// next owner loaded it, it went out after newer events of its resource.
 func (s *parkStore) load(ctx context.Context, p *partition) error {
 	p.park.mu.Lock()
-	done := p.park.fence != 0
+	done := p.park.servesLocked(epochOf(ctx))
 	p.park.mu.Unlock()
 	if done {
 		return nil
@@ -236,7 +261,7 @@ func (s *parkStore) load(ctx context.Context, p *partition) error {
 		}
 	}
 	p.park.mu.Lock()
-	p.park.fence, p.park.keys = ack.Sequence, keys
+	p.park.fence, p.park.epoch, p.park.keys = ack.Sequence, epochOf(ctx), keys
 	p.park.mu.Unlock()
 	if len(keys) > 0 {
 		s.w.log.Info().Int("partition", p.n).Int("resources", len(keys)).Msg("parked resources loaded")
@@ -254,59 +279,81 @@ func parkHeaders(h nats.Header) (sub, res string, seq uint64, ok bool) {
 }
 
 // Park publishes events of one subscription, each behind the fence of its
-// partition's owner marker: refused (ErrFenced) once a newer owner marked it.
+// partition's owner marker: refused (ErrFenced) once a newer owner, or a
+// newer epoch of this worker, marked it.
 func (s *parkStore) Park(ctx context.Context, sub string, events []outbox.ParkedEvent) error {
 	for _, pe := range events {
-		ev := pe.Event
-		n := Partition(sub, ev.ResourceID, s.cfg().Partitions)
-		px := s.index(n)
-		if px == nil {
-			return fmt.Errorf("park into partition %d: not owned: %w", n, outbox.ErrFenced)
+		if err := s.park1(ctx, sub, pe); err != nil {
+			return err
 		}
-		data, err := json.Marshal(message{Subscription: sub, Event: ev})
-		if err != nil {
-			return fmt.Errorf("park: %w: %w", err, outbox.ErrPermanent)
-		}
-		key, _ := json.Marshal([]string{sub, ev.ResourceID})
-		subj := s.cfg().parkSubject(n, sub, ev.ResourceID)
-		msg := &nats.Msg{Subject: subj, Data: data, Header: nats.Header{}}
-		msg.Header.Set(hdrKey, string(key))
-		msg.Header.Set(hdrSeq, strconv.FormatUint(ev.Seq, 10))
-		msg.Header.Set(hdrSince, strconv.FormatInt(pe.Since.UnixNano(), 10))
-		msg.Header.Set(hdrAttempts, strconv.Itoa(pe.Attempts))
-		px.mu.Lock()
-		fence := px.fence
-		px.mu.Unlock()
-		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		_, err = s.w.cfg.JetStream.PublishMsg(pctx, msg, jetstream.WithMsgID(msgID(sub, &ev)),
-			jetstream.WithExpectLastSequenceForSubject(fence, s.cfg().markerSubject(n)))
-		cancel()
-		switch {
-		case isWrongRevision(err):
-			s.w.m.parkFenced.Inc()
-			return fmt.Errorf("park into partition %d: a newer owner marked it: %w", n, outbox.ErrFenced)
-		case errors.Is(err, nats.ErrMaxPayload):
-			return fmt.Errorf("park: %w: %w", err, outbox.ErrPermanent)
-		case err != nil:
-			return fmt.Errorf("park into partition %d: %w", n, err)
-		}
-		px.mu.Lock()
-		k := px.keys[subj]
-		if k == nil {
-			k = &parkedKey{sub: sub, resource: ev.ResourceID}
-			px.keys[subj] = k
-		}
-		k.maxSeq, k.next = max(k.maxSeq, ev.Seq), pe.NextAttempt
-		px.mu.Unlock()
-		s.w.m.parked.Inc()
 	}
 	return nil
 }
 
+// park1 publishes one parked event. The partition's park publishes go one at
+// a time: each expects the same marker, and a replicated stream refuses an
+// expectation on a subject while another one on it is being proposed
+// (error 10164, "wrong last sequence", which is not a verdict on the fence).
+// Taken for a fence, those refusals ended the worker's epoch whenever two
+// subscriptions parked into one partition at once.
+func (s *parkStore) park1(ctx context.Context, sub string, pe outbox.ParkedEvent) error {
+	ev := pe.Event
+	n := Partition(sub, ev.ResourceID, s.cfg().Partitions)
+	px := s.index(ctx, n)
+	if px == nil {
+		return fmt.Errorf("park into partition %d: not owned: %w", n, outbox.ErrFenced)
+	}
+	data, err := json.Marshal(message{Subscription: sub, Event: ev})
+	if err != nil {
+		return fmt.Errorf("park: %w: %w", err, outbox.ErrPermanent)
+	}
+	key, _ := json.Marshal([]string{sub, ev.ResourceID})
+	subj := s.cfg().parkSubject(n, sub, ev.ResourceID)
+	msg := &nats.Msg{Subject: subj, Data: data, Header: nats.Header{}}
+	msg.Header.Set(hdrKey, string(key))
+	msg.Header.Set(hdrSeq, strconv.FormatUint(ev.Seq, 10))
+	msg.Header.Set(hdrSince, strconv.FormatInt(pe.Since.UnixNano(), 10))
+	msg.Header.Set(hdrAttempts, strconv.Itoa(pe.Attempts))
+	px.pub.Lock()
+	px.mu.Lock()
+	fence, serves := px.fence, px.servesLocked(epochOf(ctx))
+	px.mu.Unlock()
+	if !serves {
+		px.pub.Unlock()
+		return fmt.Errorf("park into partition %d: loaded again since: %w", n, outbox.ErrFenced)
+	}
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	_, err = s.w.cfg.JetStream.PublishMsg(pctx, msg, jetstream.WithMsgID(msgID(sub, &ev)),
+		jetstream.WithExpectLastSequenceForSubject(fence, s.cfg().markerSubject(n)))
+	cancel()
+	px.pub.Unlock()
+	switch {
+	case isCASConflict(err):
+		return fmt.Errorf("park into partition %d: a concurrent write: %w", n, err) // retried
+	case isWrongRevision(err):
+		s.w.m.parkFenced.Inc()
+		return fmt.Errorf("park into partition %d: a newer owner marked it: %w", n, outbox.ErrFenced)
+	case errors.Is(err, nats.ErrMaxPayload):
+		return fmt.Errorf("park: %w: %w", err, outbox.ErrPermanent)
+	case err != nil:
+		return fmt.Errorf("park into partition %d: %w", n, err)
+	}
+	px.mu.Lock()
+	k := px.keys[subj]
+	if k == nil {
+		k = &parkedKey{sub: sub, resource: ev.ResourceID}
+		px.keys[subj] = k
+	}
+	k.maxSeq, k.next = max(k.maxSeq, ev.Seq), pe.NextAttempt
+	px.mu.Unlock()
+	s.w.m.parked.Inc()
+	return nil
+}
+
 // ParkedKeys lists sub's parked resources in the partitions this worker owns.
-func (s *parkStore) ParkedKeys(_ context.Context, sub string) ([]outbox.ParkedKey, error) {
+func (s *parkStore) ParkedKeys(ctx context.Context, sub string) ([]outbox.ParkedKey, error) {
 	var out []outbox.ParkedKey
-	for _, px := range s.indexes() {
+	for _, px := range s.indexes(ctx) {
 		px.mu.Lock()
 		for _, k := range px.keys {
 			if k.sub == sub && !px.detached {
@@ -318,12 +365,30 @@ func (s *parkStore) ParkedKeys(_ context.Context, sub string) ([]outbox.ParkedKe
 	return out, nil
 }
 
-func (s *parkStore) indexes() []*parkIndex {
+// owned returns the indexes of the owned partitions, in any epoch.
+func (s *parkStore) owned() []*parkIndex {
 	s.w.mu.Lock()
 	defer s.w.mu.Unlock()
 	out := make([]*parkIndex, 0, len(s.w.owned))
 	for _, p := range s.w.owned {
 		out = append(out, p.park)
+	}
+	return out
+}
+
+// indexes returns the indexes of the owned partitions loaded in the
+// caller's epoch.
+func (s *parkStore) indexes(ctx context.Context) []*parkIndex {
+	n := epochOf(ctx)
+	s.w.mu.Lock()
+	defer s.w.mu.Unlock()
+	out := make([]*parkIndex, 0, len(s.w.owned))
+	for _, p := range s.w.owned {
+		p.park.mu.Lock()
+		if p.park.servesLocked(n) {
+			out = append(out, p.park)
+		}
+		p.park.mu.Unlock()
 	}
 	return out
 }
@@ -343,7 +408,7 @@ func (s *parkStore) NextParked(ctx context.Context, sub, resource string, limit,
 	px := p.park
 	subj := s.cfg().parkSubject(n, sub, resource)
 	px.mu.Lock()
-	k, detached := px.keys[subj], px.detached || px.fence == 0
+	k, detached := px.keys[subj], px.detached || !px.servesLocked(epochOf(ctx))
 	px.mu.Unlock()
 	if k == nil || detached || s.w.handingOver(p) {
 		return nil, nil
@@ -388,8 +453,8 @@ func (s *parkStore) NextParked(ctx context.Context, sub, resource string, limit,
 	}
 	px.mu.Lock()
 	defer px.mu.Unlock()
-	if px.detached {
-		return nil, nil // handed over meanwhile: its next owner sends them
+	if px.detached || !px.servesLocked(epochOf(ctx)) {
+		return nil, nil // handed over, or loaded again, meanwhile: its next owner or epoch sends them
 	}
 	if len(out) == 0 {
 		if px.keys[subj] == k {
@@ -509,7 +574,7 @@ func (s *parkStore) Reschedule(_ context.Context, rows []int64, attempts int, ne
 
 // DropParked purges a deleted subscription's parked events in the owned partitions.
 func (s *parkStore) DropParked(ctx context.Context, sub string) error {
-	for _, px := range s.indexes() {
+	for _, px := range s.indexes(ctx) {
 		px.mu.Lock()
 		var subjects []string
 		for subj, k := range px.keys {
@@ -543,7 +608,7 @@ func (s *parkStore) DropParked(ctx context.Context, sub string) error {
 // its row is deleted (a crash in between leaves both: a duplicate, never a
 // loss).
 func (s *parkStore) DeadLetterParked(ctx context.Context, sub, reason string) error {
-	for _, px := range s.indexes() {
+	for _, px := range s.indexes(ctx) {
 		px.mu.Lock()
 		var keys []*parkedKey
 		for _, k := range px.keys {
@@ -604,9 +669,7 @@ func (s *parkStore) forget(p *partition) {
 		rows = append(rows, int64(r))
 	}
 	clear(p.park.flight)
-	for _, k := range p.park.keys {
-		k.from, k.pre = 0, nil // what was in flight comes again
-	}
+	p.park.fence = 0 // the next epoch loads it again, behind a marker of its own
 	p.park.mu.Unlock()
 	s.mu.Lock()
 	for _, r := range rows {
@@ -618,7 +681,7 @@ func (s *parkStore) forget(p *partition) {
 // parkedResources counts the parked resources of the owned partitions.
 func (s *parkStore) parkedResources() int {
 	n := 0
-	for _, px := range s.indexes() {
+	for _, px := range s.owned() {
 		px.mu.Lock()
 		n += len(px.keys)
 		px.mu.Unlock()
@@ -628,7 +691,7 @@ func (s *parkStore) parkedResources() int {
 
 // hasParked says whether sub has parked resources in an owned partition.
 func (s *parkStore) hasParked(sub string) bool {
-	for _, px := range s.indexes() {
+	for _, px := range s.owned() {
 		px.mu.Lock()
 		for _, k := range px.keys {
 			if k.sub == sub {

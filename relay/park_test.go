@@ -99,3 +99,102 @@ func TestParkFencedByNewerOwner(t *testing.T) {
 		t.Errorf("a drained resource is still listed: %+v", keys)
 	}
 }
+
+// TestParkOfAnEndedEpochRefused: every worker epoch loads its partitions
+// again behind a marker of its own, so a park from an ended epoch of the
+// same worker is refused, whether it asks now or JetStream receives it late
+// (it was on the wire when the epoch ended). Before, one marker served the
+// whole ownership: a late row was stored unseen by the next epoch, whose
+// newer events went out first, and the next owner sent the stale row after
+// them (found by TestChaosRelay).
+func TestParkOfAnEndedEpochRefused(t *testing.T) {
+	nc := natstest.Start(t)
+	cfg := Config{URL: nc.URL(), Stream: "E", Partitions: 1, Replicas: 1}.WithDefaults()
+	conn, err := cfg.Connect("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	js, _ := jetstream.New(conn)
+	w, p := parkWorker(t, js, cfg, "w")
+	e1, e2 := withEpoch(context.Background(), 1), withEpoch(context.Background(), 2)
+	if err := w.park.load(e1, p); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.park.Park(e1, "s", []outbox.ParkedEvent{parkedEvent("r", 1)}); err != nil {
+		t.Fatal(err)
+	}
+	p.park.mu.Lock()
+	oldFence := p.park.fence
+	p.park.mu.Unlock()
+
+	w.park.forget(p) // epoch 1 ended
+	if err := w.park.Park(e1, "s", []outbox.ParkedEvent{parkedEvent("r", 2)}); !errors.Is(err, outbox.ErrFenced) {
+		t.Fatalf("a park between the epochs: %v, want ErrFenced", err)
+	}
+	if err := w.park.load(e2, p); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.park.Park(e1, "s", []outbox.ParkedEvent{parkedEvent("r", 2)}); !errors.Is(err, outbox.ErrFenced) {
+		t.Fatalf("epoch 1's park after epoch 2 loaded: %v, want ErrFenced", err)
+	}
+	// What epoch 1 had on the wire, arriving now: refused by JetStream.
+	_, err = js.Publish(context.Background(), cfg.parkSubject(0, "s", "r"), []byte(`{}`),
+		jetstream.WithExpectLastSequenceForSubject(oldFence, cfg.markerSubject(0)))
+	if !isWrongRevision(err) {
+		t.Fatalf("a late publish behind epoch 1's marker: %v, want a wrong last sequence", err)
+	}
+	keys, _ := w.park.ParkedKeys(e2, "s")
+	if len(keys) != 1 || keys[0].MaxSeq != 1 {
+		t.Fatalf("epoch 2 loaded %+v, want r up to sequence 1", keys)
+	}
+	if keys, _ := w.park.ParkedKeys(e1, "s"); len(keys) != 0 {
+		t.Fatalf("epoch 1 still sees %+v", keys)
+	}
+	if err := w.park.Park(e2, "s", []outbox.ParkedEvent{parkedEvent("r", 2)}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestConcurrentParksIntoOnePartition: on a replicated stream, parks of
+// several subscriptions into one partition at once all land, and none is
+// taken for a fence. JetStream refuses an expectation on a subject while
+// another one on it is being proposed (10164); read as "a newer owner
+// marked it", that ended the worker's epoch again and again under load.
+func TestConcurrentParksIntoOnePartition(t *testing.T) {
+	c := natstest.StartCluster(t, 3)
+	cfg := Config{URL: c.URL(), Stream: "C", Partitions: 1, Replicas: 3}.WithDefaults()
+	conn, err := cfg.Connect("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	js, _ := jetstream.New(conn)
+	w, _ := parkWorker(t, js, cfg, "w")
+	const subs, each = 8, 25
+	errs := make(chan error, subs)
+	for i := range subs {
+		go func() {
+			for j := range each {
+				err := w.park.Park(context.Background(), fmt.Sprint("s", i), []outbox.ParkedEvent{parkedEvent(fmt.Sprint("r", j), uint64(j+1))})
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for range subs {
+		if err := <-errs; err != nil {
+			t.Fatalf("a concurrent park: %v", err)
+		}
+	}
+	info, err := w.park.stream.Info(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := info.State.Msgs; got != subs*each+1 { // and the owner marker
+		t.Fatalf("the park stream holds %d messages, want %d", got, subs*each+1)
+	}
+}

@@ -162,6 +162,9 @@ func (p *Publisher) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return nil
 		}
+		if errors.Is(err, ErrPartitions) {
+			return err
+		}
 		p.fail(err)
 		if sleep(ctx, bo.NextBackOff()) != nil {
 			return nil

@@ -3,7 +3,9 @@ package relay
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -186,5 +188,71 @@ func TestPublisherKeepsEachReplay(t *testing.T) {
 	}
 	if ids := r.stored(t); len(ids) != 2 {
 		t.Fatalf("the stream holds %d messages for two replays: the second was taken for a duplicate", len(ids))
+	}
+}
+
+// TestOldestEvent: the oldest event still in the stream, past what workers
+// finished; none once it is empty.
+func TestOldestEvent(t *testing.T) {
+	nc := natstest.Start(t)
+	cfg := Config{URL: nc.URL(), Stream: "O", Partitions: 2, Replicas: 1}.WithDefaults()
+	conn, err := cfg.Connect("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	js, _ := jetstream.New(conn)
+	ctx := context.Background()
+	s, err := EnsureStream(ctx, js, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := OldestEvent(ctx, js, cfg); ok || err != nil {
+		t.Fatalf("an empty stream: %v, %v", ok, err)
+	}
+	var seqs []uint64
+	for i, ev := range []uint64{7 << 16, 9 << 16} {
+		data, _ := json.Marshal(message{Subscription: "s", Event: outbox.Event{ID: fmt.Sprint(i), Type: "t", ResourceID: "r",
+			Seq: ev, Payload: []byte(`{}`)}})
+		ack, err := js.Publish(ctx, cfg.subject(i), data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seqs = append(seqs, ack.Sequence)
+	}
+	if got, ok, err := OldestEvent(ctx, js, cfg); !ok || err != nil || got != 7<<16 {
+		t.Fatalf("OldestEvent: %d, %v, %v; want %d", got, ok, err, 7<<16)
+	}
+	if err := s.DeleteMsg(ctx, seqs[0]); err != nil { // finished
+		t.Fatal(err)
+	}
+	if got, ok, err := OldestEvent(ctx, js, cfg); !ok || err != nil || got != 9<<16 {
+		t.Fatalf("OldestEvent after the first finished: %d, %v, %v; want %d", got, ok, err, 9<<16)
+	}
+}
+
+// TestStreamPartitionsFixed: a process configured with another number of
+// partitions than the stream was created with is refused, naming the key.
+func TestStreamPartitionsFixed(t *testing.T) {
+	nc := natstest.Start(t)
+	cfg := Config{URL: nc.URL(), Stream: "P", Partitions: 8, Replicas: 1}.WithDefaults()
+	conn, err := cfg.Connect("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	js, _ := jetstream.New(conn)
+	ctx := context.Background()
+	if _, err := EnsureStream(ctx, js, cfg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := EnsureStream(ctx, js, cfg); err != nil {
+		t.Fatalf("the same partitions again: %v", err)
+	}
+	other := cfg
+	other.Partitions = 4
+	_, err = EnsureStream(ctx, js, other)
+	if !errors.Is(err, ErrPartitions) || !strings.Contains(err.Error(), "relay.partitions is 4") || !strings.Contains(err.Error(), "created with 8") {
+		t.Fatalf("4 partitions on a stream of 8: %v", err)
 	}
 }

@@ -275,6 +275,9 @@ func (w *Worker) setup(ctx context.Context) error {
 		if err == nil {
 			return nil
 		}
+		if errors.Is(err, ErrPartitions) {
+			return err
+		}
 		w.log.Error().Err(err).Msg("cannot reach jetstream; retrying")
 		if sleep(ctx, time.Second) != nil {
 			return nil
@@ -289,7 +292,7 @@ func (w *Worker) setup(ctx context.Context) error {
 func (w *Worker) runEpoch(ctx context.Context) {
 	w.mu.Lock()
 	w.nEpoch++
-	e := outbox.NewEpoch(ctx, w.nEpoch)
+	e := outbox.NewEpoch(withEpoch(ctx, w.nEpoch), w.nEpoch) // the park store tells epochs apart (park.go)
 	w.mu.Unlock()
 	w.budget.Reset(e.N)
 	if err := w.startSubscriptions(e); err != nil {
@@ -1162,10 +1165,24 @@ func (w *Worker) releaseAll() {
 
 func leaseKey(n int) string { return "p." + strconv.Itoa(n) }
 
+// isWrongRevision says whether a compare-and-set found another revision or
+// sequence than expected: someone else wrote (a lease taken, a partition
+// marked by a newer owner).
 func isWrongRevision(err error) bool {
 	var apiErr *jetstream.APIError
-	return errors.Is(err, jetstream.ErrKeyRevisionMismatch) || errors.As(err, &apiErr) &&
-		(apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
+	if isCASConflict(err) {
+		return false
+	}
+	return errors.Is(err, jetstream.ErrKeyRevisionMismatch) || errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence
+}
+
+// isCASConflict says whether a replicated stream refused an expectation
+// because another write to the same subject was being proposed (10164): a
+// transient conflict, not a verdict (the real one, 10071, names the sequence
+// found). Retried.
+func isCASConflict(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant
 }
 
 func sleep(ctx context.Context, d time.Duration) error {

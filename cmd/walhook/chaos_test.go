@@ -126,10 +126,9 @@ type chaos struct {
 	rng  *rand.Rand
 	seed uint64
 
-	relayDebounceOrder int // relay mode: superseded debounced events sent after newer ones (known, reported)
-	cluster            *pgtest.Cluster
-	pool               *pgxpool.Pool
-	e                  *env // e.path is replica 0's config, for CLI commands
+	cluster *pgtest.Cluster
+	pool    *pgxpool.Pool
+	e       *env // e.path is replica 0's config, for CLI commands
 	// The walhook run replicas.
 	paths []string
 	logs  []*syncBuffer
@@ -1171,15 +1170,7 @@ func (c *chaos) checkOrder(s string, ok []delivery) {
 			// A rejected event comes back through a replay, after newer ones:
 			// the operator asked for it (it keeps its sequence).
 			if !rejected && d.sequence < newest[d.resource] {
-				report := t.Errorf
-				if c.relay != nil && s == "debounced" {
-					// Known in relay mode (docs/scale-out.md, "Not built yet"): after a
-					// worker takeover an event the old owner had merged into a newer one
-					// can go out after it. Reported, not failed, until it is fixed.
-					report = t.Logf
-					c.relayDebounceOrder++
-				}
-				report("%s: resource %s: sequence %d first delivered after %d", s, d.resource, d.sequence, newest[d.resource])
+				t.Errorf("%s: resource %s: sequence %d first delivered after %d", s, d.resource, d.sequence, newest[d.resource])
 				if !toldOrder { // the resource's deliveries, for the first one only
 					toldOrder = true
 					c.logResource(s, d.resource, ok)
@@ -1226,9 +1217,6 @@ func (c *chaos) summary() string {
 	for _, s := range chaosSubs {
 		ok, all := c.deliveries(c.srv[s])
 		fmt.Fprintf(&b, "; %s: %d attempts, %d delivered, %d duplicates", s, len(all), len(ok), c.dups[s])
-	}
-	if c.relayDebounceOrder > 0 {
-		fmt.Fprintf(&b, "; debounced events sent after newer ones (relay, known): %d", c.relayDebounceOrder)
 	}
 	keys := make([]string, 0, len(c.faultsInjected))
 	for k := range c.faultsInjected {

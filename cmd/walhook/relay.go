@@ -42,6 +42,14 @@ func startRelay(cfg *Config, reg prometheus.Registerer, store *pgstore.Store, lo
 	return &relayRun{nc: nc, js: js, pub: pub, cfg: *cfg.relay, reg: reg}, nil
 }
 
+// oldestEvent is the prober's MarksFloor: debounce marks stay while an
+// older event is in the stream.
+func (r *relayRun) oldestEvent(ctx context.Context) (uint64, bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	return relay.OldestEvent(ctx, r.js, r.cfg)
+}
+
 // connectRelay connects to NATS; it does not wait for a server to answer
 // (the connection retries on its own and the parts say when they cannot
 // publish or fetch).

@@ -84,6 +84,7 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 		}
 		defer rl.close()
 		dcfg.Relay = rl.pub
+		prober.MarksFloor = rl.oldestEvent
 	}
 	dispatcher := outbox.NewDispatcher(dcfg)
 	conns := newConnMetrics(reg)

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/walhook/walhook/internal/pgtest"
 	"github.com/walhook/walhook/outbox"
 )
@@ -120,7 +121,7 @@ func TestDebounceMarksOutliveAnEpochStart(t *testing.T) {
 	if got["old"] != lsn(0x100)+2 {
 		t.Fatalf("marks from 0/80 after an epoch started at 0/200: %v; the old mark must still be there", got)
 	}
-	if n, err := s.PruneMarks(ctx, "0/200"); err != nil || n != 1 {
+	if n, err := s.PruneMarks(ctx, lsn(0x200)); err != nil || n != 1 {
 		t.Fatalf("PruneMarks(0/200): %d, %v; want the old one deleted", n, err)
 	}
 	if got, _ = s.SentMarks(ctx, "s", 0); len(got) != 1 || got["new"] == 0 {
@@ -128,5 +129,40 @@ func TestDebounceMarksOutliveAnEpochStart(t *testing.T) {
 	}
 	if d, err := s.CheckpointTimeout(ctx); err != nil || d < 30*time.Second {
 		t.Errorf("checkpoint_timeout %s, %v", d, err)
+	}
+}
+
+// TestRelayKeepsMarksOfEventsStillInTheStream: in relay mode the slot is
+// confirmed once JetStream has an event, long before a worker sends it, so
+// the prober keeps every mark at or above the relay stream's oldest event
+// even when the slot's rule would prune it: a worker taking the partition
+// over may receive that older event again after the newer one was sent.
+func TestRelayKeepsMarksOfEventsStillInTheStream(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	db := newSchemaDB(t)
+	s := New(db.Pool, "slot4")
+	lsn := func(l uint64) uint64 { return l << 16 }
+	if err := s.MarkSent(ctx, "s", map[string]uint64{"gone": lsn(0x80), "waiting": lsn(0x150), "new": lsn(0x500)}); err != nil {
+		t.Fatal(err)
+	}
+	floor := lsn(0x120)
+	p := &Prober{store: s, log: zerolog.Nop(), MarksFloor: func(context.Context) (uint64, bool, error) { return floor, true, nil }}
+	p.confirmed = []sample{{at: time.Now().Add(-24 * time.Hour), lsn: "0/400"}} // checkpointed long ago
+	if err := p.pruneMarks(ctx, SlotStats{Exists: true, ConfirmedFlush: "0/450"}); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := s.SentMarks(ctx, "s", 0)
+	if len(got) != 2 || got["waiting"] == 0 || got["new"] == 0 {
+		t.Fatalf("marks after pruning below the slot's 0/400 with the relay's oldest event at 0/120: %v; want waiting and new", got)
+	}
+	// The stream emptied: the slot's rule alone.
+	p.MarksFloor = func(context.Context) (uint64, bool, error) { return 0, false, nil }
+	p.confirmed = []sample{{at: time.Now().Add(-24 * time.Hour), lsn: "0/400"}}
+	if err := p.pruneMarks(ctx, SlotStats{Exists: true, ConfirmedFlush: "0/450"}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ = s.SentMarks(ctx, "s", 0); len(got) != 1 || got["new"] == 0 {
+		t.Fatalf("marks after pruning below 0/400 with the relay stream empty: %v; want only new", got)
 	}
 }

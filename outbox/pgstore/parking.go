@@ -137,11 +137,10 @@ func (s *Store) DeadLetterParked(ctx context.Context, subscription, reason strin
 	return nil
 }
 
-// PruneMarks deletes the debounce marks below confirmed, a confirmed flush
-// position the server has surely written to disk since (a checkpoint began
-// after it was read): no crash brings the events below it back.
-func (s *Store) PruneMarks(ctx context.Context, confirmed string) (int64, error) {
-	tag, err := s.pool.Exec(ctx, `DELETE FROM walhook.debounce_marks WHERE sequence < ($1::pg_lsn - '0/0'::pg_lsn) * 65536`, confirmed)
+// PruneMarks deletes the debounce marks below the event sequence below: no
+// event under it can come again (Prober.pruneMarks says why).
+func (s *Store) PruneMarks(ctx context.Context, below uint64) (int64, error) {
+	tag, err := s.pool.Exec(ctx, `DELETE FROM walhook.debounce_marks WHERE sequence < $1::numeric`, strconv.FormatUint(below, 10))
 	if err != nil {
 		return 0, fmt.Errorf("prune debounce marks: %w", err)
 	}

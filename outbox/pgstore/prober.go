@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"reflect"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -50,6 +52,12 @@ type Prober struct {
 
 	// OnSample gets each probe's reading (the console's chart); nil: nobody.
 	OnSample func(slot SlotStats, lagSeconds float64)
+
+	// MarksFloor, in relay mode, returns the sequence of the oldest event
+	// that may still reach a worker (the oldest message in the relay
+	// stream), or false when there is none: debounce marks at or above it
+	// are kept whatever the slot has confirmed. nil in direct mode.
+	MarksFloor func(ctx context.Context) (seq uint64, ok bool, err error)
 }
 
 // sample is the slot's confirmed flush position when it was read.
@@ -164,7 +172,11 @@ func (p *Prober) probe(ctx context.Context) error {
 // pruneMarks deletes the debounce marks below a confirmed position read more
 // than two checkpoint_timeouts ago: a checkpoint has begun since, so the
 // server wrote that position to disk, and no crash moves the slot back
-// before it (docs/scheduler.md, "Debounce across restarts").
+// before it (docs/scheduler.md, "Debounce across restarts"). In relay mode
+// the slot is confirmed once JetStream has an event, long before a worker
+// delivers it: a mark is also kept while an older event is still in the
+// relay stream (MarksFloor), which a worker taking over its partition may
+// receive again after the newer one was sent.
 func (p *Prober) pruneMarks(ctx context.Context, slot SlotStats) error {
 	if !slot.Exists || slot.ConfirmedFlush == "" {
 		return nil
@@ -183,11 +195,37 @@ func (p *Prober) pruneMarks(ctx context.Context, slot SlotStats) error {
 	if safe == "" {
 		return nil
 	}
-	n, err := p.store.PruneMarks(ctx, safe)
+	lsn, err := parseLSN(safe)
+	if err != nil {
+		return err
+	}
+	below := uint64(lsn) << 16
+	if p.MarksFloor != nil {
+		floor, ok, err := p.MarksFloor(ctx)
+		if err != nil { // keep them all until it can tell
+			p.log.Debug().Err(err).Msg("debounce marks not pruned: cannot read the relay's oldest event")
+			return nil
+		}
+		if ok {
+			below = min(below, floor)
+		}
+	}
+	n, err := p.store.PruneMarks(ctx, below)
 	if n > 0 {
-		p.log.Debug().Int64("rows", n).Str("below", safe).Msg("debounce marks pruned")
+		p.log.Debug().Int64("rows", n).Uint64("below", below).Msg("debounce marks pruned")
 	}
 	return err
+}
+
+// parseLSN reads PostgreSQL's text form of a position (like 16/B374D848).
+func parseLSN(s string) (outbox.LSN, error) {
+	hi, lo, ok := strings.Cut(s, "/")
+	h, err1 := strconv.ParseUint(hi, 16, 32)
+	l, err2 := strconv.ParseUint(lo, 16, 32)
+	if !ok || err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("not a position: %q", s)
+	}
+	return outbox.LSN(h<<32 | l), nil
 }
 
 func sameReport(a, b Report) bool {
