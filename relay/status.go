@@ -16,6 +16,7 @@ type Status struct {
 	Stream     string            `json:"stream"`
 	Messages   uint64            `json:"messages"` // deliveries not yet finished by a worker
 	Bytes      uint64            `json:"bytes"`
+	Parked     uint64            `json:"parked"`  // events in the park stream, of resources whose endpoint kept failing
 	Workers    []string          `json:"workers"` // members seen in the last lease TTL
 	Partitions []PartitionStatus `json:"partitions"`
 }
@@ -25,6 +26,7 @@ type PartitionStatus struct {
 	Partition int    `json:"partition"`
 	Owner     string `json:"owner"`    // "" when none holds the lease
 	Messages  uint64 `json:"messages"` // in the stream: not yet finished
+	Parked    uint64 `json:"parked"`   // in the park stream
 }
 
 // Inspect reads the stream and the leases.
@@ -60,8 +62,25 @@ func Inspect(ctx context.Context, js jetstream.JetStream, c Config) (*Status, er
 		}
 	}
 	slices.Sort(st.Workers)
+	parked := map[int]uint64{}
+	if ps, err := js.Stream(ctx, c.parked()); err == nil { // none until a worker started
+		pinfo, err := ps.Info(ctx, jetstream.WithSubjectFilter(c.parked()+".*.k.*"))
+		if err != nil {
+			return nil, fmt.Errorf("stream %s: %w", c.parked(), err)
+		}
+		for subj, n := range pinfo.State.Subjects { // <parked>.<partition>.k.<hash>
+			f := strings.Split(strings.TrimPrefix(subj, c.parked()+"."), ".")
+			if p, err := strconv.Atoi(f[0]); err == nil {
+				parked[p] += n
+				st.Parked += n
+			}
+		}
+	} else if !errors.Is(err, jetstream.ErrStreamNotFound) {
+		return nil, fmt.Errorf("stream %s: %w", c.parked(), err)
+	}
 	for p := range c.Partitions {
-		st.Partitions = append(st.Partitions, PartitionStatus{Partition: p, Owner: owners[p], Messages: info.State.Subjects[c.subject(p)]})
+		st.Partitions = append(st.Partitions, PartitionStatus{Partition: p, Owner: owners[p],
+			Messages: info.State.Subjects[c.subject(p)], Parked: parked[p]})
 	}
 	return st, nil
 }

@@ -210,14 +210,14 @@ func printRelay(w io.Writer, r *relayStatus) {
 		fmt.Fprintf(w, "\nrelay\t%s\n", r.Error)
 		return
 	}
-	fmt.Fprintf(w, "\nrelay stream\t%s\nbacklog\t%d messages, %s\nworkers\t%d %s\n\n", r.Stream, r.Messages,
-		console.HumanBytes(int64(r.Bytes)), len(r.Workers), strings.Join(r.Workers, " "))
-	fmt.Fprintln(w, "PARTITION\tOWNER\tBACKLOG")
+	fmt.Fprintf(w, "\nrelay stream\t%s\nbacklog\t%d messages, %s\nparked\t%d events\nworkers\t%d %s\n\n", r.Stream, r.Messages,
+		console.HumanBytes(int64(r.Bytes)), r.Parked, len(r.Workers), strings.Join(r.Workers, " "))
+	fmt.Fprintln(w, "PARTITION\tOWNER\tBACKLOG\tPARKED")
 	for _, p := range r.Partitions {
 		owner := p.Owner
 		if owner == "" {
 			owner = "(none)"
 		}
-		fmt.Fprintf(w, "%d\t%s\t%d\n", p.Partition, owner, p.Messages)
+		fmt.Fprintf(w, "%d\t%s\t%d\t%d\n", p.Partition, owner, p.Messages, p.Parked)
 	}
 }

@@ -102,6 +102,22 @@ func TestRelayParksFailingResources(t *testing.T) {
 		return len(sendertest.Delivered(r)) == 120
 	})
 	e.eventually(30*time.Second, "the relay stream to hold nothing", func() bool { return streamMessages(t, nc.URL(), stream) == 0 })
+	// walhook status shows them parked: 80 events of r0 and r1, in partition 0.
+	code, stdout, stderr := e.walhook("status", "--json")
+	var st struct {
+		Relay struct {
+			Parked     uint64 `json:"parked"`
+			Partitions []struct {
+				Parked uint64 `json:"parked"`
+			} `json:"partitions"`
+		} `json:"relay"`
+	}
+	if err := json.Unmarshal([]byte(stdout), &st); err != nil || code != 0 {
+		t.Fatalf("walhook status --json: exit %d, %v\n%s%s", code, err, stdout, stderr)
+	}
+	if st.Relay.Parked != 80 || len(st.Relay.Partitions) != 1 || st.Relay.Partitions[0].Parked != 80 {
+		t.Fatalf("walhook status: relay %+v, want 80 parked events in partition 0", st.Relay)
+	}
 	for _, r := range sendertest.Delivered(srv.Requests()) {
 		if res, _ := resourceN(t, r); res == "r0" || res == "r1" {
 			t.Fatalf("%s delivered while its endpoint was down", res)
