@@ -43,14 +43,7 @@ func parkedEvent(res string, seq uint64) outbox.ParkedEvent {
 // owner (a zombie) can park nothing more into it; the new owner sees what
 // the old one parked before, in order, and its own rows behind them.
 func TestParkFencedByNewerOwner(t *testing.T) {
-	nc := natstest.Start(t)
-	cfg := Config{URL: nc.URL(), Stream: "F", Partitions: 1, Replicas: 1}.WithDefaults()
-	conn, err := cfg.Connect("test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	js, _ := jetstream.New(conn)
+	cfg, js := testJetStream(t, 1, Config{Stream: "F", Partitions: 1, Replicas: 1})
 	ctx := context.Background()
 
 	old, _ := parkWorker(t, js, cfg, "old")
@@ -108,14 +101,7 @@ func TestParkFencedByNewerOwner(t *testing.T) {
 // newer events went out first, and the next owner sent the stale row after
 // them (found by TestChaosRelay).
 func TestParkOfAnEndedEpochRefused(t *testing.T) {
-	nc := natstest.Start(t)
-	cfg := Config{URL: nc.URL(), Stream: "E", Partitions: 1, Replicas: 1}.WithDefaults()
-	conn, err := cfg.Connect("test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	js, _ := jetstream.New(conn)
+	cfg, js := testJetStream(t, 1, Config{Stream: "E", Partitions: 1, Replicas: 1})
 	w, p := parkWorker(t, js, cfg, "w")
 	e1, e2 := withEpoch(context.Background(), 1), withEpoch(context.Background(), 2)
 	if err := w.park.load(e1, p); err != nil {
@@ -139,7 +125,7 @@ func TestParkOfAnEndedEpochRefused(t *testing.T) {
 		t.Fatalf("epoch 1's park after epoch 2 loaded: %v, want ErrFenced", err)
 	}
 	// What epoch 1 had on the wire, arriving now: refused by JetStream.
-	_, err = js.Publish(context.Background(), cfg.parkSubject(0, "s", "r"), []byte(`{}`),
+	_, err := js.Publish(context.Background(), cfg.parkSubject(0, "s", "r"), []byte(`{}`),
 		jetstream.WithExpectLastSequenceForSubject(oldFence, cfg.markerSubject(0)))
 	if !isWrongRevision(err) {
 		t.Fatalf("a late publish behind epoch 1's marker: %v, want a wrong last sequence", err)
@@ -162,14 +148,7 @@ func TestParkOfAnEndedEpochRefused(t *testing.T) {
 // another one on it is being proposed (10164); read as "a newer owner
 // marked it", that ended the worker's epoch again and again under load.
 func TestConcurrentParksIntoOnePartition(t *testing.T) {
-	c := natstest.StartCluster(t, 3)
-	cfg := Config{URL: c.URL(), Stream: "C", Partitions: 1, Replicas: 3}.WithDefaults()
-	conn, err := cfg.Connect("test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	js, _ := jetstream.New(conn)
+	cfg, js := testJetStream(t, 3, Config{Stream: "C", Partitions: 1, Replicas: 3})
 	w, _ := parkWorker(t, js, cfg, "w")
 	const subs, each = 8, 25
 	errs := make(chan error, subs)
@@ -197,4 +176,22 @@ func TestConcurrentParksIntoOnePartition(t *testing.T) {
 	if got := info.State.Msgs; got != subs*each+1 { // and the owner marker
 		t.Fatalf("the park stream holds %d messages, want %d", got, subs*each+1)
 	}
+}
+
+// testJetStream starts nodes NATS servers and returns c (with defaults and
+// their URL) and a JetStream client of them.
+func testJetStream(t *testing.T, nodes int, c Config) (Config, jetstream.JetStream) {
+	t.Helper()
+	c.URL = natstest.StartCluster(t, nodes).URL()
+	c = c.WithDefaults()
+	conn, err := c.Connect("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(conn.Close)
+	js, err := jetstream.New(conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, js
 }

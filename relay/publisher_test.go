@@ -194,14 +194,7 @@ func TestPublisherKeepsEachReplay(t *testing.T) {
 // TestOldestEvent: the oldest event still in the stream, past what workers
 // finished; none once it is empty.
 func TestOldestEvent(t *testing.T) {
-	nc := natstest.Start(t)
-	cfg := Config{URL: nc.URL(), Stream: "O", Partitions: 2, Replicas: 1}.WithDefaults()
-	conn, err := cfg.Connect("test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	js, _ := jetstream.New(conn)
+	cfg, js := testJetStream(t, 1, Config{Stream: "O", Partitions: 2, Replicas: 1})
 	ctx := context.Background()
 	s, err := EnsureStream(ctx, js, cfg)
 	if err != nil {
@@ -234,14 +227,7 @@ func TestOldestEvent(t *testing.T) {
 // TestStreamPartitionsFixed: a process configured with another number of
 // partitions than the stream was created with is refused, naming the key.
 func TestStreamPartitionsFixed(t *testing.T) {
-	nc := natstest.Start(t)
-	cfg := Config{URL: nc.URL(), Stream: "P", Partitions: 8, Replicas: 1}.WithDefaults()
-	conn, err := cfg.Connect("test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	js, _ := jetstream.New(conn)
+	cfg, js := testJetStream(t, 1, Config{Stream: "P", Partitions: 8, Replicas: 1})
 	ctx := context.Background()
 	if _, err := EnsureStream(ctx, js, cfg); err != nil {
 		t.Fatal(err)
@@ -251,7 +237,7 @@ func TestStreamPartitionsFixed(t *testing.T) {
 	}
 	other := cfg
 	other.Partitions = 4
-	_, err = EnsureStream(ctx, js, other)
+	_, err := EnsureStream(ctx, js, other)
 	if !errors.Is(err, ErrPartitions) || !strings.Contains(err.Error(), "relay.partitions is 4") || !strings.Contains(err.Error(), "created with 8") {
 		t.Fatalf("4 partitions on a stream of 8: %v", err)
 	}
