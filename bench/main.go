@@ -9,7 +9,8 @@
 // relaydrain,relaylatency,relayscale, and resthooks) picks scenarios.
 // BENCH_RELAY_ROWS (100000) rows for the drain through JetStream,
 // BENCH_SCALE_EVENTS (16000) events for the scale-out, BENCH_RELAY_PARTITIONS
-// (64) partitions of the relay streams.
+// (64) partitions of the relay streams. BENCH_PROFILE_WORKERS=dir writes a
+// CPU profile of each `walhook deliver` there.
 package main
 
 import (

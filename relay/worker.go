@@ -36,7 +36,14 @@ const (
 	// releaseWithin bounds a graceful hand-over: the partition's held
 	// messages finish, or the epoch ends (its sends are cancelled).
 	releaseWithin = 10 * time.Second
-	refreshEvery  = 2 * time.Second // subscription rows
+	// A worker takes no partition until it has been a member for joinGrace:
+	// workers started together (a Deployment's replicas) then see each other
+	// and divide the partitions at once, instead of the first one taking them
+	// all, fetching deep into their backlog, and handing most of them over,
+	// which cannot finish within releaseWithin under a backlog and ends its
+	// epoch. Workers already running take a dead one's partitions at once.
+	joinGrace    = leaseRenew + leaseRenew/2 // the second tick after the first membership write
+	refreshEvery = 2 * time.Second           // subscription rows
 	// A deleted subscription keeps delivering what was routed to it until
 	// no message of it came for retiredIdle and nothing of it is held or
 	// parked.
@@ -78,7 +85,8 @@ type Worker struct {
 	freed     chan struct{} // signalled when heldBytes drops below the limit
 
 	mu       sync.Mutex
-	draining bool // shutting down: fetch nothing more, take nothing more
+	draining bool      // shutting down: fetch nothing more, take nothing more
+	member   time.Time // when this worker's membership was first written
 	owned    map[int]*partition
 	epoch    *outbox.Epoch  // the current one; nil between epochs
 	fetch    sync.WaitGroup // the current epoch's fetchers
@@ -916,8 +924,11 @@ func (w *Worker) leaseTick(ctx context.Context) {
 		defer cancel()
 		return f(octx)
 	}
-	op(func(c context.Context) error { _, err := w.kv.Put(c, "m."+w.cfg.ID, []byte("1")); return err })
+	joined := op(func(c context.Context) error { _, err := w.kv.Put(c, "m."+w.cfg.ID, []byte("1")); return err }) == nil
 	w.mu.Lock()
+	if joined && w.member.IsZero() {
+		w.member = time.Now()
+	}
 	parts := make([]*partition, 0, len(w.owned))
 	for _, p := range w.owned {
 		parts = append(parts, p)
@@ -948,7 +959,7 @@ func (w *Worker) leaseTick(ctx context.Context) {
 	var lost []*partition
 	for i, p := range parts {
 		switch {
-		case isWrongRevision(errs[i]):
+		case isWrongRevision(errs[i]) && !w.stillMine(op, p):
 			lost = append(lost, p)
 		case errs[i] == nil && !p.releasing.IsZero():
 			w.handOver(ctx, p)
@@ -958,9 +969,9 @@ func (w *Worker) leaseTick(ctx context.Context) {
 		w.lose(fmt.Errorf("the lease was taken: %w", errPartitionLost), lost...)
 	}
 	w.mu.Lock()
-	draining := w.draining
+	draining, member := w.draining, w.member
 	w.mu.Unlock()
-	if draining {
+	if draining || member.IsZero() || time.Since(member) < joinGrace {
 		return // renew, take nothing
 	}
 	members := 1
@@ -1019,6 +1030,27 @@ func (w *Worker) leaseTick(ctx context.Context) {
 			w.mu.Unlock()
 		}
 	}
+}
+
+// stillMine says, after a renewal of p found another revision, whether the
+// lease still holds this worker's id: an earlier renewal whose answer timed
+// out (a slow server) was stored after all. Then p takes that revision and
+// is renewed at the next tick; renewedAt stays (the guard counts from the
+// last renewal known to be stored). Only this process writes its id, and
+// a taker writes its own, so the id proves the lease was never taken.
+func (w *Worker) stillMine(op func(func(context.Context) error) error, p *partition) bool {
+	var e jetstream.KeyValueEntry
+	if op(func(c context.Context) error {
+		var err error
+		e, err = w.kv.Get(c, leaseKey(p.n))
+		return err
+	}) != nil || string(e.Value()) != w.cfg.ID {
+		return false
+	}
+	w.mu.Lock()
+	p.rev = e.Revision()
+	w.mu.Unlock()
+	return true
 }
 
 // active counts owned partitions not being handed over.
