@@ -45,12 +45,15 @@ type Config struct {
 
 // Defaults of Config, in one place (config reads them too).
 const (
-	SlotDefault         = "walhook"
-	PublicationDefault  = "walhook"
-	StallTimeoutDefault = 30 * time.Second
+	SlotDefault           = "walhook"
+	PublicationDefault    = "walhook"
+	StallTimeoutDefault   = 30 * time.Second
+	StatusIntervalDefault = time.Second
+	StatusMaxAgeDefault   = 10 * time.Second
 )
 
-// WithDefaults fills zero fields.
+// WithDefaults returns c with its zero fields set to their defaults; it checks
+// nothing (the caller validated c: cmd/walhook's Config.Resolve).
 func (c Config) WithDefaults() Config {
 	if c.Slot == "" {
 		c.Slot = SlotDefault
@@ -65,10 +68,10 @@ func (c Config) WithDefaults() Config {
 		c.Columns = DefaultColumns
 	}
 	if c.StatusInterval == 0 {
-		c.StatusInterval = time.Second
+		c.StatusInterval = StatusIntervalDefault
 	}
 	if c.StatusMaxAge == 0 {
-		c.StatusMaxAge = 10 * time.Second
+		c.StatusMaxAge = StatusMaxAgeDefault
 	}
 	if c.StallTimeout == 0 {
 		c.StallTimeout = StallTimeoutDefault

@@ -38,7 +38,7 @@ func (f *attemptFlags) register(fs *flag.FlagSet) {
 }
 
 // attemptsCommand is `walhook attempts`: the attempt log, newest first.
-func attemptsCommand(ctx context.Context, cfg *Config, f attemptFlags, out io.Writer) error {
+func attemptsCommand(ctx context.Context, cfg *Settings, f attemptFlags, out io.Writer) error {
 	if f.subscription == "" && f.eventID == "" {
 		return usageError("walhook attempts: give --subscription or --event-id")
 	}

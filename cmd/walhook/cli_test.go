@@ -230,11 +230,12 @@ func TestExampleConfigIsValid(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := cfg.Validate(true); err != nil {
+	s, err := cfg.Resolve(true)
+	if err != nil {
 		t.Fatalf("deploy/walhook.example.yaml: %v", err)
 	}
-	if len(cfg.subs) != 1 || cfg.subs[0].Delivery.Timeout != 5*time.Second || cfg.subs[0].Delivery.RetryInitial != time.Second {
-		t.Errorf("subscription options = %+v", cfg.subs[0].Delivery)
+	if len(s.subs) != 1 || s.subs[0].Delivery.Timeout != 5*time.Second || s.subs[0].Delivery.RetryInitial != time.Second {
+		t.Errorf("subscription options = %+v", s.subs[0].Delivery)
 	}
 }
 

@@ -77,10 +77,16 @@ type Config struct {
 	MetricsListen             string `yaml:"metrics_listen"`              // serve /metrics here instead of on listen; default "" = on listen
 	MetricsSubscriptionLabels *bool  `yaml:"metrics_subscription_labels"` // false: no subscription label (series summed); default true
 
-	// Derived by Validate.
+}
+
+// Settings is a Config resolved into the typed values the commands use. Only
+// Config.Resolve makes one; it embeds the Config it came from (defaults filled).
+type Settings struct {
+	*Config
+
 	table       cdc.Table
 	columns     cdc.Columns
-	subs        []*outbox.Subscription
+	subs        []*outbox.Subscription // only when resolved withSubscriptions
 	defaults    outbox.DeliveryOptions
 	guard       *ssrf.Guard
 	overlap     time.Duration
@@ -99,6 +105,26 @@ type Config struct {
 	relay                                  *relay.Config // nil: direct mode
 	relayAckWait                           time.Duration
 }
+
+// The defaults of the top-level keys that have one; withDefaults fills them
+// in, and nothing else knows them.
+const (
+	listenDefault              = "127.0.0.1:8080"
+	logLevelDefault            = "info"
+	shutdownTimeoutDefault     = 15 * time.Second
+	outboxRetentionDefault     = 24 * time.Hour
+	readTimeoutDefault         = 15 * time.Second
+	writeTimeoutDefault        = 30 * time.Second
+	idleTimeoutDefault         = 60 * time.Second
+	authCacheTTLDefault        = 10 * time.Second
+	authCacheTTLMost           = 30 * time.Second
+	authTimeoutDefault         = 5 * time.Second
+	authTimeoutMost            = time.Minute
+	attemptLogRetentionDefault = 72 * time.Hour
+	attemptLogRetentionLeast   = time.Minute
+	maxConnectionsDefault      = 4096
+	unauthenticatedRateDefault = 5
+)
 
 // SubscriptionConfig is one static subscription.
 type SubscriptionConfig struct {
@@ -163,33 +189,66 @@ func parseConfig(path string, data []byte, getenv func(string) string) (*Config,
 	return c, nil
 }
 
+// withDefaults fills in every top-level key left unset that has a default (the
+// …Default constants above, cdc's and api's). It is the only step that changes
+// c; Resolve and Validate only read it.
 func (c *Config) withDefaults() {
-	if c.Listen == "" {
-		c.Listen = "127.0.0.1:8080"
+	c.Listen = cmp.Or(c.Listen, listenDefault)
+	c.Slot = cmp.Or(c.Slot, cdc.SlotDefault)
+	c.Publication = cmp.Or(c.Publication, cdc.PublicationDefault)
+	c.SlotFailover = cmp.Or(c.SlotFailover, cdc.FailoverAuto)
+	c.OutboxTable = cmp.Or(c.OutboxTable, cdc.DefaultTable.String())
+	c.LogLevel = cmp.Or(c.LogLevel, logLevelDefault)
+	c.AttemptLog = cmp.Or(c.AttemptLog, pgstore.AttemptLogAll)
+	c.HTTPTransport = cmp.Or(c.HTTPTransport, sender.TransportLean)
+	for _, d := range []struct {
+		v   *outbox.Duration
+		def time.Duration
+	}{
+		{&c.RotationOverlap, api.RotationOverlapDefault},
+		{&c.StallTimeout, cdc.StallTimeoutDefault},
+		{&c.ShutdownTimeout, shutdownTimeoutDefault},
+		{&c.OutboxRetention, outboxRetentionDefault},
+		{&c.ReadTimeout, readTimeoutDefault},
+		{&c.WriteTimeout, writeTimeoutDefault},
+		{&c.IdleTimeout, idleTimeoutDefault},
+		{&c.AuthCacheTTL, authCacheTTLDefault},
+		{&c.AuthTimeout, authTimeoutDefault},
+		{&c.AttemptLogRetention, attemptLogRetentionDefault},
+	} {
+		if !d.v.Set {
+			*d.v = outbox.Dur(d.def)
+		}
 	}
-	if c.Slot == "" {
-		c.Slot = cdc.SlotDefault
+	if c.MaxConnections == nil {
+		n := maxConnectionsDefault
+		c.MaxConnections = &n
 	}
-	if c.Publication == "" {
-		c.Publication = cdc.PublicationDefault
+	if c.UnauthenticatedRate == nil {
+		r := float64(unauthenticatedRateDefault)
+		c.UnauthenticatedRate = &r
 	}
-	if c.SlotFailover == "" {
-		c.SlotFailover = cdc.FailoverAuto
-	}
-	if c.OutboxTable == "" {
-		c.OutboxTable = cdc.DefaultTable.String()
-	}
-	if c.LogLevel == "" {
-		c.LogLevel = "info"
+	if c.MetricsSubscriptionLabels == nil {
+		on := true
+		c.MetricsSubscriptionLabels = &on
 	}
 }
 
-// Validate checks every key and derives the typed settings; its error names the
-// bad keys. Subscriptions are checked only when withSubscriptions is set (setup
-// and teardown do not need them).
+// Validate checks every key; its error names the bad keys. Subscriptions are
+// checked only when withSubscriptions is set (setup and teardown do not need
+// them). It changes nothing: Resolve is the same check returning the typed
+// settings.
 func (c *Config) Validate(withSubscriptions bool) error {
+	_, err := c.Resolve(withSubscriptions)
+	return err
+}
+
+// Resolve checks every key of c (after withDefaults) and returns the typed
+// settings, or an error naming every bad key. It does not change c.
+func (c *Config) Resolve(withSubscriptions bool) (*Settings, error) {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	s := &Settings{Config: c}
 
 	if c.DatabaseURL == "" {
 		bad("database_url: required (or set WALHOOK_DATABASE_URL)")
@@ -208,17 +267,17 @@ func (c *Config) Validate(withSubscriptions bool) error {
 		bad("publication: %q must be lower-case letters, digits and underscores", c.Publication)
 	}
 	var err error
-	if c.table, err = cdc.ParseTable(c.OutboxTable); err != nil {
+	if s.table, err = cdc.ParseTable(c.OutboxTable); err != nil {
 		bad("outbox_table: %v", err)
-	} else if c.table == cdc.ControlTable {
-		bad("outbox_table: %s is walhook's control table", c.table)
+	} else if s.table == cdc.ControlTable {
+		bad("outbox_table: %s is walhook's control table", s.table)
 	}
 	for i, r := range c.EmitRoles {
 		if r == "" || strings.ContainsRune(r, 0) {
 			bad("emit_roles[%d]: %q is not a role name", i, r)
 		}
 	}
-	c.columns, err = parseColumns(c.OutboxColumns)
+	s.columns, err = parseColumns(c.OutboxColumns)
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -264,8 +323,8 @@ func (c *Config) Validate(withSubscriptions bool) error {
 		bad("defaults.headers: only per subscription (their values are secrets for one target)")
 		defaults.Headers = nil
 	}
-	c.defaults = defaults
-	if c.guard, err = ssrf.New(c.AllowTargets); err != nil {
+	s.defaults = defaults
+	if s.guard, err = ssrf.New(c.AllowTargets); err != nil {
 		for _, e := range unjoin(err) {
 			bad("allow_targets: %v", e)
 		}
@@ -278,33 +337,29 @@ func (c *Config) Validate(withSubscriptions bool) error {
 			bad("auth_url: must be an absolute http:// or https:// URL")
 		}
 	}
-	overlap := c.RotationOverlap
-	if !overlap.Set {
-		overlap = outbox.Dur(api.RotationOverlapDefault)
-	}
-	if c.overlap, err = time.ParseDuration(overlap.Raw); err != nil || c.overlap < 0 {
-		bad("rotation_overlap: %q is not a duration (like 24h)", overlap.Raw)
+	if c.RotationOverlap.Set {
+		if s.overlap, err = time.ParseDuration(c.RotationOverlap.Raw); err != nil || s.overlap < 0 {
+			bad("rotation_overlap: %q is not a duration (like 24h)", c.RotationOverlap.Raw)
+		}
 	}
 	for _, d := range []struct {
 		key      string
 		v        outbox.Duration
 		dst      *time.Duration
-		def      time.Duration
 		positive bool          // 0 is refused (a timeout of 0 would be none)
 		most     time.Duration // 0: no ceiling
 	}{
-		{key: "stall_timeout", v: c.StallTimeout, dst: &c.stall, def: cdc.StallTimeoutDefault},
-		{key: "ready_max_lag", v: c.ReadyMaxLag, dst: &c.readyMaxLag},
-		{key: "shutdown_timeout", v: c.ShutdownTimeout, dst: &c.shutdown, def: 15 * time.Second},
-		{key: "outbox_retention", v: c.OutboxRetention, dst: &c.retention, def: 24 * time.Hour},
-		{key: "read_timeout", v: c.ReadTimeout, dst: &c.readTimeout, def: 15 * time.Second, positive: true},
-		{key: "write_timeout", v: c.WriteTimeout, dst: &c.writeTimeout, def: 30 * time.Second, positive: true},
-		{key: "idle_timeout", v: c.IdleTimeout, dst: &c.idleTimeout, def: 60 * time.Second, positive: true},
-		{key: "auth_cache_ttl", v: c.AuthCacheTTL, dst: &c.authCacheTTL, def: 10 * time.Second, most: 30 * time.Second},
-		{key: "auth_timeout", v: c.AuthTimeout, dst: &c.authTimeout, def: 5 * time.Second, positive: true, most: time.Minute},
-		{key: "attempt_log_retention", v: c.AttemptLogRetention, dst: &c.attemptKeep, def: 72 * time.Hour, positive: true},
+		{key: "stall_timeout", v: c.StallTimeout, dst: &s.stall},
+		{key: "ready_max_lag", v: c.ReadyMaxLag, dst: &s.readyMaxLag},
+		{key: "shutdown_timeout", v: c.ShutdownTimeout, dst: &s.shutdown},
+		{key: "outbox_retention", v: c.OutboxRetention, dst: &s.retention},
+		{key: "read_timeout", v: c.ReadTimeout, dst: &s.readTimeout, positive: true},
+		{key: "write_timeout", v: c.WriteTimeout, dst: &s.writeTimeout, positive: true},
+		{key: "idle_timeout", v: c.IdleTimeout, dst: &s.idleTimeout, positive: true},
+		{key: "auth_cache_ttl", v: c.AuthCacheTTL, dst: &s.authCacheTTL, most: authCacheTTLMost},
+		{key: "auth_timeout", v: c.AuthTimeout, dst: &s.authTimeout, positive: true, most: authTimeoutMost},
+		{key: "attempt_log_retention", v: c.AttemptLogRetention, dst: &s.attemptKeep, positive: true},
 	} {
-		*d.dst = d.def
 		if !d.v.Set {
 			continue
 		}
@@ -321,7 +376,7 @@ func (c *Config) Validate(withSubscriptions bool) error {
 			*d.dst = v
 		}
 	}
-	if c.attemptKeep > 0 && c.attemptKeep < time.Minute {
+	if s.attemptKeep > 0 && s.attemptKeep < attemptLogRetentionLeast {
 		bad("attempt_log_retention: %s is less than 1m", c.AttemptLogRetention.Raw)
 	}
 	switch c.HTTPTransport {
@@ -329,7 +384,7 @@ func (c *Config) Validate(withSubscriptions bool) error {
 	default:
 		bad("http_transport: %q is not lean or stdlib", c.HTTPTransport)
 	}
-	switch c.attemptLog = cmp.Or(c.AttemptLog, pgstore.AttemptLogAll); c.attemptLog {
+	switch s.attemptLog = cmp.Or(c.AttemptLog, pgstore.AttemptLogAll); s.attemptLog {
 	case pgstore.AttemptLogAll, pgstore.AttemptLogFailures, pgstore.AttemptLogOff:
 	default:
 		bad("attempt_log: %q is not one of all, failures, off", c.AttemptLog)
@@ -342,19 +397,17 @@ func (c *Config) Validate(withSubscriptions bool) error {
 		bad("max_pending_bytes_per_subscription: %d must be from 1048576 (1 MiB) to max_pending_bytes (%d); default a quarter of it",
 			c.MaxPendingBytesPerSubscription, total)
 	}
-	c.maxConnections = 4096
 	if c.MaxConnections != nil {
-		if c.maxConnections = *c.MaxConnections; c.maxConnections < 1 {
+		if s.maxConnections = *c.MaxConnections; s.maxConnections < 1 {
 			bad("max_connections: %d must be at least 1", *c.MaxConnections)
 		}
 	}
-	c.unauthRate = 5
 	if c.UnauthenticatedRate != nil {
-		if c.unauthRate = *c.UnauthenticatedRate; c.unauthRate < 0 || c.unauthRate != c.unauthRate {
+		if s.unauthRate = *c.UnauthenticatedRate; s.unauthRate < 0 || s.unauthRate != s.unauthRate {
 			bad("unauthenticated_rate: %v must be 0 (no limit) or more", *c.UnauthenticatedRate)
 		}
 	}
-	c.subscriptionLabels = c.MetricsSubscriptionLabels == nil || *c.MetricsSubscriptionLabels
+	s.subscriptionLabels = c.MetricsSubscriptionLabels == nil || *c.MetricsSubscriptionLabels
 	if c.MetricsListen != "" {
 		if err := checkAddr(c.MetricsListen); err != nil {
 			bad("metrics_listen: %v", err)
@@ -362,20 +415,24 @@ func (c *Config) Validate(withSubscriptions bool) error {
 			bad("metrics_listen: %q is listen's address too; leave it empty to serve /metrics there", c.MetricsListen)
 		}
 	}
-	errs = append(errs, c.validateRelay()...)
+	var relayErrs []error
+	s.relay, s.relayAckWait, relayErrs = c.resolveRelay()
+	errs = append(errs, relayErrs...)
 	if withSubscriptions {
-		c.subs = nil
 		seen := map[string]bool{}
 		for i, sc := range c.Subscriptions {
-			s, err := sc.subscription(fmt.Sprintf("subscriptions[%d]", i), defaults, seen)
+			sub, err := sc.subscription(fmt.Sprintf("subscriptions[%d]", i), defaults, seen)
 			if err != nil {
 				errs = append(errs, err)
 				continue
 			}
-			c.subs = append(c.subs, s)
+			s.subs = append(s.subs, sub)
 		}
 	}
-	return errors.Join(errs...)
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return s, nil
 }
 
 // unjoin splits an errors.Join into its errors.
@@ -499,7 +556,7 @@ func isLoopback(host string) bool {
 }
 
 // cdcConfig is the stream's view of c.
-func (c *Config) cdcConfig() cdc.Config {
+func (c *Settings) cdcConfig() cdc.Config {
 	return cdc.Config{
 		DatabaseURL: c.DatabaseURL, Slot: c.Slot, Publication: c.Publication,
 		Table: c.table, Columns: c.columns, StallTimeout: c.stall, Budget: outbox.NewBudget(c.MaxPendingBytes),

@@ -5,9 +5,15 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/walhook/walhook/api"
+	"github.com/walhook/walhook/cdc"
+	"github.com/walhook/walhook/outbox/pgstore"
+	"github.com/walhook/walhook/sender"
 )
 
 // runConfig runs `walhook run` on yaml and returns its exit code and stderr.
@@ -113,14 +119,52 @@ func TestRelayConfigDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Validate(true); err != nil {
+	s, err := c.Resolve(true)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if r := c.relay; r == nil || r.Stream != "WALHOOK" || r.Partitions != 64 || r.Replicas != 3 || r.Duplicates != 10*time.Minute {
+	if r := s.relay; r == nil || r.Stream != "WALHOOK" || r.Partitions != 64 || r.Replicas != 3 || r.Duplicates != 10*time.Minute {
 		t.Errorf("relay = %+v, want stream WALHOOK, 64 partitions, 3 replicas, 10m window", r)
 	}
 	c, _ = parseConfig("", []byte("database_url: postgres://app@127.0.0.1:1/app\n"), noEnv)
-	if err := c.Validate(true); err != nil || c.relay != nil {
-		t.Errorf("without a relay section: relay = %+v, err %v", c.relay, err)
+	if s, err = c.Resolve(true); err != nil || s.relay != nil {
+		t.Errorf("without a relay section: err %v, relay mode %v", err, err == nil && s.relay != nil)
+	}
+}
+
+// TestResolveChangesNothing: Validate and Resolve only read the config; the
+// defaults are withDefaults' alone, and the typed settings carry them.
+func TestResolveChangesNothing(t *testing.T) {
+	t.Parallel()
+	for _, yaml := range []string{
+		"database_url: postgres://app@127.0.0.1:1/app\n",
+		"database_url: postgres://app@127.0.0.1:1/app\nrelay:\n  url: nats://127.0.0.1:4222\n  ack_wait: 5s\n" +
+			"subscriptions:\n  - id: crm\n    events: ['*']\n    target_url: http://x/\n    secret: " + testSecret + "\n",
+		"slot: Bad-Slot\nshutdown_timeout: -1s\nmax_connections: 0\nrelay: {url: 'x'}\n", // bad: nothing is derived into c either
+	} {
+		c, err := parseConfig("t.yaml", []byte(yaml), noEnv)
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := *c
+		_ = c.Validate(true)
+		_, _ = c.Resolve(true)
+		if !reflect.DeepEqual(before, *c) {
+			t.Errorf("%q: Validate or Resolve changed the config", yaml)
+		}
+	}
+	c, _ := parseConfig("t.yaml", []byte("database_url: postgres://app@127.0.0.1:1/app\n"), noEnv)
+	s, err := c.Resolve(false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Listen != listenDefault || s.shutdown != shutdownTimeoutDefault || s.retention != outboxRetentionDefault ||
+		s.readTimeout != readTimeoutDefault || s.writeTimeout != writeTimeoutDefault || s.idleTimeout != idleTimeoutDefault ||
+		s.authCacheTTL != authCacheTTLDefault || s.authTimeout != authTimeoutDefault || s.attemptKeep != attemptLogRetentionDefault ||
+		s.maxConnections != maxConnectionsDefault || s.unauthRate != unauthenticatedRateDefault || !s.subscriptionLabels ||
+		s.overlap != api.RotationOverlapDefault || s.stall != cdc.StallTimeoutDefault || s.attemptLog != pgstore.AttemptLogAll ||
+		s.HTTPTransport != sender.TransportLean || s.relay != nil {
+		t.Errorf("defaults not carried into the settings: shutdown %s, retention %s, read %s, max_connections %d, transport %q",
+			s.shutdown, s.retention, s.readTimeout, s.maxConnections, s.HTTPTransport)
 	}
 }

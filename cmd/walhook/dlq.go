@@ -49,7 +49,7 @@ func parseWhen(flag, v string, now time.Time) (*time.Time, error) {
 }
 
 // dlqCommand is `walhook dlq list|replay|purge`.
-func dlqCommand(ctx context.Context, cfg *Config, f dlqFlags, out io.Writer) error {
+func dlqCommand(ctx context.Context, cfg *Settings, f dlqFlags, out io.Writer) error {
 	switch f.verb {
 	case "list", "replay", "purge":
 	default:

@@ -159,16 +159,20 @@ func TestMaxTimeoutIsACeiling(t *testing.T) {
 	cfg.Subscriptions = []SubscriptionConfig{{ID: "crm", Events: []string{"*"}, TargetURL: "http://x/", Secret: testSecret}}
 	cfg.Subscriptions[0].Timeout = mustDur("90s")
 	cfg.withDefaults()
-	if err := cfg.Validate(true); err != nil || cfg.subs[0].Delivery.Timeout.String() != "1m30s" {
+	if s, err := cfg.Resolve(true); err != nil || s.subs[0].Delivery.Timeout.String() != "1m30s" {
 		t.Errorf("max_timeout: 2m with a 90s timeout: %v", err)
 	}
 	low := &Config{DatabaseURL: "postgres://app@127.0.0.1:1/app", MaxTimeout: mustDur("3s"), MaxHold: mustDur("10s")}
 	low.withDefaults()
-	if err := low.Validate(false); err != nil || low.defaults.Timeout.String() != "3s" {
-		t.Errorf("max_timeout: 3s: %v, default timeout %s", err, low.defaults.Timeout)
+	s, err := low.Resolve(false)
+	if err != nil {
+		t.Fatalf("max_timeout: 3s: %v", err)
 	}
-	if low.defaults.ParkAfter.String() != "10s" || low.defaults.MaxWait.String() != "10s" {
-		t.Errorf("max_hold: 10s: default park_after %s, max_wait %s", low.defaults.ParkAfter, low.defaults.MaxWait)
+	if s.defaults.Timeout.String() != "3s" {
+		t.Errorf("max_timeout: 3s: default timeout %s", s.defaults.Timeout)
+	}
+	if s.defaults.ParkAfter.String() != "10s" || s.defaults.MaxWait.String() != "10s" {
+		t.Errorf("max_hold: 10s: default park_after %s, max_wait %s", s.defaults.ParkAfter, s.defaults.MaxWait)
 	}
 }
 

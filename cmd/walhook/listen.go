@@ -21,7 +21,7 @@ const maxHeaderBytes = 64 << 10
 // newServer is the HTTP server of the listen port (and of metrics_listen):
 // every phase of a connection has a deadline, so that slow or idle clients
 // cannot hold connections (slowloris).
-func newServer(cfg *Config, h http.Handler) *http.Server {
+func newServer(cfg *Settings, h http.Handler) *http.Server {
 	return &http.Server{
 		Handler:           h,
 		ReadHeaderTimeout: min(5*time.Second, cfg.readTimeout),

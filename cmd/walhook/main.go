@@ -116,14 +116,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return exitConfig
 	}
 
-	cfg, err := loadConfig(f.config, getenv)
+	file, err := loadConfig(f.config, getenv)
 	if err != nil {
 		fmt.Fprintln(stderr, "walhook:", err)
 		return exitConfig
 	}
-	redact := newRedactor(cfg.secrets())
+	redact := newRedactor(file.secrets())
 	stderr = redact.writer(stderr)
-	if err := cfg.Validate(cmd == "run" || cmd == "deliver" || cmd == "subscriptions" || cmd == "status"); err != nil {
+	cfg, err := file.Resolve(cmd == "run" || cmd == "deliver" || cmd == "subscriptions" || cmd == "status")
+	if err != nil {
 		fmt.Fprintf(stderr, "walhook: invalid config:\n  %s\n", strings.ReplaceAll(err.Error(), "\n", "\n  "))
 		return exitConfig
 	}
@@ -179,7 +180,7 @@ func newFlagSet(cmd string, getenv func(string) string, f *cliFlags) *flag.FlagS
 	if cmd == "healthcheck" {
 		addr := getenv("WALHOOK_LISTEN")
 		if addr == "" {
-			addr = "127.0.0.1:8080"
+			addr = listenDefault
 		}
 		fs.StringVar(&f.addr, "addr", addr, "address walhook listens on (env WALHOOK_LISTEN)")
 		return fs

@@ -63,7 +63,7 @@ type subscriptionStatusRow struct {
 }
 
 // status prints the slot and every subscription, from the database alone.
-func status(ctx context.Context, cfg *Config, asJSON bool, out io.Writer) error {
+func status(ctx context.Context, cfg *Settings, asJSON bool, out io.Writer) error {
 	pool, err := connectPool(ctx, cfg)
 	if err != nil {
 		return err

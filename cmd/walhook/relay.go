@@ -32,7 +32,7 @@ type relayRun struct {
 	reg prometheus.Registerer
 }
 
-func startRelay(cfg *Config, reg prometheus.Registerer, store *pgstore.Store, log zerolog.Logger) (*relayRun, error) {
+func startRelay(cfg *Settings, reg prometheus.Registerer, store *pgstore.Store, log zerolog.Logger) (*relayRun, error) {
 	nc, js, err := connectRelay(cfg, "walhook run", log)
 	if err != nil {
 		return nil, err
@@ -53,7 +53,7 @@ func (r *relayRun) oldestEvent(ctx context.Context) (uint64, bool, error) {
 // connectRelay connects to NATS; it does not wait for a server to answer
 // (the connection retries on its own and the parts say when they cannot
 // publish or fetch).
-func connectRelay(cfg *Config, name string, log zerolog.Logger) (*nats.Conn, jetstream.JetStream, error) {
+func connectRelay(cfg *Settings, name string, log zerolog.Logger) (*nats.Conn, jetstream.JetStream, error) {
 	log = log.With().Str("component", "nats").Logger()
 	nc, err := cfg.relay.Connect(name,
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn().Err(err).Msg("disconnected from nats") }),
@@ -109,7 +109,7 @@ func (r *relayRun) close() {
 // deliver is `walhook deliver`: a relay worker. It owns a share of the
 // partitions and delivers them with direct mode's semantics; /healthz,
 // /readyz and /metrics on listen.
-func deliver(ctx context.Context, cfg *Config, log zerolog.Logger) error {
+func deliver(ctx context.Context, cfg *Settings, log zerolog.Logger) error {
 	if cfg.relay == nil {
 		return usageError("deliver: the config has no relay section (relay.url is required)")
 	}
@@ -184,7 +184,7 @@ type relayStatus struct {
 	Error string `json:"error,omitempty"`
 }
 
-func inspectRelay(ctx context.Context, cfg *Config) *relayStatus {
+func inspectRelay(ctx context.Context, cfg *Settings) *relayStatus {
 	if cfg.relay == nil {
 		return nil
 	}

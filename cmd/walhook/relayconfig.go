@@ -34,12 +34,13 @@ type RelayConfig struct {
 
 var streamName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 
-// validateRelay checks the relay section and derives c.relay; errors name the key.
-func (c *Config) validateRelay() []error {
-	c.relay = nil
+// resolveRelay checks the relay section and returns the relay's settings (nil
+// without a relay section, or when the section has errors) and the workers'
+// ack_wait (0: the default); errors name the key.
+func (c *Config) resolveRelay() (*relay.Config, time.Duration, []error) {
 	r := c.Relay
 	if r == nil {
-		return nil
+		return nil, 0, nil
 	}
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
@@ -83,7 +84,7 @@ func (c *Config) validateRelay() []error {
 		return d
 	}
 	rc.Duplicates = dur("duplicate_window", r.DuplicateWindow, time.Second)
-	c.relayAckWait = dur("ack_wait", r.AckWait, 3*time.Second)
+	ackWait := dur("ack_wait", r.AckWait, 3*time.Second)
 	for _, f := range []struct{ key, path string }{
 		{"credentials_file", r.CredentialsFile}, {"nkey_seed_file", r.NkeySeedFile},
 		{"tls_ca_file", r.TLSCAFile}, {"tls_cert_file", r.TLSCertFile}, {"tls_key_file", r.TLSKeyFile},
@@ -101,11 +102,11 @@ func (c *Config) validateRelay() []error {
 	if (r.TLSCertFile == "") != (r.TLSKeyFile == "") {
 		bad("relay.tls_cert_file: tls_cert_file and tls_key_file go together")
 	}
-	if len(errs) == 0 {
-		rc = rc.WithDefaults()
-		c.relay = &rc
+	if len(errs) > 0 {
+		return nil, 0, errs
 	}
-	return errs
+	rc = rc.WithDefaults()
+	return &rc, ackWait, nil
 }
 
 // relaySecrets are the passwords a NATS URL may carry.

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -23,7 +22,7 @@ import (
 )
 
 // serve is `walhook run`: stream → dispatcher → sender, plus the HTTP endpoint.
-func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
+func serve(ctx context.Context, cfg *Settings, log zerolog.Logger) error {
 	// Listen first: a port in use is found before the database connection.
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
@@ -184,9 +183,9 @@ func serve(ctx context.Context, cfg *Config, log zerolog.Logger) error {
 }
 
 // newSender is the Sender of walhook run and walhook deliver.
-func newSender(cfg *Config, log zerolog.Logger) *sender.Sender {
+func newSender(cfg *Settings, log zerolog.Logger) *sender.Sender {
 	return sender.New(cfg.guard, sender.Config{MaxInFlightPerHost: cfg.defaults.MaxInFlightPerHost,
-		Transport: cmp.Or(cfg.HTTPTransport, sender.TransportLean), Logger: log.With().Str("component", "sender").Logger()})
+		Transport: cfg.HTTPTransport, Logger: log.With().Str("component", "sender").Logger()})
 }
 
 // streamHold is the stream as the prober sees it.
@@ -196,7 +195,7 @@ func (s streamHold) Holds() bool { h := s.Health(); return h == cdc.Streaming ||
 
 // newAttemptLog returns the attempt log attempt_log asks for, or nil for
 // none (off, or a database set up before it existed: say so, and go on).
-func newAttemptLog(ctx context.Context, pool *pgxpool.Pool, cfg *Config, reg prometheus.Registerer, log zerolog.Logger) *pgstore.AttemptLog {
+func newAttemptLog(ctx context.Context, pool *pgxpool.Pool, cfg *Settings, reg prometheus.Registerer, log zerolog.Logger) *pgstore.AttemptLog {
 	if cfg.attemptLog == pgstore.AttemptLogOff {
 		return nil
 	}
@@ -209,7 +208,7 @@ func newAttemptLog(ctx context.Context, pool *pgxpool.Pool, cfg *Config, reg pro
 		Logger: log.With().Str("component", "attempts").Logger(), Registerer: reg})
 }
 
-func connectPool(ctx context.Context, cfg *Config) (*pgxpool.Pool, error) {
+func connectPool(ctx context.Context, cfg *Settings) (*pgxpool.Pool, error) {
 	pool, err := pgxpool.New(ctx, cfg.DatabaseURL)
 	if err != nil {
 		return nil, fmt.Errorf("connect to database: %w", err)
@@ -225,7 +224,7 @@ func connectPool(ctx context.Context, cfg *Config) (*pgxpool.Pool, error) {
 // walhook.control (set up by an older walhook): control changes come only from
 // there, so subscription changes and replays would be missed. A missing
 // publication is left to the stream, which explains a missing slot.
-func checkControl(ctx context.Context, pool *pgxpool.Pool, cfg *Config) error {
+func checkControl(ctx context.Context, pool *pgxpool.Pool, cfg *Settings) error {
 	var pub, control bool
 	err := pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
 		EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)`,

@@ -17,14 +17,14 @@ const setupLockKey = "SELECT pg_advisory_lock(hashtext('walhook setup'))"
 
 // setupSQL is every setup statement for a server of version
 // (server_version_num; 0 = not known, for --dry-run).
-func setupSQL(cfg *Config, version int) []string {
+func setupSQL(cfg *Settings, version int) []string {
 	// The routing log is seeded once the slot exists (pgstore.SeedRoutingSQL).
 	return append(append(pgstore.SchemaSQL(), cdc.SetupSQL(cfg.cdcConfig(), version)...), pgstore.SeedRoutingSQL(cfg.Slot))
 }
 
 // setup creates everything walhook needs. Every statement is idempotent and the
 // whole runs under an advisory lock, so two replicas may run it at once.
-func setup(ctx context.Context, cfg *Config, dryRun bool, out io.Writer) error {
+func setup(ctx context.Context, cfg *Settings, dryRun bool, out io.Writer) error {
 	if dryRun {
 		stmts := setupSQL(cfg, 0)
 		fmt.Fprintln(out, "-- walhook setup, for a DBA: run with `psql -v ON_ERROR_STOP=1 -f` (each statement in its own")
@@ -55,7 +55,7 @@ func setup(ctx context.Context, cfg *Config, dryRun bool, out io.Writer) error {
 }
 
 // createAll runs the setup statements and checks the result.
-func createAll(ctx context.Context, conn *pgx.Conn, cfg *Config, out io.Writer) error {
+func createAll(ctx context.Context, conn *pgx.Conn, cfg *Settings, out io.Writer) error {
 	version, err := cdc.ServerVersion(ctx, conn)
 	if err != nil {
 		return err
@@ -83,7 +83,7 @@ func createAll(ctx context.Context, conn *pgx.Conn, cfg *Config, out io.Writer) 
 // send the outbox rows above the high-water mark again (with their ids, so
 // receivers can drop the ones they had), plus rows created since shortly
 // before the mark was written, for transactions that committed late.
-func recoverSlot(ctx context.Context, cfg *Config, since time.Duration, out io.Writer) error {
+func recoverSlot(ctx context.Context, cfg *Settings, since time.Duration, out io.Writer) error {
 	return withLock(ctx, cfg, func(conn *pgx.Conn) error {
 		exists, invalid, err := cdc.SlotHealth(ctx, conn, cfg.Slot)
 		if err != nil {
@@ -123,7 +123,7 @@ func recoverSlot(ctx context.Context, cfg *Config, since time.Duration, out io.W
 }
 
 // teardown drops the slot and publication, and with dropSchema the walhook schema.
-func teardown(ctx context.Context, cfg *Config, dropSchema bool, out io.Writer) error {
+func teardown(ctx context.Context, cfg *Settings, dropSchema bool, out io.Writer) error {
 	stmts := append(cdc.TeardownSQL(cfg.cdcConfig()), pgstore.TeardownSQL(cfg.Slot)...)
 	if dropSchema {
 		stmts = append(stmts, "DROP SCHEMA IF EXISTS walhook CASCADE")
@@ -139,7 +139,7 @@ func teardown(ctx context.Context, cfg *Config, dropSchema bool, out io.Writer) 
 	})
 }
 
-func withLock(ctx context.Context, cfg *Config, f func(*pgx.Conn) error) error {
+func withLock(ctx context.Context, cfg *Settings, f func(*pgx.Conn) error) error {
 	conn, err := pgx.Connect(ctx, cfg.DatabaseURL)
 	if err != nil {
 		return fmt.Errorf("connect to database: %w", err)

@@ -34,7 +34,7 @@ func (f *subscriptionFlags) register(fs *flag.FlagSet) {
 // subscriptionsCommand is `walhook subscriptions list|add|rm`, for operators: it
 // works on walhook.subscriptions directly (a running walhook picks changes up
 // through the stream). Subscriptions added here skip the X-Hook-Secret handshake.
-func subscriptionsCommand(ctx context.Context, cfg *Config, f subscriptionFlags, out io.Writer) error {
+func subscriptionsCommand(ctx context.Context, cfg *Settings, f subscriptionFlags, out io.Writer) error {
 	verb, events, target, tenant, secret := f.verb, f.events, &f.target, &f.tenant, &f.secret
 	switch verb {
 	case "list", "add", "rm":
