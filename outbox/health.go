@@ -55,9 +55,9 @@ func retryable(err error) bool {
 
 // closed ends a deleted subscription's scheduler once it has drained: its
 // parked rows go, and its metrics.
-func (s *scheduler) closed() error {
-	s.write("cannot drop parked events", func() error {
-		return s.store.DropParked(s.ctx, s.sub.ID)
+func (s *scheduler) closed(ctx context.Context) error {
+	s.write(ctx, "cannot drop parked events", func() error {
+		return s.store.DropParked(ctx, s.sub.ID)
 	})
 	s.metrics.removeSubscription(s.sub.ID)
 	s.log.Info().Msg("deleted subscription drained")
@@ -67,7 +67,7 @@ func (s *scheduler) closed() error {
 // disable turns a failing subscription off: what it holds, parked or in
 // memory, becomes dead letters (replayable), and so does every later event,
 // until it is enabled again.
-func (s *scheduler) disable() {
+func (s *scheduler) disable(ctx context.Context) {
 	s.disabled = true
 	s.gen++ // what is in flight is dead-lettered here; its result changes nothing
 	s.log.Error().Dur("disable_after", s.opts.DisableAfter).Msg("subscription disabled: its endpoint keeps failing")
@@ -78,20 +78,20 @@ func (s *scheduler) disable() {
 		s.d.mu.Unlock()
 	case !s.sub.Disabled:
 		id := s.sub.ID
-		if s.write("cannot mark subscription disabled", func() error {
-			return s.store.DisableSubscription(s.ctx, id)
+		if s.write(ctx, "cannot mark subscription disabled", func() error {
+			return s.store.DisableSubscription(ctx, id)
 		}) != nil {
 			return // the epoch ended
 		}
 	}
-	if s.write("cannot dead-letter parked events", func() error {
-		return s.store.DeadLetterParked(s.ctx, s.sub.ID, disabledReason)
+	if s.write(ctx, "cannot dead-letter parked events", func() error {
+		return s.store.DeadLetterParked(ctx, s.sub.ID, disabledReason)
 	}) != nil {
 		return
 	}
 	for _, k := range s.keys {
 		for _, it := range k.items {
-			if s.d.deadLetter(s.ctx, DeadLetter{Subscription: s.sub.ID, Event: it.ev,
+			if s.d.deadLetter(ctx, DeadLetter{Subscription: s.sub.ID, Event: it.ev,
 				WebhookID: WebhookID(s.sub.ID, []Event{it.ev}), Reason: disabledReason}) != nil {
 				return // the epoch ended: unacked, replayed
 			}
@@ -121,7 +121,7 @@ func (s *scheduler) report() {
 // unsubscribe handles a 410 Gone: every held event is dropped (finished), later
 // ones too, and the subscription is deleted; its deletion then comes back
 // through the stream and stops this scheduler.
-func (s *scheduler) unsubscribe() {
+func (s *scheduler) unsubscribe(ctx context.Context) {
 	s.log.Warn().Msg("target answered 410 Gone: unsubscribing, pending events dropped")
 	s.gone = true
 	s.release()
@@ -129,8 +129,8 @@ func (s *scheduler) unsubscribe() {
 	s.sends.Add(1)
 	go func() {
 		defer s.sends.Done()
-		s.write("cannot delete gone subscription", func() error {
-			return s.store.DeleteSubscription(s.ctx, id)
+		s.write(ctx, "cannot delete gone subscription", func() error {
+			return s.store.DeleteSubscription(ctx, id)
 		})
 	}()
 }

@@ -1,6 +1,7 @@
 package outbox
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"time"
@@ -16,14 +17,14 @@ import (
 // finished without a request (docs/parking.md). One at the mark goes to the
 // table, whose unique (subscription, event_id) keeps it once: sequences
 // saturate in transactions of more than 65,535 events, so equal is not old.
-func (s *scheduler) handleParkedEvent(k *key, dv delivery, ev Event, now time.Time) {
+func (s *scheduler) handleParkedEvent(ctx context.Context, k *key, dv delivery, ev Event, now time.Time) {
 	if ev.WebhookID == "" && ev.Seq < k.parkedSeq {
 		s.done(dv.txn, dv.size)
 		return
 	}
-	err := s.park([]ParkedEvent{{Event: ev, NextAttempt: k.feedAt, Since: now}})
+	err := s.park(ctx, []ParkedEvent{{Event: ev, NextAttempt: k.feedAt, Since: now}})
 	if errors.Is(err, ErrPermanent) {
-		s.unstorable(ev, dv.txn, dv.size, err)
+		s.unstorable(ctx, ev, dv.txn, dv.size, err)
 		return
 	}
 	if err == nil {
@@ -35,9 +36,9 @@ func (s *scheduler) handleParkedEvent(k *key, dv delivery, ev Event, now time.Ti
 // unstorable dead-letters an event the store refused to park for good (a
 // payload its jsonb cannot hold): the stream goes on, nothing is retried
 // forever.
-func (s *scheduler) unstorable(ev Event, t *Txn, size int64, cause error) {
+func (s *scheduler) unstorable(ctx context.Context, ev Event, t *Txn, size int64, cause error) {
 	s.log.Error().Err(cause).Str("event_id", ev.ID).Msg("cannot park the event: dead-lettered")
-	if s.d.deadLetter(s.ctx, DeadLetter{Subscription: s.sub.ID, Event: ev, WebhookID: WebhookID(s.sub.ID, []Event{ev}),
+	if s.d.deadLetter(ctx, DeadLetter{Subscription: s.sub.ID, Event: ev, WebhookID: WebhookID(s.sub.ID, []Event{ev}),
 		Reason: "cannot be parked: " + cause.Error()}) == nil {
 		s.done(t, size)
 		s.metrics.finished(s.sub.ID, "dead_lettered", []Event{ev})
@@ -48,10 +49,10 @@ func (s *scheduler) unstorable(ev Event, t *Txn, size int64, cause error) {
 // an event is never in the table and in the dead letters at once, so a
 // replay of the dead letter cannot meet its old row (and be dropped as a
 // duplicate of it).
-func (s *scheduler) retireParked(j *job, cause error) {
+func (s *scheduler) retireParked(ctx context.Context, j *job, cause error) {
 	dls := s.deadLetters(j, cause)
-	if s.write("cannot dead-letter parked deliveries", func() error {
-		return s.store.DeadLetterRows(s.ctx, j.rows(), dls)
+	if s.write(ctx, "cannot dead-letter parked deliveries", func() error {
+		return s.store.DeadLetterRows(ctx, j.rows(), dls)
 	}) != nil {
 		return
 	}
@@ -71,11 +72,11 @@ func (j *job) rows() []int64 {
 
 // loadParked marks the keys that have parked rows (from before a restart),
 // and, debounced, loads the sequences already sent.
-func (s *scheduler) loadParked() error {
+func (s *scheduler) loadParked(ctx context.Context) error {
 	if s.opts.Debounce > 0 {
-		err := retryForever(s.ctx, s.log, "cannot read debounce marks", func() error {
+		err := retryForever(ctx, s.log, "cannot read debounce marks", func() error {
 			var err error
-			s.sentMarks, err = s.store.SentMarks(s.ctx, s.sub.ID, uint64(s.startLSN)<<16)
+			s.sentMarks, err = s.store.SentMarks(ctx, s.sub.ID, uint64(s.startLSN)<<16)
 			return err
 		})
 		if err != nil {
@@ -83,9 +84,9 @@ func (s *scheduler) loadParked() error {
 		}
 	}
 	var keys []ParkedKey
-	err := retryForever(s.ctx, s.log, "cannot read parked deliveries", func() error {
+	err := retryForever(ctx, s.log, "cannot read parked deliveries", func() error {
 		var err error
-		keys, err = s.store.ParkedKeys(s.ctx, s.sub.ID)
+		keys, err = s.store.ParkedKeys(ctx, s.sub.ID)
 		return err
 	})
 	if err != nil {
@@ -109,16 +110,16 @@ func (s *scheduler) loadParked() error {
 // merges in the debounce marks written since
 // (a relay worker took a partition, docs/scale-out.md): none of their events
 // has reached this scheduler yet, so later ones go behind the parked ones.
-func (s *scheduler) reloadParked() {
+func (s *scheduler) reloadParked(ctx context.Context) {
 	if s.opts.Debounce > 0 {
 		// The debounce marks too: the partition's previous owner may have
 		// sent newer events of its resources than what comes again now. A
 		// mark only says that an event was sent, and what is older than it
 		// is superseded, so merging newer marks in is always safe.
 		var marks map[string]uint64
-		if retryForever(s.ctx, s.log, "cannot read debounce marks", func() error {
+		if retryForever(ctx, s.log, "cannot read debounce marks", func() error {
 			var err error
-			marks, err = s.store.SentMarks(s.ctx, s.sub.ID, uint64(s.startLSN)<<16)
+			marks, err = s.store.SentMarks(ctx, s.sub.ID, uint64(s.startLSN)<<16)
 			return err
 		}) != nil {
 			return // the epoch ended
@@ -131,9 +132,9 @@ func (s *scheduler) reloadParked() {
 		}
 	}
 	var keys []ParkedKey
-	if retryForever(s.ctx, s.log, "cannot read parked deliveries", func() error {
+	if retryForever(ctx, s.log, "cannot read parked deliveries", func() error {
 		var err error
-		keys, err = s.store.ParkedKeys(s.ctx, s.sub.ID)
+		keys, err = s.store.ParkedKeys(ctx, s.sub.ID)
 		return err
 	}) != nil {
 		return // the epoch ended
@@ -152,16 +153,16 @@ func (s *scheduler) reloadParked() {
 
 // park writes events to walhook.deliveries. On error nothing is finished:
 // the epoch ended, or (ErrPermanent) the store cannot hold them.
-func (s *scheduler) park(events []ParkedEvent) error {
-	return s.write("cannot park deliveries", func() error {
-		return s.store.Park(s.ctx, s.sub.ID, events)
+func (s *scheduler) park(ctx context.Context, events []ParkedEvent) error {
+	return s.write(ctx, "cannot park deliveries", func() error {
+		return s.store.Park(ctx, s.sub.ID, events)
 	})
 }
 
 // write runs a store write until it succeeds, the epoch ends, or it fails for
 // good. Fenced, the epoch is over: another process delivers now.
-func (s *scheduler) write(what string, f func() error) error {
-	err := retryForever(s.ctx, s.log, what, f)
+func (s *scheduler) write(ctx context.Context, what string, f func() error) error {
+	err := retryForever(ctx, s.log, what, f)
 	if errors.Is(err, ErrFenced) {
 		s.log.Warn().Msg("another walhook process took over delivery: stopping")
 		s.epoch.End(err)
@@ -172,7 +173,7 @@ func (s *scheduler) write(what string, f func() error) error {
 // parkJob parks every key of a batch that failed for park_after: its items
 // and every later item of those keys move to the table, and stop holding the
 // slot back.
-func (s *scheduler) parkJob(j *job, next time.Time) {
+func (s *scheduler) parkJob(ctx context.Context, j *job, next time.Time) {
 	if s.closing {
 		// A deleted subscription's failing events are not kept for days.
 		for _, k := range j.keys {
@@ -186,7 +187,7 @@ func (s *scheduler) parkJob(j *job, next time.Time) {
 		return
 	}
 	now := s.now()
-	n, keys := s.parkWaiting(j, next, now)
+	n, keys := s.parkWaiting(ctx, j, next, now)
 	s.log.Warn().Int("resources", keys).Int("events", n).Dur("failing_for", s.now().Sub(j.first)).
 		Msg("parked: the endpoint keeps failing; events moved out of memory (walhook.deliveries, or a relay worker's park stream)")
 }
@@ -194,7 +195,7 @@ func (s *scheduler) parkJob(j *job, next time.Time) {
 // parkWaiting parks j's keys (j may be nil) and the ready keys that waited
 // park_after (all of them while memory is full); it returns the events and
 // keys parked.
-func (s *scheduler) parkWaiting(j *job, next, now time.Time) (n, parked int) {
+func (s *scheduler) parkWaiting(ctx context.Context, j *job, next, now time.Time) (n, parked int) {
 	var keys []*key
 	if j != nil {
 		keys = j.keys
@@ -222,14 +223,14 @@ func (s *scheduler) parkWaiting(j *job, next, now time.Time) (n, parked int) {
 				events[i].Attempts, events[i].Since = j.attempt, j.first
 			}
 		}
-		err := s.park(events)
+		err := s.park(ctx, events)
 		if errors.Is(err, ErrPermanent) {
 			// One of them the store cannot hold: park them one by one, and
 			// dead-letter what cannot be parked.
 			err = nil
 			for i, it := range k.items {
-				if e := s.park(events[i : i+1]); errors.Is(e, ErrPermanent) {
-					s.unstorable(it.ev, it.txn, it.size, e)
+				if e := s.park(ctx, events[i:i+1]); errors.Is(e, ErrPermanent) {
+					s.unstorable(ctx, it.ev, it.txn, it.size, e)
 					it.txn, it.size = nil, 0
 				} else if e != nil {
 					err = e
@@ -257,11 +258,11 @@ func (s *scheduler) parkWaiting(j *job, next, now time.Time) (n, parked int) {
 
 // feedJob loads a parked key's next rows; with none left the key returns to
 // memory.
-func (s *scheduler) feedJob(k *key) *job {
+func (s *scheduler) feedJob(ctx context.Context, k *key) *job {
 	var rows []ParkedEvent
-	err := retryForever(s.ctx, s.log, "cannot read parked deliveries", func() error {
+	err := retryForever(ctx, s.log, "cannot read parked deliveries", func() error {
 		var err error
-		rows, err = s.store.NextParked(s.ctx, s.sub.ID, k.id, s.opts.BatchMax, s.opts.BatchBytes)
+		rows, err = s.store.NextParked(ctx, s.sub.ID, k.id, s.opts.BatchMax, s.opts.BatchBytes)
 		return err
 	})
 	if err != nil {
@@ -302,12 +303,12 @@ func (s *scheduler) feedJob(k *key) *job {
 }
 
 // finishParked deletes delivered or dead-lettered rows and feeds the key on.
-func (s *scheduler) finishParked(j *job) {
+func (s *scheduler) finishParked(ctx context.Context, j *job) {
 	rows := make([]int64, len(j.items))
 	for i, it := range j.items {
 		rows[i] = it.row
 	}
-	if s.write("cannot unpark deliveries", func() error { return s.store.Unpark(s.ctx, rows) }) != nil {
+	if s.write(ctx, "cannot unpark deliveries", func() error { return s.store.Unpark(ctx, rows) }) != nil {
 		return
 	}
 	k := j.keys[0]
@@ -316,17 +317,17 @@ func (s *scheduler) finishParked(j *job) {
 }
 
 // retryParked reschedules failed rows, or dead-letters them after retry_for.
-func (s *scheduler) retryParked(j *job, cause error, next time.Time) {
+func (s *scheduler) retryParked(ctx context.Context, j *job, cause error, next time.Time) {
 	if s.now().Sub(j.first) >= s.opts.RetryFor {
-		s.retireParked(j, fmt.Errorf("retry_for (%s) exhausted: %w", s.opts.RetryFor, cause))
+		s.retireParked(ctx, j, fmt.Errorf("retry_for (%s) exhausted: %w", s.opts.RetryFor, cause))
 		return
 	}
 	rows := make([]int64, len(j.items))
 	for i, it := range j.items {
 		rows[i] = it.row
 	}
-	err := s.write("cannot reschedule parked deliveries", func() error {
-		return s.store.Reschedule(s.ctx, rows, j.attempt, next, cause.Error())
+	err := s.write(ctx, "cannot reschedule parked deliveries", func() error {
+		return s.store.Reschedule(ctx, rows, j.attempt, next, cause.Error())
 	})
 	if err != nil {
 		return

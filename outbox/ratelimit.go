@@ -1,6 +1,7 @@
 package outbox
 
 import (
+	"context"
 	"time"
 )
 
@@ -40,14 +41,14 @@ func (s *scheduler) limited(now time.Time) bool { return now.Before(s.holdUntil)
 // park_after (or at once while memory is short): a subscription that cannot
 // send as fast as its events come must not pin WAL. Its keys move to
 // walhook.deliveries and are fed from there, at the rate.
-func (s *scheduler) parkLimited(now time.Time) {
+func (s *scheduler) parkLimited(ctx context.Context, now time.Time) {
 	if s.closing || len(s.ready) == 0 {
 		return
 	}
 	if now.Sub(s.ready[0].items[0].first) < s.opts.ParkAfter && !s.overBudget() {
 		return
 	}
-	if n, keys := s.parkWaiting(nil, now, now); n > 0 {
+	if n, keys := s.parkWaiting(ctx, nil, now, now); n > 0 {
 		s.log.Warn().Int("resources", keys).Int("events", n).Float64("rate_limit", s.rate).
 			Msg("parked: rate-limited events waited past park_after; moved to walhook.deliveries")
 	}

@@ -34,7 +34,6 @@ type scheduler struct {
 	budget  *Budget  // memory budget
 	log     zerolog.Logger
 	now     func() time.Time
-	ctx     context.Context // run's
 	sends   sync.WaitGroup
 
 	keys        map[string]*key
@@ -143,8 +142,7 @@ func (s *scheduler) setSubscription(sub *Subscription) {
 }
 
 func (s *scheduler) run(ctx context.Context) error {
-	s.ctx = ctx
-	if err := s.loadParked(); err != nil {
+	if err := s.loadParked(ctx); err != nil {
 		return nil // ctx ended
 	}
 	timer := time.NewTimer(time.Hour)
@@ -157,13 +155,13 @@ func (s *scheduler) run(ctx context.Context) error {
 	var armed time.Time // the timer's deadline
 	for {
 		if s.closing && s.pending == 0 && s.inFlight == 0 {
-			return s.closed()
+			return s.closed(ctx)
 		}
 		if draining {
 			if s.inFlight == 0 {
 				return nil
 			}
-			s.handleResult(<-s.results) // only let what is in flight come back
+			s.handleResult(ctx, <-s.results) // only let what is in flight come back
 			continue
 		}
 		now := s.now()
@@ -184,9 +182,9 @@ func (s *scheduler) run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case dv := <-in:
-			s.take(dv)
+			s.take(ctx, dv)
 		case r := <-s.results:
-			s.handleResult(r)
+			s.handleResult(ctx, r)
 		case <-wake:
 			armed = time.Time{}
 			s.handleTimers()
@@ -200,16 +198,16 @@ func (s *scheduler) run(ctx context.Context) error {
 
 // take handles dv and whatever else waits in the input, up to a burst: one
 // select per burst instead of one per event.
-func (s *scheduler) take(dv delivery) {
+func (s *scheduler) take(ctx context.Context, dv delivery) {
 	now := s.now()
-	s.handleEvent(dv, now)
+	s.handleEvent(ctx, dv, now)
 	for range 256 {
 		if s.saturated() {
 			return
 		}
 		select {
 		case dv := <-s.in:
-			s.handleEvent(dv, now)
+			s.handleEvent(ctx, dv, now)
 		default:
 			return
 		}
@@ -230,7 +228,7 @@ func (s *scheduler) overBudget() bool { return s.held >= s.share || s.budget.Ful
 
 // handleEvent queues an event under its key, merging it into the key's tail item
 // when debounce allows.
-func (s *scheduler) handleEvent(dv delivery, now time.Time) {
+func (s *scheduler) handleEvent(ctx context.Context, dv delivery, now time.Time) {
 	s.held += dv.size // until done
 	switch {
 	case dv.commit:
@@ -239,11 +237,11 @@ func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 	case dv.update != nil:
 		s.setSubscription(dv.update) // batches from now on use it
 		if dv.update.Disabled && !s.disabled {
-			s.disable()
+			s.disable(ctx)
 		}
 		return
 	case dv.reload:
-		s.reloadParked()
+		s.reloadParked(ctx)
 		return
 	case dv.close:
 		s.closing = true
@@ -256,7 +254,7 @@ func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 	}
 	s.inTxn = true
 	if s.disabled {
-		if s.d.deadLetter(s.ctx, DeadLetter{Subscription: s.sub.ID, Event: dv.event,
+		if s.d.deadLetter(ctx, DeadLetter{Subscription: s.sub.ID, Event: dv.event,
 			WebhookID: WebhookID(s.sub.ID, []Event{dv.event}), Reason: disabledReason}) == nil {
 			s.done(dv.txn, dv.size)
 			s.metrics.finished(s.sub.ID, "dead_lettered", []Event{dv.event})
@@ -286,7 +284,7 @@ func (s *scheduler) handleEvent(dv delivery, now time.Time) {
 	k := s.key(dv.event.ResourceID)
 	ev.Coalesced = 1
 	if k.parked {
-		s.handleParkedEvent(k, dv, ev, now)
+		s.handleParkedEvent(ctx, k, dv, ev, now)
 		return
 	}
 	// Order is by sequence, not arrival: an event older than the unsent tail
@@ -378,7 +376,7 @@ func (s *scheduler) schedule(k *key, now time.Time) {
 // new batches.
 func (s *scheduler) dispatch(ctx context.Context, now time.Time) {
 	if s.limited(now) {
-		s.parkLimited(now)
+		s.parkLimited(ctx, now)
 		return
 	}
 	for s.inFlight < s.opts.MaxInFlight && len(s.retries) > 0 && s.token(now) {
@@ -391,7 +389,7 @@ func (s *scheduler) dispatch(ctx context.Context, now time.Time) {
 		s.feeds[0] = nil
 		s.feeds = s.feeds[1:]
 		k.feed = false
-		if j := s.feedJob(k); j != nil {
+		if j := s.feedJob(ctx, k); j != nil {
 			s.start(ctx, j)
 		} else {
 			s.tokens++ // drained: no attempt
@@ -411,7 +409,7 @@ func (s *scheduler) dispatch(ctx context.Context, now time.Time) {
 			}
 		}
 		if !s.token(now) {
-			s.parkLimited(now)
+			s.parkLimited(ctx, now)
 			return
 		}
 		j := s.assemble(now)
@@ -561,14 +559,14 @@ func (s *scheduler) sender(ctx context.Context) {
 	}
 }
 
-func (s *scheduler) handleResult(r result) {
+func (s *scheduler) handleResult(ctx context.Context, r result) {
 	s.inFlight--
 	j := r.job
 	if s.gone || s.disabled || j.gen != s.gen {
 		return // released or dead-lettered already; a 410 from then is old news
 	}
 	if r.gone {
-		s.unsubscribe()
+		s.unsubscribe(ctx)
 		return
 	}
 	if r.err == nil {
@@ -577,7 +575,7 @@ func (s *scheduler) handleResult(r result) {
 		s.failingFrom = j.first
 	}
 	if j.parked && r.err != nil && !retryable(r.err) {
-		s.retireParked(j, r.err)
+		s.retireParked(ctx, j, r.err)
 		return
 	}
 	if r.err == nil || r.dead {
@@ -588,7 +586,7 @@ func (s *scheduler) handleResult(r result) {
 		}
 		s.metrics.finished(s.sub.ID, outcome, j.batch.Events)
 		if j.parked {
-			s.finishParked(j)
+			s.finishParked(ctx, j)
 			return
 		}
 		s.finish(j)
@@ -612,16 +610,16 @@ func (s *scheduler) handleResult(r result) {
 	s.log.Debug().Str("webhook_id", j.batch.WebhookID).Int("attempt", j.attempt).Err(r.err).Dur("retry_in", wait).Msg("attempt failed")
 	now := s.now()
 	if !s.disabled && now.Sub(s.failingFrom) >= s.opts.DisableAfter {
-		s.disable() // the batch's events are among those it dead-letters
+		s.disable(ctx) // the batch's events are among those it dead-letters
 		return
 	}
 	switch {
 	case j.parked:
-		s.retryParked(j, r.err, now.Add(wait))
+		s.retryParked(ctx, j, r.err, now.Add(wait))
 	case now.Sub(j.first) >= s.opts.ParkAfter || s.overBudget():
 		// Failing for park_after, or failing while memory is short: the
 		// endpoint is failing anyway, its events make room in the table.
-		s.parkJob(j, now.Add(wait))
+		s.parkJob(ctx, j, now.Add(wait))
 	default:
 		heap.Push(&s.timers, timerEntry{at: now.Add(wait), job: j})
 	}
