@@ -398,6 +398,9 @@ func (s *parkStore) indexes(ctx context.Context) []*parkIndex {
 // holds nothing of: no event of it can reach the scheduler any more, so the
 // scheduler may forget the resource (its next owner loads it).
 func (s *parkStore) NextParked(ctx context.Context, sub, resource string, limit, maxBytes int) ([]outbox.ParkedEvent, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err // the caller's epoch ended: "none" would let it forget rows that are still there
+	}
 	n := Partition(sub, resource, s.cfg().Partitions)
 	s.w.mu.Lock()
 	p := s.w.owned[n]
@@ -408,8 +411,11 @@ func (s *parkStore) NextParked(ctx context.Context, sub, resource string, limit,
 	px := p.park
 	subj := s.cfg().parkSubject(n, sub, resource)
 	px.mu.Lock()
-	k, detached := px.keys[subj], px.detached || !px.servesLocked(epochOf(ctx))
+	k, detached, serves := px.keys[subj], px.detached, px.servesLocked(epochOf(ctx))
 	px.mu.Unlock()
+	if !serves {
+		return nil, fmt.Errorf("read parked deliveries of partition %d: loaded again since: %w", n, outbox.ErrFenced)
+	}
 	if k == nil || detached || s.w.handingOver(p) {
 		return nil, nil
 	}
@@ -453,8 +459,11 @@ func (s *parkStore) NextParked(ctx context.Context, sub, resource string, limit,
 	}
 	px.mu.Lock()
 	defer px.mu.Unlock()
-	if px.detached || !px.servesLocked(epochOf(ctx)) {
-		return nil, nil // handed over, or loaded again, meanwhile: its next owner or epoch sends them
+	if !px.servesLocked(epochOf(ctx)) {
+		return nil, fmt.Errorf("read parked deliveries of partition %d: loaded again since: %w", n, outbox.ErrFenced)
+	}
+	if px.detached {
+		return nil, nil // handed over meanwhile: its next owner sends them
 	}
 	if len(out) == 0 {
 		if px.keys[subj] == k {

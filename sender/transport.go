@@ -107,6 +107,15 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			closeBody(req)
 			return nil, err
 		}
+		if err := req.Context().Err(); err != nil {
+			// Never start a request whose context has ended: on a
+			// kept-alive connection nothing else would stop it (exchange's
+			// AfterFunc runs on its own goroutine, racing the write), and
+			// an epoch that ended must send nothing more.
+			t.put(c)
+			closeBody(req)
+			return nil, err
+		}
 		resp, err := t.exchange(c, req)
 		if err == nil {
 			return resp, nil

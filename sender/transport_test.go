@@ -159,6 +159,31 @@ func TestTransportHonoursTheContext(t *testing.T) {
 	}
 }
 
+// A request whose context has ended is never sent, not even on a
+// kept-alive connection (where the write used to race the context's
+// AfterFunc and usually won): an epoch that ended sends nothing more.
+func TestTransportSendsNothingForAnEndedContext(t *testing.T) {
+	var requests atomic.Int32
+	srv := newCountingServer(t, false, func(w http.ResponseWriter, r *http.Request) { requests.Add(1) })
+	tr := testTransport(srv.Server)
+	post(t, tr, srv.URL, "first") // leaves a kept-alive connection in the pool
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	for range 20 {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, srv.URL, strings.NewReader("late"))
+		if _, err := tr.RoundTrip(req); !errors.Is(err, context.Canceled) {
+			t.Fatalf("err = %v, want context.Canceled", err)
+		}
+	}
+	post(t, tr, srv.URL, "after") // the connection is still good
+	if n := requests.Load(); n != 2 {
+		t.Fatalf("the server got %d requests, want 2 (none with the ended context)", n)
+	}
+	if n := srv.conns.Load(); n != 1 {
+		t.Errorf("%d connections, want 1", n)
+	}
+}
+
 // Requests through a proxy go through net/http.
 func TestTransportSendsThroughAProxy(t *testing.T) {
 	var seen atomic.Value
