@@ -70,6 +70,11 @@ func (s *scheduler) closed(ctx context.Context) error {
 func (s *scheduler) disable(ctx context.Context) {
 	s.disabled = true
 	s.gen++ // what is in flight is dead-lettered here; its result changes nothing
+	// Every key in its place first: rows being parked must be in the table
+	// before its rows become dead letters.
+	if !s.settle(ctx) {
+		return // the epoch ended
+	}
 	s.log.Error().Dur("disable_after", s.opts.DisableAfter).Msg("subscription disabled: its endpoint keeps failing")
 	switch {
 	case s.sub.Static:

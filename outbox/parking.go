@@ -17,32 +17,52 @@ import (
 // finished without a request (docs/parking.md). One at the mark goes to the
 // table, whose unique (subscription, event_id) keeps it once: sequences
 // saturate in transactions of more than 65,535 events, so equal is not old.
+// While store work for the key is queued, the event waits in memory behind it
+// and follows it into the table (flushParked).
 func (s *scheduler) handleParkedEvent(ctx context.Context, k *key, dv delivery, ev Event, now time.Time) {
 	if ev.WebhookID == "" && ev.Seq < k.parkedSeq {
 		s.done(dv.txn, dv.size)
 		return
 	}
-	err := s.park(ctx, []ParkedEvent{{Event: ev, NextAttempt: k.feedAt, Since: now}})
-	if errors.Is(err, ErrPermanent) {
-		s.unstorable(ctx, ev, dv.txn, dv.size, err)
+	k.items = append(k.items, &item{ev: ev, txn: dv.txn, size: dv.size, first: now, readyAt: now})
+	s.pending++
+	if k.writes == 0 {
+		s.flushParked(ctx, k)
+	}
+}
+
+// flushParked writes the events waiting in a parked key's memory to the
+// table, behind its rows.
+func (s *scheduler) flushParked(ctx context.Context, k *key) {
+	if len(k.items) == 0 {
 		return
 	}
-	if err == nil {
-		k.parkedSeq = max(k.parkedSeq, ev.Seq)
-		s.done(dv.txn, dv.size)
+	items := k.items
+	k.items = nil
+	events := make([]ParkedEvent, len(items))
+	for i, it := range items {
+		events[i] = ParkedEvent{Event: it.ev, NextAttempt: k.feedAt, Since: it.first}
 	}
+	s.park(ctx, k, items, events)
 }
 
 // unstorable dead-letters an event the store refused to park for good (a
 // payload its jsonb cannot hold): the stream goes on, nothing is retried
 // forever.
-func (s *scheduler) unstorable(ctx context.Context, ev Event, t *Txn, size int64, cause error) {
-	s.log.Error().Err(cause).Str("event_id", ev.ID).Msg("cannot park the event: dead-lettered")
-	if s.d.deadLetter(ctx, DeadLetter{Subscription: s.sub.ID, Event: ev, WebhookID: WebhookID(s.sub.ID, []Event{ev}),
-		Reason: "cannot be parked: " + cause.Error()}) == nil {
-		s.done(t, size)
-		s.metrics.finished(s.sub.ID, "dead_lettered", []Event{ev})
-	}
+func (s *scheduler) unstorable(ctx context.Context, k *key, it *item, cause error) {
+	s.log.Error().Err(cause).Str("event_id", it.ev.ID).Msg("cannot park the event: dead-lettered")
+	dl := DeadLetter{Subscription: s.sub.ID, Event: it.ev, WebhookID: WebhookID(s.sub.ID, []Event{it.ev}),
+		Reason: "cannot be parked: " + cause.Error()}
+	s.enqueue(ctx, &storeOp{what: "cannot write dead letter", key: k,
+		f: func(ctx context.Context) error { return s.d.deadLetter(ctx, dl) },
+		then: func(_ context.Context, err error) {
+			if err != nil {
+				return // the epoch ended: unacked, replayed
+			}
+			s.done(it.txn, it.size)
+			s.pending--
+			s.metrics.finished(s.sub.ID, "dead_lettered", []Event{it.ev})
+		}})
 }
 
 // retireParked dead-letters parked rows and deletes them in one transaction:
@@ -51,15 +71,17 @@ func (s *scheduler) unstorable(ctx context.Context, ev Event, t *Txn, size int64
 // duplicate of it).
 func (s *scheduler) retireParked(ctx context.Context, j *job, cause error) {
 	dls := s.deadLetters(j, cause)
-	if s.write(ctx, "cannot dead-letter parked deliveries", func() error {
-		return s.store.DeadLetterRows(ctx, j.rows(), dls)
-	}) != nil {
-		return
-	}
-	s.metrics.finished(s.sub.ID, "dead_lettered", j.batch.Events)
+	rows := j.rows()
 	k := j.keys[0]
-	k.busy, k.feedAt = false, s.now()
-	s.schedule(k, s.now())
+	s.enqueue(ctx, &storeOp{what: "cannot dead-letter parked deliveries", key: k,
+		f: func(ctx context.Context) error { return s.store.DeadLetterRows(ctx, rows, dls) },
+		then: func(_ context.Context, err error) {
+			if err != nil {
+				return
+			}
+			s.metrics.finished(s.sub.ID, "dead_lettered", j.batch.Events)
+			k.busy, k.feedAt = false, s.now()
+		}})
 }
 
 func (j *job) rows() []int64 {
@@ -151,12 +173,31 @@ func (s *scheduler) reloadParked(ctx context.Context) {
 	}
 }
 
-// park writes events to walhook.deliveries. On error nothing is finished:
-// the epoch ended, or (ErrPermanent) the store cannot hold them.
-func (s *scheduler) park(ctx context.Context, events []ParkedEvent) error {
-	return s.write(ctx, "cannot park deliveries", func() error {
-		return s.store.Park(ctx, s.sub.ID, events)
-	})
+// park writes a key's items (events, the same in order) to
+// walhook.deliveries, off the loop; each is finished once written. The key is
+// held meanwhile. On error nothing is finished: the epoch ended, or
+// (ErrPermanent) the store cannot hold one of them: then they are parked one
+// by one, and what cannot be parked is dead-lettered.
+func (s *scheduler) park(ctx context.Context, k *key, items []*item, events []ParkedEvent) {
+	sub := s.sub.ID
+	s.enqueue(ctx, &storeOp{what: "cannot park deliveries", key: k,
+		f: func(ctx context.Context) error { return s.store.Park(ctx, sub, events) },
+		then: func(ctx context.Context, err error) {
+			switch {
+			case errors.Is(err, ErrPermanent) && len(items) == 1:
+				s.unstorable(ctx, k, items[0], err)
+			case errors.Is(err, ErrPermanent):
+				for i := range items {
+					s.park(ctx, k, items[i:i+1], events[i:i+1])
+				}
+			case err == nil:
+				for _, it := range items {
+					s.done(it.txn, it.size)
+					k.parkedSeq = max(k.parkedSeq, it.ev.Seq)
+				}
+				s.pending -= len(items)
+			}
+		}})
 }
 
 // write runs a store write until it succeeds, the epoch ends, or it fails for
@@ -194,7 +235,8 @@ func (s *scheduler) parkJob(ctx context.Context, j *job, next time.Time) {
 
 // parkWaiting parks j's keys (j may be nil) and the ready keys that waited
 // park_after (all of them while memory is full); it returns the events and
-// keys parked.
+// keys parked. The writes run off the loop (park); the keys are parked from
+// now on, and what comes for them meanwhile follows their events.
 func (s *scheduler) parkWaiting(ctx context.Context, j *job, next, now time.Time) (n, parked int) {
 	var keys []*key
 	if j != nil {
@@ -223,51 +265,46 @@ func (s *scheduler) parkWaiting(ctx context.Context, j *job, next, now time.Time
 				events[i].Attempts, events[i].Since = j.attempt, j.first
 			}
 		}
-		err := s.park(ctx, events)
-		if errors.Is(err, ErrPermanent) {
-			// One of them the store cannot hold: park them one by one, and
-			// dead-letter what cannot be parked.
-			err = nil
-			for i, it := range k.items {
-				if e := s.park(ctx, events[i:i+1]); errors.Is(e, ErrPermanent) {
-					s.unstorable(ctx, it.ev, it.txn, it.size, e)
-					it.txn, it.size = nil, 0
-				} else if e != nil {
-					err = e
-					break
-				}
-			}
-		}
-		if err != nil {
-			return n, len(keys) // the epoch ended: nothing acked, all replayed
-		}
-		for _, it := range k.items {
-			if it.txn != nil {
-				s.done(it.txn, it.size)
-			}
-			k.parkedSeq = max(k.parkedSeq, it.ev.Seq)
-		}
-		s.pending -= len(k.items)
-		n += len(k.items)
-		clear(k.items)
+		items := k.items
+		n += len(items)
 		k.items, k.busy, k.parked, k.feedAt = nil, false, true, next
-		s.schedule(k, s.now())
+		s.park(ctx, k, items, events)
 	}
 	return n, len(keys)
 }
 
-// feedJob loads a parked key's next rows; with none left the key returns to
-// memory.
-func (s *scheduler) feedJob(ctx context.Context, k *key) *job {
+// feedJob loads a parked key's next rows, off the loop, and starts their
+// attempt; with none left the key returns to memory. The attempt's request
+// slot (and rate token) is taken now, so max_in_flight holds.
+func (s *scheduler) feedJob(ctx context.Context, k *key) {
 	var rows []ParkedEvent
-	err := retryForever(ctx, s.log, "cannot read parked deliveries", func() error {
-		var err error
-		rows, err = s.store.NextParked(ctx, s.sub.ID, k.id, s.opts.BatchMax, s.opts.BatchBytes)
-		return err
-	})
-	if err != nil {
-		return nil
-	}
+	sub, limit, maxBytes := s.sub.ID, s.opts.BatchMax, s.opts.BatchBytes
+	s.inFlight++
+	k.busy = true
+	s.enqueue(ctx, &storeOp{what: "cannot read parked deliveries", key: k,
+		f: func(ctx context.Context) error {
+			var err error
+			rows, err = s.store.NextParked(ctx, sub, k.id, limit, maxBytes)
+			return err
+		},
+		then: func(ctx context.Context, err error) {
+			s.inFlight--
+			if err != nil {
+				return
+			}
+			k.busy = false
+			if j := s.parkedJob(k, rows); j != nil && !s.draining && !s.closing && !s.disabled && !s.gone {
+				k.busy = true
+				s.start(ctx, j)
+				return
+			}
+			s.tokens++ // no attempt
+		}})
+}
+
+// parkedJob is the job of a parked key's next rows; with none left the key
+// returns to memory (with what came for it while they were read).
+func (s *scheduler) parkedJob(k *key, rows []ParkedEvent) *job {
 	// A replayed dead letter keeps its webhook-id: it goes alone.
 	for i, r := range rows {
 		if r.Event.WebhookID != "" {
@@ -279,6 +316,10 @@ func (s *scheduler) feedJob(ctx context.Context, k *key) *job {
 		k.parked = false
 		if len(k.items) == 0 {
 			delete(s.keys, k.id)
+		} else {
+			for _, it := range k.items {
+				it.readyAt = s.readyAt(it.first, s.now())
+			}
 		}
 		s.log.Info().Str("resource", k.id).Msg("parked resource drained")
 		return nil
@@ -298,22 +339,20 @@ func (s *scheduler) feedJob(ctx context.Context, k *key) *job {
 	for range j.attempt { // continue the backoff where the rows left it
 		j.backoff.NextBackOff()
 	}
-	k.busy = true
 	return j
 }
 
 // finishParked deletes delivered or dead-lettered rows and feeds the key on.
 func (s *scheduler) finishParked(ctx context.Context, j *job) {
-	rows := make([]int64, len(j.items))
-	for i, it := range j.items {
-		rows[i] = it.row
-	}
-	if s.write(ctx, "cannot unpark deliveries", func() error { return s.store.Unpark(ctx, rows) }) != nil {
-		return
-	}
+	rows := j.rows()
 	k := j.keys[0]
-	k.busy, k.feedAt = false, s.now()
-	s.schedule(k, s.now())
+	s.enqueue(ctx, &storeOp{what: "cannot unpark deliveries", key: k,
+		f: func(ctx context.Context) error { return s.store.Unpark(ctx, rows) },
+		then: func(_ context.Context, err error) {
+			if err == nil {
+				k.busy, k.feedAt = false, s.now()
+			}
+		}})
 }
 
 // retryParked reschedules failed rows, or dead-letters them after retry_for.
@@ -322,17 +361,13 @@ func (s *scheduler) retryParked(ctx context.Context, j *job, cause error, next t
 		s.retireParked(ctx, j, fmt.Errorf("retry_for (%s) exhausted: %w", s.opts.RetryFor, cause))
 		return
 	}
-	rows := make([]int64, len(j.items))
-	for i, it := range j.items {
-		rows[i] = it.row
-	}
-	err := s.write(ctx, "cannot reschedule parked deliveries", func() error {
-		return s.store.Reschedule(ctx, rows, j.attempt, next, cause.Error())
-	})
-	if err != nil {
-		return
-	}
+	rows, attempt, reason := j.rows(), j.attempt, cause.Error()
 	k := j.keys[0]
-	k.busy, k.feedAt = false, next
-	s.schedule(k, s.now())
+	s.enqueue(ctx, &storeOp{what: "cannot reschedule parked deliveries", key: k,
+		f: func(ctx context.Context) error { return s.store.Reschedule(ctx, rows, attempt, next, reason) },
+		then: func(_ context.Context, err error) {
+			if err == nil {
+				k.busy, k.feedAt = false, next
+			}
+		}})
 }

@@ -60,6 +60,9 @@ type scheduler struct {
 	senders     int               // sender goroutines started
 	jobs        chan *job         // to the senders
 	results     chan result
+	ops         []*storeOp    // store work queued off the loop; the head runs (storeops.go)
+	stored      chan *storeOp // the head, done
+	draining    bool          // the Dispatcher drains: let what is in flight or queued come back, start nothing
 
 	// rate_limit and 429s (docs/scheduler.md, "Rate limits").
 	rate      float64   // attempts per second; 0 = no limit
@@ -74,6 +77,7 @@ type key struct {
 	busy     bool // some items are in a batch
 	queued   bool // in ready
 	timerSet bool // a debounce or feed deadline is in timers
+	writes   int  // store work queued for it (storeops.go): held, new events wait in items
 
 	// Parked keys live in walhook.deliveries (docs/parking.md).
 	parked    bool
@@ -126,6 +130,7 @@ func newScheduler(d *Dispatcher, s *Subscription, in <-chan delivery) *scheduler
 	// Room for every send that can be in flight, under any later options.
 	sc.jobs = make(chan *job, 1024)
 	sc.results = make(chan result, 1024)
+	sc.stored = make(chan *storeOp, 1) // one store goroutine at a time
 	return sc
 }
 
@@ -151,17 +156,24 @@ func (s *scheduler) run(ctx context.Context) error {
 	defer close(s.jobs) // the senders stop once their sends are back
 	report := time.NewTicker(2 * time.Second)
 	defer report.Stop()
-	draining := false
 	var armed time.Time // the timer's deadline
 	for {
-		if s.closing && s.pending == 0 && s.inFlight == 0 {
+		if s.closing && s.pending == 0 && s.inFlight == 0 && len(s.ops) == 0 {
 			return s.closed(ctx)
 		}
-		if draining {
-			if s.inFlight == 0 {
+		if s.draining {
+			if s.inFlight == 0 && len(s.ops) == 0 {
 				return nil
 			}
-			s.handleResult(ctx, <-s.results) // only let what is in flight come back
+			// Only let what is in flight or queued for the store come back.
+			select {
+			case r := <-s.results:
+				s.handleResult(ctx, r)
+			case op := <-s.stored:
+				s.handleStored(ctx, op)
+			case <-ctx.Done():
+				return nil
+			}
 			continue
 		}
 		now := s.now()
@@ -185,13 +197,15 @@ func (s *scheduler) run(ctx context.Context) error {
 			s.take(ctx, dv)
 		case r := <-s.results:
 			s.handleResult(ctx, r)
+		case op := <-s.stored:
+			s.handleStored(ctx, op)
 		case <-wake:
 			armed = time.Time{}
 			s.handleTimers()
 		case <-report.C:
 			s.report()
 		case <-s.d.drain:
-			draining = true
+			s.draining = true
 		}
 	}
 }
@@ -346,7 +360,7 @@ func (s *scheduler) readyAt(first, now time.Time) time.Time {
 func (s *scheduler) schedule(k *key, now time.Time) {
 	if k.parked {
 		switch {
-		case k.busy || k.feed:
+		case k.busy || k.feed || k.writes > 0:
 		case !k.feedAt.After(now):
 			k.feed = true
 			s.feeds = append(s.feeds, k)
@@ -356,7 +370,7 @@ func (s *scheduler) schedule(k *key, now time.Time) {
 		}
 		return
 	}
-	if k.busy || k.queued || len(k.items) == 0 {
+	if k.busy || k.queued || len(k.items) == 0 || k.writes > 0 {
 		return
 	}
 	head := k.items[0]
@@ -389,11 +403,8 @@ func (s *scheduler) dispatch(ctx context.Context, now time.Time) {
 		s.feeds[0] = nil
 		s.feeds = s.feeds[1:]
 		k.feed = false
-		if j := s.feedJob(ctx, k); j != nil {
-			s.start(ctx, j)
-		} else {
-			s.tokens++ // drained: no attempt
-		}
+		s.feedJob(ctx, k) // its attempt starts once the rows are read
+
 	}
 	for s.inFlight < s.opts.MaxInFlight && len(s.ready) > 0 {
 		if s.opts.Batched() {
