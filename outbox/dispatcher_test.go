@@ -57,6 +57,7 @@ type memStore struct {
 	everParked int
 	disabled   []string
 	marks      map[string]map[string]uint64
+	parkGate   chan struct{} // non-nil: Park waits until it is closed (a write stuck on a lock)
 }
 
 func (m *memStore) Acquire(context.Context, uint32) error { return nil }
@@ -335,7 +336,17 @@ type parkedRow struct {
 	ParkedEvent
 }
 
-func (m *memStore) Park(_ context.Context, sub string, events []ParkedEvent) error {
+func (m *memStore) Park(ctx context.Context, sub string, events []ParkedEvent) error {
+	m.mu.Lock()
+	gate := m.parkGate
+	m.mu.Unlock()
+	if gate != nil {
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, e := range events {

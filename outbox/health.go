@@ -154,6 +154,7 @@ func (s *scheduler) release() {
 	s.metrics.deliveries.WithLabelValues(s.sub.ID, "dropped").Add(float64(dropped))
 	clear(s.keys)
 	s.ready, s.retries, s.timers, s.feeds = nil, nil, nil, nil
-	s.pending, s.readyEvents = 0, 0
+	s.pending -= dropped // what store work still holds (storeops.go) is finished when it comes back
+	s.readyEvents = 0
 	s.gatherUntil = time.Time{}
 }

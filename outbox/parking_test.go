@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -253,6 +254,78 @@ func TestChangeParkedPutsLaterEventsBehind(t *testing.T) {
 		h.rec.mu.Unlock()
 		if !slices.Equal(ids, []string{"1", "2", "3"}) || store.everParked != 3 {
 			t.Fatalf("sent %v, %d ever parked; want 1, 2, 3 with 3 parked behind them", ids, store.everParked)
+		}
+	})
+}
+
+// TestAHeldKeyKeepsItsOrderWhileItsParkWriteWaits: while the write that parks
+// a failing resource waits, the scheduler's loop goes on: another resource is
+// delivered, and the failing resource's new events wait behind its write,
+// then follow it into the table, in order, before anything is finished.
+func TestAHeldKeyKeepsItsOrderWhileItsParkWriteWaits(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		gate := make(chan struct{})
+		store := &memStore{parkGate: gate}
+		var down atomic.Bool
+		down.Store(true)
+		h := newHarnessWith(t, store, func(o *DeliveryOptions) { o.ParkAfter = 30 * time.Second; o.RetryMaxInterval = 10 * time.Second })
+		h.rec.answer = func(b *Batch) error {
+			if down.Load() && b.Events[0].ResourceID == "a" {
+				return failure{status: 503, retryable: true}
+			}
+			return nil
+		}
+		for i := 1; i <= 3; i++ {
+			h.commit(event(i, "x", "a"))
+		}
+		time.Sleep(45 * time.Second) // past park_after: the park write starts, and waits
+		synctest.Wait()
+		h.commit(event(4, "x", "b"))
+		h.commit(event(5, "x", "a"))
+		last := h.commit(event(6, "x", "a"))
+		time.Sleep(time.Second)
+		synctest.Wait()
+		delivered := func(resource string) (ids []string) {
+			h.rec.mu.Lock()
+			defer h.rec.mu.Unlock()
+			for _, b := range h.rec.batches {
+				for _, e := range b.events {
+					if e.ResourceID == resource && !slices.Contains(ids, e.ID) {
+						ids = append(ids, e.ID)
+					}
+				}
+			}
+			return ids
+		}
+		if got := delivered("b"); !slices.Equal(got, []string{"4"}) {
+			t.Fatalf("while a's park write waits, b delivered %v, want [4]", got)
+		}
+		if f := h.acker.Flush(); f != 0 {
+			t.Fatalf("flush %v while a's events are not written yet", f)
+		}
+		close(gate)
+		time.Sleep(time.Second)
+		synctest.Wait()
+		store.mu.Lock()
+		var rows []string
+		for _, r := range store.parked {
+			rows = append(rows, r.Event.ID)
+		}
+		store.mu.Unlock()
+		if !slices.Equal(rows, []string{"1", "2", "3", "5", "6"}) {
+			t.Fatalf("parked rows %v, want 1 2 3 5 6 in order", rows)
+		}
+		if f := h.acker.Flush(); f != last {
+			t.Fatalf("flush %v once written, want %v", f, last)
+		}
+		down.Store(false)
+		h.rec.mu.Lock()
+		h.rec.batches = nil
+		h.rec.mu.Unlock()
+		time.Sleep(time.Minute)
+		synctest.Wait()
+		if got := delivered("a"); !slices.Equal(got, []string{"1", "2", "3", "5", "6"}) {
+			t.Errorf("a delivered %v after recovery, want 1 2 3 5 6", got)
 		}
 	})
 }
