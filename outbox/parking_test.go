@@ -252,8 +252,10 @@ func TestChangeParkedPutsLaterEventsBehind(t *testing.T) {
 			}
 		}
 		h.rec.mu.Unlock()
-		if !slices.Equal(ids, []string{"1", "2", "3"}) || store.everParked != 3 {
-			t.Fatalf("sent %v, %d ever parked; want 1, 2, 3 with 3 parked behind them", ids, store.everParked)
+		// 3 goes behind the parked ones: parked after them, or held in memory
+		// behind them while their rows are read (store work off the loop).
+		if !slices.Equal(ids, []string{"1", "2", "3"}) {
+			t.Fatalf("sent %v (%d ever parked); want 1, 2, 3", ids, store.everParked)
 		}
 	})
 }
