@@ -406,7 +406,7 @@ func (s *parkStore) NextParked(ctx context.Context, sub, resource string, limit,
 	p := s.w.owned[n]
 	s.w.mu.Unlock()
 	if p == nil {
-		return nil, nil
+		return nil, ctx.Err() // handed over (nil), or lost: then the epoch ended first (lose)
 	}
 	px := p.park
 	subj := s.cfg().parkSubject(n, sub, resource)

@@ -1114,25 +1114,31 @@ func (w *Worker) take(n int, rev uint64, sent time.Time) {
 // lose stops owning ps at once: the epoch ends, so nothing of them is sent
 // any more, and the other partitions start again from what is
 // unacknowledged.
+//
+// The epoch ends before the partitions leave owned: whoever finds one gone
+// (NextParked) then sees its epoch ended, and does not take "not owned" for
+// a hand-over, after which forgetting its parked resources is safe.
 func (w *Worker) lose(cause error, ps ...*partition) {
-	var ns []int
 	w.mu.Lock()
+	var ns []int
 	for _, p := range ps {
 		if w.owned[p.n] == p {
-			delete(w.owned, p.n)
 			ns = append(ns, p.n)
 		}
 	}
-	e := w.epoch
-	w.mu.Unlock()
 	if len(ns) == 0 {
+		w.mu.Unlock()
 		return
 	}
+	if w.epoch != nil {
+		w.epoch.End(cause) // under mu: no next epoch can start fetching them first
+	}
+	for _, n := range ns {
+		delete(w.owned, n)
+	}
+	w.mu.Unlock()
 	slices.Sort(ns)
 	w.log.Warn().Err(cause).Ints("partitions", ns).Msg("partitions lost: stopping their deliveries")
-	if e != nil {
-		e.End(cause)
-	}
 }
 
 // handOver gives a partition being released back once nothing of it is held
