@@ -208,11 +208,17 @@ func run() error {
 		if err != nil {
 			return err
 		}
+		f, err := jetStreamFloor(r, eps, relayPartitions(), 10*time.Second)
+		if err != nil {
+			return err
+		}
 		add(fmt.Sprintf("relay: latency at %d events/s (synchronous_commit=on), 10s, 2 workers, %d partitions, run %d", eps, relayPartitions(), r),
 			fmt.Sprintf("walhook direct commit → receipt p50 %.2f ms, p99 %.2f ms, max %.2f ms", direct["p50_ms"], direct["p99_ms"], direct["max_ms"]),
 			fmt.Sprintf("relay commit → receipt p50 %.2f ms, p99 %.2f ms, max %.2f ms (goal p99 ≤ 10 ms)", l["p50_ms"], l["p99_ms"], l["max_ms"]),
-			fmt.Sprintf("%v events received; the sidecar's publish → JetStream ack %.2f ms on average, p99 ≤ %g ms; %.0f publish errors",
-				l["events"], l["publish_ack_ms"], l["publish_ack_p99_ms"], l["publish_errors"]))
+			fmt.Sprintf("%v events received; the sidecar's publish → JetStream ack %.2f ms on average, p99 ≤ %g ms; stored → fetched by a worker %.2f ms on average, p99 ≤ %g ms; %.0f publish errors; CPU-s/100k: %v; "+
+				"bare JetStream after it (same server and stream settings, 2 pull consumers): publish → ack p50 %.2f ms, p99 %.2f ms, publish → fetched p50 %.2f ms, p99 %.2f ms, nats-server %.1f CPU-s/100k",
+				l["events"], l["publish_ack_ms"], l["publish_ack_p99_ms"], l["fetch_delay_ms"], l["fetch_delay_p99_ms"], l["publish_errors"], l["cpu_per_100k"],
+				f["ack_p50_ms"], f["ack_p99_ms"], f["fetched_p50_ms"], f["fetched_p99_ms"], f["nats_cpu_per_100k"]))
 	}
 	for r := 1; r <= runs && want("relayscale"); r++ {
 		var rates []float64

@@ -707,6 +707,8 @@ func (w *Worker) handleMsg(ctx context.Context, e *outbox.Epoch, p *partition, m
 	seq := meta.Sequence.Stream
 	if meta.NumDelivered > 1 {
 		w.m.redeliveries.Inc()
+	} else {
+		w.m.fetchDelay.Observe(max(0, time.Since(meta.Timestamp).Seconds()))
 	}
 	size := int64(len(msg.Data()) + 256)
 	p.mu.Lock()
