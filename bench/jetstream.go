@@ -26,8 +26,32 @@ var natsURL string
 var natsPid int
 
 // startNATS starts natsd once; stopNATS is what the caller defers.
+// BENCH_NATS_STORE is the directory natsd keeps its store under (default: a
+// temporary directory, on the same disk as PostgreSQL's).
 func startNATS() (stopNATS func(), err error) {
-	cmd := exec.Command(filepath.Join(bin, "natsd"))
+	store := ""
+	if dir := os.Getenv("BENCH_NATS_STORE"); dir != "" {
+		if store, err = os.MkdirTemp(dir, "walhook-natsd-"); err != nil {
+			return nil, err
+		}
+	}
+	stopNATS, err = startNATSd(store)
+	if store == "" {
+		return stopNATS, err
+	}
+	if err != nil {
+		os.RemoveAll(store)
+		return nil, err
+	}
+	return func() { stopNATS(); os.RemoveAll(store) }, nil
+}
+
+func startNATSd(store string) (stopNATS func(), err error) {
+	var args []string
+	if store != "" {
+		args = append(args, "-store", store)
+	}
+	cmd := exec.Command(filepath.Join(bin, "natsd"), args...)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return nil, err
