@@ -9,7 +9,8 @@
 // relaydrain,relaylatency,relayscale, and resthooks) picks scenarios.
 // BENCH_RELAY_ROWS (100000) rows for the drain through JetStream,
 // BENCH_SCALE_EVENTS (16000) events for the scale-out, BENCH_RELAY_PARTITIONS
-// (64) partitions of the relay streams.
+// (64) partitions of the relay streams, BENCH_NATS_STORE the directory natsd
+// keeps its store under (default: a temporary one).
 package main
 
 import (
@@ -785,7 +786,10 @@ The targets, what was profiled where one is missed, and each change measured bef
   started and owning their partitions, then the sidecar; published = until the slot confirms everything
   (JetStream acknowledged every delivery), end to end = until the receiver has every event; the reference is
   direct mode draining the same rows in the same run. Latency: as above, batch_max 1, two workers, next to
-  direct mode in the same run. Scale-out: BENCH_SCALE_EVENTS events of distinct resources published and
+  direct mode in the same run; the sidecar's publish → ack and the workers' stored → fetched come from their
+  histograms (p99 as a bucket bound), and right after, against the same nats-server, a bare asynchronous
+  publisher and two bare pull consumers (bench/jsfloor.go, a stream set up like the relay's) are the
+  JetStream reference. BENCH_NATS_STORE moves natsd's store (by default on PostgreSQL's disk). Scale-out: BENCH_SCALE_EVENTS events of distinct resources published and
   confirmed first, for an endpoint answering in 20 ms (the receiver's ?delay=), then 1, 2 or 4 workers with
   max_in_flight 16 and batch_max 1 started; the rate is the receiver's between the 10th and the 90th
   percentile of receipts (start-up and the tail left out). Every process shares the 2 cores: 4 workers,
