@@ -67,7 +67,7 @@ demo-relay: build ## relay mode: throwaway PostgreSQL, an embedded NATS, the sid
 	CGO_ENABLED=0 $(GO) build -o bin/natsd ./examples/demo/natsd
 	$(PGTMP) ./examples/demo/demo-relay.sh
 
-bench: ## end-to-end benchmarks with their references on a throwaway PostgreSQL; writes docs/benchmarks.md (BENCH_ROWS, BENCH_UNBATCHED, BENCH_RUNS, BENCH_SCENARIOS; relay: BENCH_RELAY_ROWS, BENCH_SCALE_EVENTS, BENCH_RELAY_PARTITIONS)
+bench: ## end-to-end benchmarks with their references on a throwaway PostgreSQL; writes docs/benchmarks.md (BENCH_ROWS, BENCH_UNBATCHED, BENCH_RUNS, BENCH_SCENARIOS; relay: BENCH_RELAY_ROWS, BENCH_SCALE_EVENTS, BENCH_RELAY_PARTITIONS, BENCH_NATS_STORE)
 	$(PGTMP) $(GO) run ./bench
 	$(GO) test -run '^$$' -bench . -benchmem ./cdc ./outbox ./sender
 

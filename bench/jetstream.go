@@ -26,8 +26,32 @@ var natsURL string
 var natsPid int
 
 // startNATS starts natsd once; stopNATS is what the caller defers.
+// BENCH_NATS_STORE is the directory natsd keeps its store under (default: a
+// temporary directory, on the same disk as PostgreSQL's).
 func startNATS() (stopNATS func(), err error) {
-	cmd := exec.Command(filepath.Join(bin, "natsd"))
+	store := ""
+	if dir := os.Getenv("BENCH_NATS_STORE"); dir != "" {
+		if store, err = os.MkdirTemp(dir, "walhook-natsd-"); err != nil {
+			return nil, err
+		}
+	}
+	stopNATS, err = startNATSd(store)
+	if store == "" {
+		return stopNATS, err
+	}
+	if err != nil {
+		os.RemoveAll(store)
+		return nil, err
+	}
+	return func() { stopNATS(); os.RemoveAll(store) }, nil
+}
+
+func startNATSd(store string) (stopNATS func(), err error) {
+	var args []string
+	if store != "" {
+		args = append(args, "-store", store)
+	}
+	cmd := exec.Command(filepath.Join(bin, "natsd"), args...)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return nil, err
@@ -235,16 +259,37 @@ func relayLatency(run, eps int, d time.Duration) (map[string]any, error) {
 	}
 	done := make(chan struct{})
 	defer close(done)
+	nats0, sc0 := procstat.CPUSeconds(natsPid), sc.cpu()
+	var w0 float64
+	for _, w := range ws {
+		w0 += w.cpu()
+	}
 	total := produce(db, eps, d, done)
 	if err := waitEvents(total, time.Minute); err != nil {
 		return nil, err
 	}
 	s := receiverStats()
+	var w1 float64
+	for _, w := range ws {
+		w1 += w.cpu()
+	}
+	per := 100000 / float64(total)
+	s["cpu_per_100k"] = fmt.Sprintf("sidecar %.2f, workers %.2f, nats-server %.2f", (sc.cpu()-sc0)*per, (w1-w0)*per, (procstat.CPUSeconds(natsPid)-nats0)*per)
 	if n := sc.metric("walhook_relay_publish_ack_seconds_count"); n > 0 {
 		s["publish_ack_ms"] = sc.metric("walhook_relay_publish_ack_seconds_sum") / n * 1000
 		s["publish_ack_p99_ms"] = sc.bucketQuantile("walhook_relay_publish_ack_seconds", 0.99) * 1000
 	}
 	s["publish_errors"] = sc.metric("walhook_relay_publish_errors_total")
+	var fn, fsum float64
+	s["fetch_delay_p99_ms"] = -1.0
+	for _, w := range ws {
+		fn += w.metric("walhook_relay_fetch_delay_seconds_count")
+		fsum += w.metric("walhook_relay_fetch_delay_seconds_sum")
+		s["fetch_delay_p99_ms"] = max(s["fetch_delay_p99_ms"].(float64), w.bucketQuantile("walhook_relay_fetch_delay_seconds", 0.99)*1000)
+	}
+	if fn > 0 {
+		s["fetch_delay_ms"] = fsum / fn * 1000
+	}
 	return s, nil
 }
 

@@ -9,8 +9,9 @@
 // relaydrain,relaylatency,relayscale, and resthooks) picks scenarios.
 // BENCH_RELAY_ROWS (100000) rows for the drain through JetStream,
 // BENCH_SCALE_EVENTS (16000) events for the scale-out, BENCH_RELAY_PARTITIONS
-// (64) partitions of the relay streams. BENCH_PROFILE_WORKERS=dir writes a
-// CPU profile of each `walhook deliver` there.
+// (64) partitions of the relay streams, BENCH_NATS_STORE the directory natsd
+// keeps its store under (default: a temporary one). BENCH_PROFILE_WORKERS=dir
+// writes a CPU profile of each `walhook deliver` there.
 package main
 
 import (
@@ -209,11 +210,17 @@ func run() error {
 		if err != nil {
 			return err
 		}
+		f, err := jetStreamFloor(r, eps, relayPartitions(), 10*time.Second)
+		if err != nil {
+			return err
+		}
 		add(fmt.Sprintf("relay: latency at %d events/s (synchronous_commit=on), 10s, 2 workers, %d partitions, run %d", eps, relayPartitions(), r),
 			fmt.Sprintf("walhook direct commit → receipt p50 %.2f ms, p99 %.2f ms, max %.2f ms", direct["p50_ms"], direct["p99_ms"], direct["max_ms"]),
 			fmt.Sprintf("relay commit → receipt p50 %.2f ms, p99 %.2f ms, max %.2f ms (goal p99 ≤ 10 ms)", l["p50_ms"], l["p99_ms"], l["max_ms"]),
-			fmt.Sprintf("%v events received; the sidecar's publish → JetStream ack %.2f ms on average, p99 ≤ %g ms; %.0f publish errors",
-				l["events"], l["publish_ack_ms"], l["publish_ack_p99_ms"], l["publish_errors"]))
+			fmt.Sprintf("%v events received; the sidecar's publish → JetStream ack %.2f ms on average, p99 ≤ %g ms; stored → fetched by a worker %.2f ms on average, p99 ≤ %g ms; %.0f publish errors; CPU-s/100k: %v; "+
+				"bare JetStream after it (same server and stream settings, 2 pull consumers): publish → ack p50 %.2f ms, p99 %.2f ms, publish → fetched p50 %.2f ms, p99 %.2f ms, nats-server %.1f CPU-s/100k",
+				l["events"], l["publish_ack_ms"], l["publish_ack_p99_ms"], l["fetch_delay_ms"], l["fetch_delay_p99_ms"], l["publish_errors"], l["cpu_per_100k"],
+				f["ack_p50_ms"], f["ack_p99_ms"], f["fetched_p50_ms"], f["fetched_p99_ms"], f["nats_cpu_per_100k"]))
 	}
 	for r := 1; r <= runs && want("relayscale"); r++ {
 		var rates []float64
@@ -780,7 +787,10 @@ The targets, what was profiled where one is missed, and each change measured bef
   started and owning their partitions, then the sidecar; published = until the slot confirms everything
   (JetStream acknowledged every delivery), end to end = until the receiver has every event; the reference is
   direct mode draining the same rows in the same run. Latency: as above, batch_max 1, two workers, next to
-  direct mode in the same run. Scale-out: BENCH_SCALE_EVENTS events of distinct resources published and
+  direct mode in the same run; the sidecar's publish → ack and the workers' stored → fetched come from their
+  histograms (p99 as a bucket bound), and right after, against the same nats-server, a bare asynchronous
+  publisher and two bare pull consumers (bench/jsfloor.go, a stream set up like the relay's) are the
+  JetStream reference. BENCH_NATS_STORE moves natsd's store (by default on PostgreSQL's disk). Scale-out: BENCH_SCALE_EVENTS events of distinct resources published and
   confirmed first, for an endpoint answering in 20 ms (the receiver's ?delay=), then 1, 2 or 4 workers with
   max_in_flight 16 and batch_max 1 started; the rate is the receiver's between the 10th and the 90th
   percentile of receipts (start-up and the tail left out). Every process shares the 2 cores: 4 workers,

@@ -85,6 +85,7 @@ func PollStream(ctx context.Context, js jetstream.JetStream, c Config, reg prome
 type workerMetrics struct {
 	redeliveries, finished, resets, takes, gaps prometheus.Counter
 	parked, unparked, parkFenced                prometheus.Counter
+	fetchDelay                                  prometheus.Histogram
 }
 
 func newWorkerMetrics(reg prometheus.Registerer, w *Worker) *workerMetrics {
@@ -99,7 +100,10 @@ func newWorkerMetrics(reg prometheus.Registerer, w *Worker) *workerMetrics {
 			Help: "Partition leases this worker took."}),
 	}
 	m.gaps = prometheus.NewCounter(prometheus.CounterOpts{Name: "walhook_relay_delivery_gaps_total",
-		Help: "Deliveries from JetStream that never arrived (a reconnect): each restarts the worker's epoch."})
+		Help: "Deliveries from JetStream that never arrived (a reconnect), or a partition consumer a restarted nats-server forgot: each restarts the worker's epoch."})
+	m.fetchDelay = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "walhook_relay_fetch_delay_seconds",
+		Help:    "From JetStream storing a message to this worker receiving it, first deliveries only (both clocks: the server's and the worker's).",
+		Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1, 5, 30}})
 	m.parked = prometheus.NewCounter(prometheus.CounterOpts{Name: "walhook_relay_parked_total",
 		Help: "Events this worker parked into the park stream (a resource failing for park_after)."})
 	m.unparked = prometheus.NewCounter(prometheus.CounterOpts{Name: "walhook_relay_unparked_total",
@@ -110,7 +114,7 @@ func newWorkerMetrics(reg prometheus.Registerer, w *Worker) *workerMetrics {
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "walhook_relay_parked_resources",
 			Help: "Parked resources in the partitions this worker owns."},
 			func() float64 { return float64(w.park.parkedResources()) }))
-	reg.MustRegister(m.redeliveries, m.finished, m.resets, m.takes, m.gaps,
+	reg.MustRegister(m.redeliveries, m.finished, m.resets, m.takes, m.gaps, m.fetchDelay,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "walhook_relay_partitions_owned",
 			Help: "Partitions this worker owns (their leases)."},
 			func() float64 { return float64(len(w.Owned())) }),

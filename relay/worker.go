@@ -643,6 +643,13 @@ func (w *Worker) fetchLoop(ctx context.Context, e *outbox.Epoch, p *partition) {
 			// Someone else reset it: only a new owner does that.
 			w.lose(fmt.Errorf("partition %d: its consumer was reset by another worker: %w", p.n, errPartitionLost), p)
 			return
+		case errors.Is(err, nats.ErrNoResponders) && w.consumerGone(ctx, cons):
+			// Its state is kept in memory (resetConsumer): a restarted
+			// nats-server forgot it. Like a delivery gap, the epoch ends and
+			// the reset that follows delivers what is unacknowledged.
+			w.m.gaps.Inc()
+			e.End(fmt.Errorf("partition %d: nats-server no longer has its consumer (restarted?)", p.n))
+			return
 		default:
 			w.log.Debug().Err(err).Int("partition", p.n).Msg("fetch failed")
 			if sleep(ctx, 250*time.Millisecond) != nil {
@@ -652,9 +659,26 @@ func (w *Worker) fetchLoop(ctx context.Context, e *outbox.Epoch, p *partition) {
 	}
 }
 
+// consumerGone says whether the server answers that cons does not exist.
+func (w *Worker) consumerGone(ctx context.Context, cons jetstream.Consumer) bool {
+	ictx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	_, err := cons.Info(ictx)
+	return errors.Is(err, jetstream.ErrConsumerNotFound)
+}
+
 // resetConsumer recreates partition n's consumer: it then delivers from the
 // oldest message not acknowledged (work-queue retention keeps only those), so
 // what the previous owner held comes first, in order, before anything newer.
+//
+// Its state lives in memory (MemoryStorage), not in files: it is only a
+// cursor over messages the stream itself keeps durably until acknowledged,
+// and every owner resets it anyway. Kept in files, nats-server rewrote each
+// consumer's state file (a new file renamed over the old one) up to ten
+// times a second per partition, which made it the machine's largest CPU user
+// and the tail of commit → receipt (docs/performance.md). A nats-server that
+// restarts forgets it (one node) or starts it afresh (a cluster): the
+// fetcher sees the consumer gone or a delivery gap, and the epoch ends.
 func (w *Worker) resetConsumer(ctx context.Context, n int) (jetstream.Consumer, error) {
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -665,7 +689,7 @@ func (w *Worker) resetConsumer(ctx context.Context, n int) (jetstream.Consumer, 
 	c, err := w.cfg.JetStream.CreateConsumer(rctx, w.cfg.Relay.Stream, jetstream.ConsumerConfig{
 		Durable: name, FilterSubject: w.cfg.Relay.subject(n), AckPolicy: jetstream.AckExplicitPolicy,
 		DeliverPolicy: jetstream.DeliverAllPolicy, AckWait: w.cfg.AckWait, MaxAckPending: maxAckPending, MaxDeliver: -1,
-		Replicas: 0, // the stream's
+		Replicas: 0, MemoryStorage: true, // the stream's replicas
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create consumer %s: %w", name, err)
@@ -694,6 +718,8 @@ func (w *Worker) handleMsg(ctx context.Context, e *outbox.Epoch, p *partition, m
 	seq := meta.Sequence.Stream
 	if meta.NumDelivered > 1 {
 		w.m.redeliveries.Inc()
+	} else {
+		w.m.fetchDelay.Observe(max(0, time.Since(meta.Timestamp).Seconds()))
 	}
 	size := int64(len(msg.Data()) + 256)
 	p.mu.Lock()

@@ -552,3 +552,39 @@ func TestRelayWorkerDropsAnOlderEventStoredAgain(t *testing.T) {
 		t.Errorf("delivered %v, want 1,2,3: the older event stored again was sent after a newer one", got)
 	}
 }
+
+// TestRelayNATSRestartForgetsConsumers: the partition consumers keep their
+// state in memory, so a nats-server restarted quickly (the worker keeps its
+// leases) no longer has them; the worker notices, restarts its epoch, resets
+// them and delivers everything, in order per resource.
+func TestRelayNATSRestartForgetsConsumers(t *testing.T) {
+	t.Parallel()
+	nats := natstest.Start(t)
+	srv := sendertest.NewServer(t, nil)
+	e := newEnv(t, relayYAML(t, nats.URL())+"subscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`))
+	e.setup()
+	var sidecarLog, workerLog syncBuffer
+	startReplica(t, e.path, &sidecarLog)
+	startWorker(t, e.path, &workerLog)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("sidecar:\n%s\nworker:\n%s", sidecarLog.String(), workerLog.String())
+		}
+	})
+	const resources = 5
+	e.insertEvents(0, 50, resources)
+	srv.Wait(t, 60*time.Second, "the first events", func(r []sendertest.Request) bool { return distinctEvents(t, r) == 50 })
+	nats.Shutdown(0)
+	if err := nats.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	e.insertEvents(50, 50, resources)
+	srv.Wait(t, 60*time.Second, "every event", func(r []sendertest.Request) bool { return distinctEvents(t, r) == 100 })
+	n, dups := checkRelayed(t, srv.Requests())
+	e.waitCaughtUp()
+	if !strings.Contains(workerLog.String(), "no longer has its consumer") {
+		t.Logf("worker:\n%s", workerLog.String())
+		t.Fatalf("the worker never noticed that nats-server forgot its consumers")
+	}
+	t.Logf("%d events, %d duplicates after a quick NATS restart", n, dups)
+}
