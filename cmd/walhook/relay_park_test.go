@@ -84,17 +84,10 @@ func TestRelayParksFailingResources(t *testing.T) {
 	e := newEnv(t, relay+"defaults: {park_after: 1s, retry_initial: 100ms, retry_max_interval: 500ms}\nsubscriptions:\n"+
 		sub("s", srv.HooksURL(), `["*"]`))
 	e.setup()
-	var sidecarLog, workerLog syncBuffer
-	startReplica(t, e.path, &sidecarLog)
-	startWorker(t, e.path, &workerLog)
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("sidecar:\n%s\nworker:\n%s", sidecarLog.String(), workerLog.String())
-		}
-	})
+	_, workerLog := startSidecarAndWorker(t, e.path, e.path)
 	const resources = 5
 	e.insertEvents(0, 100, resources)
-	e.eventually(60*time.Second, "r0 and r1 parked", func() bool { return countLines(&workerLog, `"parked: the endpoint`) >= 1 })
+	e.eventually(60*time.Second, "r0 and r1 parked", func() bool { return countLines(workerLog, `"parked: the endpoint`) >= 1 })
 	// More events while they are parked: the others flow, r0's and r1's
 	// are parked behind their older ones, and none waits in the stream.
 	e.insertEvents(100, 100, resources)

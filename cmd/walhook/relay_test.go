@@ -38,6 +38,20 @@ func startWorker(t *testing.T, path string, log *syncBuffer) *exec.Cmd {
 	return runChild(t, log, "deliver", "--config", path)
 }
 
+// startSidecarAndWorker runs a sidecar (walhook run) and one worker, and
+// logs both if the test fails.
+func startSidecarAndWorker(t *testing.T, sidecarPath, workerPath string) (sidecarLog, workerLog *syncBuffer) {
+	sidecarLog, workerLog = &syncBuffer{}, &syncBuffer{}
+	startReplica(t, sidecarPath, sidecarLog)
+	startWorker(t, workerPath, workerLog)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("sidecar:\n%s\nworker:\n%s", sidecarLog.String(), workerLog.String())
+		}
+	})
+	return sidecarLog, workerLog
+}
+
 // slowServer answers 204, one request at a time, each taking a little
 // while (the endpoint's work): a kill lands mid-delivery.
 func slowServer(t *testing.T) *sendertest.Server {
@@ -313,14 +327,7 @@ func TestRelayNATSDown(t *testing.T) {
 	b, _ := os.ReadFile(e.path)
 	sidecarPath := e.dir + "/sidecar.yaml"
 	os.WriteFile(sidecarPath, []byte(strings.Replace(string(b), "listen: 127.0.0.1:0", fmt.Sprintf("listen: 127.0.0.1:%d", port), 1)), 0o600)
-	var sidecarLog, workerLog syncBuffer
-	startReplica(t, sidecarPath, &sidecarLog)
-	startWorker(t, e.path, &workerLog)
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("sidecar:\n%s\nworker:\n%s", sidecarLog.String(), workerLog.String())
-		}
-	})
+	startSidecarAndWorker(t, sidecarPath, e.path)
 	const resources = 5
 	e.insertEvents(0, 50, resources)
 	srv.Wait(t, 60*time.Second, "the first events", func(r []sendertest.Request) bool { return distinctEvents(t, r) == 50 })
@@ -413,18 +420,11 @@ func TestRelaySubscriptionChangesKeepStreamOrder(t *testing.T) {
 	dyn := sendertest.NewServer(t, nil)
 	e := newEnv(t, "allow_targets: [127.0.0.1/32]\n"+relayYAML(t, nats.URL())+"subscriptions:\n"+sub("s", always.HooksURL(), `["*"]`))
 	e.setup()
-	var sidecarLog, workerLog syncBuffer
-	startReplica(t, e.path, &sidecarLog)
-	startWorker(t, e.path, &workerLog)
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("sidecar:\n%s\nworker:\n%s", sidecarLog.String(), workerLog.String())
-		}
-	})
+	sidecarLog, _ := startSidecarAndWorker(t, e.path, e.path)
 	// The sidecar must stream before the subscription is added: a first
 	// start takes the subscriptions in the table as they are then.
 	e.eventually(30*time.Second, "the sidecar to load its subscriptions", func() bool {
-		return countLines(&sidecarLog, "subscriptions loaded") > 0
+		return countLines(sidecarLog, "subscriptions loaded") > 0
 	})
 	e.insertEvents(0, 30, 3)
 	code, out, stderr := e.walhook("subscriptions", "add", "--event", "*", "--target-url", dyn.HooksURL())
@@ -468,14 +468,7 @@ func TestRelayFailingResourceDoesNotBlockOthers(t *testing.T) {
 	e := newEnv(t, strings.Replace(relayYAML(t, nats.URL()), "partitions: 8", "partitions: 1", 1)+
 		"defaults: {retry_initial: 100ms, retry_max_interval: 500ms}\nsubscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`))
 	e.setup()
-	var sidecarLog, workerLog syncBuffer
-	startReplica(t, e.path, &sidecarLog)
-	startWorker(t, e.path, &workerLog)
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("sidecar:\n%s\nworker:\n%s", sidecarLog.String(), workerLog.String())
-		}
-	})
+	startSidecarAndWorker(t, e.path, e.path)
 	const resources = 5 // r0 fails; every resource is in the one partition
 	e.insertEvents(0, 100, resources)
 	reqs := srv.Wait(t, 60*time.Second, "the other resources' events", func(r []sendertest.Request) bool {
@@ -563,14 +556,7 @@ func TestRelayNATSRestartForgetsConsumers(t *testing.T) {
 	srv := sendertest.NewServer(t, nil)
 	e := newEnv(t, relayYAML(t, nats.URL())+"subscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`))
 	e.setup()
-	var sidecarLog, workerLog syncBuffer
-	startReplica(t, e.path, &sidecarLog)
-	startWorker(t, e.path, &workerLog)
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("sidecar:\n%s\nworker:\n%s", sidecarLog.String(), workerLog.String())
-		}
-	})
+	_, workerLog := startSidecarAndWorker(t, e.path, e.path)
 	const resources = 5
 	e.insertEvents(0, 50, resources)
 	srv.Wait(t, 60*time.Second, "the first events", func(r []sendertest.Request) bool { return distinctEvents(t, r) == 50 })
