@@ -293,7 +293,8 @@ func (s *parkStore) Park(ctx context.Context, sub string, events []outbox.Parked
 // park1 publishes one parked event. The partition's park publishes go one at
 // a time: each expects the same marker, and a replicated stream refuses an
 // expectation on a subject while another one on it is being proposed
-// (error 10164, "wrong last sequence", which is not a verdict on the fence).
+// (error 10164, "wrong last sequence", which is not a verdict on the fence;
+// it is retried).
 // Taken for a fence, those refusals ended the worker's epoch whenever two
 // subscriptions parked into one partition at once.
 func (s *parkStore) park1(ctx context.Context, sub string, pe outbox.ParkedEvent) error {
@@ -322,10 +323,18 @@ func (s *parkStore) park1(ctx context.Context, sub string, pe outbox.ParkedEvent
 		px.pub.Unlock()
 		return fmt.Errorf("park into partition %d: loaded again since: %w", n, outbox.ErrFenced)
 	}
-	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	_, err = s.w.cfg.JetStream.PublishMsg(pctx, msg, jetstream.WithMsgID(msgID(sub, &ev)),
-		jetstream.WithExpectLastSequenceForSubject(fence, s.cfg().markerSubject(n)))
-	cancel()
+	for attempt := 1; ; attempt++ {
+		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_, err = s.w.cfg.JetStream.PublishMsg(pctx, msg, jetstream.WithMsgID(msgID(sub, &ev)),
+			jetstream.WithExpectLastSequenceForSubject(fence, s.cfg().markerSubject(n)))
+		cancel()
+		// The server may still count the previous publish as being
+		// proposed just after it acknowledged it: a conflict is retried
+		// at once a few times (the scheduler retries beyond).
+		if !isCASConflict(err) || attempt == 10 || sleep(ctx, time.Duration(attempt)*time.Millisecond) != nil {
+			break
+		}
+	}
 	px.pub.Unlock()
 	switch {
 	case isCASConflict(err):
