@@ -109,7 +109,7 @@ func newWorkerMetrics(reg prometheus.Registerer, w *Worker) *workerMetrics {
 	m.unparked = prometheus.NewCounter(prometheus.CounterOpts{Name: "walhook_relay_unparked_total",
 		Help: "Parked events this worker finished (delivered or dead-lettered) and deleted."})
 	m.parkFenced = prometheus.NewCounter(prometheus.CounterOpts{Name: "walhook_relay_park_fenced_total",
-		Help: "Park publishes refused because a newer owner marked the partition."})
+		Help: "Park publishes refused because a newer owner, or a newer epoch of this worker, marked the partition."})
 	reg.MustRegister(m.parked, m.unparked, m.parkFenced,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "walhook_relay_parked_resources",
 			Help: "Parked resources in the partitions this worker owns."},
