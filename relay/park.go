@@ -348,12 +348,14 @@ func (s *parkStore) park1(ctx context.Context, sub string, pe outbox.ParkedEvent
 		return fmt.Errorf("park into partition %d: %w", n, err)
 	}
 	px.mu.Lock()
-	k := px.keys[subj]
-	if k == nil {
-		k = &parkedKey{sub: sub, resource: ev.ResourceID}
-		px.keys[subj] = k
+	if px.servesLocked(epochOf(ctx)) { // else a newer epoch's load read the row
+		k := px.keys[subj]
+		if k == nil {
+			k = &parkedKey{sub: sub, resource: ev.ResourceID}
+			px.keys[subj] = k
+		}
+		k.maxSeq, k.next = max(k.maxSeq, ev.Seq), pe.NextAttempt
 	}
-	k.maxSeq, k.next = max(k.maxSeq, ev.Seq), pe.NextAttempt
 	px.mu.Unlock()
 	s.w.m.parked.Inc()
 	return nil

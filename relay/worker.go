@@ -54,7 +54,7 @@ const (
 type WorkerConfig struct {
 	Relay           Config
 	JetStream       jetstream.JetStream
-	ID              string                 // the worker's name among members; default host-pid-random
+	ID              string                 // the worker's name among members, unique per process (a lease holding it is this process's: stillMine); default host-pid-random
 	Subscriptions   []*outbox.Subscription // static, from the config file
 	Defaults        outbox.DeliveryOptions
 	Deliverer       outbox.Deliverer

@@ -6,10 +6,9 @@ import (
 	"fmt"
 	"os"
 	"reflect"
-	"strconv"
-	"strings"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
@@ -195,7 +194,7 @@ func (p *Prober) pruneMarks(ctx context.Context, slot SlotStats) error {
 	if safe == "" {
 		return nil
 	}
-	lsn, err := parseLSN(safe)
+	lsn, err := pglogrepl.ParseLSN(safe)
 	if err != nil {
 		return err
 	}
@@ -215,17 +214,6 @@ func (p *Prober) pruneMarks(ctx context.Context, slot SlotStats) error {
 		p.log.Debug().Int64("rows", n).Uint64("below", below).Msg("debounce marks pruned")
 	}
 	return err
-}
-
-// parseLSN reads PostgreSQL's text form of a position (like 16/B374D848).
-func parseLSN(s string) (outbox.LSN, error) {
-	hi, lo, ok := strings.Cut(s, "/")
-	h, err1 := strconv.ParseUint(hi, 16, 32)
-	l, err2 := strconv.ParseUint(lo, 16, 32)
-	if !ok || err1 != nil || err2 != nil {
-		return 0, fmt.Errorf("not a position: %q", s)
-	}
-	return outbox.LSN(h<<32 | l), nil
 }
 
 func sameReport(a, b Report) bool {
