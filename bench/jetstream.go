@@ -52,6 +52,9 @@ func startNATSd(store string) (stopNATS func(), err error) {
 		args = append(args, "-store", store)
 	}
 	cmd := exec.Command(filepath.Join(bin, "natsd"), args...)
+	if dir := os.Getenv("BENCH_PROFILE_RELAY"); dir != "" {
+		cmd.Env = append(os.Environ(), "NATSD_CPUPROFILE="+filepath.Join(dir, "natsd.prof"))
+	}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return nil, err
@@ -85,8 +88,8 @@ func startWalhook(verb, cfg string) (*proc, error) {
 	p := &proc{addr: freeAddr()}
 	p.cmd = exec.Command(filepath.Join(bin, "walhook"), verb, "--config", cfg)
 	p.cmd.Env = append(os.Environ(), "WALHOOK_LISTEN="+p.addr)
-	if dir := os.Getenv("BENCH_PROFILE_WORKERS"); dir != "" && verb == "deliver" { // a CPU profile per worker
-		p.cmd.Env = append(p.cmd.Env, "WALHOOK_CPUPROFILE="+filepath.Join(dir, "worker-"+p.addr[strings.LastIndex(p.addr, ":")+1:]+".prof"))
+	if dir := os.Getenv("BENCH_PROFILE_RELAY"); dir != "" { // a CPU profile per process
+		p.cmd.Env = append(p.cmd.Env, "WALHOOK_CPUPROFILE="+filepath.Join(dir, verb+"-"+p.addr[strings.LastIndex(p.addr, ":")+1:]+".prof"))
 	}
 	p.cmd.Stderr = os.Stderr // log_level warn: only what needs a look
 	if err := p.cmd.Start(); err != nil {

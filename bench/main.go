@@ -10,8 +10,9 @@
 // BENCH_RELAY_ROWS (100000) rows for the drain through JetStream,
 // BENCH_SCALE_EVENTS (16000) events for the scale-out, BENCH_RELAY_PARTITIONS
 // (64) partitions of the relay streams, BENCH_NATS_STORE the directory natsd
-// keeps its store under (default: a temporary one). BENCH_PROFILE_WORKERS=dir
-// writes a CPU profile of each `walhook deliver` there.
+// keeps its store under (default: a temporary one). BENCH_PROFILE_RELAY=dir
+// writes a CPU profile of each `walhook run` and `walhook deliver` of the
+// relay scenarios there, and one of natsd over all of them (natsd.prof).
 package main
 
 import (

@@ -58,6 +58,9 @@ func (c Config) WithDefaults() Config {
 // subject is partition p's subject.
 func (c Config) subject(p int) string { return c.Stream + ".p." + strconv.Itoa(p) }
 
+// keepSubject holds the stream's keep message (Publisher.Run).
+func (c Config) keepSubject() string { return c.Stream + ".keep" }
+
 // consumer is partition p's durable consumer.
 func (c Config) consumer(p int) string { return "p" + strconv.Itoa(p) }
 

@@ -69,7 +69,9 @@ func PollStream(ctx context.Context, js jetstream.JetStream, c Config, reg prome
 		ictx, cancel := context.WithTimeout(ctx, every)
 		if s, err := js.Stream(ictx, c.WithDefaults().Stream); err == nil {
 			st := s.CachedInfo().State
-			m.msgs.Set(float64(st.Msgs))
+			if n, err := Deliveries(ictx, s, c); err == nil {
+				m.msgs.Set(float64(n))
+			}
 			m.bytes.Set(float64(st.Bytes))
 			m.consumers.Set(float64(st.Consumers))
 		}

@@ -19,10 +19,11 @@ import (
 
 // Publisher limits.
 const (
-	maxInFlight = 4096             // publishes awaiting their PubAck
-	maxQueued   = 8192             // publishes held, in flight or waiting
-	ackTimeout  = 10 * time.Second // a PubAck not back by then is a failure
-	stuckAfter  = 10 * time.Second // /readyz: the oldest publish is this old
+	maxInFlight = 4096                   // publishes awaiting their PubAck
+	maxQueued   = 8192                   // publishes held, in flight or waiting
+	ackTimeout  = 10 * time.Second       // a PubAck not back by then is a failure
+	stuckAfter  = 10 * time.Second       // /readyz: the oldest publish is this old
+	keepEvery   = 250 * time.Millisecond // an idle publisher's keep message (Run)
 )
 
 // PublisherConfig configures a Publisher.
@@ -60,6 +61,7 @@ type pub struct {
 	done  func()
 	at    time.Time
 	fut   jetstream.PubAckFuture
+	keep  bool // the stream's keep message, not a delivery
 }
 
 // NewPublisher returns a Publisher; Run starts it.
@@ -139,6 +141,13 @@ func (p *Publisher) Pending() int64 { return p.pending.Load() }
 // first unacknowledged message, one at a time (without expectation) until one
 // is stored anew, and then pipelines again. Publishes of an ended epoch are
 // dropped unacknowledged: the next epoch streams them again.
+//
+// While it keeps up, the publisher also keeps one message that no worker
+// consumes in the stream, published again (a rollup of its subject) every
+// keepEvery when nothing waits: nats-server's file store creates a new block
+// file whenever an acknowledgement empties its last block, which in a work
+// queue that keeps up is nearly every acknowledgement (docs/performance.md).
+// It goes in the chain like any publish, so expectations hold.
 func (p *Publisher) Run(ctx context.Context) error {
 	var (
 		queue    []*pub // to publish, in order
@@ -173,6 +182,8 @@ func (p *Publisher) Run(ctx context.Context) error {
 	bo.Reset()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	keep := time.NewTicker(keepEvery)
+	defer keep.Stop()
 	for {
 		// Publish what may go now.
 		for len(queue) > 0 && len(inflight) < maxInFlight && len(failed) == 0 && (chain || len(inflight) == 0) &&
@@ -181,7 +192,9 @@ func (p *Publisher) Run(ctx context.Context) error {
 			if x.epoch.Err() != nil {
 				queue[0] = nil
 				queue = queue[1:]
-				p.pending.Add(-1)
+				if !x.keep {
+					p.pending.Add(-1)
+				}
 				continue
 			}
 			if x.epoch != epoch { // a new epoch starts serial: the old one's tail may be lost
@@ -192,7 +205,12 @@ func (p *Publisher) Run(ctx context.Context) error {
 			}
 			// Headers afresh: an earlier attempt's expectation must not stick.
 			x.msg.Header = nats.Header{}
-			opts := []jetstream.PublishOpt{jetstream.WithMsgID(x.id), jetstream.WithExpectStream(p.cfg.Relay.Stream)}
+			opts := []jetstream.PublishOpt{jetstream.WithExpectStream(p.cfg.Relay.Stream)}
+			if x.keep {
+				x.msg.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
+			} else {
+				opts = append(opts, jetstream.WithMsgID(x.id))
+			}
 			if chain {
 				// The sequence, not the message id: in a cluster every replica
 				// checks an expected message id when it applies the message,
@@ -262,14 +280,16 @@ func (p *Publisher) Run(ctx context.Context) error {
 			} else if !chain && len(failed) == 0 {
 				chain, last = true, ack.Sequence // stored anew: pipelining is safe from here
 			}
-			p.m.published.Inc()
-			p.m.ackSeconds.Observe(time.Since(x.at).Seconds())
 			if p.failing.Swap(false) {
 				p.log.Info().Msg("publishing to jetstream again")
 			}
 			bo.Reset()
-			p.pending.Add(-1)
-			x.done()
+			if !x.keep {
+				p.m.published.Inc()
+				p.m.ackSeconds.Observe(time.Since(x.at).Seconds())
+				p.pending.Add(-1)
+				x.done()
+			}
 		case err := <-errc:
 			x := inflight[0]
 			inflight[0] = nil
@@ -278,6 +298,10 @@ func (p *Publisher) Run(ctx context.Context) error {
 			chain = false
 			p.fail(err)
 		case <-retry:
+		case <-keep.C:
+			if len(queue) == 0 && len(failed) == 0 && chain && epoch != nil && epoch.Err() == nil {
+				queue = append(queue, &pub{msg: &nats.Msg{Subject: p.cfg.Relay.keepSubject()}, epoch: epoch, keep: true})
+			}
 		}
 		if len(failed) > 0 && len(inflight) == 0 {
 			// Everything in flight is back: republish from the first failure.

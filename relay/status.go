@@ -40,7 +40,10 @@ func Inspect(ctx context.Context, js jetstream.JetStream, c Config) (*Status, er
 	if err != nil {
 		return nil, fmt.Errorf("stream %s: %w", c.Stream, err)
 	}
-	st := &Status{Stream: c.Stream, Messages: info.State.Msgs, Bytes: info.State.Bytes, Workers: []string{}}
+	st := &Status{Stream: c.Stream, Bytes: info.State.Bytes, Workers: []string{}}
+	for _, n := range info.State.Subjects { // the partitions': not the keep message
+		st.Messages += n
+	}
 	owners := map[int]string{}
 	if kv, err := js.KeyValue(ctx, c.bucket()); err == nil {
 		keys, err := kv.ListKeys(ctx)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"time"
 
@@ -25,7 +26,8 @@ const partitionsKey = "walhook_partitions"
 var ErrPartitions = errors.New("relay: the stream has another number of partitions")
 
 // EnsureStream creates the stream, or updates what may change of it
-// (replicas, duplicate window). Work-queue retention: a message is gone once
+// (replicas, duplicate window, and the keep message's subject and rollups for
+// a stream from before it). Work-queue retention: a message is gone once
 // its partition's consumer acknowledged it. The number of partitions is
 // written in the stream's metadata when it is created, and a process
 // configured with another number is refused: a resource's messages would be
@@ -33,14 +35,15 @@ var ErrPartitions = errors.New("relay: the stream has another number of partitio
 func EnsureStream(ctx context.Context, js jetstream.JetStream, c Config) (jetstream.Stream, error) {
 	parts := strconv.Itoa(c.Partitions)
 	cfg := jetstream.StreamConfig{
-		Name:       c.Stream,
-		Subjects:   []string{c.Stream + ".p.*"},
-		Retention:  jetstream.WorkQueuePolicy,
-		Storage:    jetstream.FileStorage,
-		Replicas:   c.Replicas,
-		Duplicates: c.Duplicates,
-		Discard:    jetstream.DiscardNew,
-		Metadata:   map[string]string{partitionsKey: parts},
+		Name:        c.Stream,
+		Subjects:    []string{c.Stream + ".p.*", c.keepSubject()},
+		AllowRollup: true,
+		Retention:   jetstream.WorkQueuePolicy,
+		Storage:     jetstream.FileStorage,
+		Replicas:    c.Replicas,
+		Duplicates:  c.Duplicates,
+		Discard:     jetstream.DiscardNew,
+		Metadata:    map[string]string{partitionsKey: parts},
 	}
 	// Update only what differs: every process calls this at start, and an
 	// update racing a consumer's creation is a data race inside nats-server
@@ -57,7 +60,8 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, c Config) (jetstr
 		if p, ok := have.Metadata[partitionsKey]; ok && p != parts {
 			return nil, fmt.Errorf("%w: relay.partitions is %d, but stream %s was created with %s, and they are fixed for a stream's life (docs/scale-out.md)", ErrPartitions, c.Partitions, c.Stream, p)
 		}
-		if have.Replicas != cfg.Replicas || have.Duplicates != cfg.Duplicates || have.Metadata[partitionsKey] == "" {
+		if have.Replicas != cfg.Replicas || have.Duplicates != cfg.Duplicates || have.Metadata[partitionsKey] == "" ||
+			!have.AllowRollup || !slices.Equal(have.Subjects, cfg.Subjects) { // before the keep message
 			for k, v := range have.Metadata { // a stream from before the key, or the server's own keys
 				if k != partitionsKey {
 					cfg.Metadata[k] = v
@@ -70,6 +74,17 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, c Config) (jetstr
 		return nil, fmt.Errorf("create stream %s: %w", c.Stream, err)
 	}
 	return s, nil
+}
+
+// Deliveries is the number of deliveries the stream s of c holds: its
+// messages but the publisher's keep message.
+func Deliveries(ctx context.Context, s jetstream.Stream, c Config) (uint64, error) {
+	keep := c.WithDefaults().keepSubject()
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(keep))
+	if err != nil {
+		return 0, fmt.Errorf("stream %s: %w", c.Stream, err)
+	}
+	return info.State.Msgs - min(info.State.Msgs, info.State.Subjects[keep]), nil
 }
 
 // ensureBucket creates the key-value bucket of leases and members.

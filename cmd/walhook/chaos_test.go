@@ -794,7 +794,11 @@ func (c *chaos) streamMsgs() int64 {
 	if err != nil {
 		return -1
 	}
-	return int64(st.CachedInfo().State.Msgs)
+	n, err := relay.Deliveries(ctx, st, relay.Config{Stream: chaosStream})
+	if err != nil {
+		return -1
+	}
+	return int64(n)
 }
 
 // senderName is sender i's name in the logs: a replica or a worker.

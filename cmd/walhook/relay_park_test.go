@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/walhook/walhook/internal/natstest"
 	"github.com/walhook/walhook/outbox/pgstore"
+	"github.com/walhook/walhook/relay"
 	"github.com/walhook/walhook/sender/sendertest"
 )
 
@@ -67,7 +68,11 @@ func streamMessages(t *testing.T, url, stream string) uint64 {
 	if err != nil {
 		return 1 << 62
 	}
-	return s.CachedInfo().State.Msgs
+	n, err := relay.Deliveries(ctx, s, relay.Config{Stream: stream})
+	if err != nil {
+		return 1 << 62
+	}
+	return n
 }
 
 // TestRelayParksFailingResources: two resources' endpoint fails for longer

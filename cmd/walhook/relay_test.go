@@ -262,7 +262,11 @@ func TestRelaySidecarKill9(t *testing.T) {
 		if err != nil {
 			return -1
 		}
-		return int(s.CachedInfo().State.Msgs)
+		n, err := relay.Deliveries(ctx, s, relay.Config{Stream: stream})
+		if err != nil {
+			return -1
+		}
+		return int(n)
 	}
 	var logs []*syncBuffer
 	defer func() {

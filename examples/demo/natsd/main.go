@@ -13,6 +13,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"strconv"
 	"syscall"
 	"time"
@@ -25,10 +26,18 @@ func main() {
 	store := flag.String("store", "", "JetStream store directory (default: a temporary one, removed on exit)")
 	maxPayload := flag.Int("max-payload", 8<<20, "largest message in bytes (the server's default is 1 MiB)")
 	flag.Parse()
+	// NATSD_CPUPROFILE=file writes a CPU profile until natsd exits (for `go tool pprof`).
+	if path := os.Getenv("NATSD_CPUPROFILE"); path != "" {
+		if f, err := os.Create(path); err == nil {
+			pprof.StartCPUProfile(f)
+			defer pprof.StopCPUProfile()
+		}
+	}
 	if err := run(*listen, *store, int32(*maxPayload)); err != nil {
 		fmt.Fprintln(os.Stderr, "natsd:", err)
 		os.Exit(1)
 	}
+	pprof.StopCPUProfile()
 }
 
 func run(listen, store string, maxPayload int32) error {
