@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -595,32 +596,54 @@ func (s *parkStore) Reschedule(_ context.Context, rows []int64, attempts int, ne
 // DropParked purges a deleted subscription's parked events in the owned partitions.
 func (s *parkStore) DropParked(ctx context.Context, sub string) error {
 	for _, px := range s.indexes(ctx) {
-		px.mu.Lock()
-		var subjects []string
-		for subj, k := range px.keys {
-			if k.sub == sub {
-				subjects = append(subjects, subj)
-			}
-		}
-		px.mu.Unlock()
-		for _, subj := range subjects {
-			if err := s.stream.Purge(ctx, jetstream.WithPurgeSubject(subj)); err != nil {
-				return fmt.Errorf("drop parked deliveries: %w", err)
-			}
-			px.mu.Lock()
-			delete(px.keys, subj)
-			s.mu.Lock()
-			for r, ref := range s.rows { // in flight when it was deleted: nobody settles them
-				if ref.subj == subj {
-					delete(s.rows, r)
-					delete(px.flight, r)
-				}
-			}
-			s.mu.Unlock()
-			px.mu.Unlock()
+		if err := s.dropIn(ctx, px, sub); err != nil {
+			return err
 		}
 	}
 	return nil
+}
+
+// dropIn purges sub's parked events in one partition's index.
+func (s *parkStore) dropIn(ctx context.Context, px *parkIndex, sub string) error {
+	px.mu.Lock()
+	var subjects []string
+	for subj, k := range px.keys {
+		if k.sub == sub {
+			subjects = append(subjects, subj)
+		}
+	}
+	px.mu.Unlock()
+	for _, subj := range subjects {
+		if err := s.stream.Purge(ctx, jetstream.WithPurgeSubject(subj)); err != nil {
+			return fmt.Errorf("drop parked deliveries: %w", err)
+		}
+		px.mu.Lock()
+		delete(px.keys, subj)
+		s.mu.Lock()
+		for r, ref := range s.rows { // in flight when it was deleted: nobody settles them
+			if ref.subj == subj {
+				delete(s.rows, r)
+				delete(px.flight, r)
+			}
+		}
+		s.mu.Unlock()
+		px.mu.Unlock()
+	}
+	return nil
+}
+
+// subscriptions lists the subscriptions with parked resources in px.
+func (px *parkIndex) subscriptions() []string {
+	px.mu.Lock()
+	defer px.mu.Unlock()
+	var out []string
+	for _, k := range px.keys {
+		if !slices.Contains(out, k.sub) {
+			out = append(out, k.sub)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // DeadLetterParked moves a disabled subscription's parked events in the

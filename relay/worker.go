@@ -561,6 +561,13 @@ func (w *Worker) knows(id string) bool {
 	return ok || w.gone[id]
 }
 
+// isGone says whether markGone marked id.
+func (w *Worker) isGone(id string) bool {
+	w.subsMu.Lock()
+	defer w.subsMu.Unlock()
+	return w.gone[id]
+}
+
 // markGone remembers a subscription that a refresh after its message came
 // did not find: it was deleted after the event was routed to it (ids are
 // not reused), so its later messages are dropped without another look.
@@ -599,6 +606,19 @@ func (w *Worker) fetchLoop(ctx context.Context, e *outbox.Epoch, p *partition) {
 			return
 		}
 		w.log.Error().Err(err).Int("partition", p.n).Msg("cannot load parked deliveries; retrying")
+		if sleep(ctx, time.Second) != nil {
+			return
+		}
+	}
+	for {
+		err := w.adoptParked(ctx, e, p)
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		w.log.Error().Err(err).Int("partition", p.n).Msg("cannot look up the subscriptions of parked deliveries; retrying")
 		if sleep(ctx, time.Second) != nil {
 			return
 		}
@@ -657,6 +677,50 @@ func (w *Worker) fetchLoop(ctx context.Context, e *outbox.Epoch, p *partition) {
 			}
 		}
 	}
+}
+
+// adoptParked finds a scheduler for every subscription with parked
+// resources in p. A refresh lists only the subscriptions that exist, so one
+// deleted before this worker loaded it would have none, and its parked
+// events would stay in the park stream for good: like a message for it, it
+// gets its last definition (retire), and its parked events go out as
+// direct mode delivers what was routed before a deletion; one without a
+// definition any more (deleted long ago, or gone from the config file) has
+// its parked events dropped, as its messages are (markGone).
+func (w *Worker) adoptParked(ctx context.Context, e *outbox.Epoch, p *partition) error {
+	var orphans []string
+	for _, sub := range p.park.subscriptions() {
+		if !w.knows(sub) || w.isGone(sub) {
+			orphans = append(orphans, sub)
+		}
+	}
+	if len(orphans) == 0 {
+		return nil
+	}
+	if err := w.refresh(e); err != nil { // created since the last one?
+		return err
+	}
+	for _, sub := range orphans {
+		if !w.isGone(sub) {
+			if w.knows(sub) {
+				continue
+			}
+			found, err := w.retire(ctx, sub)
+			if err != nil {
+				return err
+			}
+			if found {
+				continue
+			}
+			w.markGone(sub)
+		}
+		if err := w.park.dropIn(ctx, p.park, sub); err != nil {
+			return err
+		}
+		w.log.Warn().Str("subscription", sub).Int("partition", p.n).
+			Msg("parked deliveries of a subscription that no longer exists dropped")
+	}
+	return nil
 }
 
 // consumerGone says whether the server answers that cons does not exist.

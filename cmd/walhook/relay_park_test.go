@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -319,5 +320,114 @@ func TestRelayDeletedSubscriptionDelivered(t *testing.T) {
 	checkRelayed(t, reqs)
 	if countLines(&workerLog, "deleted subscription loaded") == 0 {
 		t.Errorf("the worker did not load the deleted subscription's definition")
+	}
+}
+
+// relayParked is what `walhook status` says is parked in the relay.
+func (e *env) relayParked() uint64 {
+	e.t.Helper()
+	code, stdout, stderr := e.walhook("status", "--json")
+	var st struct {
+		Relay struct {
+			Parked uint64 `json:"parked"`
+		} `json:"relay"`
+	}
+	if err := json.Unmarshal([]byte(stdout), &st); err != nil || code != 0 {
+		e.t.Fatalf("walhook status --json: exit %d, %v\n%s%s", code, err, stdout, stderr)
+	}
+	return st.Relay.Parked
+}
+
+// TestRelayParkedOfDeletedSubscriptionDelivered: a dynamic subscription's
+// resources are parked, it is deleted, and its worker dies; the next owner
+// of the partition started after the deletion (a refresh does not list the
+// subscription) and no message of it is left in the stream. It still loads
+// the subscription's last definition for the parked events, and delivers
+// them, as what was routed before a deletion is delivered.
+func TestRelayParkedOfDeletedSubscriptionDelivered(t *testing.T) {
+	t.Parallel()
+	nc := natstest.Start(t)
+	always := sendertest.NewServer(t, nil)
+	dyn, down := failingResources(t)
+	relay := strings.Replace(relayYAML(t, nc.URL()), "partitions: 8", "partitions: 1", 1)
+	e := newEnv(t, "allow_targets: [127.0.0.1/32]\n"+relay+"defaults: {park_after: 1s, retry_initial: 100ms, retry_max_interval: 500ms}\nsubscriptions:\n"+
+		sub("s", always.HooksURL(), `["*"]`))
+	e.setup()
+	var sidecarLog, w1Log, w2Log syncBuffer
+	startReplica(t, e.path, &sidecarLog)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("sidecar:\n%s\nworker 1:\n%s\nworker 2:\n%s", sidecarLog.String(), w1Log.String(), w2Log.String())
+		}
+	})
+	e.eventually(30*time.Second, "the sidecar to load its subscriptions", func() bool {
+		return countLines(&sidecarLog, "subscriptions loaded") > 0
+	})
+	code, out, stderr := e.walhook("subscriptions", "add", "--event", "*", "--target-url", dyn.HooksURL())
+	if code != 0 {
+		t.Fatalf("subscriptions add: exit %d: %s", code, stderr)
+	}
+	id := strings.TrimSpace(strings.TrimPrefix(strings.SplitN(out, "\n", 2)[0], "id: "))
+	w1 := startWorker(t, e.path, &w1Log)
+	const resources = 5
+	e.insertEvents(0, 50, resources)
+	dyn.Wait(t, 60*time.Second, "the other resources' events", func(r []sendertest.Request) bool {
+		return len(sendertest.Delivered(r)) == 30
+	})
+	e.eventually(60*time.Second, "r0's and r1's 20 events parked", func() bool { return e.relayParked() == 20 })
+	if code, _, stderr := e.walhook("subscriptions", "rm", id); code != 0 {
+		t.Fatalf("subscriptions rm: exit %d: %s", code, stderr)
+	}
+	always.Wait(t, 60*time.Second, "every event to the other subscription", func(r []sendertest.Request) bool {
+		return distinctEvents(t, r) == 50
+	})
+	w1.Process.Signal(syscall.SIGKILL)
+	w1.Wait()
+	down.Store(false)
+	startWorker(t, e.path, &w2Log)
+	reqs := dyn.Wait(t, 60*time.Second, "the parked events", func(r []sendertest.Request) bool {
+		return distinctEvents(t, sendertest.Delivered(r)) == 50
+	})
+	checkRelayed(t, sendertest.Delivered(reqs))
+	e.eventually(30*time.Second, "nothing parked", func() bool { return e.relayParked() == 0 })
+	if countLines(&w2Log, "deleted subscription loaded") == 0 {
+		t.Errorf("worker 2 did not load the deleted subscription's definition")
+	}
+}
+
+// TestRelayParkedOfVanishedSubscriptionDropped: a config-file
+// subscription's resources are parked, and the next owner of the partition
+// runs a config without it (and it never had a row): its parked events are
+// dropped, as its messages would be, instead of staying in the park stream.
+func TestRelayParkedOfVanishedSubscriptionDropped(t *testing.T) {
+	t.Parallel()
+	nc := natstest.Start(t)
+	srv, _ := failingResources(t)
+	other := sendertest.NewServer(t, nil)
+	relay := strings.Replace(relayYAML(t, nc.URL()), "partitions: 8", "partitions: 1", 1)
+	defaults := "defaults: {park_after: 1s, retry_initial: 100ms, retry_max_interval: 500ms}\n"
+	e := newEnv(t, relay+defaults+"subscriptions:\n"+sub("s", srv.HooksURL(), `["*"]`))
+	without := filepath.Join(e.dir, "without-s.yaml")
+	e.writeConfigAt(without, relay+defaults+"subscriptions:\n"+sub("t", other.HooksURL(), `["nothing"]`))
+	e.setup()
+	var sidecarLog, w1Log, w2Log syncBuffer
+	startReplica(t, e.path, &sidecarLog)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("sidecar:\n%s\nworker 1:\n%s\nworker 2:\n%s", sidecarLog.String(), w1Log.String(), w2Log.String())
+		}
+	})
+	w1 := startWorker(t, e.path, &w1Log)
+	e.insertEvents(0, 50, 5)
+	srv.Wait(t, 60*time.Second, "the other resources' events", func(r []sendertest.Request) bool {
+		return len(sendertest.Delivered(r)) == 30
+	})
+	e.eventually(60*time.Second, "r0's and r1's 20 events parked", func() bool { return e.relayParked() == 20 })
+	w1.Process.Signal(syscall.SIGKILL)
+	w1.Wait()
+	startWorker(t, without, &w2Log)
+	e.eventually(30*time.Second, "the parked events dropped", func() bool { return e.relayParked() == 0 })
+	if countLines(&w2Log, "parked deliveries of a subscription that no longer exists dropped") == 0 {
+		t.Errorf("worker 2 did not say it dropped them")
 	}
 }
