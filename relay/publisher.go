@@ -147,7 +147,8 @@ func (p *Publisher) Pending() int64 { return p.pending.Load() }
 // keepEvery when nothing waits: nats-server's file store creates a new block
 // file whenever an acknowledgement empties its last block, which in a work
 // queue that keeps up is nearly every acknowledgement (docs/performance.md).
-// It goes in the chain like any publish, so expectations hold.
+// It goes only in the chain, with an expectation, and a failed one is not
+// retried: it never stores anything another writer's chain did not expect.
 func (p *Publisher) Run(ctx context.Context) error {
 	var (
 		queue    []*pub // to publish, in order
@@ -158,6 +159,7 @@ func (p *Publisher) Run(ctx context.Context) error {
 		epoch    *outbox.Epoch
 		dupsIn   *outbox.Epoch // the epoch whose first duplicate was logged
 		retryAt  time.Time
+		keepOff  time.Time // no keep message before
 	)
 	bo := backoff.NewExponentialBackOff(backoff.WithInitialInterval(100*time.Millisecond),
 		backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0))
@@ -189,6 +191,16 @@ func (p *Publisher) Run(ctx context.Context) error {
 		for len(queue) > 0 && len(inflight) < maxInFlight && len(failed) == 0 && (chain || len(inflight) == 0) &&
 			!time.Now().Before(retryAt) {
 			x := queue[0]
+			if x.keep && (!chain || x.epoch != epoch) {
+				// Never without an expectation: a sidecar whose epoch has
+				// not ended yet (paused, say) would then store one after
+				// another sidecar's publish, and that one's next publish,
+				// expecting its predecessor, would take the keep's place
+				// while its predecessor is republished after it.
+				queue[0] = nil
+				queue = queue[1:]
+				continue
+			}
 			if x.epoch.Err() != nil {
 				queue[0] = nil
 				queue = queue[1:]
@@ -294,12 +306,21 @@ func (p *Publisher) Run(ctx context.Context) error {
 			x := inflight[0]
 			inflight[0] = nil
 			inflight = inflight[1:]
+			chain = false // stored or not: what follows goes serial
+			if x.keep {
+				// Not retried, and no failure of publishing: deliveries go
+				// on without it (nats-server creates block files again).
+				// Refused, it means another writer; lasting (no subject,
+				// no permission), a minute's pause between tries.
+				keepOff = time.Now().Add(time.Minute)
+				p.log.Warn().Err(err).Msg("cannot publish the relay stream's keep message; trying again in a minute")
+				break
+			}
 			failed = append(failed, x)
-			chain = false
 			p.fail(err)
 		case <-retry:
 		case <-keep.C:
-			if len(queue) == 0 && len(failed) == 0 && chain && epoch != nil && epoch.Err() == nil {
+			if len(queue) == 0 && len(failed) == 0 && chain && epoch != nil && epoch.Err() == nil && time.Now().After(keepOff) {
 				queue = append(queue, &pub{msg: &nats.Msg{Subject: p.cfg.Relay.keepSubject()}, epoch: epoch, keep: true})
 			}
 		}

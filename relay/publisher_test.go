@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -9,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -36,6 +38,7 @@ type testRig struct {
 	done atomic.Int64
 	ep   *outbox.Epoch
 	sub  *outbox.Subscription
+	logs *safeBuffer // the publisher's
 }
 
 func newRig(t *testing.T) *testRig { return newClusterRig(t, 1) }
@@ -50,7 +53,8 @@ func newClusterRig(t *testing.T, n int) *testRig {
 	}
 	t.Cleanup(r.nc.Close)
 	r.js, _ = jetstream.New(r.nc, jetstream.WithPublishAsyncTimeout(2*time.Second))
-	r.pub = NewPublisher(PublisherConfig{Relay: r.cfg, JetStream: r.js, Conn: r.nc, Logger: zerolog.Nop()})
+	r.logs = &safeBuffer{}
+	r.pub = NewPublisher(PublisherConfig{Relay: r.cfg, JetStream: r.js, Conn: r.nc, Logger: zerolog.New(r.logs)})
 	ctx, cancel := context.WithCancel(context.Background())
 	stopped := make(chan struct{})
 	go func() { r.pub.Run(ctx); close(stopped) }()
@@ -347,4 +351,54 @@ func TestEnsureStreamAddsTheKeepSubject(t *testing.T) {
 	if n, err := Deliveries(ctx, s, cfg); err != nil || n != 1 {
 		t.Fatalf("Deliveries: %d, %v; want the one published before", n, err)
 	}
+}
+
+// TestKeepMessageNeverWithoutExpectation: once another writer stored a
+// message after the publisher's last, the publisher's keep message is
+// refused and not tried again (without an expectation it would be stored,
+// and could take the place another sidecar's next publish expects). A
+// delivery published afterwards goes serial, and is stored.
+func TestKeepMessageNeverWithoutExpectation(t *testing.T) {
+	r := newRig(t)
+	r.publish(t, 0, 1)
+	waitFor(t, 20*time.Second, "the first publish", func() bool { return r.done.Load() == 1 })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ack, err := r.js.Publish(ctx, r.cfg.subject(0), []byte(`{}`)) // another writer
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 20*time.Second, "the keep message refused", func() bool {
+		return strings.Contains(r.logs.String(), "cannot publish the relay stream's keep message")
+	})
+	s, err := r.js.Stream(ctx, r.cfg.Stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if last := s.CachedInfo().State.LastSeq; last != ack.Sequence {
+		t.Fatalf("the stream's last sequence is %d, the other writer's %d: the publisher stored something after it", last, ack.Sequence)
+	}
+	if ok, _ := r.pub.Health(); !ok {
+		t.Errorf("a refused keep message made the publisher unhealthy")
+	}
+	r.publish(t, 1, 1)
+	waitFor(t, 20*time.Second, "a delivery after it", func() bool { return r.done.Load() == 2 })
+}
+
+// safeBuffer is a bytes.Buffer for concurrent writers.
+type safeBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *safeBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *safeBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
