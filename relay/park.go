@@ -747,10 +747,15 @@ func (s *parkStore) parkedResources() int {
 	return n
 }
 
-// hasParked says whether sub has parked resources in an owned partition.
-func (s *parkStore) hasParked(sub string) bool {
+// hasParked says whether sub has parked resources in an owned partition,
+// or may have: a partition not loaded in the epoch yet.
+func (s *parkStore) hasParked(sub string, epoch uint64) bool {
 	for _, px := range s.owned() {
 		px.mu.Lock()
+		if !px.servesLocked(epoch) {
+			px.mu.Unlock()
+			return true // not loaded in this epoch yet: it may hold some
+		}
 		for _, k := range px.keys {
 			if k.sub == sub {
 				px.mu.Unlock()

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"maps"
 	"math"
 	"os"
 	"slices"
@@ -36,6 +37,10 @@ const (
 	// releaseWithin bounds a graceful hand-over: the partition's held
 	// messages finish, or the epoch ends (its sends are cancelled).
 	releaseWithin = 10 * time.Second
+	// windDownWithin bounds how long the other partitions' attempts in
+	// flight may finish when a partition is lost (lose) before the epoch
+	// ends.
+	windDownWithin = 2 * time.Second
 	// A worker takes no partition until it has been a member for joinGrace:
 	// workers started together (a Deployment's replicas) then see each other
 	// and divide the partitions at once, instead of the first one taking them
@@ -91,6 +96,10 @@ type Worker struct {
 	epoch    *outbox.Epoch  // the current one; nil between epochs
 	fetch    sync.WaitGroup // the current epoch's fetchers
 	nEpoch   uint64
+	winding  bool         // the epoch winds down (windDown): nothing new is fetched or sent
+	lost     []*partition // lost in the current epoch: forgotten at its end
+
+	attempts atomic.Int64 // attempts in flight (deliver), not those waiting for the epoch's end
 
 	subsMu sync.Mutex
 	known  map[string]string // dynamic subscriptions fed to the Dispatcher: id → row JSON
@@ -117,6 +126,10 @@ type partition struct {
 	renewedAt time.Time // when the last renewal that succeeded was sent
 	releasing time.Time // non-zero: handing over since then
 	stop      context.CancelFunc
+	// send ends when the partition is cut from its epoch (lose, cut): its
+	// attempts then stop, and no new one starts (deliver). Set per epoch.
+	send context.Context
+	cut  context.CancelFunc
 
 	mu      sync.Mutex
 	held    map[uint64]heldMsg // by stream sequence: handed to the Dispatcher, not finished
@@ -167,7 +180,7 @@ func NewWorker(cfg WorkerConfig) *Worker {
 	w.store.park, w.store.w = w.park, w
 	acker := outbox.NewAcker(0)
 	w.disp = outbox.NewDispatcher(outbox.DispatcherConfig{
-		Subscriptions: cfg.Subscriptions, Defaults: cfg.Defaults, Acker: acker, Deliverer: cfg.Deliverer,
+		Subscriptions: cfg.Subscriptions, Defaults: cfg.Defaults, Acker: acker, Deliverer: deliverer{w},
 		Store: w.store, Logger: cfg.Logger, Metrics: outbox.NewMetrics(cfg.Registerer, acker), Budget: w.budget,
 		Attempts: cfg.Attempts,
 	})
@@ -308,7 +321,7 @@ func (w *Worker) runEpoch(ctx context.Context) {
 		return
 	}
 	w.mu.Lock()
-	w.epoch = e
+	w.epoch, w.winding = e, false
 	for _, p := range w.owned {
 		if p.releasing.IsZero() && !w.draining {
 			w.startFetch(e, p)
@@ -322,10 +335,11 @@ func (w *Worker) runEpoch(ctx context.Context) {
 	w.mu.Unlock()
 	w.fetch.Wait()
 	w.mu.Lock()
-	for _, p := range w.owned {
+	for _, p := range append(slices.Collect(maps.Values(w.owned)), w.lost...) {
 		p.forget(w)
 		w.park.forget(p)
 	}
+	w.lost = nil
 	w.mu.Unlock()
 	if ctx.Err() == nil {
 		w.log.Warn().Err(e.Err()).Msg("epoch ended: sends in flight cancelled, unacknowledged messages come again")
@@ -439,7 +453,7 @@ func (w *Worker) refresh(e *outbox.Epoch) error {
 			w.log.Info().Str("subscription", id).Msg("subscription deleted: delivering what was routed to it before")
 			continue
 		}
-		if now.Sub(last) >= retiredIdle && !w.holds(id) && !w.park.hasParked(id) {
+		if now.Sub(last) >= retiredIdle && !w.holds(id) && !w.park.hasParked(id, e.N) {
 			delete(w.known, id)
 			delete(w.retired, id)
 			changes = append(changes, outbox.Change{Kind: outbox.ChangeSubscription, SubscriptionID: id})
@@ -530,11 +544,16 @@ func (w *Worker) retire(ctx context.Context, id string) (bool, error) {
 	w.known[id] = string(b)
 	w.retired[id] = time.Now()
 	w.setVersion(id, row.UpdatedAt)
-	w.log.Info().Str("subscription", id).Msg("deleted subscription loaded: delivering what was routed to it before")
 	select {
 	case w.changes <- outbox.Change{Kind: outbox.ChangeSubscription, SubscriptionID: id, Row: b}:
+		w.log.Info().Str("subscription", id).Msg("deleted subscription loaded: delivering what was routed to it before")
 		return true, nil
 	case <-ctx.Done():
+		// Not handed on (a fetcher stopped, say): not known either, or
+		// other partitions' messages of it would reach a Dispatcher that
+		// does not have it, which finishes them unsent.
+		delete(w.known, id)
+		delete(w.retired, id)
 		return false, ctx.Err()
 	}
 }
@@ -584,6 +603,7 @@ func (w *Worker) markGone(id string) {
 func (w *Worker) startFetch(e *outbox.Epoch, p *partition) {
 	ctx, cancel := context.WithCancel(e.Context())
 	p.stop = cancel
+	p.send, p.cut = context.WithCancel(e.Context())
 	w.fetch.Add(1)
 	go func() {
 		defer w.fetch.Done()
@@ -668,7 +688,7 @@ func (w *Worker) fetchLoop(ctx context.Context, e *outbox.Epoch, p *partition) {
 			// nats-server forgot it. Like a delivery gap, the epoch ends and
 			// the reset that follows delivers what is unacknowledged.
 			w.m.gaps.Inc()
-			e.End(fmt.Errorf("partition %d: nats-server no longer has its consumer (restarted?)", p.n))
+			w.cut(fmt.Errorf("partition %d: nats-server no longer has its consumer (restarted?)", p.n), p)
 			return
 		default:
 			w.log.Debug().Err(err).Int("partition", p.n).Msg("fetch failed")
@@ -684,9 +704,12 @@ func (w *Worker) fetchLoop(ctx context.Context, e *outbox.Epoch, p *partition) {
 // deleted before this worker loaded it would have none, and its parked
 // events would stay in the park stream for good: like a message for it, it
 // gets its last definition (retire), and its parked events go out as
-// direct mode delivers what was routed before a deletion; one without a
-// definition any more (deleted long ago, or gone from the config file) has
-// its parked events dropped, as its messages are (markGone).
+// direct mode delivers what was routed before a deletion. One without a
+// definition here (a config-file subscription this worker's config lacks,
+// or one deleted over 30 days ago) has its parked events left where they
+// are, and logged: nothing proves it gone (during a rolling change of the
+// config file another worker may still have it), and a purge cannot be
+// undone.
 func (w *Worker) adoptParked(ctx context.Context, e *outbox.Epoch, p *partition) error {
 	var orphans []string
 	for _, sub := range p.park.subscriptions() {
@@ -701,10 +724,10 @@ func (w *Worker) adoptParked(ctx context.Context, e *outbox.Epoch, p *partition)
 		return err
 	}
 	for _, sub := range orphans {
+		if !w.isGone(sub) && w.knows(sub) {
+			continue
+		}
 		if !w.isGone(sub) {
-			if w.knows(sub) {
-				continue
-			}
 			found, err := w.retire(ctx, sub)
 			if err != nil {
 				return err
@@ -712,13 +735,9 @@ func (w *Worker) adoptParked(ctx context.Context, e *outbox.Epoch, p *partition)
 			if found {
 				continue
 			}
-			w.markGone(sub)
-		}
-		if err := w.park.dropIn(ctx, p.park, sub); err != nil {
-			return err
 		}
 		w.log.Warn().Str("subscription", sub).Int("partition", p.n).
-			Msg("parked deliveries of a subscription that no longer exists dropped")
+			Msg("parked deliveries of a subscription this worker does not know are left in the park stream")
 	}
 	return nil
 }
@@ -775,8 +794,9 @@ func (w *Worker) handleMsg(ctx context.Context, e *outbox.Epoch, p *partition, m
 	}
 	if meta.Sequence.Consumer != *delivered+1 {
 		w.m.gaps.Inc()
-		e.End(fmt.Errorf("partition %d: deliveries %d to %d never arrived", p.n, *delivered+1, meta.Sequence.Consumer-1))
-		return e.Err()
+		err := fmt.Errorf("partition %d: deliveries %d to %d never arrived", p.n, *delivered+1, meta.Sequence.Consumer-1)
+		w.cut(err, p)
+		return err
 	}
 	*delivered = meta.Sequence.Consumer
 	seq := meta.Sequence.Stream
@@ -1193,7 +1213,7 @@ func (w *Worker) take(n int, rev uint64, sent time.Time) {
 		park: &parkIndex{keys: map[string]*parkedKey{}, flight: map[uint64]bool{}}}
 	w.mu.Lock()
 	w.owned[n] = p
-	if w.epoch != nil && w.epoch.Err() == nil {
+	if w.epoch != nil && w.epoch.Err() == nil && !w.winding { // winding down: the next epoch fetches it
 		w.startFetch(w.epoch, p)
 	}
 	w.mu.Unlock()
@@ -1201,34 +1221,160 @@ func (w *Worker) take(n int, rev uint64, sent time.Time) {
 	w.log.Info().Int("partition", n).Msg("partition taken")
 }
 
-// lose stops owning ps at once: the epoch ends, so nothing of them is sent
-// any more, and the other partitions start again from what is
-// unacknowledged.
+// lose stops owning ps at once: their attempts are cancelled and none of
+// theirs starts again (deliver), and the epoch winds down (windDown), so the
+// other partitions start again from what is unacknowledged.
 //
-// The epoch ends before the partitions leave owned: whoever finds one gone
-// (NextParked) then sees its epoch ended, and does not take "not owned" for
-// a hand-over, after which forgetting its parked resources is safe.
+// A scheduler that finds one gone (NextParked) may forget its parked
+// resources: nothing of the partition is sent any more in this epoch, and
+// the next owner loads them.
 func (w *Worker) lose(cause error, ps ...*partition) {
 	w.mu.Lock()
 	var ns []int
 	for _, p := range ps {
 		if w.owned[p.n] == p {
 			ns = append(ns, p.n)
+			delete(w.owned, p.n)
+			w.lost = append(w.lost, p)
 		}
 	}
 	if len(ns) == 0 {
 		w.mu.Unlock()
 		return
 	}
-	if w.epoch != nil {
-		w.epoch.End(cause) // under mu: no next epoch can start fetching them first
-	}
-	for _, n := range ns {
-		delete(w.owned, n)
-	}
+	w.cutLocked(cause, ps...)
 	w.mu.Unlock()
 	slices.Sort(ns)
 	w.log.Warn().Err(cause).Ints("partitions", ns).Msg("partitions lost: stopping their deliveries")
+}
+
+// cut stops the sends of ps, which stay owned (a delivery gap), and winds
+// the epoch down: the next epoch starts them from what is unacknowledged.
+func (w *Worker) cut(cause error, ps ...*partition) {
+	w.mu.Lock()
+	w.cutLocked(cause, ps...)
+	w.mu.Unlock()
+}
+
+// cutLocked cancels the attempts of ps, and starts winding the epoch down
+// unless it already does. w.mu is held: no attempt of ps starts after it
+// (deliver looks under w.mu).
+func (w *Worker) cutLocked(cause error, ps ...*partition) {
+	for _, p := range ps {
+		if p.stop != nil {
+			p.stop()
+		}
+		if p.cut != nil {
+			p.cut()
+		}
+	}
+	e := w.epoch
+	if e == nil || e.Err() != nil || w.winding {
+		return
+	}
+	w.winding = true
+	for _, p := range w.owned {
+		if p.stop != nil {
+			p.stop() // fetch no more
+		}
+	}
+	go w.windDown(e, cause)
+}
+
+// windDown ends e once the attempts in flight have finished (for at most
+// windDownWithin): since the epoch began winding down nothing was fetched
+// and no attempt started (they wait, unsent, for the epoch's end), so what
+// is in flight can only drain. What finished is acknowledged; what waited
+// comes again in the next epoch, in order, and was never sent. Before, a
+// lost partition ended the epoch at once, and every attempt in flight of
+// every partition came again: duplicates, their requests having mostly
+// reached the endpoint.
+func (w *Worker) windDown(e *outbox.Epoch, cause error) {
+	deadline := time.Now().Add(windDownWithin)
+	idle := 0
+	for idle < 5 && time.Now().Before(deadline) && e.Err() == nil {
+		// Five polls without an attempt in flight: the results of the
+		// last ones have reached their schedulers, which acknowledge them.
+		if w.attempts.Load() == 0 {
+			idle++
+		} else {
+			idle = 0
+		}
+		if sleep(e.Context(), 10*time.Millisecond) != nil {
+			break
+		}
+	}
+	e.End(cause)
+}
+
+// deliverer is the Worker as its Dispatcher's Deliverer.
+type deliverer struct{ w *Worker }
+
+func (d deliverer) Deliver(ctx context.Context, b *outbox.Batch) error { return d.w.deliver(ctx, b) }
+
+// deliver is the configured Deliverer's attempt, unless a partition of the batch is cut or gone, or
+// the epoch winds down: then the attempt waits, unsent, for the epoch's
+// end, and its scheduler takes it for nothing (its context ended). An
+// attempt cut while in flight (its context ends: the transport writes
+// nothing more) also waits.
+func (w *Worker) deliver(ctx context.Context, b *outbox.Batch) error {
+	sends, e := w.sends(b)
+	if sends == nil {
+		return waitEnd(ctx, e)
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	for _, send := range sends {
+		stop := context.AfterFunc(send, cancel)
+		defer stop()
+	}
+	w.attempts.Add(1)
+	err := w.cfg.Deliverer.Deliver(sctx, b)
+	w.attempts.Add(-1)
+	for _, send := range sends {
+		if send.Err() != nil {
+			return waitEnd(ctx, e)
+		}
+	}
+	return err
+}
+
+// sends returns the send contexts of b's partitions, none when one of them
+// is cut or not owned or the epoch winds down; and the epoch.
+func (w *Worker) sends(b *outbox.Batch) ([]context.Context, *outbox.Epoch) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	e := w.epoch
+	if w.winding || e == nil {
+		return nil, e
+	}
+	var out []context.Context
+	seen := -1
+	for i := range b.Events {
+		n := Partition(b.Subscription.ID, b.Events[i].ResourceID, w.cfg.Relay.Partitions)
+		if n == seen {
+			continue
+		}
+		seen = n
+		p := w.owned[n]
+		if p == nil || p.send == nil || p.send.Err() != nil {
+			return nil, e
+		}
+		if !slices.Contains(out, p.send) {
+			out = append(out, p.send)
+		}
+	}
+	return out, e
+}
+
+// waitEnd waits for the end of e, whose context an attempt's derives from
+// (past the attempt's own deadline, if it has one: it has not started).
+func waitEnd(ctx context.Context, e *outbox.Epoch) error {
+	if e != nil {
+		<-e.Context().Done()
+	}
+	<-ctx.Done()
+	return ctx.Err()
 }
 
 // handOver gives a partition being released back once nothing of it is held

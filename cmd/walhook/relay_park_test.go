@@ -395,14 +395,15 @@ func TestRelayParkedOfDeletedSubscriptionDelivered(t *testing.T) {
 	}
 }
 
-// TestRelayParkedOfVanishedSubscriptionDropped: a config-file
-// subscription's resources are parked, and the next owner of the partition
-// runs a config without it (and it never had a row): its parked events are
-// dropped, as its messages would be, instead of staying in the park stream.
-func TestRelayParkedOfVanishedSubscriptionDropped(t *testing.T) {
+// TestRelayParkedOfUnknownSubscriptionKept: a config-file subscription's
+// resources are parked, and the next owner of the partition runs a config
+// without it (a rolling change of the config file, say): it leaves the
+// parked events where they are and says so, and a later owner that has the
+// subscription delivers them, in order.
+func TestRelayParkedOfUnknownSubscriptionKept(t *testing.T) {
 	t.Parallel()
 	nc := natstest.Start(t)
-	srv, _ := failingResources(t)
+	srv, down := failingResources(t)
 	other := sendertest.NewServer(t, nil)
 	relay := strings.Replace(relayYAML(t, nc.URL()), "partitions: 8", "partitions: 1", 1)
 	defaults := "defaults: {park_after: 1s, retry_initial: 100ms, retry_max_interval: 500ms}\n"
@@ -410,11 +411,11 @@ func TestRelayParkedOfVanishedSubscriptionDropped(t *testing.T) {
 	without := filepath.Join(e.dir, "without-s.yaml")
 	e.writeConfigAt(without, relay+defaults+"subscriptions:\n"+sub("t", other.HooksURL(), `["nothing"]`))
 	e.setup()
-	var sidecarLog, w1Log, w2Log syncBuffer
+	var sidecarLog, w1Log, w2Log, w3Log syncBuffer
 	startReplica(t, e.path, &sidecarLog)
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("sidecar:\n%s\nworker 1:\n%s\nworker 2:\n%s", sidecarLog.String(), w1Log.String(), w2Log.String())
+			t.Logf("sidecar:\n%s\nworker 1:\n%s\nworker 2:\n%s\nworker 3:\n%s", sidecarLog.String(), w1Log.String(), w2Log.String(), w3Log.String())
 		}
 	})
 	w1 := startWorker(t, e.path, &w1Log)
@@ -425,9 +426,20 @@ func TestRelayParkedOfVanishedSubscriptionDropped(t *testing.T) {
 	e.eventually(60*time.Second, "r0's and r1's 20 events parked", func() bool { return e.relayParked() == 20 })
 	w1.Process.Signal(syscall.SIGKILL)
 	w1.Wait()
-	startWorker(t, without, &w2Log)
-	e.eventually(30*time.Second, "the parked events dropped", func() bool { return e.relayParked() == 0 })
-	if countLines(&w2Log, "parked deliveries of a subscription that no longer exists dropped") == 0 {
-		t.Errorf("worker 2 did not say it dropped them")
+	w2 := startWorker(t, without, &w2Log)
+	e.eventually(30*time.Second, "worker 2 to look at them", func() bool {
+		return countLines(&w2Log, "parked deliveries of a subscription this worker does not know are left") > 0
+	})
+	if n := e.relayParked(); n != 20 {
+		t.Fatalf("%d events parked after worker 2 took the partition, want the 20", n)
 	}
+	w2.Process.Signal(syscall.SIGKILL)
+	w2.Wait()
+	down.Store(false)
+	startWorker(t, e.path, &w3Log)
+	reqs := srv.Wait(t, 60*time.Second, "every event", func(r []sendertest.Request) bool {
+		return distinctEvents(t, sendertest.Delivered(r)) == 50
+	})
+	checkRelayed(t, sendertest.Delivered(reqs))
+	e.eventually(30*time.Second, "nothing parked", func() bool { return e.relayParked() == 0 })
 }

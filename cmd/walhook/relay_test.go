@@ -4,10 +4,14 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -577,4 +581,106 @@ func TestRelayNATSRestartForgetsConsumers(t *testing.T) {
 		t.Fatalf("the worker never noticed that nats-server forgot its consumers")
 	}
 	t.Logf("%d events, %d duplicates after a quick NATS restart", n, dups)
+}
+
+// metricValue reads an unlabelled metric from the /metrics of addr; -1 when
+// it cannot.
+func metricValue(addr, name string) float64 {
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, name+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err == nil {
+				return f
+			}
+		}
+	}
+	return -1
+}
+
+// TestRelayLostPartitionSparesTheOthers: a worker loses one partition (its
+// lease is taken from under it) while attempts of every partition are in
+// flight. The lost partition's attempts stop; the others' finish and are
+// acknowledged before the epoch ends, so none of their events is sent
+// twice (they all were, as cancelled sends come again, when a lost
+// partition ended the epoch at once). Once everything is delivered the
+// worker holds nothing (a lost partition's held messages used to count
+// against max_pending_bytes for good).
+func TestRelayLostPartitionSparesTheOthers(t *testing.T) {
+	t.Parallel()
+	nc := natstest.Start(t)
+	srv := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) {
+		time.Sleep(300 * time.Millisecond) // the endpoint's work, not synchronisation: attempts in flight
+		return http.StatusNoContent, nil
+	})
+	top := strings.Replace(relayYAML(t, nc.URL()), "partitions: 8", "partitions: 4", 1)
+	stream := strings.Fields(top[strings.Index(top, "stream:"):])[1]
+	subs := "subscriptions:\n" + sub("s", srv.HooksURL(), `["*"]`, "    batch_max: 1\n")
+	e := newEnv(t, top+subs)
+	workerAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	workerPath := filepath.Join(e.dir, "worker.yaml")
+	e.writeConfigAt(workerPath, top+subs)
+	cfg, err := os.ReadFile(workerPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(workerPath, []byte(strings.Replace(string(cfg), "listen: 127.0.0.1:0", "listen: "+workerAddr, 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e.setup()
+	_, workerLog := startSidecarAndWorker(t, e.path, workerPath)
+	e.eventually(30*time.Second, "the worker to own every partition", func() bool {
+		return countLines(workerLog, `"partition taken"`) == 4
+	})
+	const events, resources = 160, 16
+	e.insertEvents(0, events, resources)
+	srv.WaitN(t, 16, 60*time.Second) // attempts of every partition in flight
+	lost := relay.Partition("s", "r0", 4)
+	conn, err := nats.Connect(nc.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	js, _ := jetstream.New(conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	kv, err := js.KeyValue(ctx, stream+"_owners")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(ctx, fmt.Sprintf("p.%d", lost), []byte("intruder")); err != nil { // expires unrenewed: the worker takes it back
+		t.Fatal(err)
+	}
+	e.eventually(30*time.Second, "the worker to lose the partition", func() bool {
+		return countLines(workerLog, `"partitions lost`) > 0
+	})
+	reqs := srv.Wait(t, 90*time.Second, "every event", func(r []sendertest.Request) bool {
+		return distinctEvents(t, sendertest.Delivered(r)) == events
+	})
+	checkRelayed(t, sendertest.Delivered(reqs))
+	times := map[string]int{}
+	for _, r := range sendertest.Delivered(reqs) {
+		env := decode(t, r.Body)
+		if relay.Partition("s", deref(env.ResourceID), 4) != lost {
+			times[env.ID]++
+		}
+	}
+	var dups []string
+	for id, n := range times {
+		if n > 1 {
+			dups = append(dups, id)
+		}
+	}
+	if len(dups) > 0 {
+		slices.Sort(dups)
+		t.Errorf("events of the partitions not lost sent more than once: %v", dups)
+	}
+	e.eventually(10*time.Second, "the worker to hold nothing", func() bool {
+		return metricValue(workerAddr, "walhook_relay_held_bytes") == 0
+	})
 }
