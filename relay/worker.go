@@ -342,7 +342,7 @@ func (w *Worker) runEpoch(ctx context.Context) {
 	w.lost = nil
 	w.mu.Unlock()
 	if ctx.Err() == nil {
-		w.log.Warn().Err(e.Err()).Msg("epoch ended: sends in flight cancelled, unacknowledged messages come again")
+		w.log.Warn().Err(e.Err()).Msg("epoch ended: what was not finished comes again")
 	}
 }
 
@@ -1312,13 +1312,16 @@ type deliverer struct{ w *Worker }
 
 func (d deliverer) Deliver(ctx context.Context, b *outbox.Batch) error { return d.w.deliver(ctx, b) }
 
-// deliver is the configured Deliverer's attempt, unless a partition of the batch is cut or gone, or
-// the epoch winds down: then the attempt waits, unsent, for the epoch's
-// end, and its scheduler takes it for nothing (its context ended). An
-// attempt cut while in flight (its context ends: the transport writes
-// nothing more) also waits.
+// deliver is the configured Deliverer's attempt, unless a partition of the
+// batch is cut or gone, or the epoch winds down: then the attempt waits,
+// unsent, for the epoch's end, and its scheduler takes it for nothing (its
+// context ended). An attempt cut while in flight (its context ends: the
+// transport writes nothing more) also waits.
 func (w *Worker) deliver(ctx context.Context, b *outbox.Batch) error {
-	sends, e := w.sends(b)
+	sends, e := w.sends(ctx, b)
+	if e == nil { // not the current epoch's: an ended one's (its context is done)
+		return w.cfg.Deliverer.Deliver(ctx, b)
+	}
 	if sends == nil {
 		return waitEnd(ctx, e)
 	}
@@ -1340,12 +1343,16 @@ func (w *Worker) deliver(ctx context.Context, b *outbox.Batch) error {
 }
 
 // sends returns the send contexts of b's partitions, none when one of them
-// is cut or not owned or the epoch winds down; and the epoch.
-func (w *Worker) sends(b *outbox.Batch) ([]context.Context, *outbox.Epoch) {
+// is cut or not owned or the epoch winds down; and the epoch, nil if the
+// attempt (ctx) is not of the current one.
+func (w *Worker) sends(ctx context.Context, b *outbox.Batch) ([]context.Context, *outbox.Epoch) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	e := w.epoch
-	if w.winding || e == nil {
+	if e == nil || epochOf(ctx) != e.N {
+		return nil, nil
+	}
+	if w.winding {
 		return nil, e
 	}
 	var out []context.Context
@@ -1367,12 +1374,11 @@ func (w *Worker) sends(b *outbox.Batch) ([]context.Context, *outbox.Epoch) {
 	return out, e
 }
 
-// waitEnd waits for the end of e, whose context an attempt's derives from
-// (past the attempt's own deadline, if it has one: it has not started).
+// waitEnd waits for the end of e, the attempt's epoch, whose context ctx
+// derives from (past the attempt's own deadline, if it has one: it has not
+// started).
 func waitEnd(ctx context.Context, e *outbox.Epoch) error {
-	if e != nil {
-		<-e.Context().Done()
-	}
+	<-e.Context().Done()
 	<-ctx.Done()
 	return ctx.Err()
 }
