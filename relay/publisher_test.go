@@ -1,7 +1,6 @@
 package relay
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -10,7 +9,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -38,7 +36,7 @@ type testRig struct {
 	done atomic.Int64
 	ep   *outbox.Epoch
 	sub  *outbox.Subscription
-	logs *safeBuffer // the publisher's
+	logs *testwait.Buffer // the publisher's
 }
 
 func newRig(t *testing.T) *testRig { return newClusterRig(t, 1) }
@@ -53,7 +51,7 @@ func newClusterRig(t *testing.T, n int) *testRig {
 	}
 	t.Cleanup(r.nc.Close)
 	r.js, _ = jetstream.New(r.nc, jetstream.WithPublishAsyncTimeout(2*time.Second))
-	r.logs = &safeBuffer{}
+	r.logs = &testwait.Buffer{}
 	r.pub = NewPublisher(PublisherConfig{Relay: r.cfg, JetStream: r.js, Conn: r.nc, Logger: zerolog.New(r.logs)})
 	ctx, cancel := context.WithCancel(context.Background())
 	stopped := make(chan struct{})
@@ -383,22 +381,4 @@ func TestKeepMessageNeverWithoutExpectation(t *testing.T) {
 	}
 	r.publish(t, 1, 1)
 	waitFor(t, 20*time.Second, "a delivery after it", func() bool { return r.done.Load() == 2 })
-}
-
-// safeBuffer is a bytes.Buffer for concurrent writers.
-type safeBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *safeBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *safeBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
