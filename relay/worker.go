@@ -1291,18 +1291,23 @@ func (w *Worker) cutLocked(cause error, ps ...*partition) {
 // reached the endpoint.
 func (w *Worker) windDown(e *outbox.Epoch, cause error) {
 	deadline := time.Now().Add(windDownWithin)
-	idle := 0
+	idle, held := 0, w.heldBytes.Load()
 	for idle < 5 && time.Now().Before(deadline) && e.Err() == nil {
-		// Five polls without an attempt in flight: the results of the
-		// last ones have reached their schedulers, which acknowledge them.
-		if w.attempts.Load() == 0 {
+		// Five polls with no attempt in flight and nothing finished: the
+		// results of the last ones have reached their schedulers, which
+		// acknowledged them.
+		if h := w.heldBytes.Load(); w.attempts.Load() == 0 && h == held {
 			idle++
 		} else {
-			idle = 0
+			idle, held = 0, h
 		}
 		if sleep(e.Context(), 10*time.Millisecond) != nil {
 			break
 		}
+	}
+	// The acknowledgements on the wire before the consumers' reset.
+	if nc := w.cfg.JetStream.Conn(); nc != nil && e.Err() == nil {
+		nc.FlushTimeout(time.Second)
 	}
 	e.End(cause)
 }
