@@ -155,10 +155,13 @@ func TestRelayParkedSurviveWorkerKill9(t *testing.T) {
 	startWorker(t, e.path, &w2Log) // a standby: one partition, and worker 1 holds it
 	const resources = 5
 	e.insertEvents(0, 50, resources)
-	e.eventually(60*time.Second, "r0 and r1 parked", func() bool { return countLines(&w1Log, `"parked: the endpoint`) >= 1 })
 	srv.Wait(t, 60*time.Second, "the other resources' events", func(r []sendertest.Request) bool {
 		return len(sendertest.Delivered(r)) == 30
 	})
+	// Stored, not just logged: the park write follows the log line, and a
+	// kill in between leaves the events in the relay stream (worker 2 then
+	// parks them itself; CI saw it).
+	e.eventually(60*time.Second, "r0's and r1's 20 events parked", func() bool { return e.relayParked() == 20 })
 	w1.Process.Signal(syscall.SIGKILL)
 	w1.Wait()
 	killed := time.Now()
