@@ -1370,6 +1370,10 @@ func (w *Worker) sends(ctx context.Context, b *outbox.Batch) ([]context.Context,
 		seen = n
 		p := w.owned[n]
 		if p == nil || p.send == nil || p.send.Err() != nil {
+			// Its attempt waits for the epoch's end: make sure that comes
+			// (a cut already winds down; a partition handed over holds
+			// nothing, so this is not expected otherwise).
+			w.cutLocked(fmt.Errorf("an attempt for partition %d, which this epoch does not send for", n))
 			return nil, e
 		}
 		if !slices.Contains(out, p.send) {
