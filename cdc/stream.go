@@ -249,7 +249,7 @@ func (s *Stream) session(ctx context.Context, out chan<- outbox.Change, reconnec
 	defer s.conn.Close(context.Background())
 	// Runs before the close: the epoch's sends stop before the slot is free.
 	defer func() { s.epoch.End(fmt.Errorf("session ended: %w", err)) }()
-	s.lastHeard.Store(time.Now().UnixNano())
+	s.heard(time.Now())
 	s.state.Store(Streaming)
 	s.active.Set(1)
 	defer func() {
@@ -616,7 +616,7 @@ func (s *Stream) receive(ctx context.Context) error {
 		return fmt.Errorf("receive replication message: %w", err)
 	}
 	now := time.Now()
-	s.lastHeard.Store(now.UnixNano())
+	s.heard(now)
 	if s.readDeadline.Sub(now) < s.cfg.StatusInterval/2 {
 		s.readDeadline = time.Time{} // moved before the next read
 	}
@@ -820,6 +820,13 @@ func sequence(commit outbox.LSN, index uint64) uint64 {
 }
 
 // quiet is how long the server has been silent.
+// heard notes a message from the server at now: the session's epoch may act
+// until the stall timeout has passed without another (Epoch.Live).
+func (s *Stream) heard(now time.Time) {
+	s.lastHeard.Store(now.UnixNano())
+	s.epoch.FreshUntil(now.Add(s.stall))
+}
+
 func (s *Stream) quiet() time.Duration { return time.Since(time.Unix(0, s.lastHeard.Load())) }
 
 // noticeStall declares a stall, once, when the server has been silent for the

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // Epoch is one hold of the replication slot: it starts when a stream session
@@ -11,14 +13,20 @@ import (
 // Everything the pipeline does for the session runs under its context, so
 // ending the epoch stops every send, retry and store write it started.
 type Epoch struct {
-	N      uint64 // increases with every epoch of a process
-	Holder uint32 // the server process of the session's replication connection; 0 when unknown
-	ctx    context.Context
-	end    context.CancelCauseFunc
+	N          uint64 // increases with every epoch of a process
+	Holder     uint32 // the server process of the session's replication connection; 0 when unknown
+	ctx        context.Context
+	end        context.CancelCauseFunc
+	freshUntil atomic.Int64 // unix nanos; 0: no bound (FreshUntil)
 }
 
 // ErrEpochEnded is the cause of an epoch's end when none is given.
 var ErrEpochEnded = errors.New("outbox: the epoch ended")
+
+// ErrStale ends an epoch that was about to act past its FreshUntil: this
+// process was frozen or starved for longer than the stall timeout, and
+// another may hold the slot by now.
+var ErrStale = errors.New("outbox: the session has not heard the server for longer than stall_timeout (a frozen or starved process): the epoch stops before it acts")
 
 // NewEpoch starts epoch n under parent.
 func NewEpoch(parent context.Context, n uint64) *Epoch {
@@ -37,6 +45,28 @@ func (e *Epoch) End(cause error) {
 		cause = ErrEpochEnded
 	}
 	e.end(cause)
+}
+
+// FreshUntil bounds the epoch's right to act: the stream moves it on with
+// every message from the server, to when it would declare the session
+// stalled if the server stayed silent. Until then no other process can hold
+// the slot (docs/design.md, "Timing"); later, one may.
+func (e *Epoch) FreshUntil(t time.Time) { e.freshUntil.Store(t.UnixNano()) }
+
+// Live is nil while the epoch may act: call it right before anything others
+// can see (a delivery attempt, a publish). It is why the epoch ended, or
+// ErrStale, ending it, once the epoch is past FreshUntil: a process thawed
+// after a freeze longer than the stall timeout would otherwise act on the
+// slot's behalf before its stream noticed the stall.
+func (e *Epoch) Live() error {
+	if err := e.Err(); err != nil {
+		return err
+	}
+	if u := e.freshUntil.Load(); u != 0 && time.Now().UnixNano() >= u {
+		e.End(ErrStale)
+		return e.Err()
+	}
+	return nil
 }
 
 // Err is nil while the epoch lasts, and then why it ended.

@@ -1,6 +1,14 @@
 package outbox
 
-import "testing"
+import (
+	"context"
+	"errors"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/rs/zerolog"
+)
 
 // TestBudgetFullUntilAnEighthIsFree: a budget that reached its limit stays
 // full until an eighth of it is free (so a stream at the limit reads in runs),
@@ -43,5 +51,75 @@ func TestBudgetFullUntilAnEighthIsFree(t *testing.T) {
 	b.Reset(3)
 	if b.Full() || b.Used() != 0 {
 		t.Errorf("after Reset: full %v, used %d", b.Full(), b.Used())
+	}
+}
+
+// TestAStaleEpochSendsNothing: an epoch past its freshness (FreshUntil, moved
+// on by the stream with every message from the server) starts no attempt:
+// a process thawed after a freeze longer than the stall timeout would
+// otherwise retry on the slot's behalf before its stream noticed the stall,
+// while another process may hold the slot. It ends, with ErrStale.
+func TestAStaleEpochSendsNothing(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		rec := &recorder{answer: func(*Batch) error { return errors.New("503") }}
+		acker := NewAcker(0)
+		d := NewDispatcher(DispatcherConfig{Subscriptions: []*Subscription{sub("s", "*")}, Acker: acker,
+			Deliverer: rec, Store: &memStore{}, Logger: zerolog.Nop()})
+		e := NewEpoch(t.Context(), 1)
+		e.FreshUntil(time.Now().Add(time.Second))
+		in := make(chan Change, 16)
+		in <- Change{Kind: ChangeStart, Epoch: e}
+		in <- Change{Kind: ChangeBegin}
+		in <- Change{Kind: ChangeEvent, Event: event(1, "a", "r")}
+		in <- Change{Kind: ChangeCommit, LSN: 100}
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan struct{})
+		go func() { d.Run(ctx, in); close(done) }()
+		defer func() { cancel(); <-done }()
+		stale := time.Now().Add(time.Second)
+		time.Sleep(5 * time.Second)
+		synctest.Wait()
+		rec.mu.Lock()
+		defer rec.mu.Unlock()
+		if len(rec.batches) == 0 {
+			t.Fatal("no attempt while the epoch was fresh")
+		}
+		for _, b := range rec.batches {
+			if !b.at.Before(stale) {
+				t.Errorf("an attempt %s after the epoch went stale", b.at.Sub(stale))
+			}
+		}
+		if !errors.Is(e.Err(), ErrStale) {
+			t.Errorf("the epoch: %v, want ended with ErrStale", e.Err())
+		}
+		if f := acker.Flush(); f != 0 {
+			t.Errorf("flush %v: nothing was delivered", f)
+		}
+	})
+}
+
+// TestEpochLive: without FreshUntil an epoch is live until it ends; past
+// FreshUntil, Live ends it with ErrStale, and an ended epoch keeps its cause.
+func TestEpochLive(t *testing.T) {
+	e := NewEpoch(context.Background(), 1)
+	if err := e.Live(); err != nil {
+		t.Fatalf("a new epoch: %v", err)
+	}
+	e.FreshUntil(time.Now().Add(time.Hour))
+	if err := e.Live(); err != nil {
+		t.Fatalf("fresh for an hour: %v", err)
+	}
+	e.FreshUntil(time.Now().Add(-time.Millisecond))
+	if err := e.Live(); !errors.Is(err, ErrStale) || !errors.Is(e.Err(), ErrStale) {
+		t.Fatalf("past FreshUntil: Live %v, Err %v; want ErrStale", err, e.Err())
+	}
+	e.FreshUntil(time.Now().Add(time.Hour)) // too late: ended stays ended
+	if err := e.Live(); !errors.Is(err, ErrStale) {
+		t.Fatalf("after the end: %v", err)
+	}
+	f := NewEpoch(context.Background(), 2)
+	f.End(ErrFenced)
+	if err := f.Live(); !errors.Is(err, ErrFenced) {
+		t.Fatalf("an ended epoch: %v, want its cause", err)
 	}
 }

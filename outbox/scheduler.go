@@ -547,6 +547,9 @@ func (s *scheduler) sender(ctx context.Context) {
 			}
 		}
 		if r.err == nil {
+			r.err = s.epoch.Live() // not after a freeze past the stall timeout: another may hold the slot
+		}
+		if r.err == nil {
 			start := s.now()
 			r = result{job: j, err: s.d.cfg.Deliverer.Deliver(actx, j.batch)}
 			if log := s.d.cfg.Attempts; log != nil && ctx.Err() == nil && log.Wants(r.err == nil) {

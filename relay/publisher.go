@@ -36,6 +36,12 @@ type PublisherConfig struct {
 	// DeadLetter stores an event that cannot be published (larger than
 	// the server's max_payload).
 	DeadLetter func(ctx context.Context, d outbox.DeadLetter) error
+	// Owns says whether this process still holds the slot's delivery lease
+	// (pgstore's Store.Owns): nil, outbox.ErrFenced once another took it, or
+	// why it cannot tell. Every publish that does not follow one of this
+	// publisher's own in the stream waits for a nil (fence, in Run). Nil
+	// means never fenced (tests of one publisher).
+	Owns func(ctx context.Context) error
 }
 
 // Publisher is the sidecar's outbox.Relay: the Dispatcher calls Publish in
@@ -133,14 +139,20 @@ func (p *Publisher) Health() (ok bool, reason string) {
 // Pending is the number of publishes not yet acknowledged.
 func (p *Publisher) Pending() int64 { return p.pending.Load() }
 
-// Run publishes until ctx ends. Order: in flight, every publish but the
-// first after a failure expects its predecessor as the stream's last message
-// (by sequence: the one stored before it, plus one per publish since), so
-// JetStream refuses one that would overtake a lost one. After a failure
-// the publisher waits for everything in flight, then publishes again from the
-// first unacknowledged message, one at a time (without expectation) until one
-// is stored anew, and then pipelines again. Publishes of an ended epoch are
-// dropped unacknowledged: the next epoch streams them again.
+// Run publishes until ctx ends. Order: in flight, every publish expects its
+// predecessor as the stream's last message (by sequence: the one stored
+// before it, plus one per publish since), so JetStream refuses one that
+// would overtake a lost one. After a failure, and when an epoch starts, the
+// publisher waits for everything in flight, then fences: it reads the
+// stream's last sequence, makes sure it still holds the slot (Owns), and
+// publishes again from the first unacknowledged message, one at a time,
+// expecting that sequence, until one is stored anew; then it pipelines
+// again. No publish goes without an expectation, and none of an epoch past
+// its freshness (Epoch.Live): a zombie (a sidecar that lost the slot and
+// does not know yet) fails its fence, and a thawed one publishes nothing of
+// what it queued (docs/scale-out.md, "Zombies": the chain alone does not
+// stop it). Publishes of an ended epoch are dropped unacknowledged: the next
+// epoch streams them again.
 //
 // While it keeps up, the publisher also keeps one message that no worker
 // consumes in the stream, published again (a rollup of its subject) every
@@ -155,9 +167,11 @@ func (p *Publisher) Run(ctx context.Context) error {
 		inflight []*pub // published, in order
 		failed   []*pub // failed while others were in flight: republished first
 		chain    bool   // pipelining: the last publish is expected to be stored
+		fenced   bool   // serial: last was read from the stream before Owns said this process holds the slot
 		last     uint64 // the stream sequence the next publish expects as the stream's last
 		epoch    *outbox.Epoch
 		dupsIn   *outbox.Epoch // the epoch whose first duplicate was logged
+		stale    *outbox.Epoch // the epoch found stale (logged)
 		retryAt  time.Time
 		keepOff  time.Time // no keep message before
 	)
@@ -201,7 +215,11 @@ func (p *Publisher) Run(ctx context.Context) error {
 				queue = queue[1:]
 				continue
 			}
-			if x.epoch.Err() != nil {
+			if err := x.epoch.Live(); err != nil { // ended, or past its freshness: another may hold the slot
+				if errors.Is(err, outbox.ErrStale) && stale != x.epoch {
+					stale = x.epoch
+					p.log.Warn().Uint64("epoch", x.epoch.N).Msg("the session went silent past stall_timeout (a frozen or starved process): publishing nothing more of its epoch")
+				}
 				queue[0] = nil
 				queue = queue[1:]
 				if !x.keep {
@@ -210,10 +228,26 @@ func (p *Publisher) Run(ctx context.Context) error {
 				continue
 			}
 			if x.epoch != epoch { // a new epoch starts serial: the old one's tail may be lost
-				epoch, chain = x.epoch, false
+				epoch, chain, fenced = x.epoch, false, false
 				if len(inflight) > 0 {
 					break
 				}
+			}
+			if !chain && !fenced {
+				if err := p.fence(ctx, x.epoch, &last); err != nil {
+					if errors.Is(err, outbox.ErrFenced) {
+						p.log.Warn().Err(err).Uint64("epoch", x.epoch.N).Msg("another sidecar holds the slot: this one's epoch ends and publishes nothing more")
+						x.epoch.End(err)
+						continue // dropped above
+					}
+					p.fail(err)
+					retryAt = time.Now().Add(bo.NextBackOff())
+					break
+				}
+				if x.epoch.Live() != nil { // ended while fencing (Owns then spoke of a newer epoch), or stale
+					continue
+				}
+				fenced = true
 			}
 			// Headers afresh: an earlier attempt's expectation must not stick.
 			x.msg.Header = nats.Header{}
@@ -223,21 +257,20 @@ func (p *Publisher) Run(ctx context.Context) error {
 			} else {
 				opts = append(opts, jetstream.WithMsgID(x.id))
 			}
-			if chain {
-				// The sequence, not the message id: in a cluster every replica
-				// checks an expected message id when it applies the message,
-				// against a last id it rebuilds after a restart from its last
-				// stored message (a work queue removes it); one that disagrees
-				// fails with a critical write error and the stream stops
-				// storing. The leader alone checks an expected sequence, before
-				// proposing, against the stream's sequence
-				// (TestPublisherSurvivesClusterRestart).
-				opts = append(opts, jetstream.WithExpectLastSequence(last))
-			}
+			// Always an expectation: pipelining, the predecessor's sequence;
+			// serial, the one the fence read. The sequence, not the message
+			// id: in a cluster every replica checks an expected message id
+			// when it applies the message, against a last id it rebuilds
+			// after a restart from its last stored message (a work queue
+			// removes it); one that disagrees fails with a critical write
+			// error and the stream stops storing. The leader alone checks an
+			// expected sequence, before proposing, against the stream's
+			// sequence (TestPublisherSurvivesClusterRestart).
+			opts = append(opts, jetstream.WithExpectLastSequence(last))
 			fut, err := p.cfg.JetStream.PublishMsgAsync(x.msg, opts...)
 			if err != nil {
 				p.fail(err)
-				chain, retryAt = false, time.Now().Add(bo.NextBackOff())
+				chain, fenced, retryAt = false, false, time.Now().Add(bo.NextBackOff())
 				break
 			}
 			queue[0] = nil
@@ -290,7 +323,9 @@ func (p *Publisher) Run(ctx context.Context) error {
 					p.log.Info().Msg("jetstream already holds deliveries streamed again after a restart: dropped as duplicates")
 				}
 			} else if !chain && len(failed) == 0 {
-				chain, last = true, ack.Sequence // stored anew: pipelining is safe from here
+				// Stored anew: pipelining is safe from here. (A duplicate
+				// stores nothing: the fence's sequence still holds.)
+				chain, fenced, last = true, false, ack.Sequence
 			}
 			if p.failing.Swap(false) {
 				p.log.Info().Msg("publishing to jetstream again")
@@ -306,7 +341,7 @@ func (p *Publisher) Run(ctx context.Context) error {
 			x := inflight[0]
 			inflight[0] = nil
 			inflight = inflight[1:]
-			chain = false // stored or not: what follows goes serial
+			chain, fenced = false, false // stored or not: what follows goes serial, fenced afresh
 			if x.keep {
 				// Not retried, and no failure of publishing: deliveries go
 				// on without it (nats-server creates block files again).
@@ -331,6 +366,31 @@ func (p *Publisher) Run(ctx context.Context) error {
 			retryAt = time.Now().Add(bo.NextBackOff())
 		}
 	}
+}
+
+// fence prepares a publish that follows none of this publisher's own: it
+// reads the stream's last sequence into last, then asks Owns whether this
+// process still holds the slot. Another sidecar stores only once it holds
+// the slot, and it takes the slot only after Owns said no one had: a publish
+// expecting last is stored only if no one stored anything since, so never
+// after the holder's publish by one that lost the slot.
+func (p *Publisher) fence(ctx context.Context, e *outbox.Epoch, last *uint64) error {
+	fctx, cancel := context.WithTimeout(e.Context(), 5*time.Second)
+	defer cancel()
+	s, err := p.cfg.JetStream.Stream(fctx, p.cfg.Relay.Stream)
+	if err != nil {
+		return fmt.Errorf("read the relay stream's last sequence: %w", err)
+	}
+	if p.cfg.Owns != nil {
+		if err := p.cfg.Owns(fctx); err != nil {
+			if errors.Is(err, outbox.ErrFenced) {
+				return fmt.Errorf("relay: publish: %w", err)
+			}
+			return fmt.Errorf("relay: cannot tell whether this process still holds the slot: %w", err)
+		}
+	}
+	*last = s.CachedInfo().State.LastSeq
+	return nil
 }
 
 func (p *Publisher) fail(err error) {

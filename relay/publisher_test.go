@@ -37,6 +37,20 @@ type testRig struct {
 	ep   *outbox.Epoch
 	sub  *outbox.Subscription
 	logs *testwait.Buffer // the publisher's
+	// fenced makes the publisher's Owns answer that another process took
+	// the slot.
+	fenced atomic.Bool
+}
+
+// startPublisher runs another publisher on the rig's stream until the test
+// ends.
+func (r *testRig) startPublisher(t *testing.T, logs *testwait.Buffer, owns func(context.Context) error) *Publisher {
+	p := NewPublisher(PublisherConfig{Relay: r.cfg, JetStream: r.js, Conn: r.nc, Logger: zerolog.New(logs), Owns: owns})
+	ctx, cancel := context.WithCancel(context.Background())
+	stopped := make(chan struct{})
+	go func() { p.Run(ctx); close(stopped) }()
+	t.Cleanup(func() { cancel(); <-stopped })
+	return p
 }
 
 func newRig(t *testing.T) *testRig { return newClusterRig(t, 1) }
@@ -52,11 +66,12 @@ func newClusterRig(t *testing.T, n int) *testRig {
 	t.Cleanup(r.nc.Close)
 	r.js, _ = jetstream.New(r.nc, jetstream.WithPublishAsyncTimeout(2*time.Second))
 	r.logs = &testwait.Buffer{}
-	r.pub = NewPublisher(PublisherConfig{Relay: r.cfg, JetStream: r.js, Conn: r.nc, Logger: zerolog.New(r.logs)})
-	ctx, cancel := context.WithCancel(context.Background())
-	stopped := make(chan struct{})
-	go func() { r.pub.Run(ctx); close(stopped) }()
-	t.Cleanup(func() { cancel(); <-stopped })
+	r.pub = r.startPublisher(t, r.logs, func(context.Context) error {
+		if r.fenced.Load() {
+			return outbox.ErrFenced
+		}
+		return nil
+	})
 	r.ep = outbox.NewEpoch(context.Background(), 1)
 	r.sub = &outbox.Subscription{ID: "s"}
 	return r
@@ -381,4 +396,86 @@ func TestKeepMessageNeverWithoutExpectation(t *testing.T) {
 	}
 	r.publish(t, 1, 1)
 	waitFor(t, 20*time.Second, "a delivery after it", func() bool { return r.done.Load() == 2 })
+}
+
+func testEvent(id string, seq uint64) outbox.Event {
+	return outbox.Event{ID: id, Type: "t", ResourceID: "r", Payload: json.RawMessage(`{}`), Seq: seq}
+}
+
+// TestPublisherOfAStaleEpochStoresNothing: a sidecar frozen past
+// wal_sender_timeout (SIGSTOP, say) is replaced, and thaws with publishes
+// queued. Its epoch is past its freshness (the stream's last message from
+// the server plus stall_timeout): it publishes none of them, and its epoch
+// ends. (Before, they went out before its stream noticed the stall; and the
+// chain of expected sequences does not stop them: with one foreign message
+// in the stream, the zombie's second publish expects exactly its sequence.)
+func TestPublisherOfAStaleEpochStoresNothing(t *testing.T) {
+	r := newRig(t)
+	r.ep.FreshUntil(time.Now().Add(time.Hour))
+	r.publish(t, 0, 10)
+	waitFor(t, 20*time.Second, "the first publishes", func() bool { return r.done.Load() == 10 })
+	r.ep.FreshUntil(time.Now().Add(-time.Second)) // frozen: the server went silent for it long ago
+	r.fenced.Store(true)                          // and another sidecar took the slot
+	holder := r.startPublisher(t, &testwait.Buffer{}, nil)
+	var held atomic.Int64
+	if err := holder.Publish(context.Background(), outbox.NewEpoch(context.Background(), 1), r.sub, testEvent("h", 100), func() { held.Add(1) }); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 20*time.Second, "the holder's publish", func() bool { return held.Load() == 1 })
+	r.publish(t, 10, 10) // the zombie thaws
+	waitFor(t, 20*time.Second, "the zombie's publishes dropped", func() bool { return r.pub.Pending() == 0 })
+	if !errors.Is(r.ep.Err(), outbox.ErrStale) {
+		t.Fatalf("the zombie's epoch: %v, want ended with ErrStale", r.ep.Err())
+	}
+	want := []string{"0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "h"}
+	if got := r.stored(t); !slices.Equal(got, want) {
+		t.Fatalf("stream %v, want %v: the zombie stored after the holder", got, want)
+	}
+	if n := r.done.Load(); n != 10 {
+		t.Errorf("%d of the zombie's publishes acknowledged, want the first 10", n)
+	}
+}
+
+// TestPublisherFenceReadsBeforeItAsks: the fence reads the stream's last
+// sequence before it asks whether this process holds the slot. Another
+// sidecar that takes the slot right after the answer and stores at once
+// moves that sequence, so the publish that expected it is refused, and the
+// next fence is told. Read after asking, it would be stored after the new
+// holder's.
+func TestPublisherFenceReadsBeforeItAsks(t *testing.T) {
+	r := newRig(t)
+	r.publish(t, 0, 1)
+	waitFor(t, 20*time.Second, "the first publish", func() bool { return r.done.Load() == 1 })
+	holder := r.startPublisher(t, &testwait.Buffer{}, nil)
+	var held, asked atomic.Int64
+	var lost atomic.Bool
+	zombie := r.startPublisher(t, &testwait.Buffer{}, func(ctx context.Context) error {
+		asked.Add(1)
+		if lost.Load() {
+			return outbox.ErrFenced
+		}
+		// Right after this answer, another sidecar takes the slot and stores.
+		lost.Store(true)
+		if err := holder.Publish(ctx, outbox.NewEpoch(context.Background(), 1), r.sub, testEvent("h", 100), func() { held.Add(1) }); err != nil {
+			return err
+		}
+		for deadline := time.Now().Add(10 * time.Second); held.Load() == 0; {
+			if time.Now().After(deadline) {
+				return errors.New("the holder's publish was not stored in 10 s")
+			}
+			time.Sleep(time.Millisecond) // polls the atomic: no other signal in this callback
+		}
+		return nil
+	})
+	ze := outbox.NewEpoch(context.Background(), 1)
+	if err := zombie.Publish(context.Background(), ze, r.sub, testEvent("z", 50), func() { t.Error("the zombie's publish was acknowledged") }); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "the zombie's epoch to end", func() bool { return ze.Err() != nil })
+	if !errors.Is(ze.Err(), outbox.ErrFenced) || asked.Load() != 2 {
+		t.Fatalf("the zombie's epoch ended with %v after %d questions, want ErrFenced after 2", ze.Err(), asked.Load())
+	}
+	if got, want := r.stored(t), []string{"0", "h"}; !slices.Equal(got, want) {
+		t.Fatalf("stream %v, want %v", got, want)
+	}
 }

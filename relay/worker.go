@@ -1230,6 +1230,12 @@ func (w *Worker) take(n int, rev uint64, sent time.Time) {
 // the next owner loads them.
 func (w *Worker) lose(cause error, ps ...*partition) {
 	w.mu.Lock()
+	w.loseLocked(cause, ps...)
+	w.mu.Unlock()
+}
+
+// loseLocked is lose with w.mu held.
+func (w *Worker) loseLocked(cause error, ps ...*partition) {
 	var ns []int
 	for _, p := range ps {
 		if w.owned[p.n] == p {
@@ -1239,11 +1245,9 @@ func (w *Worker) lose(cause error, ps ...*partition) {
 		}
 	}
 	if len(ns) == 0 {
-		w.mu.Unlock()
 		return
 	}
 	w.cutLocked(cause, ps...)
-	w.mu.Unlock()
 	slices.Sort(ns)
 	w.log.Warn().Err(cause).Ints("partitions", ns).Msg("partitions lost: stopping their deliveries")
 }
@@ -1374,6 +1378,13 @@ func (w *Worker) sends(ctx context.Context, b *outbox.Batch) ([]context.Context,
 			// (a cut already winds down; a partition handed over holds
 			// nothing, so this is not expected otherwise).
 			w.cutLocked(fmt.Errorf("an attempt for partition %d, which this epoch does not send for", n))
+			return nil, e
+		}
+		if time.Since(p.renewedAt) > loseAfter {
+			// The guard's rule, at the attempt's start: a worker frozen past
+			// its lease thaws with attempts due before the guard runs again,
+			// and another may own the partition by now.
+			w.loseLocked(fmt.Errorf("the lease could not be renewed for %s: %w", loseAfter, errPartitionLost), p)
 			return nil, e
 		}
 		if !slices.Contains(out, p.send) {

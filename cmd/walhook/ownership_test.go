@@ -305,6 +305,51 @@ func TestLosingTheSlotStopsDelivery(t *testing.T) {
 	})
 }
 
+// TestAThawedHolderSendsNothing: replica A retries an event for a failing
+// endpoint, once a second. Frozen (SIGSTOP) right after an attempt, past
+// wal_sender_timeout, it loses the slot to replica B, which delivers the
+// event. When A thaws its retry is overdue, and its stream has not yet
+// noticed anything: the retry must not go out. A's epoch is past its
+// freshness (the last message from the server plus stall_timeout), so
+// nothing starts (Epoch.Live).
+func TestAThawedHolderSendsNothing(t *testing.T) {
+	t.Parallel()
+	srvA := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) { return http.StatusServiceUnavailable, nil })
+	srvB := sendertest.NewServer(t, nil)
+	opts := "stall_timeout: 1s\ndefaults: {park_after: 10m, retry_initial: 1s, retry_max_interval: 1s}\nsubscriptions:\n"
+	e := newEnv(t, opts+sub("s", srvA.HooksURL(), `["*"]`))
+	pathB := e.configFile("b.yaml", opts+sub("s", srvB.HooksURL(), `["*"]`))
+	e.setup()
+	// The server drops a silent walsender after 3 s (new sessions of this database).
+	e.exec(fmt.Sprintf(`ALTER DATABASE %q SET wal_sender_timeout = '3s'`, e.db.Name))
+	var logA, logB syncBuffer
+	a := startReplica(t, e.path, &logA)
+	e.eventually(30*time.Second, "replica A to stream", e.slotActive)
+	startReplica(t, pathB, &logB)
+	e.eventually(30*time.Second, "replica B to wait", func() bool { return strings.Contains(logB.String(), "slot in use by another process") })
+	e.exec(`INSERT INTO walhook.outbox (event, resource_id) VALUES ('x', 'a')`)
+	srvA.WaitN(t, 2, 30*time.Second) // retrying
+	// Right after an attempt: the next is a second away, none is on its way.
+	srvA.WaitN(t, len(srvA.Requests())+1, 30*time.Second)
+	if err := a.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	frozen := len(srvA.Requests())
+	srvB.Wait(t, 60*time.Second, "replica B to deliver the event", func(q []sendertest.Request) bool {
+		return len(sendertest.Delivered(q)) == 1
+	})
+	a.Process.Signal(syscall.SIGCONT)
+	e.eventually(30*time.Second, "replica A to give its epoch up", func() bool {
+		return strings.Contains(logA.String(), "slot in use by another process")
+	})
+	// An observation window of two retry intervals after that.
+	window := time.NewTimer(2 * time.Second)
+	<-window.C
+	if got := len(srvA.Requests()); got != frozen {
+		t.Errorf("replica A sent %d requests after it thawed, with the slot held by B", got-frozen)
+	}
+}
+
 // TestParkAfterCutsAHangingAttempt: a failing target that then accepts and
 // never answers would hold the slot for a whole timeout per attempt;
 // park_after runs during the attempt and parks it, and the slot moves on.

@@ -38,7 +38,7 @@ func startRelay(cfg *Settings, reg prometheus.Registerer, store *pgstore.Store, 
 		return nil, err
 	}
 	pub := relay.NewPublisher(relay.PublisherConfig{Relay: *cfg.relay, JetStream: js, Conn: nc, Registerer: reg,
-		Logger: log.With().Str("component", "relay").Logger(), DeadLetter: store.DeadLetter})
+		Logger: log.With().Str("component", "relay").Logger(), DeadLetter: store.DeadLetter, Owns: store.Owns})
 	return &relayRun{nc: nc, js: js, pub: pub, cfg: *cfg.relay, reg: reg}, nil
 }
 

@@ -43,8 +43,20 @@ func TestAnOlderEpochCannotWriteParkedRows(t *testing.T) {
 	if err := old.Park(ctx, "s", []outbox.ParkedEvent{parked("e1", 1)}); err != nil {
 		t.Fatalf("the holder parks: %v", err)
 	}
+	if err := old.Owns(ctx); err != nil {
+		t.Fatalf("Owns of the holder: %v", err)
+	}
+	if err := cur.Owns(ctx); !errors.Is(err, outbox.ErrFenced) {
+		t.Fatalf("Owns of a store that never acquired: %v, want ErrFenced", err)
+	}
 	if err := cur.Acquire(ctx, 0); err != nil {
 		t.Fatal(err)
+	}
+	if err := old.Owns(ctx); !errors.Is(err, outbox.ErrFenced) {
+		t.Fatalf("Owns of the older epoch: %v, want ErrFenced", err)
+	}
+	if err := cur.Owns(ctx); err != nil {
+		t.Fatalf("Owns of the newer epoch: %v", err)
 	}
 	rows := func() int { return count(t, db, `SELECT count(*) FROM walhook.deliveries`) }
 	keys, err := cur.ParkedKeys(ctx, "s")

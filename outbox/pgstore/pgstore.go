@@ -285,18 +285,32 @@ func (s *Store) fenced(ctx context.Context, f func(tx pgx.Tx) error) error {
 		return err
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx))
-	var epoch int64
-	err = tx.QueryRow(ctx, `SELECT epoch FROM walhook.lease WHERE slot = $1 FOR SHARE`, s.slot).Scan(&epoch)
-	if errors.Is(err, pgx.ErrNoRows) || err == nil && epoch != s.epoch.Load() {
-		return outbox.ErrFenced
-	}
-	if err != nil {
+	if err := s.leaseHeld(tx.QueryRow(ctx, `SELECT epoch FROM walhook.lease WHERE slot = $1 FOR SHARE`, s.slot)); err != nil {
 		return err
 	}
 	if err := f(tx); err != nil {
 		return err
 	}
 	return tx.Commit(ctx)
+}
+
+// Owns says whether this process's epoch still holds the delivery lease: nil,
+// outbox.ErrFenced once a newer Acquire took it, or why it cannot tell. It
+// holds nothing: a newer Acquire can follow at once, so it only proves that
+// none came before the query (the relay publisher's fence step relies on just
+// that, docs/scale-out.md).
+func (s *Store) Owns(ctx context.Context) error {
+	return s.leaseHeld(s.pool.QueryRow(ctx, `SELECT epoch FROM walhook.lease WHERE slot = $1`, s.slot))
+}
+
+// leaseHeld reads the lease row's epoch and compares it with this process's.
+func (s *Store) leaseHeld(row pgx.Row) error {
+	var epoch int64
+	err := row.Scan(&epoch)
+	if errors.Is(err, pgx.ErrNoRows) || err == nil && epoch != s.epoch.Load() {
+		return outbox.ErrFenced
+	}
+	return err
 }
 
 func null(s string) any {
