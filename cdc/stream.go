@@ -819,14 +819,15 @@ func sequence(commit outbox.LSN, index uint64) uint64 {
 	return uint64(commit)<<16 | min(index, 0xffff)
 }
 
-// quiet is how long the server has been silent.
 // heard notes a message from the server at now: the session's epoch may act
-// until the stall timeout has passed without another (Epoch.Live).
+// until the stall timeout has passed without another (Epoch.Live), unless it
+// already went stale before this (late) read.
 func (s *Stream) heard(now time.Time) {
 	s.lastHeard.Store(now.UnixNano())
 	s.epoch.FreshUntil(now.Add(s.stall))
 }
 
+// quiet is how long the server has been silent.
 func (s *Stream) quiet() time.Duration { return time.Since(time.Unix(0, s.lastHeard.Load())) }
 
 // noticeStall declares a stall, once, when the server has been silent for the

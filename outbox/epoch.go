@@ -17,7 +17,19 @@ type Epoch struct {
 	Holder     uint32 // the server process of the session's replication connection; 0 when unknown
 	ctx        context.Context
 	end        context.CancelCauseFunc
-	freshUntil atomic.Int64 // unix nanos; 0: no bound (FreshUntil)
+	freshUntil atomic.Int64 // monotonic nanos since clockBase; 0: no bound (FreshUntil)
+}
+
+// clockBase anchors Epoch freshness to the monotonic clock: a step of the
+// wall clock neither lengthens nor ends it.
+var clockBase = time.Now()
+
+// sinceBase is t on that clock, never 0 (which means no bound).
+func sinceBase(t time.Time) int64 {
+	if d := int64(t.Sub(clockBase)); d != 0 {
+		return d
+	}
+	return 1
 }
 
 // ErrEpochEnded is the cause of an epoch's end when none is given.
@@ -50,8 +62,17 @@ func (e *Epoch) End(cause error) {
 // FreshUntil bounds the epoch's right to act: the stream moves it on with
 // every message from the server, to when it would declare the session
 // stalled if the server stayed silent. Until then no other process can hold
-// the slot (docs/design.md, "Timing"); later, one may.
-func (e *Epoch) FreshUntil(t time.Time) { e.freshUntil.Store(t.UnixNano()) }
+// the slot (docs/design.md, "Timing"); later, one may. Stale stays stale: a
+// call once the bound has passed ends the epoch instead (a thawed process
+// reads what the server wrote while it was frozen, late, and those messages
+// must not make it fresh again).
+func (e *Epoch) FreshUntil(t time.Time) {
+	if u := e.freshUntil.Load(); u != 0 && sinceBase(time.Now()) >= u {
+		e.End(ErrStale)
+		return
+	}
+	e.freshUntil.Store(sinceBase(t))
+}
 
 // Live is nil while the epoch may act: call it right before anything others
 // can see (a delivery attempt, a publish). It is why the epoch ended, or
@@ -62,7 +83,7 @@ func (e *Epoch) Live() error {
 	if err := e.Err(); err != nil {
 		return err
 	}
-	if u := e.freshUntil.Load(); u != 0 && time.Now().UnixNano() >= u {
+	if u := e.freshUntil.Load(); u != 0 && sinceBase(time.Now()) >= u {
 		e.End(ErrStale)
 		return e.Err()
 	}

@@ -99,7 +99,8 @@ func TestAStaleEpochSendsNothing(t *testing.T) {
 }
 
 // TestEpochLive: without FreshUntil an epoch is live until it ends; past
-// FreshUntil, Live ends it with ErrStale, and an ended epoch keeps its cause.
+// FreshUntil, Live ends it with ErrStale, a later FreshUntil does not make it
+// fresh again, and an ended epoch keeps its cause.
 func TestEpochLive(t *testing.T) {
 	e := NewEpoch(context.Background(), 1)
 	if err := e.Live(); err != nil {
@@ -116,6 +117,14 @@ func TestEpochLive(t *testing.T) {
 	e.FreshUntil(time.Now().Add(time.Hour)) // too late: ended stays ended
 	if err := e.Live(); !errors.Is(err, ErrStale) {
 		t.Fatalf("after the end: %v", err)
+	}
+	// Stale stays stale: a thawed process reads what the server wrote while
+	// it was frozen, late, and that must not make it fresh again.
+	g := NewEpoch(context.Background(), 3)
+	g.FreshUntil(time.Now().Add(-10 * time.Second))
+	g.FreshUntil(time.Now().Add(time.Second))
+	if err := g.Live(); !errors.Is(err, ErrStale) {
+		t.Fatalf("stale, then heard late: %v, want ErrStale", err)
 	}
 	f := NewEpoch(context.Background(), 2)
 	f.End(ErrFenced)

@@ -538,8 +538,11 @@ func (s *scheduler) sender(ctx context.Context) {
 		if !j.cutAt.IsZero() {
 			actx, cancel = context.WithDeadline(ctx, j.cutAt)
 		}
-		var r result
-		if len(j.marks) > 0 {
+		// Nothing, not even the debounce mark (which is not fenced), after
+		// a freeze past the stall timeout: another may hold the slot
+		// (Epoch.Live, here and right before the attempt).
+		r := result{job: j, err: s.epoch.Live()}
+		if r.err == nil && len(j.marks) > 0 {
 			if err := s.store.MarkSent(actx, sub.ID, j.marks); err != nil {
 				r = result{job: j, err: fmt.Errorf("record the debounce mark before sending: %w", err)}
 			} else {
@@ -547,7 +550,7 @@ func (s *scheduler) sender(ctx context.Context) {
 			}
 		}
 		if r.err == nil {
-			r.err = s.epoch.Live() // not after a freeze past the stall timeout: another may hold the slot
+			r.err = s.epoch.Live()
 		}
 		if r.err == nil {
 			start := s.now()

@@ -235,6 +235,9 @@ func (p *Publisher) Run(ctx context.Context) error {
 			}
 			if !chain && !fenced {
 				if err := p.fence(ctx, x.epoch, &last); err != nil {
+					if x.epoch.Err() != nil {
+						continue // ended meanwhile (a yield, a lost session): no failure of publishing
+					}
 					if errors.Is(err, outbox.ErrFenced) {
 						p.log.Warn().Err(err).Uint64("epoch", x.epoch.N).Msg("another sidecar holds the slot: this one's epoch ends and publishes nothing more")
 						x.epoch.End(err)

@@ -479,3 +479,26 @@ func TestPublisherFenceReadsBeforeItAsks(t *testing.T) {
 		t.Fatalf("stream %v, want %v", got, want)
 	}
 }
+
+// TestPublisherFenceCutByTheEpochsEnd: an epoch that ends while its
+// publisher fences (the session lost, a yield) is no failure of publishing:
+// the publisher stays healthy. (It used to count the fence's cancelled
+// context as one, and only a later acknowledged publish cleared it, which a
+// sidecar that became a standby never makes: /readyz stayed 503.)
+func TestPublisherFenceCutByTheEpochsEnd(t *testing.T) {
+	r := newRig(t)
+	ep := outbox.NewEpoch(context.Background(), 7)
+	p := r.startPublisher(t, &testwait.Buffer{}, func(ctx context.Context) error {
+		ep.End(nil) // the session ends meanwhile
+		<-ctx.Done()
+		return ctx.Err()
+	})
+	if err := p.Publish(context.Background(), ep, r.sub, testEvent("z", 1), func() { t.Error("acknowledged") }); err != nil {
+		t.Fatal(err)
+	}
+	// Dropped after the fence returned: any failure it counted is in by then.
+	waitFor(t, 10*time.Second, "the publish dropped", func() bool { return p.Pending() == 0 })
+	if ok, reason := p.Health(); !ok {
+		t.Errorf("unhealthy after an epoch's clean end: %s", reason)
+	}
+}

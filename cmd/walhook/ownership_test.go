@@ -308,20 +308,24 @@ func TestLosingTheSlotStopsDelivery(t *testing.T) {
 // TestAThawedHolderSendsNothing: replica A retries an event for a failing
 // endpoint, once a second. Frozen (SIGSTOP) right after an attempt, past
 // wal_sender_timeout, it loses the slot to replica B, which delivers the
-// event. When A thaws its retry is overdue, and its stream has not yet
-// noticed anything: the retry must not go out. A's epoch is past its
-// freshness (the last message from the server plus stall_timeout), so
-// nothing starts (Epoch.Live).
+// event; the application goes on committing meanwhile, so the walsender
+// writes those transactions into A's socket before it gives up. When A
+// thaws, its retry is overdue and its stream reads that backlog before it
+// finds the connection closed: nothing may go out. A's epoch went stale
+// (the last message from the server plus stall_timeout) while it was
+// frozen, messages read late do not make it fresh again, and a stale epoch
+// starts no attempt (Epoch.Live). Found by review: without the second rule
+// the backlog made A fresh again and it sent its retries.
 func TestAThawedHolderSendsNothing(t *testing.T) {
 	t.Parallel()
 	srvA := sendertest.NewServer(t, func(int, *sendertest.Request) (int, http.Header) { return http.StatusServiceUnavailable, nil })
 	srvB := sendertest.NewServer(t, nil)
-	opts := "stall_timeout: 1s\ndefaults: {park_after: 10m, retry_initial: 1s, retry_max_interval: 1s}\nsubscriptions:\n"
+	opts := "stall_timeout: 2s\ndefaults: {park_after: 10m, retry_initial: 1s, retry_max_interval: 1s}\nsubscriptions:\n"
 	e := newEnv(t, opts+sub("s", srvA.HooksURL(), `["*"]`))
 	pathB := e.configFile("b.yaml", opts+sub("s", srvB.HooksURL(), `["*"]`))
 	e.setup()
-	// The server drops a silent walsender after 3 s (new sessions of this database).
-	e.exec(fmt.Sprintf(`ALTER DATABASE %q SET wal_sender_timeout = '3s'`, e.db.Name))
+	// The server drops a silent walsender after 5 s (new sessions of this database).
+	e.exec(fmt.Sprintf(`ALTER DATABASE %q SET wal_sender_timeout = '5s'`, e.db.Name))
 	var logA, logB syncBuffer
 	a := startReplica(t, e.path, &logA)
 	e.eventually(30*time.Second, "replica A to stream", e.slotActive)
@@ -335,8 +339,9 @@ func TestAThawedHolderSendsNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	frozen := len(srvA.Requests())
-	srvB.Wait(t, 60*time.Second, "replica B to deliver the event", func(q []sendertest.Request) bool {
-		return len(sendertest.Delivered(q)) == 1
+	e.insertEvents(0, 2000, 10)
+	srvB.Wait(t, 60*time.Second, "replica B to deliver every event", func(q []sendertest.Request) bool {
+		return len(distinct(t, sendertest.Delivered(q))) == 2001
 	})
 	a.Process.Signal(syscall.SIGCONT)
 	e.eventually(30*time.Second, "replica A to give its epoch up", func() bool {
