@@ -109,6 +109,13 @@ var (
 	// ErrPermanent marks a store error that retrying cannot fix (the data
 	// cannot be stored as it is).
 	ErrPermanent = errors.New("outbox: permanent store error")
+	// ErrFeedLater is NextParked's "not now": the resource's parked events
+	// are there but cannot be handed out at the moment (a relay partition
+	// being handed over). The resource stays parked, so nothing newer of it
+	// goes first, and is asked again after feedLaterAfter. Never answer
+	// "none" for rows that exist: the resource would return to memory, and
+	// what comes for it next would overtake them.
+	ErrFeedLater = errors.New("outbox: parked events cannot be read now; asking again later")
 )
 
 // ParkedEvent is an event in walhook.deliveries.
@@ -599,7 +606,7 @@ func retryForever(ctx context.Context, log zerolog.Logger, what string, f func()
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		if errors.Is(err, ErrPermanent) || errors.Is(err, ErrFenced) {
+		if errors.Is(err, ErrPermanent) || errors.Is(err, ErrFenced) || errors.Is(err, ErrFeedLater) {
 			return err
 		}
 		if !failed {

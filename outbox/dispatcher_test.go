@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -58,6 +59,7 @@ type memStore struct {
 	disabled   []string
 	marks      map[string]map[string]uint64
 	parkGate   chan struct{} // non-nil: Park waits until it is closed (a write stuck on a lock)
+	feedLater  atomic.Int32  // NextParked answers ErrFeedLater this many more times
 }
 
 func (m *memStore) Acquire(context.Context, uint32) error { return nil }
@@ -379,6 +381,9 @@ func (m *memStore) ParkedKeys(_ context.Context, sub string) ([]ParkedKey, error
 }
 
 func (m *memStore) NextParked(_ context.Context, sub, resource string, limit, _ int) ([]ParkedEvent, error) {
+	if m.feedLater.Add(-1) >= 0 {
+		return nil, ErrFeedLater
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var out []ParkedEvent

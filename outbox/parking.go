@@ -273,6 +273,10 @@ func (s *scheduler) parkWaiting(ctx context.Context, j *job, next, now time.Time
 	return n, len(keys)
 }
 
+// feedLaterAfter is how long a parked key waits after the store said
+// ErrFeedLater.
+const feedLaterAfter = time.Second
+
 // feedJob loads a parked key's next rows, off the loop, and starts their
 // attempt; with none left the key returns to memory. The attempt's request
 // slot (and rate token) is taken now, so max_in_flight holds.
@@ -289,6 +293,11 @@ func (s *scheduler) feedJob(ctx context.Context, k *key) {
 		},
 		then: func(ctx context.Context, err error) {
 			s.inFlight--
+			if errors.Is(err, ErrFeedLater) { // still parked: asked again later
+				k.busy, k.feedAt = false, s.now().Add(feedLaterAfter)
+				s.tokens++ // no attempt
+				return
+			}
 			if err != nil {
 				return
 			}

@@ -331,3 +331,50 @@ func TestAHeldKeyKeepsItsOrderWhileItsParkWriteWaits(t *testing.T) {
 		}
 	})
 }
+
+// TestFeedLaterKeepsTheResourceParked: while the store answers ErrFeedLater
+// (a relay partition being handed over) the resource stays parked, a newer
+// event of it goes behind its parked rows, and the rows are asked for again
+// a second later; nothing is logged as a failure.
+func TestFeedLaterKeepsTheResourceParked(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		down := true
+		h := newHarness(t, func(o *DeliveryOptions) { o.ParkAfter = time.Second; o.RetryMaxInterval = time.Second })
+		h.rec.answer = func(*Batch) error {
+			if down {
+				return failure{status: 503, retryable: true}
+			}
+			return nil
+		}
+		h.commit(event(1, "x", "a"), event(2, "x", "a"))
+		time.Sleep(5 * time.Second)
+		synctest.Wait()
+		if len(h.store.parked) != 2 {
+			t.Fatalf("%d parked rows, want 2", len(h.store.parked))
+		}
+		h.store.feedLater.Store(3)
+		down = false
+		h.rec.mu.Lock()
+		h.rec.batches = nil
+		h.rec.mu.Unlock()
+		time.Sleep(2 * time.Second) // the feed is told "later" (each second)
+		synctest.Wait()
+		h.commit(event(3, "x", "a")) // the newer event goes behind the rows
+		time.Sleep(30 * time.Second)
+		synctest.Wait()
+		h.rec.mu.Lock()
+		defer h.rec.mu.Unlock()
+		var got []string
+		for _, b := range h.rec.batches {
+			for _, e := range b.events {
+				got = append(got, e.ID)
+			}
+		}
+		if !slices.Equal(got, []string{"1", "2", "3"}) {
+			t.Fatalf("delivered %v, want 1, 2, then the newer 3", got)
+		}
+		if n := h.store.feedLater.Load(); n >= 0 {
+			t.Errorf("the store was asked %d times fewer than it said later", n+1)
+		}
+	})
+}

@@ -55,7 +55,7 @@ func (s *scheduler) handleStored(ctx context.Context, op *storeOp) {
 	k := op.key
 	k.writes--
 	op.then(ctx, op.err)
-	if op.err != nil && !errors.Is(op.err, ErrPermanent) {
+	if op.err != nil && !errors.Is(op.err, ErrPermanent) && !errors.Is(op.err, ErrFeedLater) {
 		return // the epoch ended: the key stays held, nothing more is written
 	}
 	if k.writes > 0 || s.gone || s.keys[k.id] != k {

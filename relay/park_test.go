@@ -195,3 +195,36 @@ func testJetStream(t *testing.T, nodes int, c Config) (Config, jetstream.JetStre
 	}
 	return c, js
 }
+
+// TestNextParkedWhileHandingOverIsNotNone: a partition being handed over
+// keeps its parked rows for the next owner, but NextParked must not answer
+// "none" for them: the scheduler would return the resource to memory, and a
+// message of it still on its way in (the fetch stops asynchronously) would
+// be sent before them. A relay chaos run saw 16 older events of one resource
+// delivered after a newer one that way (seed 1796174492501587660). It
+// answers ErrFeedLater, then and once detached.
+func TestNextParkedWhileHandingOverIsNotNone(t *testing.T) {
+	cfg, js := testJetStream(t, 1, Config{Stream: "H", Partitions: 1, Replicas: 1})
+	ctx := context.Background()
+	w, p := parkWorker(t, js, cfg, "w")
+	if err := w.park.Park(ctx, "s", []outbox.ParkedEvent{parkedEvent("r", 1), parkedEvent("r", 2)}); err != nil {
+		t.Fatal(err)
+	}
+	w.mu.Lock()
+	p.releasing = time.Now() // handing over, nothing of it held
+	w.mu.Unlock()
+	rows, err := w.park.NextParked(ctx, "s", "r", 10, 1<<20)
+	if !errors.Is(err, outbox.ErrFeedLater) {
+		t.Fatalf("while handing over: %d rows, %v; want ErrFeedLater", len(rows), err)
+	}
+	if !p.park.detach() {
+		t.Fatal("cannot detach")
+	}
+	if rows, err = w.park.NextParked(ctx, "s", "r", 10, 1<<20); !errors.Is(err, outbox.ErrFeedLater) {
+		t.Fatalf("detached: %d rows, %v; want ErrFeedLater", len(rows), err)
+	}
+	next, _ := parkWorker(t, js, cfg, "next")
+	if rows, err = next.park.NextParked(ctx, "s", "r", 10, 1<<20); err != nil || len(rows) != 2 {
+		t.Fatalf("the next owner: %d rows, %v; want both", len(rows), err)
+	}
+}
