@@ -78,7 +78,8 @@ type Store interface {
 	// ParkedKeys lists the resources of a subscription that have parked events.
 	ParkedKeys(ctx context.Context, subscription string) ([]ParkedKey, error)
 	// NextParked returns a resource's parked events in sequence order: up to
-	// limit of them and maxBytes of payload (at least one).
+	// limit of them and maxBytes of payload (at least one). None only when
+	// none are left; ErrFeedLater when they cannot be handed out now.
 	NextParked(ctx context.Context, subscription, resource string, limit, maxBytes int) ([]ParkedEvent, error)
 	// Unpark deletes delivered or dead-lettered rows.
 	Unpark(ctx context.Context, rows []int64) error

@@ -60,6 +60,7 @@ type memStore struct {
 	marks      map[string]map[string]uint64
 	parkGate   chan struct{} // non-nil: Park waits until it is closed (a write stuck on a lock)
 	feedLater  atomic.Int32  // NextParked answers ErrFeedLater this many more times
+	laterAt    []time.Time   // when it did
 }
 
 func (m *memStore) Acquire(context.Context, uint32) error { return nil }
@@ -382,6 +383,9 @@ func (m *memStore) ParkedKeys(_ context.Context, sub string) ([]ParkedKey, error
 
 func (m *memStore) NextParked(_ context.Context, sub, resource string, limit, _ int) ([]ParkedEvent, error) {
 	if m.feedLater.Add(-1) >= 0 {
+		m.mu.Lock()
+		m.laterAt = append(m.laterAt, time.Now())
+		m.mu.Unlock()
 		return nil, ErrFeedLater
 	}
 	m.mu.Lock()

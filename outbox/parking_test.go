@@ -376,5 +376,10 @@ func TestFeedLaterKeepsTheResourceParked(t *testing.T) {
 		if n := h.store.feedLater.Load(); n >= 0 {
 			t.Errorf("the store was asked %d times fewer than it said later", n+1)
 		}
+		for i := 1; i < len(h.store.laterAt); i++ { // asked again after a second, not retried in place
+			if d := h.store.laterAt[i].Sub(h.store.laterAt[i-1]); d < time.Second {
+				t.Errorf("asked again %s after a 'later', want a second", d)
+			}
+		}
 	})
 }

@@ -420,10 +420,13 @@ func (s *parkStore) indexes(ctx context.Context) []*parkIndex {
 	return out
 }
 
-// NextParked reads a resource's next parked events in subject order. None
-// for a partition this worker no longer owns, or that it hands over and
-// holds nothing of: no event of it can reach the scheduler any more, so the
-// scheduler may forget the resource (its next owner loads it).
+// NextParked reads a resource's next parked events in subject order. It
+// never answers "none" for rows that exist while an event of the resource
+// could still be sent by this epoch: a partition being handed over (or
+// detached) answers outbox.ErrFeedLater, and so does one taken again and
+// not loaded yet. None for a partition this worker no longer owns: then
+// nothing of it can be sent (sends cuts an attempt for it, park1 refuses a
+// park into it), and its next owner loads the rows.
 func (s *parkStore) NextParked(ctx context.Context, sub, resource string, limit, maxBytes int) ([]outbox.ParkedEvent, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err // the caller's epoch ended: "none" would let it forget rows that are still there
@@ -438,8 +441,11 @@ func (s *parkStore) NextParked(ctx context.Context, sub, resource string, limit,
 	px := p.park
 	subj := s.cfg().parkSubject(n, sub, resource)
 	px.mu.Lock()
-	k, detached, serves := px.keys[subj], px.detached, px.servesLocked(epochOf(ctx))
+	k, detached, serves, loading := px.keys[subj], px.detached, px.servesLocked(epochOf(ctx)), px.fence == 0
 	px.mu.Unlock()
+	if !serves && loading {
+		return nil, outbox.ErrFeedLater // taken again in this epoch, its rows not loaded yet
+	}
 	if !serves {
 		return nil, fmt.Errorf("read parked deliveries of partition %d: loaded again since: %w", n, outbox.ErrFenced)
 	}
@@ -688,6 +694,9 @@ func (s *parkStore) DeadLetterParked(ctx context.Context, sub, reason string) er
 			px.mu.Unlock()
 			for {
 				rows, err := s.NextParked(ctx, sub, k.resource, 64, 4<<20)
+				if errors.Is(err, outbox.ErrFeedLater) {
+					break // handed over: its next owner dead-letters them (the subscription is disabled)
+				}
 				if err != nil {
 					return err
 				}

@@ -807,6 +807,12 @@ func (w *Worker) handleMsg(ctx context.Context, e *outbox.Epoch, p *partition, m
 	}
 	size := int64(len(msg.Data()) + 256)
 	p.mu.Lock()
+	if err := ctx.Err(); err != nil {
+		// Stopped (a hand-over, a cut): held only while it was not, under
+		// p.mu, so a hand-over that saw nothing held sees nothing come.
+		p.mu.Unlock()
+		return err
+	}
 	if _, ok := p.held[seq]; ok {
 		p.mu.Unlock()
 		return nil
@@ -1436,7 +1442,8 @@ func (w *Worker) handOver(ctx context.Context, p *partition) {
 }
 
 // handingOver says whether p is being handed over and holds nothing: no
-// message of it can reach a scheduler any more.
+// message of it is held any more, and none will be (handleMsg holds one only
+// while its fetch is not stopped).
 func (w *Worker) handingOver(p *partition) bool {
 	w.mu.Lock()
 	releasing := !p.releasing.IsZero()
