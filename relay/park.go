@@ -695,7 +695,7 @@ func (s *parkStore) DeadLetterParked(ctx context.Context, sub, reason string) er
 			for {
 				rows, err := s.NextParked(ctx, sub, k.resource, 64, 4<<20)
 				if errors.Is(err, outbox.ErrFeedLater) {
-					break // handed over: its next owner dead-letters them (the subscription is disabled)
+					break // being handed over: its next owner has the rows
 				}
 				if err != nil {
 					return err
