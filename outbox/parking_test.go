@@ -144,17 +144,7 @@ func TestRestreamedEventsOfADrainedKeyAreNotSentAgain(t *testing.T) {
 		h := newHarnessWith(t, store, nil)
 		time.Sleep(time.Minute)
 		synctest.Wait()
-		sent := func() []string {
-			h.rec.mu.Lock()
-			defer h.rec.mu.Unlock()
-			var ids []string
-			for _, b := range h.rec.batches {
-				for _, e := range b.events {
-					ids = append(ids, e.ID)
-				}
-			}
-			return ids
-		}
+		sent := h.rec.eventIDs
 		if got := sent(); !slices.Equal(got, []string{"2", "3"}) || len(store.parked) != 0 {
 			t.Fatalf("sent %v with %d rows left, want the parked 2, 3 and none", got, len(store.parked))
 		}
@@ -244,14 +234,7 @@ func TestChangeParkedPutsLaterEventsBehind(t *testing.T) {
 		h.commit(event(3, "x", "k1"))
 		time.Sleep(time.Second)
 		synctest.Wait()
-		h.rec.mu.Lock()
-		var ids []string
-		for _, b := range h.rec.batches {
-			for _, e := range b.events {
-				ids = append(ids, e.ID)
-			}
-		}
-		h.rec.mu.Unlock()
+		ids := h.rec.eventIDs()
 		// 3 goes behind the parked ones: parked after them, or held in memory
 		// behind them while their rows are read (store work off the loop).
 		if !slices.Equal(ids, []string{"1", "2", "3"}) {
@@ -362,15 +345,7 @@ func TestFeedLaterKeepsTheResourceParked(t *testing.T) {
 		h.commit(event(3, "x", "a")) // the newer event goes behind the rows
 		time.Sleep(30 * time.Second)
 		synctest.Wait()
-		h.rec.mu.Lock()
-		defer h.rec.mu.Unlock()
-		var got []string
-		for _, b := range h.rec.batches {
-			for _, e := range b.events {
-				got = append(got, e.ID)
-			}
-		}
-		if !slices.Equal(got, []string{"1", "2", "3"}) {
+		if got := h.rec.eventIDs(); !slices.Equal(got, []string{"1", "2", "3"}) {
 			t.Fatalf("delivered %v, want 1, 2, then the newer 3", got)
 		}
 		if n := h.store.feedLater.Load(); n >= 0 {

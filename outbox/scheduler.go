@@ -540,13 +540,15 @@ func (s *scheduler) sender(ctx context.Context) {
 		}
 		// Nothing, not even the debounce mark (which is not fenced), after
 		// a freeze past the stall timeout: another may hold the slot
-		// (Epoch.Live, here and right before the attempt).
-		r := result{job: j, err: s.epoch.Live()}
-		if r.err == nil && len(j.marks) > 0 {
-			if err := s.store.MarkSent(actx, sub.ID, j.marks); err != nil {
-				r = result{job: j, err: fmt.Errorf("record the debounce mark before sending: %w", err)}
-			} else {
-				j.marks = nil // written: retries need not
+		// (Epoch.Live, before the mark and right before the attempt).
+		r := result{job: j}
+		if len(j.marks) > 0 {
+			if r.err = s.epoch.Live(); r.err == nil {
+				if err := s.store.MarkSent(actx, sub.ID, j.marks); err != nil {
+					r.err = fmt.Errorf("record the debounce mark before sending: %w", err)
+				} else {
+					j.marks = nil // written: retries need not
+				}
 			}
 		}
 		if r.err == nil {

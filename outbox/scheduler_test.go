@@ -28,6 +28,19 @@ type recorded struct {
 	sub    string
 }
 
+// eventIDs lists the ids of the events delivered so far, in delivery order.
+func (r *recorder) eventIDs() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var ids []string
+	for _, b := range r.batches {
+		for _, e := range b.events {
+			ids = append(ids, e.ID)
+		}
+	}
+	return ids
+}
+
 func (r *recorder) Deliver(_ context.Context, b *Batch) error {
 	r.mu.Lock()
 	r.batches = append(r.batches, recorded{time.Now(), b.Events, b.WebhookID, b.Subscription.ID})

@@ -234,7 +234,7 @@ func (p *Publisher) Run(ctx context.Context) error {
 				}
 			}
 			if !chain && !fenced {
-				if err := p.fence(ctx, x.epoch, &last); err != nil {
+				if err := p.fence(x.epoch, &last); err != nil {
 					if x.epoch.Err() != nil {
 						continue // ended meanwhile (a yield, a lost session): no failure of publishing
 					}
@@ -377,7 +377,7 @@ func (p *Publisher) Run(ctx context.Context) error {
 // the slot, and it takes the slot only after Owns said no one had: a publish
 // expecting last is stored only if no one stored anything since, so never
 // after the holder's publish by one that lost the slot.
-func (p *Publisher) fence(ctx context.Context, e *outbox.Epoch, last *uint64) error {
+func (p *Publisher) fence(e *outbox.Epoch, last *uint64) error {
 	fctx, cancel := context.WithTimeout(e.Context(), 5*time.Second)
 	defer cancel()
 	s, err := p.cfg.JetStream.Stream(fctx, p.cfg.Relay.Stream)

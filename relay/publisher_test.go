@@ -447,8 +447,9 @@ func TestPublisherFenceReadsBeforeItAsks(t *testing.T) {
 	r.publish(t, 0, 1)
 	waitFor(t, 20*time.Second, "the first publish", func() bool { return r.done.Load() == 1 })
 	holder := r.startPublisher(t, &testwait.Buffer{}, nil)
-	var held, asked atomic.Int64
+	var asked atomic.Int64
 	var lost atomic.Bool
+	held := make(chan struct{})
 	zombie := r.startPublisher(t, &testwait.Buffer{}, func(ctx context.Context) error {
 		asked.Add(1)
 		if lost.Load() {
@@ -456,16 +457,15 @@ func TestPublisherFenceReadsBeforeItAsks(t *testing.T) {
 		}
 		// Right after this answer, another sidecar takes the slot and stores.
 		lost.Store(true)
-		if err := holder.Publish(ctx, outbox.NewEpoch(context.Background(), 1), r.sub, testEvent("h", 100), func() { held.Add(1) }); err != nil {
+		if err := holder.Publish(ctx, outbox.NewEpoch(context.Background(), 1), r.sub, testEvent("h", 100), func() { close(held) }); err != nil {
 			return err
 		}
-		for deadline := time.Now().Add(10 * time.Second); held.Load() == 0; {
-			if time.Now().After(deadline) {
-				return errors.New("the holder's publish was not stored in 10 s")
-			}
-			time.Sleep(time.Millisecond) // polls the atomic: no other signal in this callback
+		select {
+		case <-held:
+			return nil
+		case <-ctx.Done(): // the fence's own bound, 5 s
+			return errors.New("the holder's publish was not stored while the zombie fenced")
 		}
-		return nil
 	})
 	ze := outbox.NewEpoch(context.Background(), 1)
 	if err := zombie.Publish(context.Background(), ze, r.sub, testEvent("z", 50), func() { t.Error("the zombie's publish was acknowledged") }); err != nil {

@@ -1006,6 +1006,14 @@ func (w *Worker) leases(ctx context.Context) {
 	}
 }
 
+// errLeaseStale is why a partition whose lease was not renewed for
+// loseAfter is given up.
+var errLeaseStale = fmt.Errorf("the lease could not be renewed for %s: %w", loseAfter, errPartitionLost)
+
+// leaseStale says whether p's lease was not renewed for loseAfter: someone
+// else may take it soon. w.mu is held.
+func (p *partition) leaseStale() bool { return time.Since(p.renewedAt) > loseAfter }
+
 // guard gives up, every quarter second, the partitions whose lease was not
 // renewed for loseAfter, whatever the lease loop is waiting for: the lease
 // lasts leaseTTL from a renewal sent no earlier than the last one that
@@ -1023,13 +1031,13 @@ func (w *Worker) guard(ctx context.Context) {
 		var stale []*partition
 		w.mu.Lock()
 		for _, p := range w.owned {
-			if time.Since(p.renewedAt) > loseAfter {
+			if p.leaseStale() {
 				stale = append(stale, p)
 			}
 		}
 		w.mu.Unlock()
 		if len(stale) > 0 {
-			w.lose(fmt.Errorf("the lease could not be renewed for %s: %w", loseAfter, errPartitionLost), stale...)
+			w.lose(errLeaseStale, stale...)
 		}
 	}
 }
@@ -1386,11 +1394,11 @@ func (w *Worker) sends(ctx context.Context, b *outbox.Batch) ([]context.Context,
 			w.cutLocked(fmt.Errorf("an attempt for partition %d, which this epoch does not send for", n))
 			return nil, e
 		}
-		if time.Since(p.renewedAt) > loseAfter {
+		if p.leaseStale() {
 			// The guard's rule, at the attempt's start: a worker frozen past
 			// its lease thaws with attempts due before the guard runs again,
 			// and another may own the partition by now.
-			w.loseLocked(fmt.Errorf("the lease could not be renewed for %s: %w", loseAfter, errPartitionLost), p)
+			w.loseLocked(errLeaseStale, p)
 			return nil, e
 		}
 		if !slices.Contains(out, p.send) {
