@@ -269,7 +269,18 @@ func (s *parkStore) load(ctx context.Context, p *partition) error {
 		if fenced {
 			break
 		}
-		if err := batch.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) && !errors.Is(err, jetstream.ErrNoMessages) {
+		err = batch.Error()
+		if got == 0 && errors.Is(err, nats.ErrNoResponders) {
+			// The consumer was just created on some node of the cluster,
+			// and the interest in its pull requests has not reached the
+			// node this connection is on yet (seen in CI on a three-node
+			// cluster). Ask again, within the load's deadline.
+			if err := sleep(lctx, 50*time.Millisecond); err != nil {
+				return fmt.Errorf("read parked deliveries of partition %d: %w", p.n, err)
+			}
+			continue
+		}
+		if err != nil && !errors.Is(err, nats.ErrTimeout) && !errors.Is(err, jetstream.ErrNoMessages) {
 			return fmt.Errorf("read parked deliveries of partition %d: %w", p.n, err)
 		}
 		if got == 0 {
