@@ -198,3 +198,34 @@ func (b *Budget) signal() {
 // EventSize is what an event is charged against the budget: its payload and
 // an estimate of the rest.
 func EventSize(e *Event) int64 { return int64(len(e.Payload)) + envelopeOverhead }
+
+// freshKey carries an attempt's freshness checks (WithFresh).
+type freshKey struct{}
+
+// WithFresh returns ctx carrying check besides the checks ctx already
+// carries. The transport calls them all (Fresh) as the last thing before it
+// writes the attempt's request: an attempt that started fresh may wait long
+// after its start (for a connection, for a request slot to the host, or
+// frozen with the process), and whoever holds the slot or the partition by
+// then must be the only one sending.
+func WithFresh(ctx context.Context, check func() error) context.Context {
+	if prev, ok := ctx.Value(freshKey{}).(func() error); ok {
+		inner := check
+		check = func() error {
+			if err := prev(); err != nil {
+				return err
+			}
+			return inner()
+		}
+	}
+	return context.WithValue(ctx, freshKey{}, check)
+}
+
+// Fresh is nil when every check ctx carries passes (WithFresh), else the
+// first one's error.
+func Fresh(ctx context.Context) error {
+	if check, ok := ctx.Value(freshKey{}).(func() error); ok {
+		return check()
+	}
+	return nil
+}

@@ -3,6 +3,7 @@ package outbox
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -130,5 +131,33 @@ func TestEpochLive(t *testing.T) {
 	f.End(ErrFenced)
 	if err := f.Live(); !errors.Is(err, ErrFenced) {
 		t.Fatalf("an ended epoch: %v, want its cause", err)
+	}
+}
+
+// TestWithFreshChecksEveryLayer: an attempt's context carries the checks of
+// every layer it went through (the scheduler's epoch, a relay worker's
+// leases), and Fresh passes only when all of them do, the outermost first.
+func TestWithFreshChecksEveryLayer(t *testing.T) {
+	if err := Fresh(context.Background()); err != nil {
+		t.Fatalf("no checks: %v", err)
+	}
+	var order []string
+	errInner := errors.New("inner")
+	outer := WithFresh(context.Background(), func() error { order = append(order, "outer"); return nil })
+	ctx := WithFresh(outer, func() error { order = append(order, "inner"); return errInner })
+	if err := Fresh(ctx); !errors.Is(err, errInner) {
+		t.Fatalf("Fresh = %v, want the inner check's error", err)
+	}
+	if fmt.Sprint(order) != "[outer inner]" {
+		t.Fatalf("checks ran %v, want [outer inner]", order)
+	}
+	if err := Fresh(outer); err != nil {
+		t.Fatalf("the outer context alone: %v", err)
+	}
+	e := NewEpoch(context.Background(), 1)
+	ctx = WithFresh(context.Background(), e.Live)
+	e.End(nil)
+	if err := Fresh(ctx); !errors.Is(err, ErrEpochEnded) {
+		t.Fatalf("an ended epoch's attempt: %v, want ErrEpochEnded", err)
 	}
 }

@@ -534,13 +534,14 @@ func (s *scheduler) sender(ctx context.Context) {
 	for j := range s.jobs {
 		// Only what the job captured: the loop may replace s.sub meanwhile.
 		sub := j.batch.Subscription
-		actx, cancel := ctx, context.CancelFunc(nil)
+		actx, cancel := WithFresh(ctx, s.epoch.Live), context.CancelFunc(nil)
 		if !j.cutAt.IsZero() {
 			actx, cancel = context.WithDeadline(ctx, j.cutAt)
 		}
 		// Nothing, not even the debounce mark (which is not fenced), after
 		// a freeze past the stall timeout: another may hold the slot
-		// (Epoch.Live, before the mark and right before the attempt).
+		// (Epoch.Live, before the mark, before the attempt, and through
+		// WithFresh as the transport writes it).
 		r := result{job: j}
 		if len(j.marks) > 0 {
 			if r.err = s.epoch.Live(); r.err == nil {

@@ -1341,7 +1341,7 @@ func (d deliverer) Deliver(ctx context.Context, b *outbox.Batch) error { return 
 // context ended). An attempt cut while in flight (its context ends: the
 // transport writes nothing more) also waits.
 func (w *Worker) deliver(ctx context.Context, b *outbox.Batch) error {
-	sends, e := w.sends(ctx, b)
+	sends, parts, e := w.sends(ctx, b)
 	if e == nil { // not the current epoch's: an ended one's (its context is done)
 		return w.cfg.Deliverer.Deliver(ctx, b)
 	}
@@ -1354,6 +1354,10 @@ func (w *Worker) deliver(ctx context.Context, b *outbox.Batch) error {
 		stop := context.AfterFunc(send, cancel)
 		defer stop()
 	}
+	// sends' rule once more as the transport writes the request: the
+	// attempt may have waited (for a connection, a request slot to the host,
+	// or frozen with the process) since.
+	sctx = outbox.WithFresh(sctx, func() error { return w.fresh(sends, parts) })
 	w.attempts.Add(1)
 	err := w.cfg.Deliverer.Deliver(sctx, b)
 	w.attempts.Add(-1)
@@ -1365,20 +1369,21 @@ func (w *Worker) deliver(ctx context.Context, b *outbox.Batch) error {
 	return err
 }
 
-// sends returns the send contexts of b's partitions, none when one of them
-// is cut or not owned or the epoch winds down; and the epoch, nil if the
-// attempt (ctx) is not of the current one.
-func (w *Worker) sends(ctx context.Context, b *outbox.Batch) ([]context.Context, *outbox.Epoch) {
+// sends returns the send contexts of b's partitions and the partitions,
+// none when one of them is cut or not owned or the epoch winds down; and the
+// epoch, nil if the attempt (ctx) is not of the current one.
+func (w *Worker) sends(ctx context.Context, b *outbox.Batch) ([]context.Context, []*partition, *outbox.Epoch) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	e := w.epoch
 	if e == nil || epochOf(ctx) != e.N {
-		return nil, nil
+		return nil, nil, nil
 	}
 	if w.winding {
-		return nil, e
+		return nil, nil, e
 	}
 	var out []context.Context
+	var parts []*partition
 	seen := -1
 	for i := range b.Events {
 		n := Partition(b.Subscription.ID, b.Events[i].ResourceID, w.cfg.Relay.Partitions)
@@ -1392,20 +1397,39 @@ func (w *Worker) sends(ctx context.Context, b *outbox.Batch) ([]context.Context,
 			// (a cut already winds down; a partition handed over holds
 			// nothing, so this is not expected otherwise).
 			w.cutLocked(fmt.Errorf("an attempt for partition %d, which this epoch does not send for", n))
-			return nil, e
+			return nil, nil, e
 		}
 		if p.leaseStale() {
 			// The guard's rule, at the attempt's start: a worker frozen past
 			// its lease thaws with attempts due before the guard runs again,
 			// and another may own the partition by now.
 			w.loseLocked(errLeaseStale, p)
-			return nil, e
+			return nil, nil, e
 		}
 		if !slices.Contains(out, p.send) {
-			out = append(out, p.send)
+			out, parts = append(out, p.send), append(parts, p)
 		}
 	}
-	return out, e
+	return out, parts, e
+}
+
+// fresh is nil while the partitions of an attempt may still send: their
+// sends go on and no lease of them went stale (sends).
+func (w *Worker) fresh(sends []context.Context, parts []*partition) error {
+	for _, send := range sends {
+		if send.Err() != nil {
+			return fmt.Errorf("its partition stopped sending: %w", errPartitionLost)
+		}
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, p := range parts {
+		if p.leaseStale() {
+			w.loseLocked(errLeaseStale, p)
+			return errLeaseStale
+		}
+	}
+	return nil
 }
 
 // waitEnd waits for the end of e, the attempt's epoch, whose context ctx

@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 )
@@ -53,5 +54,38 @@ func TestLeaseRenewalStoredLate(t *testing.T) {
 	w.mu.Unlock()
 	if !renewed {
 		t.Fatal("partition 0 was not renewed at the next tick")
+	}
+}
+
+// TestFreshAsTheRequestIsWritten: the check a worker's attempt carries to
+// the transport (outbox.WithFresh) fails once a partition of the attempt
+// stopped sending or its lease went stale meanwhile, and a stale lease is
+// given up there and then, as the guard would.
+func TestFreshAsTheRequestIsWritten(t *testing.T) {
+	w := NewWorker(WorkerConfig{Relay: Config{Stream: "F", Partitions: 2}.WithDefaults(), ID: "w"})
+	w.take(0, 1, time.Now())
+	w.take(1, 1, time.Now())
+	w.mu.Lock()
+	p0, p1 := w.owned[0], w.owned[1]
+	w.mu.Unlock()
+	send, stop := context.WithCancel(context.Background())
+	sends := []context.Context{send}
+	if err := w.fresh(sends, []*partition{p0, p1}); err != nil {
+		t.Fatalf("fresh leases: %v", err)
+	}
+	stop()
+	if err := w.fresh(sends, []*partition{p0}); !errors.Is(err, errPartitionLost) {
+		t.Fatalf("a partition that stopped sending: %v, want errPartitionLost", err)
+	}
+	w.mu.Lock()
+	p1.renewedAt = time.Now().Add(-loseAfter - time.Second)
+	w.mu.Unlock()
+	if err := w.fresh(nil, []*partition{p0, p1}); !errors.Is(err, errLeaseStale) {
+		t.Fatalf("a stale lease: %v, want errLeaseStale", err)
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.owned[1] != nil || w.owned[0] != p0 {
+		t.Fatal("the stale partition is still owned, or the fresh one was given up")
 	}
 }

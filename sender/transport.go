@@ -9,11 +9,15 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/url"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"github.com/walhook/walhook/outbox"
 )
 
 // transport is a lean HTTP/1.1 round tripper for webhook requests: the request
@@ -116,6 +120,13 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			closeBody(req)
 			return nil, err
 		}
+		if err := outbox.Fresh(req.Context()); err != nil {
+			// Nor one whose sender may no longer send (outbox.WithFresh):
+			// checked here, where the request goes out in the next write.
+			t.put(c)
+			closeBody(req)
+			return nil, err
+		}
 		resp, err := t.exchange(c, req)
 		if err == nil {
 			return resp, nil
@@ -168,8 +179,26 @@ func newNetHTTP(dial func(ctx context.Context, network, addr string) (net.Conn, 
 // viaNetHTTP sends req with rt, a net/http transport. Its error for headers
 // over MaxResponseHeaderBytes is a bare string, which
 // TestHugeResponseHeadersFailTheAttempt pins.
+//
+// The request's freshness (outbox.WithFresh) is checked once net/http has
+// the connection it will write the request on; a failed check closes it, so
+// nothing of the request is written (over HTTP/2 the connection's other
+// requests fail too, and are retried).
 func viaNetHTTP(rt http.RoundTripper, req *http.Request) (*http.Response, error) {
-	resp, err := rt.RoundTrip(req)
+	var stale atomic.Pointer[error]
+	ctx := httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
+		if err := outbox.Fresh(req.Context()); err != nil {
+			stale.Store(&err)
+			info.Conn.Close()
+		}
+	}})
+	resp, err := rt.RoundTrip(req.WithContext(ctx))
+	if p := stale.Load(); p != nil {
+		if resp != nil {
+			resp.Body.Close()
+		}
+		return nil, *p
+	}
 	if err != nil && strings.Contains(err.Error(), "server response headers exceeded") {
 		return nil, errHeadersTooLarge
 	}
