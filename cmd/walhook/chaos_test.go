@@ -83,6 +83,7 @@ func runChaos(t *testing.T, relayMode bool) {
 	}
 	t.Logf("chaos seed %d (rerun: WALHOOK_CHAOS_SEED=%d), faults for %s", seed, seed, duration)
 	c := newChaos(t, seed, relayMode)
+	c.long = duration >= 5*time.Minute
 	c.faults(duration)
 	c.converge()
 	c.quietStretch()
@@ -162,7 +163,9 @@ type chaos struct {
 	faultsInjected map[string]int
 	timeline       []string // faults, with their times
 	dups           map[string]int
-	quietFrom      time.Time // the fault-free stretch
+	frozen         map[*exec.Cmd]time.Time // processes stopped by SIGSTOP, until when
+	long           bool                    // a long run (WALHOOK_CHAOS): freezes past wal_sender_timeout too
+	quietFrom      time.Time               // the fault-free stretch
 	quietIDs       map[string]bool
 	lostBefore     int // sessions lost before it
 }
@@ -195,7 +198,8 @@ func newChaos(t *testing.T, seed uint64, relayMode bool) *chaos {
 	c := &chaos{t: t, rng: rand.New(rand.NewPCG(seed, 1)), seed: seed, cluster: cluster, pool: pool,
 		mode: map[string]*atomic.Int32{}, srv: map[string][]*sendertest.Server{}, holders: map[int][]holderSample{},
 		downSince: map[string]time.Time{}, samplerEnd: make(chan struct{}),
-		faultsInjected: map[string]int{}, dups: map[string]int{}, stopProducer: make(chan struct{}), producerDone: make(chan struct{})}
+		faultsInjected: map[string]int{}, dups: map[string]int{}, frozen: map[*exec.Cmd]time.Time{},
+		stopProducer: make(chan struct{}), producerDone: make(chan struct{})}
 	c.e = &env{t: t, db: &pgtest.DB{Name: "chaos", URL: cluster.URL, Pool: pool}, dir: t.TempDir()}
 	c.e.path = filepath.Join(c.e.dir, "walhook.yaml")
 	replicas := chaosReplicas
@@ -358,6 +362,7 @@ func (c *chaos) start(i int) { c.procs[i] = startReplica(c.t, c.paths[i], c.logs
 
 func (c *chaos) kill(i int) {
 	if p := c.procs[i]; p != nil {
+		delete(c.frozen, p) // SIGKILL ends a stopped process too
 		p.Process.Signal(syscall.SIGKILL)
 		p.Wait()
 		c.procs[i] = nil
@@ -376,6 +381,7 @@ func (c *chaos) startWorker(i int) {
 
 func (c *chaos) killWorker(i int) {
 	if p := c.relay.procs[i]; p != nil {
+		delete(c.frozen, p)
 		p.Process.Signal(syscall.SIGKILL)
 		p.Wait()
 		c.relay.procs[i] = nil
@@ -489,7 +495,7 @@ func (c *chaos) produce(seed uint64) {
 // liveAPI is the API address of a running replica (every replica serves it).
 func (c *chaos) liveAPI() (client, bool) {
 	for i, p := range c.procs {
-		if p == nil {
+		if _, frozen := c.frozen[p]; p == nil || frozen {
 			continue
 		}
 		if m := listenRE.FindAllStringSubmatch(c.logs[i].String(), -1); m != nil { // the last run's
@@ -518,6 +524,7 @@ func (c *chaos) faults(d time.Duration) {
 			syscall.Kill(stopped, syscall.SIGCONT)
 			stopped = 0
 		}
+		c.thaw(false)
 		k := c.rng.IntN(100)
 		if c.relay == nil {
 			c.directFault(k, &stopped)
@@ -527,6 +534,59 @@ func (c *chaos) faults(d time.Duration) {
 	}
 	if stopped != 0 {
 		syscall.Kill(stopped, syscall.SIGCONT)
+	}
+	c.thaw(true)
+}
+
+// freeze stops p (SIGSTOP) for d; the schedule thaws it after that. A frozen
+// process does not notice: on thaw it finds its deadlines passed, and maybe
+// its slot or its partitions taken by another, and must send nothing it no
+// longer may (the holder check).
+func (c *chaos) freeze(p *exec.Cmd, d time.Duration, what string) {
+	if _, ok := c.frozen[p]; ok || p.Process.Signal(syscall.SIGSTOP) != nil {
+		return
+	}
+	c.frozen[p] = time.Now().Add(d)
+	c.fault(fmt.Sprintf("SIGSTOP %s (%s)", what, d.Round(time.Second)))
+}
+
+// thaw resumes the frozen processes whose time is up, or all of them.
+func (c *chaos) thaw(all bool) {
+	for p, until := range c.frozen {
+		if all || time.Now().After(until) {
+			p.Process.Signal(syscall.SIGCONT)
+			delete(c.frozen, p)
+		}
+	}
+}
+
+// freezeActive freezes the replica holding the slot past stall_timeout (2 s):
+// it thaws stale and must end its epoch before it sends. In a long run one
+// freeze in three also outlasts wal_sender_timeout (20 s), so the slot goes
+// to another replica while this one is stopped: a zombie when it thaws.
+func (c *chaos) freezeActive() {
+	h := c.holder()
+	if !strings.HasPrefix(h, "r") {
+		return
+	}
+	i, _ := strconv.Atoi(h[1:])
+	d := time.Duration(3000+c.rng.IntN(3000)) * time.Millisecond
+	if c.long && c.rng.IntN(3) == 0 {
+		d = time.Duration(22000+c.rng.IntN(4000)) * time.Millisecond
+	}
+	if p := c.procs[i]; p != nil {
+		c.freeze(p, d, "active")
+	}
+}
+
+// freezeWorker freezes a relay worker past its leases (5 s): its partitions
+// go to the others, and it must give them up on thaw before it sends.
+func (c *chaos) freezeWorker() {
+	for _, i := range c.rng.Perm(chaosWorkers) {
+		if p := c.relay.procs[i]; p != nil {
+			c.freeze(p, time.Duration(6000+c.rng.IntN(3000))*time.Millisecond, "worker")
+			return
+		}
 	}
 }
 
@@ -543,6 +603,8 @@ func (c *chaos) directFault(k int, stopped *int) {
 		c.freezeWalsender(stopped)
 	case k < 53:
 		c.restartPostgres()
+	case k < 58:
+		c.freezeActive()
 	case k < 78:
 		c.endpointChange()
 	case k < 86:
@@ -604,6 +666,10 @@ func (c *chaos) relayFault(k int, stopped *int) {
 		c.freezeWalsender(stopped)
 	case k < 56:
 		c.restartPostgres()
+	case k < 61:
+		c.freezeWorker()
+	case k < 64:
+		c.freezeActive()
 	case k < 78:
 		c.endpointChange()
 	case k < 86:
