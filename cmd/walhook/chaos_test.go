@@ -547,7 +547,7 @@ func (c *chaos) freeze(p *exec.Cmd, d time.Duration, what string) {
 		return
 	}
 	c.frozen[p] = time.Now().Add(d)
-	c.fault(fmt.Sprintf("SIGSTOP %s (%s)", what, d.Round(time.Second)))
+	c.fault("SIGSTOP " + what)
 }
 
 // thaw resumes the frozen processes whose time is up, or all of them.
@@ -570,12 +570,12 @@ func (c *chaos) freezeActive() {
 		return
 	}
 	i, _ := strconv.Atoi(h[1:])
-	d := time.Duration(3000+c.rng.IntN(3000)) * time.Millisecond
+	d, what := time.Duration(3000+c.rng.IntN(3000))*time.Millisecond, "active"
 	if c.long && c.rng.IntN(3) == 0 {
-		d = time.Duration(22000+c.rng.IntN(4000)) * time.Millisecond
+		d, what = time.Duration(22000+c.rng.IntN(4000))*time.Millisecond, "active past wal_sender_timeout"
 	}
 	if p := c.procs[i]; p != nil {
-		c.freeze(p, d, "active")
+		c.freeze(p, d, what)
 	}
 }
 
