@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -160,4 +161,51 @@ func TestWithFreshChecksEveryLayer(t *testing.T) {
 	if err := Fresh(ctx); !errors.Is(err, ErrEpochEnded) {
 		t.Fatalf("an ended epoch's attempt: %v, want ErrEpochEnded", err)
 	}
+}
+
+// freshProbe fails its first attempt (so that the next is cut at
+// park_after), and on every later one lets the epoch go stale while it is in
+// flight, as a freeze or a wait for a host slot would, and then asks what
+// the transport asks before it writes.
+type freshProbe struct {
+	e        *Epoch
+	attempts atomic.Int32
+	seen     chan error
+}
+
+func (p *freshProbe) Deliver(ctx context.Context, b *Batch) error {
+	if p.attempts.Add(1) == 1 {
+		return failure{status: 503, retryable: true}
+	}
+	p.e.FreshUntil(time.Now())
+	time.Sleep(time.Millisecond)
+	p.seen <- Fresh(ctx)
+	return nil
+}
+
+// TestAnAttemptCarriesItsEpochsFreshness: the transport's last check
+// (Fresh) sees the epoch go stale during an attempt, also an attempt cut at
+// park_after, whose deadline once replaced the context that carried it.
+func TestAnAttemptCarriesItsEpochsFreshness(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		s := sub("s", "*")
+		s.Delivery.ParkAfter, s.Delivery.Timeout, s.Delivery.RetryInitial = 5*time.Second, 10*time.Second, 100*time.Millisecond
+		e := NewEpoch(t.Context(), 1)
+		e.FreshUntil(time.Now().Add(time.Minute))
+		probe := &freshProbe{e: e, seen: make(chan error, 1)}
+		d := NewDispatcher(DispatcherConfig{Subscriptions: []*Subscription{s}, Acker: NewAcker(0),
+			Deliverer: probe, Store: &memStore{}, Logger: zerolog.Nop()})
+		in := make(chan Change, 16)
+		in <- Change{Kind: ChangeStart, Epoch: e}
+		in <- Change{Kind: ChangeBegin}
+		in <- Change{Kind: ChangeEvent, Event: event(1, "a", "r")}
+		in <- Change{Kind: ChangeCommit, LSN: 100}
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan struct{})
+		go func() { d.Run(ctx, in); close(done) }()
+		defer func() { cancel(); <-done }()
+		if err := <-probe.seen; !errors.Is(err, ErrStale) {
+			t.Fatalf("the transport's check during a cut attempt: %v, want ErrStale", err)
+		}
+	})
 }

@@ -536,7 +536,7 @@ func (s *scheduler) sender(ctx context.Context) {
 		sub := j.batch.Subscription
 		actx, cancel := WithFresh(ctx, s.epoch.Live), context.CancelFunc(nil)
 		if !j.cutAt.IsZero() {
-			actx, cancel = context.WithDeadline(ctx, j.cutAt)
+			actx, cancel = context.WithDeadline(actx, j.cutAt)
 		}
 		// Nothing, not even the debounce mark (which is not fenced), after
 		// a freeze past the stall timeout: another may hold the slot

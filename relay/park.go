@@ -240,7 +240,7 @@ func (s *parkStore) load(ctx context.Context, p *partition) error {
 		return fmt.Errorf("read parked deliveries of partition %d: %w", p.n, err)
 	}
 	defer s.stream.DeleteConsumer(context.WithoutCancel(lctx), cons.CachedInfo().Name)
-	for fenced := false; !fenced; {
+	for fenced, noResponders := false, 0; !fenced; {
 		batch, err := cons.Fetch(1024, jetstream.FetchMaxWait(5*time.Second))
 		if err != nil {
 			return fmt.Errorf("read parked deliveries of partition %d: %w", p.n, err)
@@ -270,12 +270,14 @@ func (s *parkStore) load(ctx context.Context, p *partition) error {
 			break
 		}
 		err = batch.Error()
-		if got == 0 && errors.Is(err, nats.ErrNoResponders) {
+		if got == 0 && errors.Is(err, nats.ErrNoResponders) && noResponders < 40 {
 			// The consumer was just created on some node of the cluster,
 			// and the interest in its pull requests has not reached the
 			// node this connection is on yet (seen in CI on a three-node
-			// cluster). Ask again, within the load's deadline.
-			if err := sleep(lctx, 50*time.Millisecond); err != nil {
+			// cluster). Ask again for up to 2 s; longer, its node is gone,
+			// and the caller's next load makes another.
+			noResponders++
+			if sleep(lctx, 50*time.Millisecond) != nil {
 				return fmt.Errorf("read parked deliveries of partition %d: %w", p.n, err)
 			}
 			continue

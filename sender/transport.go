@@ -166,7 +166,11 @@ func newNetHTTP(dial func(ctx context.Context, network, addr string) (net.Conn, 
 		TLSClientConfig:        tlsConfig.Clone(),
 		Proxy:                  proxy,
 		DialContext:            dial,
-		ForceAttemptHTTP2:      true,
+		// HTTP/1.1 only, as the lean transport: one request per connection
+		// at a time is what lets the last freshness check (viaNetHTTP)
+		// close the connection under a stale request alone, and write right
+		// after it; an HTTP/2 request may still wait for a stream after it.
+		TLSNextProto: map[string]func(string, *tls.Conn) http.RoundTripper{},
 		MaxIdleConns:           256,
 		MaxIdleConnsPerHost:    32,
 		IdleConnTimeout:        90 * time.Second,
@@ -181,14 +185,17 @@ func newNetHTTP(dial func(ctx context.Context, network, addr string) (net.Conn, 
 // TestHugeResponseHeadersFailTheAttempt pins.
 //
 // The request's freshness (outbox.WithFresh) is checked once net/http has
-// the connection it will write the request on; a failed check closes it, so
-// nothing of the request is written (over HTTP/2 the connection's other
-// requests fail too, and are retried).
+// the connection it will write the request on, which over HTTP/1.1 carries
+// this request alone: a failed check closes it, so nothing of the request is
+// written, and ends the request's context, so net/http does not go on to try
+// its other idle connections, or dial, for a request that must not go out.
 func viaNetHTTP(rt http.RoundTripper, req *http.Request) (*http.Response, error) {
 	var stale atomic.Pointer[error]
-	ctx := httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
+	ctx, cancel := context.WithCancelCause(req.Context())
+	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
 		if err := outbox.Fresh(req.Context()); err != nil {
 			stale.Store(&err)
+			cancel(err)
 			info.Conn.Close()
 		}
 	}})

@@ -561,21 +561,34 @@ func (c *chaos) thaw(all bool) {
 }
 
 // freezeActive freezes the replica holding the slot past stall_timeout (2 s):
-// it thaws stale and must end its epoch before it sends. In a long run one
-// freeze in three also outlasts wal_sender_timeout (20 s), so the slot goes
-// to another replica while this one is stopped: a zombie when it thaws.
+// it thaws stale and must end its epoch before it sends. Every other time
+// its walsender is also ended while it is stopped (the connection lost, as
+// in a network partition), so another replica takes the slot at once and
+// this one is a zombie when it thaws; in a long run one freeze in three
+// instead outlasts wal_sender_timeout (20 s), which ends the walsender the
+// way PostgreSQL does.
 func (c *chaos) freezeActive() {
 	h := c.holder()
 	if !strings.HasPrefix(h, "r") {
 		return
 	}
 	i, _ := strconv.Atoi(h[1:])
-	d, what := time.Duration(3000+c.rng.IntN(3000))*time.Millisecond, "active"
-	if c.long && c.rng.IntN(3) == 0 {
-		d, what = time.Duration(22000+c.rng.IntN(4000))*time.Millisecond, "active past wal_sender_timeout"
+	p := c.procs[i]
+	if p == nil {
+		return
 	}
-	if p := c.procs[i]; p != nil {
-		c.freeze(p, d, what)
+	d, what, endWalsender := time.Duration(3000+c.rng.IntN(3000))*time.Millisecond, "active", c.rng.IntN(2) == 0
+	if c.long && c.rng.IntN(3) == 0 {
+		d, what, endWalsender = time.Duration(22000+c.rng.IntN(4000))*time.Millisecond, "active past wal_sender_timeout", false
+	}
+	if endWalsender {
+		what = "active, its walsender ended"
+	}
+	c.freeze(p, d, what)
+	if _, frozen := c.frozen[p]; frozen && endWalsender {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		c.pool.Exec(ctx, `SELECT pg_terminate_backend(s.pid) FROM pg_stat_replication s WHERE s.usename = $1`, h)
 	}
 }
 
