@@ -162,15 +162,15 @@ func newNetHTTP(dial func(ctx context.Context, network, addr string) (net.Conn, 
 	if tlsConfig == nil {
 		tlsConfig = &tls.Config{MinVersion: tls.VersionTLS12}
 	}
+	// HTTP/1.1 only (TLSNextProto), as the lean transport: one request per
+	// connection at a time is what lets the last freshness check
+	// (viaNetHTTP) close the connection under a stale request alone, and
+	// write right after it; an HTTP/2 request may still wait for a stream.
 	return &http.Transport{
 		TLSClientConfig:        tlsConfig.Clone(),
+		TLSNextProto:           map[string]func(string, *tls.Conn) http.RoundTripper{},
 		Proxy:                  proxy,
 		DialContext:            dial,
-		// HTTP/1.1 only, as the lean transport: one request per connection
-		// at a time is what lets the last freshness check (viaNetHTTP)
-		// close the connection under a stale request alone, and write right
-		// after it; an HTTP/2 request may still wait for a stream after it.
-		TLSNextProto: map[string]func(string, *tls.Conn) http.RoundTripper{},
 		MaxIdleConns:           256,
 		MaxIdleConnsPerHost:    32,
 		IdleConnTimeout:        90 * time.Second,
