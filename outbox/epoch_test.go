@@ -69,15 +69,7 @@ func TestAStaleEpochSendsNothing(t *testing.T) {
 			Deliverer: rec, Store: &memStore{}, Logger: zerolog.Nop()})
 		e := NewEpoch(t.Context(), 1)
 		e.FreshUntil(time.Now().Add(time.Second))
-		in := make(chan Change, 16)
-		in <- Change{Kind: ChangeStart, Epoch: e}
-		in <- Change{Kind: ChangeBegin}
-		in <- Change{Kind: ChangeEvent, Event: event(1, "a", "r")}
-		in <- Change{Kind: ChangeCommit, LSN: 100}
-		ctx, cancel := context.WithCancel(t.Context())
-		done := make(chan struct{})
-		go func() { d.Run(ctx, in); close(done) }()
-		defer func() { cancel(); <-done }()
+		defer runOneEvent(t, d, e)()
 		stale := time.Now().Add(time.Second)
 		time.Sleep(5 * time.Second)
 		synctest.Wait()
@@ -195,17 +187,23 @@ func TestAnAttemptCarriesItsEpochsFreshness(t *testing.T) {
 		probe := &freshProbe{e: e, seen: make(chan error, 1)}
 		d := NewDispatcher(DispatcherConfig{Subscriptions: []*Subscription{s}, Acker: NewAcker(0),
 			Deliverer: probe, Store: &memStore{}, Logger: zerolog.Nop()})
-		in := make(chan Change, 16)
-		in <- Change{Kind: ChangeStart, Epoch: e}
-		in <- Change{Kind: ChangeBegin}
-		in <- Change{Kind: ChangeEvent, Event: event(1, "a", "r")}
-		in <- Change{Kind: ChangeCommit, LSN: 100}
-		ctx, cancel := context.WithCancel(t.Context())
-		done := make(chan struct{})
-		go func() { d.Run(ctx, in); close(done) }()
-		defer func() { cancel(); <-done }()
+		defer runOneEvent(t, d, e)()
 		if err := <-probe.seen; !errors.Is(err, ErrStale) {
 			t.Fatalf("the transport's check during a cut attempt: %v, want ErrStale", err)
 		}
 	})
+}
+
+// runOneEvent runs d in epoch e with one committed event on resource r; the
+// function it returns stops d and waits for it.
+func runOneEvent(t *testing.T, d *Dispatcher, e *Epoch) (stop func()) {
+	in := make(chan Change, 16)
+	in <- Change{Kind: ChangeStart, Epoch: e}
+	in <- Change{Kind: ChangeBegin}
+	in <- Change{Kind: ChangeEvent, Event: event(1, "a", "r")}
+	in <- Change{Kind: ChangeCommit, LSN: 100}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { d.Run(ctx, in); close(done) }()
+	return func() { cancel(); <-done }
 }
