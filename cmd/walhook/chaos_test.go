@@ -83,7 +83,7 @@ func runChaos(t *testing.T, relayMode bool) {
 	}
 	t.Logf("chaos seed %d (rerun: WALHOOK_CHAOS_SEED=%d), faults for %s", seed, seed, duration)
 	c := newChaos(t, seed, relayMode)
-	c.long = duration >= 5*time.Minute
+	c.long = duration >= 3*time.Minute // make test-chaos in CI: 3m
 	c.faults(duration)
 	c.converge()
 	c.quietStretch()
@@ -164,7 +164,7 @@ type chaos struct {
 	timeline       []string // faults, with their times
 	dups           map[string]int
 	frozen         map[*exec.Cmd]time.Time // processes stopped by SIGSTOP, until when
-	long           bool                    // a long run (WALHOOK_CHAOS): freezes past wal_sender_timeout too
+	long           bool                    // a run of 3m or more: freezes past wal_sender_timeout too
 	quietFrom      time.Time               // the fault-free stretch
 	quietIDs       map[string]bool
 	lostBefore     int // sessions lost before it
