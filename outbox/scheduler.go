@@ -531,10 +531,11 @@ func (s *scheduler) start(ctx context.Context, j *job) {
 // sender delivers jobs until run closes jobs.
 func (s *scheduler) sender(ctx context.Context) {
 	defer s.sends.Done()
+	ctx = WithFresh(ctx, s.epoch.Live) // once: a scheduler runs in one epoch
 	for j := range s.jobs {
 		// Only what the job captured: the loop may replace s.sub meanwhile.
 		sub := j.batch.Subscription
-		actx, cancel := WithFresh(ctx, s.epoch.Live), context.CancelFunc(nil)
+		actx, cancel := ctx, context.CancelFunc(nil)
 		if !j.cutAt.IsZero() {
 			actx, cancel = context.WithDeadline(actx, j.cutAt)
 		}

@@ -541,13 +541,14 @@ func (c *chaos) faults(d time.Duration) {
 // freeze stops p (SIGSTOP) for d; the schedule thaws it after that. A frozen
 // process does not notice: on thaw it finds its deadlines passed, and maybe
 // its slot or its partitions taken by another, and must send nothing it no
-// longer may (the holder check).
-func (c *chaos) freeze(p *exec.Cmd, d time.Duration, what string) {
+// longer may (the holder check). It reports whether it stopped p now.
+func (c *chaos) freeze(p *exec.Cmd, d time.Duration, what string) bool {
 	if _, ok := c.frozen[p]; ok || p.Process.Signal(syscall.SIGSTOP) != nil {
-		return
+		return false
 	}
 	c.frozen[p] = time.Now().Add(d)
 	c.fault("SIGSTOP " + what)
+	return true
 }
 
 // thaw resumes the frozen processes whose time is up, or all of them.
@@ -584,8 +585,7 @@ func (c *chaos) freezeActive() {
 	if endWalsender {
 		what = "active, its walsender ended"
 	}
-	c.freeze(p, d, what)
-	if _, frozen := c.frozen[p]; frozen && endWalsender {
+	if c.freeze(p, d, what) && endWalsender { // not one frozen before: its fault was another
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		c.pool.Exec(ctx, `SELECT pg_terminate_backend(s.pid) FROM pg_stat_replication s WHERE s.usename = $1`, h)
