@@ -186,6 +186,34 @@ type Store struct {
 	epoch atomic.Int64 // the lease taken by Acquire; 0 before
 }
 
+// Connect opens the pool walhook's state is written through. Every commit on
+// it is durable before it returns: on a server whose synchronous_commit is
+// off, its connections turn it on. walhook acts on what it wrote (it confirms
+// the slot past a parked event, sends what a debounce mark or a lease says it
+// may), and an asynchronous commit can vanish in a server crash after that
+// while the slot's confirmed position, saved apart from the WAL, does not
+// (docs/design.md, "Durable before acted on"). A stronger setting (remote_apply,
+// say) is left as it is.
+func Connect(ctx context.Context, databaseURL string) (*pgxpool.Pool, error) {
+	cfg, err := pgxpool.ParseConfig(databaseURL)
+	if err != nil {
+		return nil, fmt.Errorf("connect to database: %w", err)
+	}
+	cfg.AfterConnect = func(ctx context.Context, c *pgx.Conn) error {
+		_, err := c.Exec(ctx, `SELECT set_config('synchronous_commit', 'on', false) WHERE current_setting('synchronous_commit') = 'off'`)
+		return err
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect to database: %w", err)
+	}
+	if err := pool.Ping(ctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("connect to database: %w", err)
+	}
+	return pool, nil
+}
+
 // New returns a Store using pool; slot names the stream whose routing it keeps.
 func New(pool *pgxpool.Pool, slot string) *Store { return &Store{pool: pool, slot: slot} }
 
