@@ -40,7 +40,7 @@ func subscriptionsCommand(ctx context.Context, cfg *Settings, f subscriptionFlag
 	default:
 		return usageError("walhook subscriptions list|add|rm (got %q)", verb)
 	}
-	pool, err := connectPool(ctx, cfg)
+	pool, err := pgstore.Connect(ctx, cfg.DatabaseURL) // connects when first used: bad arguments are told first
 	if err != nil {
 		return err
 	}
