@@ -209,15 +209,7 @@ func newAttemptLog(ctx context.Context, pool *pgxpool.Pool, cfg *Settings, reg p
 }
 
 func connectPool(ctx context.Context, cfg *Settings) (*pgxpool.Pool, error) {
-	pool, err := pgstore.Connect(ctx, cfg.DatabaseURL)
-	if err != nil {
-		return nil, err
-	}
-	if err := pool.Ping(ctx); err != nil {
-		pool.Close()
-		return nil, fmt.Errorf("connect to database: %w", err)
-	}
-	return pool, nil
+	return pgstore.Connect(ctx, cfg.DatabaseURL)
 }
 
 // checkControl refuses to run on an install whose publication does not carry

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"text/tabwriter"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/walhook/walhook/api"
 	"github.com/walhook/walhook/outbox"
 	"github.com/walhook/walhook/outbox/pgstore"
@@ -40,9 +41,9 @@ func subscriptionsCommand(ctx context.Context, cfg *Settings, f subscriptionFlag
 	default:
 		return usageError("walhook subscriptions list|add|rm (got %q)", verb)
 	}
-	pool, err := pgstore.Connect(ctx, cfg.DatabaseURL) // connects when first used: bad arguments are told first
+	pool, err := pgxpool.New(ctx, cfg.DatabaseURL)
 	if err != nil {
-		return err
+		return fmt.Errorf("connect to database: %w", err)
 	}
 	defer pool.Close()
 	store := pgstore.New(pool, cfg.Slot)

@@ -203,8 +203,12 @@ func Connect(ctx context.Context, databaseURL string) (*pgxpool.Pool, error) {
 		_, err := c.Exec(ctx, `SELECT set_config('synchronous_commit', 'on', false) WHERE current_setting('synchronous_commit') = 'off'`)
 		return err
 	}
-	pool, err := pgxpool.NewWithConfig(ctx, cfg) // connects lazily
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
+		return nil, fmt.Errorf("connect to database: %w", err)
+	}
+	if err := pool.Ping(ctx); err != nil {
+		pool.Close()
 		return nil, fmt.Errorf("connect to database: %w", err)
 	}
 	return pool, nil
