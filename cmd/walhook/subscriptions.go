@@ -9,7 +9,6 @@ import (
 	"strings"
 	"text/tabwriter"
 
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/walhook/walhook/api"
 	"github.com/walhook/walhook/outbox"
 	"github.com/walhook/walhook/outbox/pgstore"
@@ -41,9 +40,9 @@ func subscriptionsCommand(ctx context.Context, cfg *Settings, f subscriptionFlag
 	default:
 		return usageError("walhook subscriptions list|add|rm (got %q)", verb)
 	}
-	pool, err := pgxpool.New(ctx, cfg.DatabaseURL)
+	pool, err := pgstore.Open(ctx, cfg.DatabaseURL)
 	if err != nil {
-		return fmt.Errorf("connect to database: %w", err)
+		return err
 	}
 	defer pool.Close()
 	store := pgstore.New(pool, cfg.Slot)

@@ -195,6 +195,20 @@ type Store struct {
 // (docs/design.md, "Durable before acted on"). A stronger setting (remote_apply,
 // say) is left as it is.
 func Connect(ctx context.Context, databaseURL string) (*pgxpool.Pool, error) {
+	pool, err := Open(ctx, databaseURL)
+	if err != nil {
+		return nil, err
+	}
+	if err := pool.Ping(ctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("connect to database: %w", err)
+	}
+	return pool, nil
+}
+
+// Open is Connect without the first connection: the pool connects, durably,
+// when first used.
+func Open(ctx context.Context, databaseURL string) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(databaseURL)
 	if err != nil {
 		return nil, fmt.Errorf("connect to database: %w", err)
@@ -205,10 +219,6 @@ func Connect(ctx context.Context, databaseURL string) (*pgxpool.Pool, error) {
 	}
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("connect to database: %w", err)
-	}
-	if err := pool.Ping(ctx); err != nil {
-		pool.Close()
 		return nil, fmt.Errorf("connect to database: %w", err)
 	}
 	return pool, nil
