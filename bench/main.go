@@ -146,17 +146,18 @@ func run() error {
 		}
 	}
 	consumers := []struct {
-		name, label string
-		interval    time.Duration
+		name, label, top string
+		interval         time.Duration
 	}{
-		{"relay_100ms", "relay every 100ms", 100 * time.Millisecond},
-		{"relay_1s", "relay every 1s", time.Second},
-		{"pg_recvlogical", "pg_recvlogical (reference)", 0},
-		{"walhook", "walhook", 0},
+		{"relay_100ms", "relay every 100ms", "", 100 * time.Millisecond},
+		{"relay_1s", "relay every 1s", "", time.Second},
+		{"pg_recvlogical", "pg_recvlogical (reference)", "", 0},
+		{"walhook", "walhook (attempt_log: all, the default)", "", 0},
+		{"walhook_nolog", "walhook, attempt_log: off", "attempt_log: off\n", 0},
 	}
 	for r := 1; r <= runs && want("versus"); r++ {
 		for _, v := range consumers {
-			s, err := versus(v.name, v.interval)
+			s, err := versus(v.name, v.top, v.interval)
 			if err != nil {
 				return err
 			}
@@ -552,10 +553,10 @@ func receiverStats() map[string]any {
 
 // versus runs walhook or the polling relay against the same workload: idle
 // transactions per second, then 1,000 events/s for 10s: latency, database CPU
-// and WAL per event.
-func versus(name string, relayInterval time.Duration) (map[string]any, error) {
+// and WAL per event. top: walhook's top-level config lines.
+func versus(name, top string, relayInterval time.Duration) (map[string]any, error) {
 	dbName := "bench_vs_" + name
-	db, cfg, err := prepare(dbName, "    batch_max: 1\n")
+	db, cfg, err := prepareWith(dbName, top, "    batch_max: 1\n")
 	if err != nil {
 		return nil, err
 	}
